@@ -1,0 +1,97 @@
+"""The trainer's config: one small config per component, assembled here.
+
+Components chosen by `kind` come from their registries (`DATA`, `TEXT`, …); `None` turns
+an optional factor off. Unknown keys are rejected everywhere. A config validates without
+any weights, so a sweep can be checked on a laptop.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .data import DATA
+from .flow import FlowConfig
+from .model import ModelConfig
+from .optim import OPTIMIZERS
+from .precision import PRECISION
+from .registry import Config, Registry
+from .text import TEXT
+from .tokenizer import TOKENIZERS
+
+
+class TrainSection(Config):
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="global batch, split evenly over processes")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps, then constant")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global grad norm to this; null = off")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the empty one")
+    num_workers: int = Field(0, ge=0, description="data loader worker processes")
+    threads: int | None = Field(None, ge=1, description="CPU threads per process (torch.set_num_threads)")
+
+
+class CheckpointConfig(Config):
+    every: int = Field(1000, ge=1, description="save every N steps (and at the end)")
+    keep: int = Field(2, ge=1, description="newest complete checkpoints kept")
+
+
+class WandbConfig(Config):
+    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="W&B mode")
+    project: str = Field("ablate", description="W&B project")
+    entity: str | None = Field(None, description="W&B entity (team or user)")
+
+
+class LogConfig(Config):
+    every: int = Field(10, ge=1, description="log a line every N steps")
+    wandb: WandbConfig = WandbConfig()
+
+
+class EvalConfig(Config):
+    every: int = Field(1000, ge=1, description="evaluate every N steps (and at the end)")
+    caption: str | None = Field(None, description="caption column of the held-out set; keep it equal "
+                                                  "across arms (default: the training column)")
+    batch_size: int = Field(64, ge=1, description="held-out batch size per process")
+
+
+REGISTRIES: dict[str, Registry] = {
+    "data": DATA,
+    "text_encoder": TEXT,
+    "tokenizer": TOKENIZERS,
+    "optimizer": OPTIMIZERS,
+    "precision": PRECISION,
+}
+
+
+class TrainConfig(Config):
+    seed: int = Field(0, description="the arm's seed: init, data order, noise")
+    model: ModelConfig = ModelConfig()
+    data: DATA.union() = Field(description="training data (kind: " + ", ".join(DATA.kinds) + ")")
+    text_encoder: TEXT.union() = Field(description="caption encoder (kind: " + ", ".join(TEXT.kinds) + ")")
+    tokenizer: TOKENIZERS.union() = Field(description="image tokenizer (kind: " + ", ".join(TOKENIZERS.kinds) + ")")
+    optimizer: OPTIMIZERS.union() = Field(description="optimizer (kind: " + ", ".join(OPTIMIZERS.kinds) + ")")
+    precision: PRECISION.union() = Field(description="weight precision (kind: " + ", ".join(PRECISION.kinds) + ")")
+    flow: FlowConfig = FlowConfig()
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_batch(self):
+        if self.model.in_channels is not None and self.model.in_channels != self.tokenizer.channels:
+            raise ValueError(f"model.in_channels={self.model.in_channels} disagrees with tokenizer "
+                             f"{self.tokenizer.kind!r} ({self.tokenizer.channels} channels); "
+                             "remove model.in_channels, it follows the tokenizer")
+        return self
+
+
+def describe_registries() -> dict[str, list[str]]:
+    """Dotted config path → the valid `kind` names there."""
+    return {path: reg.kinds for path, reg in REGISTRIES.items()}
+
+
+def load(path) -> TrainConfig:
+    import yaml
+
+    with open(path) as f:
+        return TrainConfig.model_validate(yaml.safe_load(f))

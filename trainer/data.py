@@ -1,0 +1,249 @@
+"""Training data: a synthetic shapes domain (tests, demo) and image-caption datasets on disk.
+
+Every dataset yields `{"image": (3, H, W) float in [0, 1], "caption": str, "attrs": (A,) long}`
+(`attrs` is -1 for datasets without known attributes). The caption column is chosen by
+config: that is how the study's long- vs short-caption factor is expressed.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch.utils.data import Dataset
+
+from .registry import Config, Registry
+
+DATA = Registry("data")
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic domain: one shape per image, every attribute known, two captions per image.
+# ---------------------------------------------------------------------------------------------
+ATTRIBUTES: dict[str, list[str]] = {
+    "shape": ["circle", "square", "triangle", "diamond"],
+    "colour": ["red", "green", "blue", "yellow", "purple", "orange"],
+    "size": ["small", "medium", "large"],
+    "position": ["top left", "top right", "bottom left", "bottom right", "centre"],
+    "background": ["black", "white", "grey", "beige"],
+}
+_RGB = {
+    "red": (0.86, 0.12, 0.12), "green": (0.15, 0.7, 0.2), "blue": (0.15, 0.3, 0.9),
+    "yellow": (0.95, 0.85, 0.1), "purple": (0.55, 0.2, 0.75), "orange": (0.98, 0.55, 0.1),
+    "black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "grey": (0.5, 0.5, 0.5), "beige": (0.9, 0.85, 0.7),
+}
+_RADIUS = {"small": 0.12, "medium": 0.19, "large": 0.27}
+_CENTRE = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
+           "bottom right": (0.7, 0.7), "centre": (0.5, 0.5)}
+
+
+def sample_attributes(seed: int, index: int) -> dict[str, int]:
+    """The attributes of image `index` of the domain drawn with `seed` (pure function)."""
+    rng = np.random.default_rng([seed, index])
+    return {name: int(rng.integers(len(values))) for name, values in ATTRIBUTES.items()}
+
+
+def render(attrs: dict[str, int], resolution: int, jitter: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Draw one shape, anti-aliased by 4x supersampling. Returns (H, W, 3) float32 in [0, 1]."""
+    a = {k: ATTRIBUTES[k][v] for k, v in attrs.items()}
+    ss = 4
+    n = resolution * ss
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32) / n + 0.5 / n  # (n, n) pixel centres in [0, 1)
+    cx, cy = _CENTRE[a["position"]]
+    cx, cy, r = cx + jitter[0], cy + jitter[1], _RADIUS[a["size"]]
+    dx, dy = x - cx, y - cy
+    if a["shape"] == "circle":
+        inside = dx**2 + dy**2 <= r**2
+    elif a["shape"] == "square":
+        inside = np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+    elif a["shape"] == "diamond":
+        inside = np.abs(dx) + np.abs(dy) <= 1.2 * r
+    elif a["shape"] == "triangle":  # apex up, base at cy + r
+        inside = (dy <= r) & (dy >= -r) & (np.abs(dx) <= 0.6 * (dy + r))
+    else:
+        raise ValueError(f"unknown shape {a['shape']!r}")
+    cover = inside.reshape(resolution, ss, resolution, ss).mean(axis=(1, 3))[..., None]  # (H, W, 1)
+    fg, bg = np.array(_RGB[a["colour"]], np.float32), np.array(_RGB[a["background"]], np.float32)
+    return (cover * fg + (1 - cover) * bg).astype(np.float32)
+
+
+def long_caption(attrs: dict[str, int]) -> str:
+    a = {k: ATTRIBUTES[k][v] for k, v in attrs.items()}
+    where = "in the centre" if a["position"] == "centre" else f"in the {a['position']} corner"
+    return f"a {a['size']} {a['colour']} {a['shape']} {where} on a {a['background']} background"
+
+
+def short_caption(attrs: dict[str, int]) -> str:
+    return f"a {ATTRIBUTES['shape'][attrs['shape']]}"
+
+
+CAPTIONS = {"long": long_caption, "short": short_caption}
+
+
+class SyntheticConfig(Config):
+    kind: Literal["synthetic"] = "synthetic"
+    resolution: int = Field(32, ge=8, description="image side in pixels")
+    caption: Literal["long", "short"] = Field("long", description="caption column used for training")
+    domain_seed: int = Field(0, description="seed of the domain itself; keep it equal across arms")
+    num_train: int = Field(50_000, ge=1, description="training images (rendered on the fly)")
+    num_val: int = Field(256, ge=1, description="held-out images, disjoint from training")
+    jitter: float = Field(0.04, ge=0, le=0.1, description="random shift of the shape centre, in image units")
+
+
+class SyntheticShapes(Dataset):
+    """Images `offset .. offset + length` of the synthetic domain."""
+
+    def __init__(self, cfg: SyntheticConfig, offset: int, length: int, caption: str | None = None):
+        self.cfg, self.offset, self.length = cfg, offset, length
+        self.caption_fn = CAPTIONS[caption or cfg.caption]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.offset + i
+        attrs = sample_attributes(self.cfg.domain_seed, index)
+        rng = np.random.default_rng([self.cfg.domain_seed, index, 1])
+        jitter = tuple(rng.uniform(-self.cfg.jitter, self.cfg.jitter, size=2))
+        img = render(attrs, self.cfg.resolution, jitter)  # (H, W, 3)
+        return {
+            "image": torch.from_numpy(img).permute(2, 0, 1).contiguous(),  # (3, H, W)
+            "caption": self.caption_fn(attrs),
+            "attrs": torch.tensor([attrs[k] for k in ATTRIBUTES], dtype=torch.long),
+        }
+
+
+@DATA.register(SyntheticConfig)
+def build_synthetic(cfg: SyntheticConfig, val_caption: str | None = None) -> tuple[Dataset, Dataset]:
+    train = SyntheticShapes(cfg, 0, cfg.num_train)
+    val = SyntheticShapes(cfg, cfg.num_train, cfg.num_val, caption=val_caption)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Real image-caption data: a parquet file or an image folder with metadata.jsonl.
+# ---------------------------------------------------------------------------------------------
+class ImageTextConfig(Config):
+    kind: Literal["parquet", "folder"]
+    path: str = Field(description="parquet file, or folder holding images and metadata.jsonl")
+    caption: str = Field(description="caption column used for training, e.g. caption_llm_s")
+    image_column: str = Field("image", description="parquet: column of encoded image bytes")
+    resolution: int = Field(256, ge=8, description="centre-crop and resize to this side")
+    num_val: int = Field(256, ge=1, description="the last rows are held out for validation")
+
+    @model_validator(mode="after")
+    def _folder_has_no_image_column(self):
+        if self.kind == "folder" and self.image_column != "image":
+            raise ValueError("image_column applies to parquet data; a folder names files in metadata.jsonl")
+        return self
+
+
+class ParquetConfig(ImageTextConfig):
+    kind: Literal["parquet"] = "parquet"
+
+
+class FolderConfig(ImageTextConfig):
+    kind: Literal["folder"] = "folder"
+
+
+class ImageTextDataset(Dataset):
+    """Rows of (image, captions); images are decoded, centre-cropped and resized on access."""
+
+    def __init__(self, rows: list[dict], load_image, resolution: int, caption: str):
+        self.rows, self.load_image, self.resolution, self.caption = rows, load_image, resolution, caption
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        row = self.rows[i]
+        img = self.load_image(row).convert("RGB")
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize(
+            (self.resolution, self.resolution), Image.Resampling.BICUBIC
+        )
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        return {
+            "image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),
+            "caption": str(row[self.caption]),
+            "attrs": torch.full((len(ATTRIBUTES),), -1, dtype=torch.long),
+        }
+
+
+def _split(rows: list[dict], cfg: ImageTextConfig, val_caption: str | None, loader) -> tuple[Dataset, Dataset]:
+    for col in {cfg.caption, val_caption or cfg.caption}:
+        if rows and col not in rows[0]:
+            raise ValueError(f"{cfg.path}: no caption column {col!r}; columns: {', '.join(sorted(rows[0]))}")
+    if len(rows) <= cfg.num_val:
+        raise ValueError(f"{cfg.path}: {len(rows)} rows, need more than data.num_val={cfg.num_val}")
+    train, val = rows[: -cfg.num_val], rows[-cfg.num_val :]
+    return (ImageTextDataset(train, loader, cfg.resolution, cfg.caption),
+            ImageTextDataset(val, loader, cfg.resolution, val_caption or cfg.caption))
+
+
+@DATA.register(ParquetConfig)
+def build_parquet(cfg: ParquetConfig, val_caption: str | None = None) -> tuple[Dataset, Dataset]:
+    import pandas as pd
+    from PIL import Image
+
+    rows = pd.read_parquet(cfg.path).to_dict("records")
+
+    def load(row):
+        value = row[cfg.image_column]
+        data = value["bytes"] if isinstance(value, dict) else value  # HF datasets store {"bytes", "path"}
+        return Image.open(io.BytesIO(data))
+
+    return _split(rows, cfg, val_caption, load)
+
+
+@DATA.register(FolderConfig)
+def build_folder(cfg: FolderConfig, val_caption: str | None = None) -> tuple[Dataset, Dataset]:
+    from PIL import Image
+
+    root = Path(cfg.path)
+    meta = root / "metadata.jsonl"
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta}: missing; a folder dataset needs one JSON line per image with file_name")
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    return _split(rows, cfg, val_caption, lambda row: Image.open(root / row["file_name"]))
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """This rank's indices for steps `start_step .. total_steps`, a pure function of (seed, step).
+
+    The global index stream is a fresh permutation per epoch; step s takes the global batch
+    at positions [s·B, (s+1)·B) and each rank its contiguous slice. So a resumed run reads
+    exactly the batches an uninterrupted one would, and N processes read together what one
+    process reads alone.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, total_steps: int,
+                 rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"train.batch_size={global_batch} is not divisible by {world} processes")
+        self.n, self.b, self.seed = n, global_batch, seed
+        self.start, self.total, self.rank, self.world = start_step, total_steps, rank, world
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _position(self, pos: int) -> int:
+        epoch, offset = divmod(pos, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return int(self._perm[1][offset])
+
+    def global_batch(self, step: int) -> list[int]:
+        return [self._position(p) for p in range(step * self.b, (step + 1) * self.b)]
+
+    def __iter__(self):
+        per_rank = self.b // self.world
+        for step in range(self.start, self.total):
+            yield self.global_batch(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return self.total - self.start

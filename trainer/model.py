@@ -1,0 +1,142 @@
+"""The denoiser: diffusers' PRXTransformer2DModel, its blocks run by us so factors can act between them.
+
+`Denoiser.forward` is diffusers' forward written out (embed → blocks → final layer) with
+hook points around every block. Recipe factors (REPA, token routing, …) are `Factor`
+modules that read or rewrite the token state at those points; with no factors the output
+equals `PRXTransformer2DModel.forward` exactly (tested). The PRX weights stay a plain
+diffusers model (`save_pretrained` / `from_pretrained`); factor parameters live beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from .registry import Config
+
+# One-line factories of the sizes we train; `context_in_dim` and `in_channels` come from the
+# text encoder and the tokenizer.
+PRESETS: dict[str, dict] = {
+    # The study's PRX-1.2B (Photoroom/PRX configs/yamls/model/prx_small.yaml).
+    "prx-1.2b": dict(hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=2, axes_dim=(32, 32)),
+    # CPU tests and the demo: same code path, seconds per hundred steps.
+    "tiny": dict(hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0, patch_size=2, axes_dim=(8, 8)),
+}
+
+
+class ModelConfig(Config):
+    preset: str | None = Field("tiny", description=f"named size: {', '.join(PRESETS)}; fields below override it")
+    hidden_size: int | None = Field(None, ge=8, description="token width")
+    depth: int | None = Field(None, ge=1, description="number of PRX blocks")
+    num_heads: int | None = Field(None, ge=1, description="attention heads")
+    mlp_ratio: float | None = Field(None, gt=0, description="GeGLU hidden width / token width")
+    patch_size: int | None = Field(None, ge=1, description="latent pixels per token side")
+    axes_dim: tuple[int, int] | None = Field(None, description="RoPE dims per axis; must sum to the head dim")
+    bottleneck_size: int | None = Field(None, ge=1, description="two-layer patch embedding (pixel-space PRX)")
+    in_channels: int | None = Field(None, ge=1, description="leave unset: follows the tokenizer")
+
+    @model_validator(mode="after")
+    def _check_sizes(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; valid: {', '.join(PRESETS)}")
+        s = self.sizes()
+        missing = [k for k in PRESETS["tiny"] if s.get(k) is None]
+        if missing:
+            raise ValueError(f"model needs a preset or explicit {', '.join(missing)}")
+        if s["hidden_size"] % s["num_heads"]:
+            raise ValueError(f"hidden_size {s['hidden_size']} is not divisible by num_heads {s['num_heads']}")
+        if sum(s["axes_dim"]) != s["hidden_size"] // s["num_heads"]:
+            raise ValueError(f"axes_dim {list(s['axes_dim'])} must sum to the head dim "
+                             f"{s['hidden_size'] // s['num_heads']} (hidden_size / num_heads)")
+        return self
+
+    def sizes(self) -> dict:
+        """Preset values with explicit fields on top."""
+        out = dict(PRESETS.get(self.preset or "", {}))
+        for k in ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "axes_dim", "bottleneck_size"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+    def diffusers_kwargs(self, in_channels: int, context_in_dim: int) -> dict:
+        s = self.sizes()
+        return dict(in_channels=in_channels, patch_size=s["patch_size"], context_in_dim=context_in_dim,
+                    hidden_size=s["hidden_size"], mlp_ratio=s["mlp_ratio"], num_heads=s["num_heads"],
+                    depth=s["depth"], axes_dim=list(s["axes_dim"]), bottleneck_size=s.get("bottleneck_size"))
+
+
+@dataclass
+class TokenState:
+    """What flows between blocks. Factors may read and replace any field."""
+
+    img: torch.Tensor  # (B, L, C) image tokens
+    txt: torch.Tensor  # (B, Lt, C) projected text tokens (never updated by blocks)
+    vec: torch.Tensor  # (B, C) timestep conditioning
+    pe: torch.Tensor  # (B, 1, L, head_dim/2, 2, 2) RoPE of the current image tokens
+    mask: torch.Tensor | None  # (B, Lt) text padding mask, True = keep
+    grid: tuple[int, int]  # token grid (h, w) of the full image
+    inputs: dict = field(default_factory=dict)  # extra batch inputs factors need (e.g. raw images)
+    losses: dict = field(default_factory=dict)  # name → scalar auxiliary loss added by factors
+
+
+class Factor(nn.Module):
+    """A recipe factor acting inside the denoiser's forward. Every hook defaults to doing nothing."""
+
+    def begin(self, state: TokenState) -> None: ...
+
+    def before_block(self, index: int, state: TokenState) -> None: ...
+
+    def after_block(self, index: int, state: TokenState) -> None: ...
+
+
+@dataclass
+class DenoiserOutput:
+    pred: torch.Tensor  # (B, C, H, W), same layout as the input
+    losses: dict  # auxiliary losses from factors, already weighted
+
+
+class Denoiser(nn.Module):
+    """PRX transformer plus the modules recipe factors add (REPA projector, SPRINT fusion, …)."""
+
+    def __init__(self, prx: nn.Module, factors: list[Factor] | None = None):
+        super().__init__()
+        self.prx = prx
+        self.factors = nn.ModuleList(factors or [])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor | None,
+                inputs: dict | None = None) -> DenoiserOutput:
+        from diffusers.models.transformers.transformer_prx import get_image_ids, img2seq, seq2img
+
+        prx, p = self.prx, self.prx.patch_size
+        b, _, h, w = x.shape
+        img = prx.img_in(img2seq(x, p))  # (B, L, C), L = h·w / p²
+        pe = prx.pe_embedder(get_image_ids(b, h, w, patch_size=p, device=x.device))  # (B, 1, L, hd/2, 2, 2)
+        vec = prx._compute_timestep_embedding(t, dtype=img.dtype)  # (B, C)
+        if prx.resolution_embedder is not None:
+            size = torch.full((b,), h, device=x.device, dtype=torch.float32), torch.full((b,), w, device=x.device,
+                                                                                      dtype=torch.float32)
+            vec = vec + prx.resolution_embedder(*size, dtype=vec.dtype)
+        state = TokenState(img=img, txt=prx.txt_in(txt), vec=vec, pe=pe, mask=mask, grid=(h // p, w // p),
+                           inputs=inputs or {})
+        for f in self.factors:
+            f.begin(state)
+        for i, block in enumerate(prx.blocks):
+            for f in self.factors:
+                f.before_block(i, state)
+            state.img = block(hidden_states=state.img, encoder_hidden_states=state.txt, temb=state.vec,
+                              image_rotary_emb=state.pe, attention_mask=state.mask)  # (B, L', C)
+            for f in self.factors:
+                f.after_block(i, state)
+        out = prx.final_layer(state.img, vec)  # (B, L, p²·C_in)
+        return DenoiserOutput(pred=seq2img(out, p, x.shape), losses=state.losses)
+
+
+def build_prx(cfg: ModelConfig, in_channels: int, context_in_dim: int) -> nn.Module:
+    from diffusers import PRXTransformer2DModel
+
+    if cfg.in_channels is not None and cfg.in_channels != in_channels:
+        raise ValueError(f"model.in_channels={cfg.in_channels} disagrees with the tokenizer's {in_channels} "
+                         "channels; remove model.in_channels (it follows the tokenizer)")
+    return PRXTransformer2DModel(**cfg.diffusers_kwargs(in_channels, context_in_dim))

@@ -1,0 +1,68 @@
+"""Text encoders: captions → (embeddings (B, L, D), mask (B, L)); frozen, never trained.
+
+`tiny-t5` needs no downloaded file (a seeded random-init T5 encoder over a byte-level
+tokenizer): the same seed gives every arm the same encoder, so arms stay comparable.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from .registry import Config, Registry
+
+TEXT = Registry("text_encoder")
+
+
+class TextEncoder(torch.nn.Module):
+    """Wraps a tokenizer and a frozen encoder; `dim` is the width the denoiser conditions on."""
+
+    def __init__(self, tokenizer, encoder: torch.nn.Module, max_length: int, dim: int,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.tokenizer, self.encoder = tokenizer, encoder.eval().requires_grad_(False)
+        self.max_length, self.dim, self.dtype = max_length, dim, dtype
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.encoder.parameters()).device
+        tok = self.tokenizer(captions, padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt").to(device)
+        with torch.autocast(device.type, enabled=False):
+            emb = self.encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        return emb.float(), tok.attention_mask.bool()  # (B, L, D), (B, L)
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoded empty string (the unconditional input, also used for caption dropout)."""
+        if self._empty is None:
+            self._empty = self([""])
+        return self._empty  # (1, L, D), (1, L)
+
+
+class TinyT5Config(Config):
+    kind: Literal["tiny-t5"] = "tiny-t5"
+    d_model: int = Field(64, ge=8, description="encoder width = the denoiser's context_in_dim")
+    num_layers: int = Field(2, ge=1, description="encoder layers")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    max_length: int = Field(64, ge=4, description="tokens (bytes) per caption, padded, mask kept")
+    seed: int = Field(0, description="init seed; keep it equal across arms")
+
+    @property
+    def dim(self) -> int:
+        return self.d_model
+
+
+@TEXT.register(TinyT5Config)
+def build_tiny_t5(cfg: TinyT5Config, device: torch.device, weights_dir: str | None = None) -> TextEncoder:
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=cfg.d_model, d_kv=cfg.d_model // cfg.num_heads,
+                      d_ff=2 * cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+    with torch.random.fork_rng(devices=[]):  # don't disturb the trainer's RNG stream
+        torch.manual_seed(cfg.seed)
+        encoder = T5EncoderModel(config)
+    return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.d_model)
+
