@@ -1,0 +1,46 @@
+"""The job entry point: a run directory in, a trained and evaluated arm out.
+
+    python -m trainer.job RUN_DIR
+
+Resumes from the newest complete checkpoint when one exists. On failure the run directory
+says so (status.json: failed, with the error) and no result.json is written.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+from . import dist as distributed
+from .train import Trainer, load_config
+
+
+def run(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    d = distributed.init()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir, d)
+        return trainer.run()
+    except BaseException as e:
+        if trainer is not None:
+            trainer.write_status("failed", error=f"{type(e).__name__}: {e}")
+        elif d.main:
+            from .io import atomic_write_json, read_json
+            from .train import now
+
+            old = read_json(run_dir / "status.json", default={})
+            atomic_write_json(run_dir / "status.json", {**old, "state": "failed", "updated_at": now(),
+                                                        "error": f"{type(e).__name__}: {e}"})
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            traceback.print_exc()
+        raise
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m trainer.job RUN_DIR")
+    run(sys.argv[1])

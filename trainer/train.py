@@ -1,0 +1,323 @@
+"""The shared trainer: set-up, the train step, evaluation, checkpoints, the run directory.
+
+Every arm of a sweep runs this same code; only its config differs. Factors act through
+registries and the denoiser's block hooks, never through branches here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from . import checkpoint, flow
+from .config import TrainConfig
+from .data import DATA, StepBatchSampler
+from .dist import Dist
+from .io import atomic_write_json, read_json
+from .model import Denoiser, build_prx
+from .optim import OPTIMIZERS, lr_factor
+from .precision import PRECISION
+from .text import TEXT
+from .tokenizer import TOKENIZERS
+
+VAL_SEED = 1234  # noise of the held-out set: fixed, equal across arms and seeds
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the arm stops as failed."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator that depends only on (seed, step): resumed and multi-process runs draw the same numbers."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+@dataclass
+class StepTimes:
+    """Accumulated wall time between log lines, split into waiting for data and the rest."""
+
+    data: float = 0.0
+    total: float = 0.0
+    steps: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: Dist):
+        t0 = time.perf_counter()
+        self.cfg, self.run_dir, self.dist, self.device = cfg, Path(run_dir), dist, dist.device
+        self.spec = read_json(self.run_dir / "spec.json", default={})
+        if cfg.train.threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.seed)  # the denoiser's initial weights
+        self.precision = PRECISION.build(cfg.precision, self.device)
+        self.text = TEXT.build(cfg.text_encoder, self.device)
+        self.tokenizer = TOKENIZERS.build(cfg.tokenizer, self.device)
+        prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
+        self.denoiser = Denoiser(prx).to(self.device, self.precision.weights)
+        self.net = DDP(self.denoiser) if dist.world > 1 else self.denoiser
+        self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser)
+        self.train_set, self.val_set = DATA.build(cfg.data, val_caption=cfg.eval.caption)
+        self.step = 0
+        self.times = {"setup_s": time.perf_counter() - t0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
+        self.throughput: dict = {}
+
+    # -- the train step ------------------------------------------------------------------------
+    def train_step(self, step: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this process's share of the global batch. Returns (loss, grad norm)."""
+        cfg, dev = self.cfg, self.device
+        n, b = cfg.train.batch_size, len(batch["caption"])
+        mine = slice(self.dist.rank * b, (self.dist.rank + 1) * b)  # this process's rows of the global batch
+        gen = step_generator(cfg.seed, step)
+        t = flow.sample_t(n, cfg.flow, gen)[mine].to(dev)  # (b,)
+        drop = (torch.rand(n, generator=gen) < cfg.train.caption_dropout)[mine].to(dev)  # (b,)
+
+        images = batch["image"].to(dev, non_blocking=True)  # (b, 3, H, W) in [0, 1]
+        with torch.no_grad():
+            x0 = self.tokenizer.encode(images).float()  # (b, C, h, w)
+            txt, mask = self.text(batch["caption"])  # (b, Lt, D), (b, Lt)
+            empty_txt, empty_mask = self.text.empty()
+            txt = torch.where(drop[:, None, None], empty_txt, txt)  # dropped captions → encoded ""
+            mask = torch.where(drop[:, None], empty_mask, mask)
+        noise = torch.randn((n, *x0.shape[1:]), generator=step_generator(cfg.seed, step, dev), device=dev)[mine]
+        xt = flow.interpolate(x0, noise, t)  # (b, C, h, w)
+
+        self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
+        with self.precision.context():
+            out = self.net(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask,
+                           inputs={"images": images})
+        loss, _, _ = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
+        total = loss + sum(out.losses.values())
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), cfg.train.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return total.detach(), grad_norm.detach()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.resume()
+        self.write_status("running")
+        self.wandb = self.start_wandb()
+        sampler = StepBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed, self.step,
+                                   cfg.train.steps, self.dist.rank, self.dist.world)
+        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.train.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=cfg.train.num_workers > 0)
+        window, run_times, losses = StepTimes(), StepTimes(), []
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, no sync
+        self.denoiser.train()
+        tick = time.perf_counter()
+        for batch in loader:
+            got = time.perf_counter()
+            step = self.step
+            loss, grad_norm = self.train_step(step, batch)
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+            losses.append(loss)
+            self.step = step + 1
+            done = time.perf_counter()
+            window.data, window.total, window.steps = window.data + got - tick, window.total + done - tick, window.steps + 1
+            tick = done
+            last = self.step == cfg.train.steps
+            evaluate, save = self.step % cfg.eval.every == 0 or last, self.step % cfg.checkpoint.every == 0 or last
+            if self.step % cfg.log.every == 0 or evaluate or save:
+                self.check_finite(first_bad)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                    window.total += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                mean_loss = self.dist.all_sum(torch.stack(losses).mean()) / self.dist.world  # over all processes
+                self.log_step(mean_loss.item(), grad_norm.item(), window, run_times)
+                losses, window = [], StepTimes()
+            if evaluate:
+                self.timed("eval_s", self.evaluate)
+            if save:
+                self.timed("checkpoint_s", self.save)
+            tick = time.perf_counter()
+        self.times["train_s"] = run_times.total
+        result = self.write_result()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.write_status("done")
+        return result
+
+    def check_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad.item())
+        if bad >= 0:
+            kept = checkpoint.latest(self.run_dir / "checkpoints")
+            raise NonFiniteError(f"non-finite loss or gradient at step {bad}; "
+                                 f"last good checkpoint: {kept.name if kept else 'none'}")
+
+    def timed(self, key: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.times[key] += time.perf_counter() - t0
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Flow-matching loss on the held-out set at fixed (t, noise): comparable across arms and steps.
+
+        t is an even grid over (0, 1); sample j's noise comes from a generator seeded by
+        (VAL_SEED, j), so the number is the same whatever the number of processes.
+        """
+        n, cfg = len(self.val_set), self.cfg
+        idx = list(range(self.dist.rank, n, self.dist.world))
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.denoiser.eval()
+        for start in range(0, len(idx), cfg.eval.batch_size):
+            chunk = idx[start : start + cfg.eval.batch_size]
+            items = [self.val_set[j] for j in chunk]
+            images = torch.stack([it["image"] for it in items]).to(self.device)
+            x0 = self.tokenizer.encode(images).float()
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=step_generator(VAL_SEED, j)) for j in chunk])
+            noise = noise.to(self.device)
+            t = torch.tensor([(j + 0.5) / n for j in chunk], device=self.device)
+            txt, mask = self.text([it["caption"] for it in items])
+            xt = flow.interpolate(x0, noise, t)
+            with self.precision.context():
+                pred = self.denoiser(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask).pred
+            v_pred = flow.velocity(pred.float(), xt, t, cfg.flow)
+            v_true = flow.PREDICTIONS[cfg.flow.prediction]["target"](x0, noise, xt, t, cfg.flow)
+            total += ((v_pred - v_true) ** 2).flatten(1).mean(1).double().sum()
+        self.denoiser.train()
+        return float(self.dist.all_sum(total).item() / n)
+
+    def evaluate(self) -> None:
+        metrics = {"val_loss": self.validation_loss()}
+        if self.dist.main:
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            atomic_write_json(self.run_dir / "eval" / f"step_{self.step}.json",
+                              {"step": self.step, "metrics": metrics, "samples": len(self.val_set)})
+            print(f"[{self.name}] eval step {self.step}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()),
+                  flush=True)
+            if self.wandb is not None:
+                self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.dist.main:
+            state = {"optimizer": self.optimizer.state_dict(), "data": {"seed": self.cfg.seed, "step": self.step}}
+            checkpoint.save(self.run_dir / "checkpoints", self.step, self.denoiser, state, self.cfg.checkpoint.keep)
+        self.dist.barrier()
+
+    def resume(self) -> None:
+        path = checkpoint.latest(self.run_dir / "checkpoints")
+        if path is None:
+            return
+        state = checkpoint.load(path, self.denoiser)
+        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = state["step"]
+        if self.dist.main:  # drop log lines of steps the interrupted run did after this checkpoint
+            log = self.run_dir / "log.jsonl"
+            if log.exists():
+                keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+                log.write_text("".join(ln + "\n" for ln in keep))
+            print(f"[{self.name}] resumed from {path.name}", flush=True)
+
+    # -- the run directory -----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.get("name", self.run_dir.name)
+
+    def write_status(self, state: str, error: str | None = None, loss: float | None = None) -> None:
+        if not self.dist.main:
+            return
+        old = read_json(self.run_dir / "status.json", default={})
+        atomic_write_json(self.run_dir / "status.json", {
+            **old, "state": state, "step": self.step, "total_steps": self.cfg.train.steps,
+            "loss": loss if loss is not None else old.get("loss"), "updated_at": now(), "error": error,
+            "pid": os.getpid(), "host": socket.gethostname(), "world_size": self.dist.world,
+        })
+
+    def log_step(self, loss: float, grad_norm: float, window: StepTimes, run_times: StepTimes) -> None:
+        cfg, per_step = self.cfg, window.total / window.steps
+        run_times.data, run_times.total, run_times.steps = (run_times.data + window.data,
+                                                            run_times.total + window.total,
+                                                            run_times.steps + window.steps)
+        warm = self.step > min(10, cfg.train.steps // 5)  # throughput excludes the first steps' warm-up
+        if warm:
+            tp = self.throughput.setdefault("_acc", [0.0, 0.0, 0])
+            tp[0], tp[1], tp[2] = tp[0] + window.data, tp[1] + window.total, tp[2] + window.steps
+        row = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+               "batches_per_s": 1 / per_step, "samples_per_s": cfg.train.batch_size / per_step,
+               "data_s": window.data / window.steps, "compute_s": (window.total - window.data) / window.steps,
+               "eta_s": per_step * (cfg.train.steps - self.step), "time": now()}
+        if not self.dist.main:
+            return
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.write_status("running", loss=loss)
+        eta = time.strftime("%H:%M:%S", time.gmtime(row["eta_s"]))
+        print(f"[{self.name}] step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {row['lr']:.2e} "
+              f"| {row['batches_per_s']:.2f} batch/s {row['samples_per_s']:.1f} samples/s "
+              f"(data {100 * window.data / window.total:.0f}%) | ETA {eta}", flush=True)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "time")}, step=self.step)
+
+    def summary_throughput(self) -> dict:
+        data, total, steps = self.throughput.get("_acc", [0.0, 0.0, 0])
+        if steps == 0:
+            return {}
+        step_s = total / steps
+        return {"batches_per_s": 1 / step_s, "samples_per_s": self.cfg.train.batch_size / step_s,
+                "step_s": step_s, "data_s": data / steps, "compute_s": (total - data) / steps,
+                "steps_measured": steps, "world_size": self.dist.world}
+
+    def write_result(self) -> dict:
+        by_step = {}
+        for f in sorted((self.run_dir / "eval").glob("step_*.json")):
+            rec = read_json(f)
+            by_step[str(rec["step"])] = rec["metrics"]
+        result = {"name": self.name, "step": self.step, "metrics": by_step.get(str(self.step), {}),
+                  "metrics_by_step": dict(sorted(by_step.items(), key=lambda kv: int(kv[0]))),
+                  "throughput": self.summary_throughput(), "timings": self.times, "versions": versions(self.device),
+                  "finished_at": now()}
+        if self.dist.main:
+            atomic_write_json(self.run_dir / "result.json", result)
+        return result
+
+    def start_wandb(self):
+        w = self.cfg.log.wandb
+        if w.mode == "disabled" or not self.dist.main:
+            return None
+        import wandb
+
+        run_id = hashlib.sha1(f"{self.run_dir.resolve()}:{self.spec.get('hash', '')}".encode()).hexdigest()[:16]
+        return wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",
+                          name=self.name, group=self.spec.get("sweep"),
+                          job_type="baseline" if self.spec.get("delta") == "baseline" else "ablation",
+                          config=self.cfg.model_dump(mode="json"), dir=str(self.run_dir))
+
+
+def versions(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def load_config(run_dir: Path) -> TrainConfig:
+    with open(Path(run_dir) / "config.yaml") as f:
+        return TrainConfig.model_validate(yaml.safe_load(f))
