@@ -1,0 +1,45 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+# The demo's baseline at test size: real code paths, seconds per run.
+TINY = {
+    "seed": 0,
+    "model": {"preset": "tiny"},
+    "data": {"kind": "synthetic", "resolution": 16, "caption": "long", "num_train": 512, "num_val": 16},
+    "text_encoder": {"kind": "tiny-t5", "d_model": 32, "max_length": 32},
+    "tokenizer": {"kind": "pixel"},
+    "optimizer": {"kind": "adamw", "lr": 1e-3},
+    "precision": {"kind": "fp32"},
+    "train": {"steps": 8, "batch_size": 4, "warmup_steps": 2, "threads": 1},
+    "checkpoint": {"every": 4},
+    "eval": {"every": 4, "caption": "long", "batch_size": 8},
+    "log": {"every": 2},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def tiny_cfg():
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def make_run(tmp_path):
+    """A run directory holding config.yaml = TINY with `overrides` merged in."""
+
+    def make(name: str = "run", **overrides) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump(merge(TINY, overrides)))
+        return d
+
+    return make

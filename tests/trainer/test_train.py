@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+import yaml
+from diffusers import PRXTransformer2DModel
+from safetensors.torch import load_file
+
+from trainer import checkpoint, job
+from trainer.train import Trainer
+
+
+def weights(run_dir):
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    return load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_run_writes_the_run_directory(make_run):
+    d = make_run()
+    result = job.run(d)
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == 8 and status["total_steps"] == 8
+    assert json.loads((d / "result.json").read_text()) == result
+    assert set(result["metrics_by_step"]) == {"4", "8"}
+    assert result["metrics"]["val_loss"] == result["metrics_by_step"]["8"]["val_loss"] > 0
+    assert result["throughput"]["batches_per_s"] > 0 and result["throughput"]["samples_per_s"] > 0
+    log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    assert {"loss", "lr", "grad_norm", "batches_per_s", "data_s", "compute_s", "eta_s"} <= set(log[0])
+    assert log[0]["lr"] == pytest.approx(1e-3)  # warm-up done after 2 steps
+    assert [p.name for p in checkpoint.complete(d / "checkpoints")] == ["step_00000004", "step_00000008"]
+    # the checkpoint is a plain diffusers model
+    model = PRXTransformer2DModel.from_pretrained(checkpoint.latest(d / "checkpoints") / "transformer")
+    assert model.config.in_channels == 3 and model.config.context_in_dim == 32
+
+
+def test_training_reduces_the_loss(make_run):
+    d = make_run(train={"steps": 30}, eval={"every": 10})
+    result = job.run(d)
+    by_step = result["metrics_by_step"]
+    assert by_step["30"]["val_loss"] < 0.8 * by_step["10"]["val_loss"]
+
+
+def test_interrupted_run_resumes_bitwise_identical(make_run, monkeypatch):
+    straight = make_run("straight", train={"steps": 10}, checkpoint={"every": 4, "keep": 5})
+    job.run(straight)
+
+    resumed = make_run("resumed", train={"steps": 10}, checkpoint={"every": 4, "keep": 5})
+    real_step = Trainer.train_step
+
+    def crash_at_6(self, step, batch):
+        if step == 6:
+            raise KeyboardInterrupt  # the job is killed mid-run, after checkpoint 4
+        return real_step(self, step, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        job.run(resumed)
+    assert json.loads((resumed / "status.json").read_text())["state"] == "failed"
+    assert checkpoint.latest(resumed / "checkpoints").name == "step_00000004"
+    assert not (resumed / "result.json").exists()
+
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    job.run(resumed)
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(checkpoint.latest(straight / "checkpoints") / "state.pt", weights_only=False)
+    sb = torch.load(checkpoint.latest(resumed / "checkpoints") / "state.pt", weights_only=False)
+    for name in sa["optimizer"]["adamw"]["state"]:
+        for k, v in sa["optimizer"]["adamw"]["state"][name].items():
+            assert torch.equal(v, sb["optimizer"]["adamw"]["state"][name][k])
+    steps = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated log lines from the interrupted part
+
+
+def test_non_finite_loss_fails_the_arm_naming_the_step(make_run, monkeypatch):
+    d = make_run(train={"steps": 8}, checkpoint={"every": 2}, log={"every": 1})
+    real_step = Trainer.train_step
+
+    def nan_at_5(self, step, batch):
+        loss, gn = real_step(self, step, batch)
+        return (loss * float("nan"), gn) if step == 5 else (loss, gn)
+
+    monkeypatch.setattr(Trainer, "train_step", nan_at_5)
+    with pytest.raises(RuntimeError, match="step 5"):
+        job.run(d)
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "failed" and "step 5" in status["error"]
+    assert checkpoint.latest(d / "checkpoints").name == "step_00000004"  # the last good one is kept
+    assert not (d / "result.json").exists()
+
+
+def test_bad_config_fails_before_training(make_run):
+    d = make_run()
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["optimizer"]["lrr"] = 1
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(Exception, match="lrr"):
+        job.run(d)
