@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from .contrastive import LOSS_TERMS
 from .data import DATA
+from .ema import EMA
 from .flow import FlowConfig
 from .model import ModelConfig
 from .optim import OPTIMIZERS
@@ -53,12 +55,18 @@ class EvalConfig(Config):
     batch_size: int = Field(64, ge=1, description="held-out batch size per process")
 
 
+# Factors that act inside the denoiser's forward (block hooks), in hook order; each is a
+# config field that is null (off) or a config of its registry. Their modules add entries here.
+DENOISER_FACTORS: dict[str, Registry] = {}
+
 REGISTRIES: dict[str, Registry] = {
     "data": DATA,
     "text_encoder": TEXT,
     "tokenizer": TOKENIZERS,
     "optimizer": OPTIMIZERS,
     "precision": PRECISION,
+    "ema": EMA,
+    "contrastive": LOSS_TERMS,
 }
 
 
@@ -75,6 +83,9 @@ class TrainConfig(Config):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
+    # optional factors: null = off
+    ema: EMA.union() | None = Field(None, description="EMA of the weights, used for evaluation")
+    contrastive: LOSS_TERMS.union() | None = Field(None, description="contrastive flow-matching term")
 
     @model_validator(mode="after")
     def _check_batch(self):

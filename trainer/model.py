@@ -91,6 +91,24 @@ class Factor(nn.Module):
     def after_block(self, index: int, state: TokenState) -> None: ...
 
 
+@dataclass(frozen=True)
+class FactorContext:
+    """What a factor's builder may know about the run it joins."""
+
+    hidden_size: int
+    depth: int
+    patch_size: int
+    resolution: int  # image side in pixels
+    downsample: int  # image pixels per latent pixel (tokenizer)
+    device: torch.device
+    weights_dir: str | None = None
+
+    @property
+    def grid(self) -> int:
+        """Token grid side: pixels per token = downsample · patch_size."""
+        return self.resolution // (self.downsample * self.patch_size)
+
+
 @dataclass
 class DenoiserOutput:
     pred: torch.Tensor  # (B, C, H, W), same layout as the input

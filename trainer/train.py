@@ -22,12 +22,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, flow
-from .config import TrainConfig
+from . import checkpoint, ema, flow
+from .config import DENOISER_FACTORS, TrainConfig
+from .contrastive import LOSS_TERMS
 from .data import DATA, StepBatchSampler
 from .dist import Dist
 from .io import atomic_write_json, read_json
-from .model import Denoiser, build_prx
+from .model import Denoiser, FactorContext, build_prx
 from .optim import OPTIMIZERS, lr_factor
 from .precision import PRECISION
 from .text import TEXT
@@ -71,9 +72,16 @@ class Trainer:
         self.text = TEXT.build(cfg.text_encoder, self.device)
         self.tokenizer = TOKENIZERS.build(cfg.tokenizer, self.device)
         prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
-        self.denoiser = Denoiser(prx).to(self.device, self.precision.weights)
+        sizes = cfg.model.sizes()
+        ctx = FactorContext(hidden_size=sizes["hidden_size"], depth=sizes["depth"], patch_size=sizes["patch_size"],
+                            resolution=cfg.data.resolution, downsample=cfg.tokenizer.downsample, device=self.device)
+        factors = [reg.build(getattr(cfg, name), ctx) for name, reg in DENOISER_FACTORS.items()
+                   if getattr(cfg, name) is not None]
+        self.denoiser = Denoiser(prx, factors).to(self.device, self.precision.weights)
         self.net = DDP(self.denoiser) if dist.world > 1 else self.denoiser
         self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser)
+        self.ema = ema.build(cfg.ema, self.denoiser)
+        self.loss_terms = [LOSS_TERMS.build(c) for c in [cfg.contrastive] if c is not None]
         self.train_set, self.val_set = DATA.build(cfg.data, val_caption=cfg.eval.caption)
         self.step = 0
         self.times = {"setup_s": time.perf_counter() - t0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
@@ -102,13 +110,14 @@ class Trainer:
         self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
         with self.precision.context():
             out = self.net(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask,
-                           inputs={"images": images})
-        loss, _, _ = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
-        total = loss + sum(out.losses.values())
+                           inputs={"images": images, "step": step})
+        loss, v_pred, v_true = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
+        total = loss + sum(out.losses.values()) + sum(term(v_pred, v_true) for term in self.loss_terms)
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), cfg.train.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self.ema.update(step)
         return total.detach(), grad_norm.detach()
 
     # -- the loop -------------------------------------------------------------------------------
@@ -202,7 +211,8 @@ class Trainer:
         return float(self.dist.all_sum(total).item() / n)
 
     def evaluate(self) -> None:
-        metrics = {"val_loss": self.validation_loss()}
+        with self.ema.swapped():
+            metrics = {"val_loss": self.validation_loss()}
         if self.dist.main:
             (self.run_dir / "eval").mkdir(exist_ok=True)
             atomic_write_json(self.run_dir / "eval" / f"step_{self.step}.json",
@@ -215,7 +225,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> None:
         if self.dist.main:
-            state = {"optimizer": self.optimizer.state_dict(), "data": {"seed": self.cfg.seed, "step": self.step}}
+            state = {"optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(),
+                     "data": {"seed": self.cfg.seed, "step": self.step}}
             checkpoint.save(self.run_dir / "checkpoints", self.step, self.denoiser, state, self.cfg.checkpoint.keep)
         self.dist.barrier()
 
@@ -225,6 +236,7 @@ class Trainer:
             return
         state = checkpoint.load(path, self.denoiser)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
         if self.dist.main:  # drop log lines of steps the interrupted run did after this checkpoint
