@@ -13,12 +13,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# mkstemp creates 0600 files; written files get the usual umask-derived mode instead, so a
+# run directory on a shared file system stays readable by the team like any other file.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Replace `path` with `text` atomically (same-directory temp file, fsync, os.replace)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

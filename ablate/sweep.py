@@ -1,0 +1,483 @@
+"""Sweep files: schema, loading, and expansion into run specs.
+
+A sweep file (YAML)::
+
+    name: prx-256                  # path-safe: letters, digits, '_', '.', '-'
+    output_dir: runs/prx-256       # optional; default runs/<name>, relative to the current directory
+    baseline:                      # a full trainer config (trainer.config.TrainConfig), without `seed`
+      optimizer: {kind: adamw, lr: 1.0e-4}
+      ...
+    deltas:                        # name → overrides of the baseline
+      lr-high:
+        optimizer.lr: 3e-4         # dotted keys ...
+      muon:
+        optimizer: {kind: muon}    # ... or nested maps; a new `kind` replaces the whole component
+      no-ema:
+        ema: null                  # null turns a component off
+    seeds: [0, 1]                  # each delta × each seed is an arm; so is the baseline × each seed
+    launcher: {executor: local, time_limit_min: 30, array_parallelism: 2}
+    rank_by:                       # a list of one-key maps: metric → lower | higher (is better);
+      - val_loss: lower            # the first metric orders the ranking
+      - fid: lower
+
+`load_sweep` checks the file itself without importing the trainer (so `ablate status` and
+`ablate rank` stay torch-free); `expand` merges and validates every arm against the trainer's
+schema. Both raise `UserError` pointing at the file, line and key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
+
+from ablate.diagnostics import to_user_error
+from ablate.errors import UserError
+from ablate.loader import KeyPath, format_path, line_of, load_yaml
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+BASELINE = "baseline"
+
+
+def _path_safe(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise PydanticCustomError(
+            "path_safe_name",
+            "Input should be a path-safe name: letters, digits, '_', '.', '-', starting with a letter or digit",
+        )
+    return name
+
+
+Name = Annotated[str, AfterValidator(_path_safe)]
+
+
+class Launcher(BaseModel):
+    """Where and with what resources the arms run. Every arm gets the same resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["debug", "local", "slurm"] = "local"
+    """debug: in this process, one arm after another (breakpoints work); local: subprocesses
+    on this machine; slurm: one sbatch job array."""
+    nodes: PositiveInt = 1
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: PositiveInt = 1
+    cpus_per_task: PositiveInt | None = None
+    mem_gb: PositiveFloat | None = None
+    time_limit_min: PositiveInt = 60
+    """Per job; a job that reaches it is requeued and resumes from its newest checkpoint."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: PositiveInt | None = None
+    """At most this many arms run at once (default: all)."""
+    additional_parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra `#SBATCH --key=value` lines, for options that have no field here."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run before the job starts (module load, source venv ...)."""
+
+
+# Which executors use each launcher field; a field set to a non-default value for an
+# executor that would ignore it is rejected rather than silently dropped.
+_USED_BY: dict[str, set[str]] = {
+    "nodes": {"slurm"},
+    "gpus_per_node": {"local", "slurm"},
+    "tasks_per_node": {"local", "slurm"},
+    "cpus_per_task": {"slurm"},
+    "mem_gb": {"slurm"},
+    "time_limit_min": {"local", "slurm"},
+    "partition": {"slurm"},
+    "account": {"slurm"},
+    "qos": {"slurm"},
+    "constraint": {"slurm"},
+    "array_parallelism": {"local", "slurm"},
+    "additional_parameters": {"slurm"},
+    "setup": {"local", "slurm"},
+}
+# sbatch options that typed launcher fields produce; additional_parameters may not repeat them.
+_SBATCH_FROM_FIELDS = {
+    "job_name": "name",
+    "time": "time_limit_min",
+    "nodes": "nodes",
+    "ntasks_per_node": "tasks_per_node",
+    "gpus_per_node": "gpus_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "mem": "mem_gb",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "array": "array_parallelism",
+}
+
+
+class Sweep(BaseModel):
+    """A parsed sweep file. Build it with `load_sweep`, which also checks what pydantic cannot."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    output_dir: str | None = None
+    baseline: dict[str, Any]
+    deltas: dict[Name, dict[str, Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    launcher: Launcher = Field(default_factory=Launcher)
+    rank_by: list[dict[str, Literal["lower", "higher"]]] = Field(
+        default_factory=lambda: [{"val_loss": "lower"}], min_length=1
+    )
+
+    _file: Path = PrivateAttr()
+    _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
+    _root: Path = PrivateAttr()
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+    @property
+    def root(self) -> Path:
+        """The sweep directory (absolute): output_dir, or runs/<name>, from the current directory."""
+        return self._root
+
+    @property
+    def metrics(self) -> list[tuple[str, str]]:
+        """[(metric, 'lower' | 'higher')] in ranking order."""
+        return [next(iter(item.items())) for item in self.rank_by]
+
+    def locate(self, path: KeyPath) -> tuple[str, int | None, str]:
+        """(file, line, display path) of a key path in the sweep file."""
+        return str(self._file), line_of(self._lines, path), format_path(path)
+
+    def error(self, path: KeyPath, problem: str, expected: str | None) -> UserError:
+        file, line, shown = self.locate(path)
+        return UserError(problem, expected, file=file, line=line, path=shown)
+
+    def arm_names(self) -> list[str]:
+        """Every arm's name, baseline first, without touching the trainer."""
+        return [arm_name(delta, seed) for delta in (BASELINE, *self.deltas) for seed in self.seeds]
+
+
+def arm_name(delta: str, seed: int) -> str:
+    return f"{delta}-s{seed}"
+
+
+def load_sweep(file: str | Path) -> Sweep:
+    """Read and check a sweep file (everything that does not need the trainer's schema)."""
+    file = Path(file)
+    data, lines = load_yaml(file)
+    if not isinstance(data, dict):
+        raise UserError(
+            f"the file holds a {type(data).__name__}",
+            "a mapping with name, baseline and deltas",
+            file=file,
+            line=1,
+        )
+
+    def locate(path: KeyPath) -> tuple[str, int | None, str]:
+        return str(file), line_of(lines, path), format_path(path)
+
+    try:
+        sweep = Sweep.model_validate(data)
+    except ValidationError as e:
+        raise to_user_error(e, data, Sweep, locate) from None
+    sweep._file = file
+    sweep._lines = lines
+    sweep._root = (Path(sweep.output_dir) if sweep.output_dir else Path("runs") / sweep.name).resolve()
+    problems = list(_problems(sweep))
+    if problems:  # report the one that comes first in the file
+        raise min(problems, key=lambda e: e.line if e.line is not None else 1 << 30)
+    return sweep
+
+
+def _problems(sweep: Sweep) -> Iterator[UserError]:
+    """Cross-field checks on the sweep file, each problem as a located UserError."""
+    launcher = sweep.launcher
+    executor = launcher.executor
+    for name in _USED_BY:
+        value = getattr(launcher, name)
+        if executor not in _USED_BY[name] and value != Launcher.model_fields[name].get_default(
+            call_default_factory=True
+        ):
+            users = " or ".join(sorted(_USED_BY[name]))
+            yield sweep.error(
+                ("launcher", name),
+                f"the {executor} executor does not use this setting",
+                f"it removed, or executor: {users}",
+            )
+    for key in launcher.additional_parameters:
+        normalised = key.replace("-", "_")
+        if normalised in _SBATCH_FROM_FIELDS or normalised in ("signal", "output", "error", "open_mode"):
+            own = _SBATCH_FROM_FIELDS.get(normalised)
+            yield sweep.error(
+                ("launcher", "additional_parameters", key),
+                f"'{key}' is set by ablate itself",
+                f"launcher.{own} instead" if own and own != "name" else "it removed",
+            )
+
+    seen_metrics: set[str] = set()
+    for i, item in enumerate(sweep.rank_by):
+        if len(item) != 1:
+            yield sweep.error(
+                ("rank_by", i), f"{len(item)} metrics in one item", "one '- metric: lower|higher' per item"
+            )
+        for metric in set(item) & seen_metrics:
+            yield sweep.error(("rank_by", i, metric), f"metric '{metric}' listed twice", "each metric once")
+        seen_metrics.update(item)
+
+    for i, seed in enumerate(sweep.seeds):
+        if seed in sweep.seeds[:i]:
+            yield sweep.error(("seeds", i), f"duplicate seed {seed} (duplicate arm names)", "each seed once")
+    folded: dict[str, str] = {}
+    for delta in sweep.deltas:
+        if delta == BASELINE:
+            yield sweep.error(
+                ("deltas", delta),
+                "'baseline' is the baseline arm's name (duplicate arm names)",
+                "another delta name",
+            )
+        if delta.lower() in folded:
+            yield sweep.error(
+                ("deltas", delta),
+                f"delta '{delta}' and '{folded[delta.lower()]}' differ only in case (duplicate run directories "
+                "on case-insensitive file systems)",
+                "names that differ by more than case",
+            )
+        folded[delta.lower()] = delta
+    if "seed" in sweep.baseline:
+        yield sweep.error(
+            ("baseline", "seed"), "the seed is set per arm from `seeds`", "it removed (use seeds: [...])"
+        )
+    for delta, overrides in sweep.deltas.items():
+        try:
+            _normalize(sweep, delta, overrides)
+        except UserError as e:
+            yield e
+
+
+# --- expansion -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One arm: what to train and its identity (name + hash of the resolved config)."""
+
+    name: str
+    delta: str
+    seed: int
+    overrides: dict[str, Any]
+    """The delta's overrides as written in the sweep file ({} for the baseline)."""
+    config: dict[str, Any]
+    """The resolved trainer config (TrainConfig(...).model_dump(mode='json')), seed included."""
+    hash: str = field(default="")
+
+    def spec_json(self, sweep_name: str) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "delta": self.delta,
+            "seed": self.seed,
+            "hash": self.hash,
+            "overrides": self.overrides,
+            "sweep": sweep_name,
+        }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """First 12 hex digits of sha256 over the canonical JSON of a resolved config."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def expand(sweep: Sweep) -> list[RunSpec]:
+    """Every arm of the sweep, baseline arms first, each validated against the trainer's schema.
+
+    Pure: reads nothing but the sweep and the trainer's schema, writes nothing. Raises
+    UserError (located in the sweep file) for the first invalid arm.
+    """
+    from trainer.config import TrainConfig, describe_registries  # lazy: imports torch
+
+    registries = describe_registries()
+
+    def resolve(config: dict[str, Any], locate) -> dict[str, Any]:
+        try:
+            return TrainConfig.model_validate(config).model_dump(mode="json")
+        except ValidationError as e:
+            raise to_user_error(e, config, TrainConfig, locate, registries) from None
+
+    def locate_baseline(path: KeyPath) -> tuple[str, int | None, str]:
+        if path[:1] == ("seed",):
+            return sweep.locate(("seeds",))
+        return sweep.locate((BASELINE, *path))
+
+    specs: list[RunSpec] = []
+    baselines: dict[int, dict[str, Any]] = {}
+    for seed in sweep.seeds:
+        config = resolve({**copy.deepcopy(sweep.baseline), "seed": seed}, locate_baseline)
+        baselines[seed] = config
+        specs.append(RunSpec(arm_name(BASELINE, seed), BASELINE, seed, {}, config, config_hash(config)))
+
+    for delta, overrides in sweep.deltas.items():
+        tree, sources = _normalize(sweep, delta, overrides)
+        for seed in sweep.seeds:
+            merged, replaced = merge({**copy.deepcopy(sweep.baseline), "seed": seed}, tree)
+            owned = dict(sources)
+            for path in replaced:  # a kind change makes the whole component the delta's
+                owned[path] = sources.get((*path, "kind"), sources.get(path, ("deltas", delta)))
+            config = resolve(merged, _delta_locator(sweep, delta, owned))
+            if config == baselines[seed]:
+                raise sweep.error(
+                    ("deltas", delta),
+                    "this delta changes nothing: its merged config equals the baseline's",
+                    "at least one value that differs from the baseline",
+                )
+            specs.append(
+                RunSpec(
+                    arm_name(delta, seed), delta, seed, copy.deepcopy(overrides), config, config_hash(config)
+                )
+            )
+    return specs
+
+
+def _delta_locator(sweep: Sweep, delta: str, owned: dict[KeyPath, KeyPath]):
+    """Errors in a delta's arm point at the delta's key that set the path (the baseline alone is valid)."""
+
+    def locate(path: KeyPath) -> tuple[str, int | None, str]:
+        file_path: KeyPath = ("deltas", delta)
+        for end in range(len(path), 0, -1):
+            if path[:end] in owned:
+                file_path = owned[path[:end]]
+                break
+        file, line, _ = sweep.locate(file_path)
+        return file, line, format_path(("deltas", delta, *path))
+
+    return locate
+
+
+def _normalize(
+    sweep: Sweep, delta: str, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[KeyPath, KeyPath]]:
+    """A delta's overrides as one nested tree (dotted keys expanded, nested maps merged).
+
+    Returns (tree, sources): sources maps each config path the delta sets to the key path in
+    the file that set it. A path set twice (`optimizer.lr` and `optimizer: {lr: ...}`) is an error.
+    """
+    tree: dict[str, Any] = {}
+    sources: dict[KeyPath, KeyPath] = {}
+    leaves: set[KeyPath] = set()
+
+    def put(config_path: KeyPath, file_path: KeyPath, value: Any) -> None:
+        if config_path[0] == "seed":
+            raise sweep.error(file_path, "a delta cannot set the seed", "seeds: [...] at the top level")
+        node = tree
+        for end in range(1, len(config_path)):
+            if config_path[:end] in leaves:
+                raise _twice(config_path[:end], file_path)
+            node = node.setdefault(config_path[end - 1], {})
+        key = config_path[-1]
+        is_map = isinstance(value, dict) and bool(value)
+        if config_path in leaves or (key in node and not is_map):
+            raise _twice(config_path, file_path)
+        sources.setdefault(config_path, file_path)
+        if is_map:
+            node.setdefault(key, {})
+            for sub_key, sub in value.items():
+                put((*config_path, *_split(sub_key, (*file_path, sub_key))), (*file_path, sub_key), sub)
+        else:
+            node[key] = copy.deepcopy(value)
+            leaves.add(config_path)
+
+    def _twice(config_path: KeyPath, file_path: KeyPath) -> UserError:
+        earlier = [
+            line_of(sweep._lines, f) for c, f in sources.items() if c[: len(config_path)] == config_path
+        ]
+        first = min((line for line in earlier if line), default=None)
+        return sweep.error(
+            file_path,
+            f"'{'.'.join(map(str, config_path))}' is set twice in this delta"
+            + (f" (also at line {first})" if first else ""),
+            "each setting once per delta",
+        )
+
+    def _split(key: Any, file_path: KeyPath) -> tuple[str, ...]:
+        if not isinstance(key, str):
+            raise sweep.error(file_path, f"key {key!r} is not a string", "string keys like optimizer.lr")
+        parts = tuple(key.split("."))
+        if not all(parts):
+            raise sweep.error(file_path, f"key '{key}' has an empty part", "dotted keys like optimizer.lr")
+        return parts
+
+    for key, value in overrides.items():
+        put(_split(key, ("deltas", delta, key)), ("deltas", delta, key), value)
+    return tree, sources
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], list[KeyPath]]:
+    """`base` with the override tree applied; also the paths whose component was replaced.
+
+    Maps merge key by key, except when an override map sets a `kind` different from the
+    base's: then it replaces the base map entirely, so no field of the old kind leaks into
+    the new one. Anything else (scalars, lists, null) replaces the base value.
+    """
+    replaced: list[KeyPath] = []
+
+    def go(b: dict[str, Any], o: dict[str, Any], prefix: KeyPath) -> dict[str, Any]:
+        out = dict(b)
+        for key, value in o.items():
+            old = out.get(key)
+            if (
+                isinstance(value, dict)
+                and isinstance(old, dict)
+                and value.get("kind", old.get("kind")) == old.get("kind")
+            ):
+                out[key] = go(old, value, (*prefix, key))
+            else:
+                if isinstance(value, dict) and isinstance(old, dict):
+                    replaced.append((*prefix, key))
+                out[key] = copy.deepcopy(value)
+        return out
+
+    return go(base, overrides, ()), replaced
+
+
+_ABSENT = object()
+
+
+def changes(base: Any, arm: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf where `arm` differs from `base`; absent → `_ABSENT`.
+
+    Where a component's `kind` changed, the fields only one kind has are left out: the kind
+    line says it, and listing every default of the new kind would bury the change.
+    """
+    if isinstance(base, dict) and isinstance(arm, dict):
+        kind_changed = "kind" in base and "kind" in arm and base["kind"] != arm["kind"]
+        for key in [*base, *(k for k in arm if k not in base)]:
+            if kind_changed and (key not in base or key not in arm):
+                continue
+            yield from changes(
+                base.get(key, _ABSENT), arm.get(key, _ABSENT), f"{prefix}.{key}" if prefix else key
+            )
+    elif base != arm:
+        yield prefix, base, arm
+
+
+def show_value(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return json.dumps(value, separators=(", ", ": "))
