@@ -35,9 +35,11 @@ def to_user_error(
     for e in err.errors(include_url=False):
         groups.setdefault(_user_path(e, data), []).append(e)
 
-    def position(path: KeyPath) -> tuple[int, int]:
+    def position(path: KeyPath) -> tuple[bool, int, int]:
+        # A missing key is reported last: it is often the other half of a misspelt one.
+        missing = all(e["type"] == "missing" for e in groups[path])
         line = locate(path)[1]
-        return (line if line is not None else 1 << 30, len(path))
+        return (missing, line if line is not None else 1 << 30, len(path))
 
     path = min(groups, key=position)
     problem, expected, path = _describe(groups[path], path, data, model, registries or {})
