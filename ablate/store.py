@@ -101,7 +101,10 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
         if check_jobs and alive is None and status.get("pid") and status.get("host") == socket.gethostname():
             alive = _pid_alive(int(status["pid"]))  # the trainer's own process, e.g. run by hand
         if alive is False:
-            view.note = f"was {state}, its job {job.get('job_id') or '(not submitted)'} is gone"
+            owner = f"job {job['job_id']}" if job and job.get("job_id") else f"process {status.get('pid')}"
+            if job and not job.get("job_id"):
+                owner = f"`ablate run` (pid {job.get('submitter_pid')})"
+            view.note = f"was {state}, its {owner} is gone"
         else:
             view.state = state
             view.note = "" if alive or not check_jobs else "cannot check its job from here; assumed alive"
