@@ -1,0 +1,152 @@
+"""`make bench`: the trainer's cost against a bare PRX step, and every factor's cost, on CPU.
+
+Prints one JSON line per measurement and writes them all to runs/bench/trainer.json, so two
+machines or two commits can be compared. Ratios are measured in one process, one after the
+other; compare ratios, not absolute times (these machines are noisy).
+
+    python bench/run.py [--steps 30] [--batch 16]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from trainer import flow
+from trainer.config import TrainConfig
+from trainer.data import StepBatchSampler
+from trainer.dist import Dist
+from trainer.train import Trainer
+
+BASE = {
+    "model": {"preset": "tiny"},
+    "data": {"kind": "synthetic", "resolution": 32, "caption": "long", "num_val": 16},
+    "text_encoder": {"kind": "tiny-t5"},
+    "tokenizer": {"kind": "pixel"},
+    "optimizer": {"kind": "adamw", "lr": 1e-4},
+    "precision": {"kind": "fp32"},
+    "checkpoint": {"every": 10**6},
+    "eval": {"every": 10**6},
+    "log": {"every": 10**6},
+}
+
+
+def merged(over: dict) -> dict:
+    out = copy.deepcopy(BASE)
+    for k, v in over.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) and "kind" not in v else v
+    return out
+
+
+def trainer_for(cfg: dict, steps: int, batch: int, run_dir: Path) -> Trainer:
+    cfg = {**cfg, "train": {"steps": steps, "batch_size": batch, "caption_dropout": 0.1}}
+    return Trainer(TrainConfig.model_validate(cfg), run_dir, Dist(0, 1, 0, torch.device("cpu")))
+
+
+class TrainerClock:
+    """Times the trainer's own step (data loading included) in rounds, so arms interleave."""
+
+    def __init__(self, tr: Trainer, total_steps: int):
+        self.tr, self.step = tr, 0
+        sampler = StepBatchSampler(len(tr.train_set), tr.cfg.train.batch_size, 0, 0, total_steps)
+        self.batches = iter(torch.utils.data.DataLoader(tr.train_set, batch_sampler=sampler))
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss, _ = self.tr.train_step(self.step, next(self.batches))
+            self.step += 1
+        float(loss)
+        return (time.perf_counter() - t0) / steps
+
+
+def time_bare(tr: Trainer, steps: int, warmup: int) -> float:
+    """The same model and batch shapes: forward, MSE, backward, AdamW step — nothing else."""
+    prx = copy.deepcopy(tr.denoiser.prx)
+    opt = torch.optim.AdamW(prx.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15)
+    b, res = tr.cfg.train.batch_size, tr.cfg.data.resolution
+    x0 = torch.randn(b, 3, res, res)
+    txt = torch.randn(b, tr.text.max_length, tr.text.dim)
+    mask = torch.ones(b, tr.text.max_length, dtype=torch.bool)
+
+    def step():
+        t = torch.sigmoid(torch.randn(b))
+        noise = torch.randn_like(x0)
+        pred = prx(flow.interpolate(x0, noise, t), t, txt, attention_mask=mask).sample
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+DELTAS = {
+    "baseline": {},
+    "short-captions": {"data": {"caption": "short"}},
+    "muon": {"optimizer": {"kind": "muon"}},
+    "bf16-weights": {"precision": {"kind": "bf16"}},
+    "contrastive-fm": {"contrastive": {"kind": "contrastive"}},
+    "ema": {"ema": {"kind": "ema", "decay": 0.999}},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30, help="measured steps per arm, split over rounds")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", default="runs/bench/trainer.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    rounds, per_round = args.rounds, max(1, args.steps // args.rounds)
+    total = args.warmup + rounds * per_round
+    with tempfile.TemporaryDirectory() as tmp:
+        clocks = {name: TrainerClock(trainer_for(merged(over), total, args.batch, Path(tmp)), total)
+                  for name, over in DELTAS.items()}
+        for clock in clocks.values():
+            clock.run(args.warmup)
+        bare = [time_bare(clocks["baseline"].tr, per_round, args.warmup if r == 0 else 1) for r in range(rounds)]
+        times = {name: [] for name in clocks}
+        for _ in range(rounds):  # round-robin: slow drifts of the machine hit every arm alike
+            for name, clock in clocks.items():
+                times[name].append(clock.run(per_round))
+        ours = statistics.median(times["baseline"])
+        rows.append({"bench": "trainer_overhead", "preset": "tiny", "device": "cpu", "threads": torch.get_num_threads(),
+                     "batch": args.batch, "bare_step_s": statistics.median(bare), "trainer_step_s": ours,
+                     "ratio": ours / statistics.median(bare)})
+        print(json.dumps(rows[-1]), flush=True)
+        for name in clocks:
+            rows.append({"bench": "factor_step_time", "delta": name, "step_s": statistics.median(times[name])})
+            print(json.dumps(rows[-1]), flush=True)
+    base_s = next(r["step_s"] for r in rows if r.get("delta") == "baseline")
+    for r in rows:
+        if "delta" in r:
+            r["vs_baseline"] = r["step_s"] / base_s
+    print(f"\n{'delta':<18}{'step ms':>10}{'vs baseline':>14}")
+    for r in rows:
+        if "delta" in r:
+            print(f"{r['delta']:<18}{1000 * r['step_s']:>10.1f}{r['vs_baseline']:>13.2f}x")
+    print(f"trainer step / bare step: {rows[0]['ratio']:.2f}x "
+          f"({1000 * rows[0]['trainer_step_s']:.1f} ms vs {1000 * rows[0]['bare_step_s']:.1f} ms)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(yaml.safe_dump(rows) if args.out.endswith(".yaml") else json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
