@@ -211,7 +211,7 @@ def _arm_cells(view: ArmView, *, with_log: bool) -> list[Text]:
         str(status.get("updated_at", "")),
     ]
     if with_log:
-        cells.append(view.log_path or str(view.run_dir))
+        cells.append(view.log_path or (str(view.run_dir) if view.run_dir.exists() else ""))
     cells.append(view.note)
     style = {"done": "green", "failed": "red", "stale": "yellow"}.get(view.state, "")
     return [Text(c, style=style if i == 1 else "") for i, c in enumerate(cells)]

@@ -193,8 +193,8 @@ def cells(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> tuple[list[str], 
     """Human-readable header and cells; each cell with its sign: +1 better, −1 worse, 0 neutral."""
     header = ["delta", "state", "seeds"]
     for metric, direction in metrics:
-        header += [f"{metric} ({direction} better)", "change", "change %"]
-    header += ["batches/s", "speed vs baseline"]
+        header += [f"{metric} {'↓' if direction == 'lower' else '↑'}", "Δ", "Δ%"]
+    header += ["batches/s", "speed"]
     out = []
     for r in df.to_dict("records"):
         row = [(str(r["delta"]), 0), (str(r["state"]), 0), (str(r["seeds"]), 0)]
@@ -223,6 +223,12 @@ def _num(x: float, fmt: str) -> str:
     return "—" if x is None or math.isnan(x) else fmt.format(x)
 
 
+LEGEND = (
+    "↓ lower is better, ↑ higher is better. Δ = delta − baseline at the same seed, mean ± std over seeds "
+    "(Δ% relative to the baseline). speed = batches/s relative to the baseline."
+)
+
+
 def to_markdown(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> str:
     header, rows = cells(df, metrics)
     lines = [
@@ -230,7 +236,7 @@ def to_markdown(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> str:
         "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
     ]
     lines += ["| " + " | ".join(text.replace("|", "\\|") for text, _ in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", LEGEND])
 
 
 def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
@@ -238,9 +244,9 @@ def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
     from rich.text import Text
 
     header, rows = cells(df, metrics)
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", caption=LEGEND, caption_justify="left")
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i < 3 else "right", no_wrap=i == 0)
+        table.add_column(name, justify="left" if i < 3 else "right", no_wrap=i < 3)
     for row in rows:
         table.add_row(*(Text(t, style="green" if g > 0 else "red" if g < 0 else "") for t, g in row))
     return table

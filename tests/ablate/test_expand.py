@@ -13,7 +13,9 @@ from ablate.sweep import changes, config_hash, expand, load_sweep, merge
 
 
 def sweep_from(write_sweep, deltas: str = "", seeds: str = "[0]"):
-    text = SWEEP.replace("  lr-high:\n    optimizer.lr: 3e-3\n", deltas).replace("seeds: [0]", f"seeds: {seeds}")
+    text = SWEEP.replace("  lr-high:\n    optimizer.lr: 3e-3\n", deltas).replace(
+        "seeds: [0]", f"seeds: {seeds}"
+    )
     if not deltas:
         text = text.replace("deltas:\n", "deltas: {}\n")
     return load_sweep(write_sweep(text))
@@ -22,7 +24,14 @@ def sweep_from(write_sweep, deltas: str = "", seeds: str = "[0]"):
 def test_names_baseline_first_then_each_delta_times_each_seed(write_sweep):
     deltas = "  lr-high:\n    optimizer.lr: 3e-3\n  muon:\n    optimizer: {kind: muon}\n"
     specs = expand(sweep_from(write_sweep, deltas, seeds="[0, 1]"))
-    assert [s.name for s in specs] == ["baseline-s0", "baseline-s1", "lr-high-s0", "lr-high-s1", "muon-s0", "muon-s1"]
+    assert [s.name for s in specs] == [
+        "baseline-s0",
+        "baseline-s1",
+        "lr-high-s0",
+        "lr-high-s1",
+        "muon-s0",
+        "muon-s1",
+    ]
     assert [(s.delta, s.seed) for s in specs][2] == ("lr-high", 0)
     assert all(s.config["seed"] == s.seed for s in specs)
     assert specs[2].overrides == {"optimizer.lr": 3e-3}
@@ -94,7 +103,9 @@ def test_expand_is_pure(write_sweep, workdir):
 
 
 def test_changes_list_what_a_delta_changes(write_sweep):
-    base, arm = expand(sweep_from(write_sweep, "  x:\n    optimizer: {kind: muon, lr: 0.02}\n    ema: {kind: ema}\n"))
+    base, arm = expand(
+        sweep_from(write_sweep, "  x:\n    optimizer: {kind: muon, lr: 0.02}\n    ema: {kind: ema}\n")
+    )
     lines = {key: (old, new) for key, old, new in changes(base.config, arm.config)}
     assert lines["optimizer.kind"] == ("adamw", "muon")
     assert lines["optimizer.lr"] == (1e-3, 0.02)

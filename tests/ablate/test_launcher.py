@@ -121,7 +121,12 @@ def test_local_executor_gets_the_time_limit_and_setup(tmp_path):
     launcher = Launcher(executor="local", time_limit_min=45, tasks_per_node=2, setup=["export A=1"])
     executor = launch.build_executor(launcher, tmp_path, "t")
     assert isinstance(executor, submitit.LocalExecutor)
-    assert executor.parameters == {"timeout_min": 45, "tasks_per_node": 2, "gpus_per_node": 0, "setup": ["export A=1"]}
+    assert executor.parameters == {
+        "timeout_min": 45,
+        "tasks_per_node": 2,
+        "gpus_per_node": 0,
+        "setup": ["export A=1"],
+    }
     assert str(executor.folder) == f"{tmp_path}/.submitit/%j"
 
 

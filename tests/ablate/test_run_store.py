@@ -149,7 +149,9 @@ def test_prepare_writes_config_spec_status_and_job(tmp_path):
     (run_dir,) = prepare([d], tmp_path, "t", "local")
     assert (run_dir / "config.yaml").read_text().startswith("seed: 0\noptimizer:")
     view = observe(run_dir)
-    assert view.state == "queued" and view.spec == s.spec_json("t") and view.job["submitter_pid"] == os.getpid()
+    assert (
+        view.state == "queued" and view.spec == s.spec_json("t") and view.job["submitter_pid"] == os.getpid()
+    )
     stdout = tmp_path / ".submitit" / "42" / "42_0_log.out"
     mark_submitted(run_dir, "42", tmp_path / ".submitit" / "%j", stdout, stdout.with_suffix(".err"))
     view = observe(run_dir, check_jobs=False)

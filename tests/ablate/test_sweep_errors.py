@@ -57,7 +57,13 @@ def test_unknown_top_level_key_suggests_the_right_one(write_sweep, cli):
 def test_unknown_key_in_a_delta_has_full_path_and_did_you_mean(write_sweep, cli):
     text = replace("    optimizer.lr: 3e-3\n", "    optimizer:\n      kind: adamw\n      lrr: 3e-3\n")
     line = run_bad(write_sweep, cli, text)
-    expect(line, 17, "deltas.lr-high.optimizer.lrr", "unknown key 'lrr' (did you mean 'lr'?)", "expected one of: betas")
+    expect(
+        line,
+        17,
+        "deltas.lr-high.optimizer.lrr",
+        "unknown key 'lrr' (did you mean 'lr'?)",
+        "expected one of: betas",
+    )
 
 
 def test_unknown_dotted_key_in_a_delta(write_sweep, cli):
@@ -72,7 +78,13 @@ def test_unknown_key_in_the_baseline(write_sweep, cli):
 
 def test_unknown_key_inside_a_new_kind_points_at_the_delta(write_sweep, cli):
     text = replace("    optimizer.lr: 3e-3\n", "    optimizer: {kind: muon, betas: [0.9, 0.99]}\n")
-    expect(run_bad(write_sweep, cli, text), 15, "deltas.lr-high.optimizer.betas", "unknown key 'betas'", "adam_betas")
+    expect(
+        run_bad(write_sweep, cli, text),
+        15,
+        "deltas.lr-high.optimizer.betas",
+        "unknown key 'betas'",
+        "adam_betas",
+    )
 
 
 def test_wrong_type_in_trainer_config(write_sweep, cli):
@@ -92,7 +104,13 @@ def test_out_of_range_value_in_the_baseline(write_sweep, cli):
 
 def test_unknown_registry_kind_lists_the_valid_ones(write_sweep, cli):
     line = run_bad(write_sweep, cli, replace("optimizer.lr: 3e-3", "optimizer.kind: adamx"))
-    expect(line, 15, "deltas.lr-high.optimizer.kind", "unknown optimizer kind 'adamx'", "expected one of: adamw, muon")
+    expect(
+        line,
+        15,
+        "deltas.lr-high.optimizer.kind",
+        "unknown optimizer kind 'adamx'",
+        "expected one of: adamw, muon",
+    )
 
 
 def test_unknown_kind_of_an_optional_factor_mentions_null(write_sweep, cli):
@@ -111,7 +129,12 @@ def test_duplicate_seeds_make_duplicate_arm_names(write_sweep, cli):
 
 
 def test_delta_named_baseline_is_a_duplicate_arm_name(write_sweep, cli):
-    expect(run_bad(write_sweep, cli, replace("  lr-high:", "  baseline:")), 14, "deltas.baseline", "duplicate arm")
+    expect(
+        run_bad(write_sweep, cli, replace("  lr-high:", "  baseline:")),
+        14,
+        "deltas.baseline",
+        "duplicate arm",
+    )
 
 
 def test_delta_names_differing_only_in_case(write_sweep, cli):
@@ -144,7 +167,12 @@ def test_top_level_must_be_a_mapping(write_sweep, cli):
 
 def test_setting_twice_in_one_delta(write_sweep, cli):
     text = replace("    optimizer.lr: 3e-3\n", "    optimizer.lr: 3e-3\n    optimizer: {lr: 1e-2}\n")
-    expect(run_bad(write_sweep, cli, text), 16, "deltas.lr-high.optimizer.lr", "set twice in this delta (also at line 15)")
+    expect(
+        run_bad(write_sweep, cli, text),
+        16,
+        "deltas.lr-high.optimizer.lr",
+        "set twice in this delta (also at line 15)",
+    )
 
 
 def test_seed_in_the_baseline_is_rejected(write_sweep, cli):
@@ -168,12 +196,18 @@ def test_rank_by_one_metric_per_item(write_sweep, cli):
 
 def test_launcher_setting_the_executor_would_ignore(write_sweep, cli):
     text = replace("launcher: {executor: debug}", "launcher: {executor: local, partition: gpu}")
-    expect(run_bad(write_sweep, cli, text), 17, "launcher.partition", "the local executor does not use", "slurm")
+    expect(
+        run_bad(write_sweep, cli, text), 17, "launcher.partition", "the local executor does not use", "slurm"
+    )
 
 
 def test_additional_parameter_shadowing_a_field(write_sweep, cli):
-    text = replace("launcher: {executor: debug}", "launcher: {executor: slurm, additional_parameters: {partition: x}}")
-    expect(run_bad(write_sweep, cli, text), 17, "launcher.additional_parameters.partition", "launcher.partition")
+    text = replace(
+        "launcher: {executor: debug}", "launcher: {executor: slurm, additional_parameters: {partition: x}}"
+    )
+    expect(
+        run_bad(write_sweep, cli, text), 17, "launcher.additional_parameters.partition", "launcher.partition"
+    )
 
 
 def test_unknown_launcher_key(write_sweep, cli):
@@ -183,7 +217,9 @@ def test_unknown_launcher_key(write_sweep, cli):
 
 def test_unknown_executor(write_sweep, cli):
     text = replace("launcher: {executor: debug}", "launcher: {executor: k8s}")
-    expect(run_bad(write_sweep, cli, text), 17, "launcher.executor", "got 'k8s'", "'debug', 'local' or 'slurm'")
+    expect(
+        run_bad(write_sweep, cli, text), 17, "launcher.executor", "got 'k8s'", "'debug', 'local' or 'slurm'"
+    )
 
 
 def test_missing_sweep_file(workdir: Path, cli):

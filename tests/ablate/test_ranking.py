@@ -1,0 +1,169 @@
+"""The ranking's numbers on hand-written run directories: known inputs, exact changes, order, states."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pandas as pd
+import pytest
+from conftest import write_json
+
+from ablate.rank import ArmResult, default_step, rank, rank_table
+from ablate.sweep import load_sweep
+
+SWEEP = """\
+name: r
+baseline: {}
+deltas:
+  a: {x: 1}
+  b: {x: 2}
+  c: {x: 3}
+  d: {x: 4}
+seeds: [0, 1]
+rank_by:
+  - val_loss: lower
+  - acc: higher
+"""
+
+
+def done(root, name, by_step: dict[int, dict], bps: float | None = 10.0):
+    final = max(by_step)
+    write_json(root / name / "spec.json", {"name": name})
+    write_json(root / name / "status.json", {"state": "done", "step": final})
+    write_json(
+        root / name / "result.json",
+        {
+            "step": final,
+            "metrics": by_step[final],
+            "metrics_by_step": {str(k): v for k, v in by_step.items()},
+            "throughput": {"batches_per_s": bps} if bps else {},
+        },
+    )
+
+
+@pytest.fixture
+def sweep(write_sweep):
+    s = load_sweep(write_sweep(SWEEP))
+    root = s.root
+    done(root, "baseline-s0", {100: {"val_loss": 1.0, "acc": 0.5}, 200: {"val_loss": 0.8, "acc": 0.6}})
+    done(root, "baseline-s1", {100: {"val_loss": 1.2, "acc": 0.4}, 200: {"val_loss": 1.0, "acc": 0.5}})
+    done(root, "a-s0", {200: {"val_loss": 0.6, "acc": 0.7}}, bps=5.0)
+    done(root, "a-s1", {200: {"val_loss": 0.9, "acc": 0.55}}, bps=5.0)
+    done(root, "b-s0", {200: {"val_loss": 0.9, "acc": 0.6}}, bps=12.0)
+    write_json(root / "b-s1" / "spec.json", {"name": "b-s1"})
+    write_json(root / "b-s1" / "status.json", {"state": "failed", "error": "FloatingPointError"})
+    done(root, "c-s0", {200: {"val_loss": 0.7, "acc": 0.6}})
+    write_json(root / "c-s1" / "spec.json", {"name": "c-s1"})
+    write_json(root / "c-s1" / "status.json", {"state": "running", "step": 150})
+    write_json(
+        root / "c-s1" / "eval" / "step_100.json", {"step": 100, "metrics": {"val_loss": 1.1, "acc": 0.45}}
+    )
+    return s  # d: never launched
+
+
+def row(df: pd.DataFrame, delta: str) -> dict:
+    return df.set_index("delta").loc[delta].to_dict()
+
+
+def test_changes_are_paired_by_seed_and_averaged(sweep):
+    df, step = rank(sweep)
+    assert step == 200  # the last step every finished arm reached
+    a = row(df, "a")
+    assert a["state"] == "done" and a["seeds"] == "2/2"
+    assert a["val_loss"] == pytest.approx(0.75)
+    assert a["val_loss_change"] == pytest.approx(-0.15)  # (0.6-0.8 + 0.9-1.0) / 2
+    assert a["val_loss_change_std"] == pytest.approx(math.sqrt(0.005))  # sample std of (-0.2, -0.1)
+    assert a["val_loss_change_pct"] == pytest.approx(-17.5)  # (-25% + -10%) / 2
+    assert a["acc_change"] == pytest.approx(0.075) and a["acc_change_pct"] == pytest.approx(
+        (100 / 6 + 10) / 2
+    )
+    assert a["batches_per_s"] == pytest.approx(5.0) and a["throughput_ratio"] == pytest.approx(0.5)
+
+
+def test_sorted_by_first_metric_improvement_baseline_first_missing_last(sweep):
+    df, _ = rank(sweep)
+    assert list(df["delta"]) == ["baseline", "a", "c", "b", "d"]
+    base = row(df, "baseline")
+    assert base["val_loss"] == pytest.approx(0.9) and math.isnan(base["val_loss_change"])
+    assert base["seeds"] == "2/2" and base["batches_per_s"] == pytest.approx(10.0)
+
+
+def test_running_failed_and_missing_arms_are_listed_with_their_state(sweep):
+    df, _ = rank(sweep)
+    b, c, d = row(df, "b"), row(df, "c"), row(df, "d")
+    assert b["state"] == "1 done, 1 failed" and b["seeds"] == "1/2"
+    assert b["val_loss_change"] == pytest.approx(0.1) and math.isnan(b["val_loss_change_std"])
+    assert b["throughput_ratio"] == pytest.approx(1.2)
+    assert c["state"] == "1 done, 1 running" and c["val_loss_change"] == pytest.approx(-0.1)
+    assert d["state"] == "missing" and d["seeds"] == "0/2" and math.isnan(d["val_loss_change"])
+
+
+def test_higher_is_better_reverses_the_order():
+    def arm(delta, seed, value):
+        return ArmResult(f"{delta}-s{seed}", delta, seed, "done", {10: {"m": value}})
+
+    arms = [arm("baseline", 0, 1.0), arm("up", 0, 2.0), arm("down", 0, 0.5)]
+    assert list(rank_table(arms, [("m", "higher")], 10)["delta"]) == ["baseline", "up", "down"]
+    assert list(rank_table(arms, [("m", "lower")], 10)["delta"]) == ["baseline", "down", "up"]
+
+
+def test_rank_at_an_earlier_step_uses_eval_files_of_running_arms(sweep):
+    df, step = rank(sweep, step=100)
+    assert step == 100
+    c = row(df, "c")
+    assert c["val_loss_change"] == pytest.approx(-0.1)  # c-s1's step-100 eval vs baseline-s1 (1.1 - 1.2)
+    assert c["state"] == "1 done, no step 100, 1 running" and c["seeds"] == "1/2"
+    assert list(df["delta"])[:2] == ["baseline", "c"]
+
+
+def test_default_step_is_the_last_step_all_finished_arms_reached():
+    arms = [
+        ArmResult("baseline-s0", "baseline", 0, "done", {100: {}, 200: {}}),
+        ArmResult("x-s0", "x", 0, "done", {100: {}}),
+        ArmResult("y-s0", "y", 0, "running", {100: {}, 200: {}, 300: {}}),
+    ]
+    assert default_step(arms) == 100
+    assert default_step([ArmResult("y-s0", "y", 0, "running", {100: {}, 300: {}})]) == 300
+    assert default_step([ArmResult("y-s0", "y", 0, "missing")]) is None
+
+
+def test_cli_formats(sweep, cli):
+    sweep_file = sweep.file
+    table = cli("rank", sweep_file)
+    assert table.code == 0
+    assert "change vs baseline at step 200" in table.out
+    lines = table.out.splitlines()
+    order = [
+        next(i for i, line in enumerate(lines) if line.startswith(f"│ {d} "))
+        for d in ("baseline", "a", "c", "b", "d")
+    ]
+    assert order == sorted(order)
+    assert "-0.15 ± 0.071" in table.out and "-17.5%" in table.out and "0.50x" in table.out
+
+    as_json = json.loads(cli("rank", sweep_file, "--format", "json").out)
+    assert as_json["step"] == 200 and as_json["rank_by"] == [{"val_loss": "lower"}, {"acc": "higher"}]
+    assert as_json["rows"][1]["delta"] == "a" and as_json["rows"][1]["val_loss_change"] == pytest.approx(
+        -0.15
+    )
+    assert as_json["rows"][-1]["val_loss_change"] is None
+
+    csv = pd.read_csv(io.StringIO(cli("rank", sweep_file, "--format", "csv").out))
+    assert list(csv["delta"]) == ["baseline", "a", "c", "b", "d"]
+    assert csv.loc[1, "throughput_ratio"] == pytest.approx(0.5)
+
+    markdown = cli("rank", sweep_file, "--format", "markdown", "--step", "100").out.splitlines()
+    assert (
+        markdown[0] == "| delta | state | seeds | val_loss ↓ | Δ | Δ% | acc ↑ | Δ | Δ% | batches/s | speed |"
+    )
+    assert markdown[3].startswith("| c | 1 done, no step 100, 1 running | 1/2 | 1.1 | -0.1 | -8.3% |")
+
+
+def test_cli_rejects_unknown_step_and_format(sweep, cli):
+    result = cli("rank", sweep.file, "--step", "150")
+    assert result.code == 2 and result.err.strip() == (
+        "error: --step: no arm has metrics at step 150; expected one of the evaluated steps: 100, 200"
+    )
+    result = cli("rank", sweep.file, "--format", "xml")
+    assert result.code == 2 and "expected one of: table, csv, markdown, json" in result.err
