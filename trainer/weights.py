@@ -102,3 +102,25 @@ def required(cfg: Any) -> list[HFWeights]:
 
     walk(cfg)
     return found
+
+
+def install(spec: HFWeights, source: str | Path, weights_dir: str | Path) -> Path:
+    """Copy a local model folder (a `save_pretrained` output) into a weights folder as `spec`.
+
+    For machines with no network and for tests: afterwards `hf_load` finds it exactly as if it
+    had been downloaded. The snapshot is recorded under a fixed local revision that `main` points to.
+    """
+    import shutil
+
+    repo = Path(weights_dir) / f"models--{spec.repo_id.replace('/', '--')}"
+    revision = LOCAL_REVISION
+    target = repo / "snapshots" / revision
+    if spec.subfolder is not None:
+        target = target / spec.subfolder
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return target
+
+
+LOCAL_REVISION = "0" * 40  # the snapshot name `install` uses (the cache layout wants a commit-like name)
