@@ -2,6 +2,8 @@
 
 `tiny-t5` needs no downloaded file (a seeded random-init T5 encoder over a byte-level
 tokenizer): the same seed gives every arm the same encoder, so arms stay comparable.
+`t5gemma` is the study's encoder: the encoder half of `google/t5gemma-2b-2b-ul2` (2304-d),
+captions padded to 256 tokens with the mask kept, bf16 weights, autocast off inside.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from pydantic import Field
 
 from .registry import Config, Registry
+from .weights import HFWeights, hf_load
 
 TEXT = Registry("text_encoder")
 
@@ -22,7 +25,8 @@ class TextEncoder(torch.nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.tokenizer, self.encoder = tokenizer, encoder.eval().requires_grad_(False)
-        self.max_length, self.dim, self.dtype = max_length, dim, dtype
+        self.max_length, self.dim = max_length, dim
+        self.dtype = dtype  # the encoder's output dtype: embeddings cached in it are stored losslessly
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -53,6 +57,9 @@ class TinyT5Config(Config):
     def dim(self) -> int:
         return self.d_model
 
+    def weights(self) -> list[HFWeights]:
+        return []
+
 
 @TEXT.register(TinyT5Config)
 def build_tiny_t5(cfg: TinyT5Config, device: torch.device, weights_dir: str | None = None) -> TextEncoder:
@@ -66,3 +73,44 @@ def build_tiny_t5(cfg: TinyT5Config, device: torch.device, weights_dir: str | No
         encoder = T5EncoderModel(config)
     return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.d_model)
 
+
+
+class T5GemmaConfig(Config):
+    kind: Literal["t5gemma"] = "t5gemma"
+    repo: str = Field("google/t5gemma-2b-2b-ul2", description="HF repo of a T5Gemma encoder-decoder; "
+                                                             "its encoder and tokenizer are used")
+    dim: int = Field(2304, ge=1, description="encoder width = the denoiser's context_in_dim; checked on load")
+    max_length: int = Field(256, ge=1, description="tokens per caption, padded, mask kept")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="encoder weights (autocast is off inside)")
+
+    def weights(self) -> list[HFWeights]:
+        return [HFWeights(self.repo)]
+
+
+@TEXT.register(T5GemmaConfig)
+def build_t5gemma(cfg: T5GemmaConfig, device: torch.device, weights_dir: str | None = None) -> TextEncoder:
+    import logging
+
+    from transformers import AutoTokenizer, T5GemmaEncoderModel
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    tokenizer = hf_load(AutoTokenizer, cfg.repo, weights_dir=weights_dir)
+    # Only the encoder is instantiated (is_encoder_decoder=False): the checkpoint's decoder weights are
+    # skipped, so transformers' load report listing them as unexpected is silenced; a missing encoder
+    # weight is still an error below.
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        encoder, info = hf_load(T5GemmaEncoderModel, cfg.repo, weights_dir=weights_dir, is_encoder_decoder=False,
+                                dtype=dtype, output_loading_info=True)
+    finally:
+        report.setLevel(level)
+    if info["missing_keys"]:
+        raise ValueError(f"text_encoder 't5gemma': {cfg.repo} lacks encoder weights {sorted(info['missing_keys'])[:5]}; "
+                         "is it a T5Gemma checkpoint?")
+    width = encoder.config.encoder.hidden_size
+    if width != cfg.dim:
+        raise ValueError(f"text_encoder 't5gemma': {cfg.repo} is {width}-d but text_encoder.dim={cfg.dim}; "
+                         f"set text_encoder.dim: {width}")
+    return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.dim, dtype)
