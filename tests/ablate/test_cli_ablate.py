@@ -1,0 +1,130 @@
+"""The CLI surface: dry runs create nothing, start-up imports no torch, status shows each arm."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SWEEP, write_json
+
+SLURM = "launcher:\n  executor: slurm\n  partition: gpu\n  gpus_per_node: 8\n  array_parallelism: 1\n"
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(write_sweep, cli, workdir):
+    path = write_sweep(SWEEP.replace("seeds: [0]", "seeds: [0, 1]"))
+    result = cli("run", path, "--dry-run")
+    assert result.code == 0, result.err
+    assert listing(workdir) == ["sweep.yaml"]
+    for arm in ("baseline-s0", "baseline-s1", "lr-high-s0", "lr-high-s1"):
+        assert arm in result.out
+    assert "optimizer.lr: 0.001 → 0.003" in result.out
+    assert "debug: in this process" in result.out
+    assert "dry run: nothing created, nothing submitted" in result.out
+
+
+def test_slurm_dry_run_shows_the_real_sbatch_file_off_the_cluster(write_sweep, cli, workdir, monkeypatch):
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no srun: we are not on a cluster
+    path = write_sweep(
+        SWEEP.replace("launcher: {executor: debug}\n", SLURM).replace("seeds: [0]", "seeds: [0, 1, 2]")
+    )
+    result = cli("run", path, "--dry-run")
+    assert result.code == 0, result.err
+    assert listing(workdir) == ["sweep.yaml"]
+    for line in ("#SBATCH --array=0-5%1", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --job-name=t", "#SBATCH --signal=USR2@90"):  # fmt: skip
+        assert line in result.out
+    run = cli("run", path)  # the real thing needs srun, and says so before creating anything
+    assert run.code == 2 and "needs `srun` on PATH" in run.err
+    assert listing(workdir) == ["sweep.yaml"]
+
+
+def test_dry_run_shows_what_a_real_run_would_skip_or_block(write_sweep, cli, workdir):
+    path = write_sweep()
+    assert cli("run", path, "--dry-run").code == 0
+    root = workdir / "runs" / "t"
+    write_json(root / "baseline-s0" / "spec.json", {"hash": "000000000000"})
+    write_json(root / "baseline-s0" / "status.json", {"state": "done"})
+    write_json(root / "baseline-s0" / "result.json", {})
+    before = listing(workdir)
+    result = cli("run", path, "--dry-run")
+    assert result.code == 0 and listing(workdir) == before
+    assert "blocked" in result.out and "--rerun NAME" in result.out
+    assert "rerun" in cli("run", path, "--dry-run", "--rerun", "baseline-s0").out
+
+
+def test_no_wait_is_refused_for_the_debug_executor(write_sweep, cli, workdir):
+    result = cli("run", write_sweep(), "--no-wait")
+    assert result.code == 2 and "debug executor" in result.err
+    assert listing(workdir) == ["sweep.yaml"]
+
+
+def test_status_lists_every_arm(write_sweep, cli, workdir):
+    path = write_sweep(SWEEP.replace("seeds: [0]", "seeds: [0, 1]"))
+    root = workdir / "runs" / "t"
+    write_json(root / "baseline-s0" / "spec.json", {"hash": "x"})
+    write_json(root / "baseline-s0" / "status.json", {"state": "failed", "step": 3, "total_steps": 4, "loss": 1.23456,
+                                                      "error": "FloatingPointError: loss is nan"})  # fmt: skip
+    result = cli("status", path)
+    assert result.code == 0
+    rows = {line.split("│")[1].strip(): line for line in result.out.splitlines() if line.startswith("│")}
+    rows.pop("", None)  # continuation lines of folded cells
+    assert set(rows) == {"baseline-s0", "baseline-s1", "lr-high-s0", "lr-high-s1"}
+    assert "failed" in rows["baseline-s0"] and "3/4" in rows["baseline-s0"] and "1.235" in rows["baseline-s0"]
+    assert "missing" in rows["lr-high-s1"]
+    assert "loss is nan" in result.out
+
+
+def test_help_status_and_rank_do_not_import_torch(write_sweep, workdir):
+    path = write_sweep()
+    write_json(workdir / "runs" / "t" / "baseline-s0" / "spec.json", {"hash": "x"})
+    probe = (
+        "import sys\n"
+        "from ablate.cli import main\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'trainer.config') if m in sys.modules)\n"
+        "print('HEAVY', json.dumps(heavy))\n"
+    )
+    for args in (
+        ["--help"],
+        ["status", str(path)],
+        ["rank", str(path)],
+        ["rank", str(path), "--format", "json"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-c", "import json\n" + probe, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=workdir,
+        ).stdout
+        assert out.splitlines()[-1] == "HEAVY []", (args, out)
+
+
+def test_console_script_exit_code_and_single_line(write_sweep, workdir):
+    path = write_sweep(SWEEP.replace("seeds: [0]", "seed: [0]"))
+    script = Path(sys.executable).with_name("ablate")
+    proc = subprocess.run([str(script), "run", str(path)], capture_output=True, text=True, cwd=workdir)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {path}:16: seed: unknown key")
+    assert json.dumps(listing(workdir)) == json.dumps(["sweep.yaml"])
+
+
+def test_ctrl_c_while_following_arms_exits_cleanly(write_sweep, cli, workdir, monkeypatch):
+    from ablate import launch
+
+    def interrupted(jobs, poll_s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "wait", interrupted)
+    result = cli("run", write_sweep())
+    assert result.code == 130 and "Traceback" not in result.err
+    assert "interrupted: arms running on this machine stop with it" in result.out
+    assert "resubmits unfinished arms" in result.out
