@@ -34,7 +34,8 @@ POLL_S = 1.0  # how often `ablate run --wait` looks at the run directories
 
 
 def _console() -> Console:
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    # soft_wrap: messages with long paths stay on one line (tables still fit the width)
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -136,7 +137,8 @@ def status(sweep_file: SweepFile) -> None:
     """Each arm's state, step, last loss, and where its logs are."""
     console = _console()
     sweep = load_sweep(sweep_file)
-    table = Table(title=f"{sweep.name}: {sweep.root}", title_justify="left")
+    console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
+    table = Table()
     for column in ("arm", "state", "step", "loss", "updated", "log", "note"):
         table.add_column(column, overflow="fold")
     for name in sweep.arm_names():
@@ -180,7 +182,8 @@ def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, de
     from ablate.launch import resources
 
     baseline = {d.spec.seed: d.spec.config for d in decisions if d.spec.delta == "baseline"}
-    table = Table(title=f"{sweep.name} → {sweep.root}", title_justify="left")
+    console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
+    table = Table()
     for column in ("arm", "action", "hash", "changes vs baseline" if detailed else "why"):
         table.add_column(column, overflow="fold")
     for d in decisions:
