@@ -79,10 +79,15 @@ class TokenState:
     grid: tuple[int, int]  # token grid (h, w) of the full image
     inputs: dict = field(default_factory=dict)  # extra batch inputs factors need (e.g. raw images)
     losses: dict = field(default_factory=dict)  # name → scalar auxiliary loss added by factors
+    kept: torch.Tensor | None = None  # (B, K) sorted indices of the image tokens `img` holds inside a token route
 
 
 class Factor(nn.Module):
     """A recipe factor acting inside the denoiser's forward. Every hook defaults to doing nothing."""
+
+    # True when some train steps leave the factor's parameters without a gradient (REPA after
+    # its stop_step): DDP must then be told to look for unused parameters.
+    skips_params: bool = False
 
     def begin(self, state: TokenState) -> None: ...
 
@@ -102,6 +107,7 @@ class FactorContext:
     downsample: int  # image pixels per latent pixel (tokenizer)
     device: torch.device
     weights_dir: str | None = None
+    seed: int = 0  # the arm's seed, for factors that draw random numbers per step
 
     @property
     def grid(self) -> int:

@@ -74,11 +74,13 @@ class Trainer:
         prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
         sizes = cfg.model.sizes()
         ctx = FactorContext(hidden_size=sizes["hidden_size"], depth=sizes["depth"], patch_size=sizes["patch_size"],
-                            resolution=cfg.data.resolution, downsample=cfg.tokenizer.downsample, device=self.device)
+                            resolution=cfg.data.resolution, downsample=cfg.tokenizer.downsample, device=self.device,
+                            seed=cfg.seed)
         factors = [reg.build(getattr(cfg, name), ctx) for name, reg in DENOISER_FACTORS.items()
                    if getattr(cfg, name) is not None]
         self.denoiser = Denoiser(prx, factors).to(self.device, self.precision.weights)
-        self.net = DDP(self.denoiser) if dist.world > 1 else self.denoiser
+        unused = any(f.skips_params for f in factors)  # e.g. REPA's projector after its stop_step
+        self.net = DDP(self.denoiser, find_unused_parameters=unused) if dist.world > 1 else self.denoiser
         self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser)
         self.ema = ema.build(cfg.ema, self.denoiser)
         self.loss_terms = [LOSS_TERMS.build(c) for c in [cfg.contrastive] if c is not None]
