@@ -18,6 +18,7 @@ from .model import ModelConfig
 from .optim import OPTIMIZERS
 from .precision import PRECISION
 from .registry import Config, Registry
+from .routing import ROUTING
 from .text import TEXT
 from .tokenizer import TOKENIZERS
 
@@ -57,7 +58,9 @@ class EvalConfig(Config):
 
 # Factors that act inside the denoiser's forward (block hooks), in hook order; each is a
 # config field that is null (off) or a config of its registry. Their modules add entries here.
-DENOISER_FACTORS: dict[str, Registry] = {}
+DENOISER_FACTORS: dict[str, Registry] = {
+    "routing": ROUTING,  # first: inside a route, later hooks see the kept tokens (state.kept)
+}
 
 REGISTRIES: dict[str, Registry] = {
     "data": DATA,
@@ -67,6 +70,7 @@ REGISTRIES: dict[str, Registry] = {
     "precision": PRECISION,
     "ema": EMA,
     "contrastive": LOSS_TERMS,
+    "routing": ROUTING,
 }
 
 
@@ -86,6 +90,8 @@ class TrainConfig(Config):
     # optional factors: null = off
     ema: EMA.union() | None = Field(None, description="EMA of the weights, used for evaluation")
     contrastive: LOSS_TERMS.union() | None = Field(None, description="contrastive flow-matching term")
+    routing: ROUTING.union() | None = Field(None, description="token routing around middle blocks (kind: "
+                                                                + ", ".join(ROUTING.kinds) + ")")
 
     @model_validator(mode="after")
     def _check_batch(self):
@@ -93,6 +99,15 @@ class TrainConfig(Config):
             raise ValueError(f"model.in_channels={self.model.in_channels} disagrees with tokenizer "
                              f"{self.tokenizer.kind!r} ({self.tokenizer.channels} channels); "
                              "remove model.in_channels, it follows the tokenizer")
+        return self
+
+    @model_validator(mode="after")
+    def _check_routing(self):
+        depth = self.model.sizes()["depth"]
+        route = self.routing
+        if route is not None and route.end > depth:
+            raise ValueError(f"routing blocks [{route.start}, {route.end}) exceed the model's {depth} blocks; "
+                             f"set routing.end ≤ {depth} (blocks are 0-based, end exclusive)")
         return self
 
 
