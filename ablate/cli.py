@@ -59,7 +59,7 @@ def run(
 ) -> None:
     """Validate the sweep, then submit every arm that has not finished with its current config."""
     from ablate import launch
-    from ablate.store import blocked_error, plan, prepare, sweep_lock
+    from ablate.store import blocked_error, check_arm_names, plan, prepare, sweep_lock
     from ablate.sweep import expand
 
     console = _console()
@@ -86,8 +86,9 @@ def run(
         console.print("\ndry run: nothing created, nothing submitted", style="bold")
         return
 
+    check_arm_names(specs, rerun or ())
     launch.check_available(launcher)
-    sweep.root.mkdir(parents=True, exist_ok=True)
+    sweep.root.mkdir(parents=True, exist_ok=True)  # everything checked: from here on, things get created
     jobs: list[Any] = []
     launched: list[str] = []
     try:

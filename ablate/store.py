@@ -180,12 +180,7 @@ def plan(
     arm whose config changed. An in-flight arm is never touched.
     """
     rerun = list(rerun)
-    names = [s.name for s in specs]
-    for name in rerun:
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"no arm named '{name}'{hint}", f"one of: {', '.join(names)}", path="--rerun")
+    check_arm_names(specs, rerun)
     decisions = []
     for spec in specs:
         view = observe(root / spec.name)
@@ -212,6 +207,16 @@ def plan(
             d = Decision(spec, view, "resubmit", f"{view.state}" + (f": {view.note}" if view.note else ""))
         decisions.append(d)
     return decisions
+
+
+def check_arm_names(specs: list[RunSpec], names: Iterable[str]) -> None:
+    """Every name given on the command line (--rerun) must be an arm of the sweep."""
+    arms = [s.name for s in specs]
+    for name in names:
+        if name not in arms:
+            close = difflib.get_close_matches(name, arms, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"no arm named '{name}'{hint}", f"one of: {', '.join(arms)}", path="--rerun")
 
 
 def blocked_error(decisions: list[Decision]) -> UserError | None:

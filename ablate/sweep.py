@@ -32,7 +32,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,6 +45,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    field_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -143,6 +144,17 @@ class Sweep(BaseModel):
     rank_by: list[dict[str, Literal["lower", "higher"]]] = Field(
         default_factory=lambda: [{"val_loss": "lower"}], min_length=1
     )
+
+    @field_validator("rank_by", mode="before")
+    @classmethod
+    def _list_form(cls, value: Any) -> Any:
+        # A mapping would work in PyYAML but its order is not part of YAML: the list says which metric ranks.
+        if isinstance(value, dict):
+            raise PydanticCustomError(
+                "rank_by_form",
+                "Input should be a list of one-key maps, in ranking order (`- val_loss: lower`)",
+            )
+        return value
 
     _file: Path = PrivateAttr()
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -286,7 +298,7 @@ class RunSpec:
     """The delta's overrides as written in the sweep file ({} for the baseline)."""
     config: dict[str, Any]
     """The resolved trainer config (TrainConfig(...).model_dump(mode='json')), seed included."""
-    hash: str = field(default="")
+    hash: str
 
     def spec_json(self, sweep_name: str) -> dict[str, Any]:
         return {

@@ -59,6 +59,14 @@ def test_dry_run_shows_what_a_real_run_would_skip_or_block(write_sweep, cli, wor
     assert "rerun" in cli("run", path, "--dry-run", "--rerun", "baseline-s0").out
 
 
+def test_unknown_rerun_name_creates_nothing(write_sweep, cli, workdir):
+    result = cli("run", write_sweep(), "--rerun", "lr-hihg-s0")
+    assert (
+        result.code == 2 and "--rerun: no arm named 'lr-hihg-s0' (did you mean 'lr-high-s0'?)" in result.err
+    )
+    assert listing(workdir) == ["sweep.yaml"]
+
+
 def test_no_wait_is_refused_for_the_debug_executor(write_sweep, cli, workdir):
     result = cli("run", write_sweep(), "--no-wait")
     assert result.code == 2 and "debug executor" in result.err

@@ -189,6 +189,11 @@ def test_rank_by_direction(write_sweep, cli):
     expect(line, 19, "rank_by[0].val_loss", "got 'down'", "expected 'lower' or 'higher'")
 
 
+def test_rank_by_must_be_a_list(write_sweep, cli):
+    line = run_bad(write_sweep, cli, SWEEP + "rank_by: {val_loss: lower}\n")
+    expect(line, 18, "rank_by", "expected a list of one-key maps, in ranking order (`- val_loss: lower`)")
+
+
 def test_rank_by_one_metric_per_item(write_sweep, cli):
     line = run_bad(write_sweep, cli, SWEEP + "rank_by:\n  - {val_loss: lower, fid: lower}\n")
     expect(line, 19, "rank_by[0]", "2 metrics in one item")
