@@ -18,6 +18,7 @@ from .model import ModelConfig
 from .optim import OPTIMIZERS
 from .precision import PRECISION
 from .registry import Config, Registry
+from .repa import REPA, TEACHERS
 from .routing import ROUTING
 from .text import TEXT
 from .tokenizer import TOKENIZERS
@@ -60,6 +61,7 @@ class EvalConfig(Config):
 # config field that is null (off) or a config of its registry. Their modules add entries here.
 DENOISER_FACTORS: dict[str, Registry] = {
     "routing": ROUTING,  # first: inside a route, later hooks see the kept tokens (state.kept)
+    "repa": REPA,
 }
 
 REGISTRIES: dict[str, Registry] = {
@@ -71,6 +73,8 @@ REGISTRIES: dict[str, Registry] = {
     "ema": EMA,
     "contrastive": LOSS_TERMS,
     "routing": ROUTING,
+    "repa": REPA,
+    "repa.teacher": TEACHERS,
 }
 
 
@@ -92,6 +96,8 @@ class TrainConfig(Config):
     contrastive: LOSS_TERMS.union() | None = Field(None, description="contrastive flow-matching term")
     routing: ROUTING.union() | None = Field(None, description="token routing around middle blocks (kind: "
                                                                 + ", ".join(ROUTING.kinds) + ")")
+    repa: REPA.union() | None = Field(None, description="representation alignment with a frozen teacher (kind: "
+                                                          + ", ".join(REPA.kinds) + ")")
 
     @model_validator(mode="after")
     def _check_batch(self):
@@ -102,12 +108,38 @@ class TrainConfig(Config):
         return self
 
     @model_validator(mode="after")
-    def _check_routing(self):
+    def _check_routing_and_repa(self):
         depth = self.model.sizes()["depth"]
         route = self.routing
         if route is not None and route.end > depth:
             raise ValueError(f"routing blocks [{route.start}, {route.end}) exceed the model's {depth} blocks; "
                              f"set routing.end ≤ {depth} (blocks are 0-based, end exclusive)")
+        repa = self.repa
+        if repa is None:
+            return self
+        if repa.block >= depth:
+            raise ValueError(f"repa.block {repa.block} is outside the model's blocks 0..{depth - 1}; "
+                             f"set repa.block < {depth}")
+        per_token = self.tokenizer.downsample * self.model.sizes()["patch_size"]
+        if self.data.resolution % per_token:
+            raise ValueError(f"data.resolution {self.data.resolution} is not a multiple of the model's "
+                             f"{per_token} px per token (tokenizer downsample × model patch_size), so the "
+                             f"teacher's {repa.teacher.patch_size}-px patch grid cannot match the token grid; "
+                             f"use a resolution divisible by {per_token}")
+        # After block end-1 the route has rejoined: the hidden state there is the full sequence again.
+        routed = route is not None and route.start <= repa.block < route.end - 1
+        if repa.kind == "irepa" and routed:
+            raise ValueError(f"repa.block {repa.block} lies inside routing blocks [{route.start}, {route.end}) "
+                             f"where only kept tokens exist, but irepa's conv projector needs the full token "
+                             f"grid; move repa.block below {route.start} or to {route.end - 1} or later")
+        if route is not None and route.kind == "sprint" and routed and repa.routed_target is None:
+            raise ValueError(f"repa.block {repa.block} lies inside the sprint route [{route.start}, {route.end}) "
+                             f"where {route.keep:.0%} of the tokens remain; set repa.routed_target: gather to "
+                             f"align only those tokens, or move repa.block below {route.start} or to "
+                             f"{route.end - 1} or later")
+        if repa.routed_target is not None and not routed:
+            raise ValueError(f"repa.routed_target is set but repa.block {repa.block} is not inside a token "
+                             "route (routing.start ≤ block < routing.end - 1); remove repa.routed_target")
         return self
 
 

@@ -1,0 +1,259 @@
+"""REPA (arXiv 2410.06940) and iREPA (arXiv 2512.10794): align a hidden state with a frozen ViT teacher.
+
+After block `block` (0-based, as PRX's `blocks[7]`: the 8th of 16 blocks) a trainable projector
+maps the image tokens h (B, L, C) to the teacher's width, and the loss
+
+    repa = −weight · mean over samples and tokens of cos(proj(h), y)
+
+is added to the flow-matching loss, y (B, L, Dt) being the teacher's patch tokens of the clean
+image (its final normed output, CLS and register tokens stripped). The teacher sees the image
+resized (bicubic) to token grid × teacher patch, so its token grid equals the denoiser's: 224 px
+for DINOv2 and 256 px for DINOv3 at the study's 256 px with 16 px per token. ImageNet normalisation.
+
+- `repa`: projector Linear(C→D)–SiLU–Linear(D→D)–SiLU–Linear(D→Dt), D = `projector_dim`
+  (default the teacher width Dt, as PRX).
+- `irepa`: projector Conv2d(C→Dt, 3×3, padding 1) on the token grid; the target is spatially
+  normalised per sample and channel over tokens, y ← (y − α·mean_tokens(y)) / (std_tokens(y) + 1e-6)
+  (unbiased std, as PRX). α = 0.6 for latent models (reference iREPA's LDM setting), 0.8 for
+  pixel-space (its JiT setting).
+
+Inside a token route (trainer/routing.py) the hidden state holds only the kept tokens
+(`state.kept`); the target is gathered to the same tokens. TREAD's route implies it (as PRX);
+in a SPRINT route, where 75 % of the tokens are gone, it must be asked for with
+`routed_target: gather` (checked in TrainConfig). iREPA's conv needs the whole grid, so its block
+must lie outside any route.
+
+The teacher is frozen, in eval mode, run without grad, and kept out of the module tree: it is
+neither a parameter nor in the factors' state dict, so checkpoints hold only the projector.
+After `stop_step` (the study's advice: switch REPA off after ~200k steps) neither the teacher nor
+the projector runs and no loss is added.
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, create_model, model_validator
+from torch import nn
+
+from .model import Factor, FactorContext, TokenState
+from .registry import Config, Registry
+from .routing import gather_tokens
+from .weights import HFWeights, hf_load
+
+REPA = Registry("repa")
+TEACHERS = Registry("teacher")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -- teachers ------------------------------------------------------------------------------------
+class TeacherSpec(NamedTuple):
+    model_class: str  # transformers class
+    repo_id: str
+    patch_size: int
+    width: int
+    registers: int  # register tokens after CLS
+
+
+HF_TEACHERS: dict[str, TeacherSpec] = {
+    "dinov2-vitb14": TeacherSpec("Dinov2Model", "facebook/dinov2-base", 14, 768, 0),
+    "dinov2-vitl14": TeacherSpec("Dinov2Model", "facebook/dinov2-large", 14, 1024, 0),
+    "dinov2-vitb14-reg": TeacherSpec("Dinov2WithRegistersModel", "facebook/dinov2-with-registers-base", 14, 768, 4),
+    # the study's REPA-V2 teacher (torch.hub dinov2_vitl14_reg)
+    "dinov2-vitl14-reg": TeacherSpec("Dinov2WithRegistersModel", "facebook/dinov2-with-registers-large", 14, 1024, 4),
+    "dinov3-vitb16": TeacherSpec("DINOv3ViTModel", "facebook/dinov3-vitb16-pretrain-lvd1689m", 16, 768, 4),
+    # the study's REPA-V3 teacher (torch.hub dinov3_vitl16)
+    "dinov3-vitl16": TeacherSpec("DINOv3ViTModel", "facebook/dinov3-vitl16-pretrain-lvd1689m", 16, 1024, 4),
+}
+
+
+class HFTeacherConfig(Config):
+    """A pretrained teacher from the Hugging Face Hub; sizes are known without loading it."""
+
+    @property
+    def spec(self) -> TeacherSpec:
+        return HF_TEACHERS[self.kind]  # type: ignore[attr-defined]
+
+    @property
+    def patch_size(self) -> int:
+        return self.spec.patch_size
+
+    @property
+    def width(self) -> int:
+        return self.spec.width
+
+    def weights(self) -> list[HFWeights]:
+        return [HFWeights(self.spec.repo_id)]
+
+
+class TinyTeacherConfig(Config):
+    kind: Literal["tiny"] = "tiny"
+    width: int = Field(32, ge=8, description="token width")
+    layers: int = Field(2, ge=1, description="transformer layers")
+    heads: int = Field(2, ge=1, description="attention heads")
+    patch_size: int = Field(2, ge=1, description="pixels per patch side")
+    registers: int = Field(4, ge=0, description="register tokens after CLS (stripped like DINOv2-reg's)")
+    seed: int = Field(0, description="init seed; keep it equal across arms")
+
+    @model_validator(mode="after")
+    def _check_heads(self):
+        if self.width % self.heads:
+            raise ValueError(f"repa.teacher.width {self.width} is not divisible by repa.teacher.heads {self.heads}")
+        return self
+
+
+class Teacher(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] → patch tokens (B, h·w, Dt) on the denoiser's token grid (h, w)."""
+
+    def __init__(self, model: nn.Module, patch_size: int, prefix: int):
+        super().__init__()
+        self.model, self.patch_size, self.prefix = model.eval().requires_grad_(False), patch_size, prefix
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # always eval: no dropout, no DINOv3 position jitter
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        size = (grid[0] * self.patch_size, grid[1] * self.patch_size)  # e.g. 16×14 = 224 for DINOv2
+        x = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+        x = (x - self.mean) / self.std  # (B, 3, h·p, w·p)
+        tokens = self.model(pixel_values=x).last_hidden_state  # (B, prefix + h·w, Dt), final norm applied
+        return tokens[:, self.prefix:].float()  # (B, h·w, Dt)
+
+
+def build_hf_teacher(cfg: HFTeacherConfig, ctx: FactorContext) -> Teacher:
+    import transformers
+
+    spec = cfg.spec
+    model = hf_load(getattr(transformers, spec.model_class), spec.repo_id, weights_dir=ctx.weights_dir)
+    got = (model.config.patch_size, model.config.hidden_size, getattr(model.config, "num_register_tokens", 0))
+    if got != (spec.patch_size, spec.width, spec.registers):
+        raise ValueError(f"{spec.repo_id} has (patch, width, registers) {got}, expected "
+                         f"{(spec.patch_size, spec.width, spec.registers)} for teacher kind {cfg.kind!r}")
+    return Teacher(model, spec.patch_size, 1 + spec.registers).to(ctx.device)
+
+
+for _kind in HF_TEACHERS:  # one config type per pretrained teacher, selected by its kind
+    _name = "TeacherConfig_" + _kind.replace("-", "_")
+    _cfg_type = create_model(_name, __base__=HFTeacherConfig, __module__=__name__, kind=(Literal[_kind], _kind))
+    TEACHERS.register(_cfg_type)(build_hf_teacher)
+
+
+@TEACHERS.register(TinyTeacherConfig)
+def build_tiny_teacher(cfg: TinyTeacherConfig, ctx: FactorContext) -> Teacher:
+    """A seeded random-init DINOv2-with-registers: the CPU tests' and the demo's teacher, no download."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    config = Dinov2WithRegistersConfig(hidden_size=cfg.width, num_hidden_layers=cfg.layers,
+                                       num_attention_heads=cfg.heads, intermediate_size=2 * cfg.width,
+                                       patch_size=cfg.patch_size, image_size=ctx.grid * cfg.patch_size,
+                                       num_register_tokens=cfg.registers)
+    with torch.random.fork_rng(devices=[]):  # leave the trainer's global RNG untouched
+        torch.manual_seed(cfg.seed)
+        model = Dinov2WithRegistersModel(config)
+    return Teacher(model, cfg.patch_size, 1 + cfg.registers).to(ctx.device)
+
+
+# -- REPA / iREPA ----------------------------------------------------------------------------------
+class AlignConfig(Config):
+    teacher: TEACHERS.union() = Field(description="frozen teacher (kind: " + ", ".join(TEACHERS.kinds) + ")")
+    block: int = Field(7, ge=0, description="align the hidden state after this block (0-based; PRX: 7 of 16)")
+    weight: float = Field(0.5, gt=0, description="loss = −weight · mean cos(proj(h), y)")
+    stop_step: int | None = Field(None, ge=1, description="steps ≥ this run no teacher, no projector, no loss; "
+                                                          "null = never stop")
+    routed_target: Literal["gather"] | None = Field(
+        None, description="block inside a SPRINT route: gather = align only the kept tokens (TREAD implies it)")
+
+
+class REPAConfig(AlignConfig):
+    kind: Literal["repa"] = "repa"
+    projector_dim: int | None = Field(None, ge=1, description="MLP hidden width (default: the teacher width)")
+
+
+class IREPAConfig(AlignConfig):
+    kind: Literal["irepa"] = "irepa"
+    alpha: float = Field(0.6, ge=0, le=1, description="spatial-norm mean weight: 0.6 latent, 0.8 pixel space")
+
+
+def mlp_projector(width: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                         nn.Linear(hidden, out))
+
+
+class ConvProjector(nn.Module):
+    """3×3 conv over the token grid: (B, L, C) → (B, L, Dt), L = h·w."""
+
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, out, kernel_size=3, padding=1)
+
+    def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = h.transpose(1, 2).unflatten(2, grid)  # (B, C, h, w)
+        return self.conv(x).flatten(2).transpose(1, 2)  # (B, L, Dt)
+
+
+def spatial_norm(y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """iREPA's target normalisation over tokens, per sample and channel: y (B, L, D) → (B, L, D)."""
+    return (y - alpha * y.mean(dim=1, keepdim=True)) / (y.std(dim=1, keepdim=True) + 1e-6)
+
+
+class REPAFactor(Factor):
+    """Adds `losses["repa"]` after block `block` in training, until `stop_step`."""
+
+    def __init__(self, cfg: AlignConfig, teacher: Teacher, projector: nn.Module):
+        super().__init__()
+        self.block, self.weight, self.stop_step = cfg.block, cfg.weight, cfg.stop_step
+        self.projector = projector
+        self.skips_params = cfg.stop_step is not None  # the projector gets no gradient after stop_step
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: no params, no state dict, no .to()/.train()
+
+    def active(self, state: TokenState) -> bool:
+        step = state.inputs.get("step")
+        return self.training and (self.stop_step is None or step is None or step < self.stop_step)
+
+    def after_block(self, index: int, state: TokenState) -> None:
+        if index != self.block or not self.active(state):
+            return
+        target = self.target(self.teacher(state.inputs["images"], state.grid))  # (B, L, Dt)
+        if state.kept is not None:  # inside a token route: the tokens the block saw
+            target = gather_tokens(target, state.kept)  # (B, K, Dt)
+        pred = self.project(state.img, state)  # (B, K, Dt)
+        cos = F.cosine_similarity(pred.float(), target, dim=-1, eps=1e-8)  # (B, K)
+        state.losses["repa"] = -self.weight * cos.mean()
+
+    def target(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def project(self, h: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return self.projector(h)
+
+
+class IREPAFactor(REPAFactor):
+    def __init__(self, cfg: IREPAConfig, teacher: Teacher, projector: nn.Module):
+        super().__init__(cfg, teacher, projector)
+        self.alpha = cfg.alpha
+
+    def target(self, y: torch.Tensor) -> torch.Tensor:
+        return spatial_norm(y, self.alpha)
+
+    def project(self, h: torch.Tensor, state: TokenState) -> torch.Tensor:
+        assert state.kept is None, "iREPA's conv needs the full token grid (TrainConfig rejects a routed block)"
+        return self.projector(h, state.grid)
+
+
+@REPA.register(REPAConfig)
+def build_repa(cfg: REPAConfig, ctx: FactorContext) -> REPAFactor:
+    dt = cfg.teacher.width
+    projector = mlp_projector(ctx.hidden_size, cfg.projector_dim or dt, dt)
+    return REPAFactor(cfg, TEACHERS.build(cfg.teacher, ctx), projector)
+
+
+@REPA.register(IREPAConfig)
+def build_irepa(cfg: IREPAConfig, ctx: FactorContext) -> IREPAFactor:
+    return IREPAFactor(cfg, TEACHERS.build(cfg.teacher, ctx), ConvProjector(ctx.hidden_size, cfg.teacher.width))
