@@ -23,6 +23,10 @@ from trainer.routing import (
 from trainer.train import Trainer
 
 
+def logged_losses(run_dir):
+    return [json.loads(ln)["loss"] for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: one thread is fastest and does not fight other processes for the cores."""
@@ -184,8 +188,7 @@ def test_routed_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch
     if expected:
         first = load_file(checkpoint.complete(straight / "checkpoints")[0] / "factors.safetensors")
         assert not torch.equal(first["0.fuse.weight"], a["0.fuse.weight"])  # trained between checkpoints
-    losses = [[json.loads(ln)["loss"] for ln in (d / "log.jsonl").read_text().splitlines()] for d in (straight, resumed)]
-    assert losses[0] == losses[1]
+    assert logged_losses(straight) == logged_losses(resumed)
 
 
 def test_route_validation_names_the_fix():
