@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from .cache import CacheConfig
 from .contrastive import LOSS_TERMS
 from .data import DATA
 from .ema import EMA
@@ -94,6 +95,8 @@ class TrainConfig(Config):
     # optional factors: null = off
     ema: EMA.union() | None = Field(None, description="EMA of the weights, used for evaluation")
     contrastive: LOSS_TERMS.union() | None = Field(None, description="contrastive flow-matching term")
+    cache: CacheConfig | None = Field(None, description="read latents and caption embeddings precomputed by "
+                                                          "`python -m trainer.cache precompute`; null = encode each step")
     routing: ROUTING.union() | None = Field(None, description="token routing around middle blocks (kind: "
                                                                 + ", ".join(ROUTING.kinds) + ")")
     repa: REPA.union() | None = Field(None, description="representation alignment with a frozen teacher (kind: "

@@ -22,17 +22,15 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, ema, flow
+from . import cache, checkpoint, ema, flow
 from .config import DENOISER_FACTORS, TrainConfig
 from .contrastive import LOSS_TERMS
-from .data import DATA, StepBatchSampler
+from .data import StepBatchSampler
 from .dist import Dist
 from .io import atomic_write_json, read_json
 from .model import Denoiser, FactorContext, build_prx
 from .optim import OPTIMIZERS, lr_factor
 from .precision import PRECISION
-from .text import TEXT
-from .tokenizer import TOKENIZERS
 
 VAL_SEED = 1234  # noise of the held-out set: fixed, equal across arms and seeds
 
@@ -69,8 +67,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights
         self.precision = PRECISION.build(cfg.precision, self.device)
-        self.text = TEXT.build(cfg.text_encoder, self.device)
-        self.tokenizer = TOKENIZERS.build(cfg.tokenizer, self.device)
+        # latents and caption embeddings: encoded live each step, or read from the cache (cfg.cache)
+        self.inputs, self.train_set, self.val_set = cache.build_inputs(cfg, self.device)
         prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
         sizes = cfg.model.sizes()
         ctx = FactorContext(hidden_size=sizes["hidden_size"], depth=sizes["depth"], patch_size=sizes["patch_size"],
@@ -84,10 +82,17 @@ class Trainer:
         self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser)
         self.ema = ema.build(cfg.ema, self.denoiser)
         self.loss_terms = [LOSS_TERMS.build(c) for c in [cfg.contrastive] if c is not None]
-        self.train_set, self.val_set = DATA.build(cfg.data, val_caption=cfg.eval.caption)
         self.step = 0
         self.times = {"setup_s": time.perf_counter() - t0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
         self.throughput: dict = {}
+
+    @property
+    def tokenizer(self):
+        return self.inputs.tokenizer  # with the cache: built on first use (decoding samples)
+
+    @property
+    def text(self):
+        return self.inputs.text  # with the cache: built on first use (encoding prompts)
 
     # -- the train step ------------------------------------------------------------------------
     def train_step(self, step: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,12 +106,14 @@ class Trainer:
 
         images = batch["image"].to(dev, non_blocking=True)  # (b, 3, H, W) in [0, 1]
         with torch.no_grad():
-            x0 = self.tokenizer.encode(images).float()  # (b, C, h, w)
-            txt, mask = self.text(batch["caption"])  # (b, Lt, D), (b, Lt)
-            empty_txt, empty_mask = self.text.empty()
+            lat, txt, mask = self.inputs(batch, dev)  # Latents (b, C, h, w), (b, Lt, D), (b, Lt)
+            empty_txt, empty_mask = self.inputs.empty()
             txt = torch.where(drop[:, None, None], empty_txt, txt)  # dropped captions → encoded ""
             mask = torch.where(drop[:, None], empty_mask, mask)
-        noise = torch.randn((n, *x0.shape[1:]), generator=step_generator(cfg.seed, step, dev), device=dev)[mine]
+        gen_dev, shape = step_generator(cfg.seed, step, dev), (n, *lat.mean.shape[1:])
+        noise = torch.randn(shape, generator=gen_dev, device=dev)[mine]
+        # posterior sample of an autoencoder, drawn after `noise`: the same with or without the cache
+        x0 = lat.sample(torch.randn(shape, generator=gen_dev, device=dev)[mine])  # (b, C, h, w)
         xt = flow.interpolate(x0, noise, t)  # (b, C, h, w)
 
         self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
@@ -197,12 +204,12 @@ class Trainer:
         for start in range(0, len(idx), cfg.eval.batch_size):
             chunk = idx[start : start + cfg.eval.batch_size]
             items = [self.val_set[j] for j in chunk]
-            images = torch.stack([it["image"] for it in items]).to(self.device)
-            x0 = self.tokenizer.encode(images).float()
+            batch = torch.utils.data.default_collate(items)
+            lat, txt, mask = self.inputs(batch, self.device)
+            x0 = lat.mean  # the posterior mean: the held-out loss stays deterministic
             noise = torch.stack([torch.randn(x0.shape[1:], generator=step_generator(VAL_SEED, j)) for j in chunk])
             noise = noise.to(self.device)
             t = torch.tensor([(j + 0.5) / n for j in chunk], device=self.device)
-            txt, mask = self.text([it["caption"] for it in items])
             xt = flow.interpolate(x0, noise, t)
             with self.precision.context():
                 pred = self.denoiser(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask).pred

@@ -1,0 +1,135 @@
+"""The latent / caption-embedding cache: keys, layout, and training from it equals training without it."""
+import functools
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, merge
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from trainer import cache, checkpoint, job
+from trainer.config import TrainConfig
+from trainer.tokenizer import FluxVAEConfig
+from trainer.weights import install
+
+SMALL = {"data": {"num_train": 64, "num_val": 8}, "eval": {"batch_size": 4}}
+
+
+def config(**over) -> TrainConfig:
+    return TrainConfig.model_validate(merge(merge(TINY, SMALL), over))
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir) -> dict:
+    return load_file(checkpoint.latest(run_dir / "checkpoints") / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_the_key_covers_only_what_produces_the_cache():
+    base = config()
+    same = [config(optimizer={"kind": "muon"}), config(precision={"kind": "bf16"}), config(seed=3),
+            config(train={"steps": 99, "batch_size": 8}), config(eval={"caption": None}),  # None = training column
+            config(cache={"dir": "/elsewhere"})]
+    assert {cache.cache_key(c) for c in same} == {cache.cache_key(base)}
+    differ = [config(data={"caption": "short"}), config(eval={"caption": "short"}), config(data={"num_train": 65}),
+              config(text_encoder={"seed": 1}), config(text_encoder={"max_length": 16}),
+              config(tokenizer={"kind": "flux-vae"}), config(tokenizer={"kind": "flux-vae", "posterior": "mean"})]
+    keys = [cache.cache_key(c) for c in differ]
+    assert len(set(keys)) == len(keys) and cache.cache_key(base) not in keys
+
+
+def test_layout_shards_and_resume(tmp_path):
+    cfg = config()
+    root = cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, log=lambda *_: None)
+    assert root == tmp_path / cache.cache_key(cfg)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["hash"] == cache.cache_key(cfg) and manifest["source"]["captions"] == {"train": "long", "val": "long"}
+    assert manifest["splits"]["train"]["shards"] == ["train-00000.safetensors", "train-00001.safetensors",
+                                                     "train-00002.safetensors"]  # 24 + 24 + 16
+    assert manifest["latent"] == {"shape": [3, 16, 16], "std": False} and manifest["text"]["length"] == 32
+    shard = load_file(root / "train-00002.safetensors")
+    assert shard["latent_mean"].shape == (16, 3, 16, 16) and "latent_std" not in shard  # pixels: no posterior
+    assert shard["text"].shape == (int(shard["mask"].sum()), 32)  # only unpadded tokens are stored
+
+    # an item equals encoding it live, padded positions read back as zeros
+    train, _ = cache.DATA.build(cfg.data)
+    split = cache.CachedSplit(train, root, manifest["splits"]["train"], 32)
+    live = cache.build_inputs(config(), torch.device("cpu"))[0]
+    item = split[50]
+    emb, mask = live.text([item["caption"]])
+    assert torch.equal(item["mask"], mask[0]) and torch.equal(item["text"][mask[0]], emb[0][mask[0]])
+    assert not item["text"][~mask[0]].any()
+    assert torch.equal(item["latent_mean"], item["image"] * 2 - 1)
+
+    # interrupted: the manifest and one shard are gone → only that shard is recomputed
+    kept = (root / "train-00000.safetensors").stat().st_mtime_ns
+    (root / "manifest.json").unlink()
+    (root / "train-00001.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete .*`python -m trainer.cache precompute"):
+        cache.open_cache(config(cache={"dir": str(tmp_path)}))
+    cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, log=lambda *_: None)
+    assert (root / "train-00000.safetensors").stat().st_mtime_ns == kept
+    assert torch.equal(load_file(root / "train-00001.safetensors")["text"],
+                       cache._encode_text(live.text, [train[i]["caption"] for i in range(24, 48)])[0])
+
+
+def test_training_from_the_cache_is_bit_identical_with_pixels(make_run, tmp_path):
+    over = merge(SMALL, {"train": {"steps": 6}})
+    live = make_run("live", **over)
+    cached = make_run("cached", **merge(over, {"cache": {"dir": str(tmp_path / "cache")}}))
+    cache.main(["precompute", str(cached / "config.yaml"), "--workers", "0"])  # --out defaults to cache.dir
+    a, b = job.run(live), job.run(cached)
+    assert losses(live) == losses(cached)
+    assert a["metrics_by_step"] == b["metrics_by_step"]
+    wa, wb = final_weights(live), final_weights(cached)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=16,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae.save_pretrained(tmp_path / "src")
+    weights = tmp_path / "weights"
+    install(FluxVAEConfig.MODEL, tmp_path / "src", weights)
+    over = merge(SMALL, {"train": {"steps": 6}, "data": {"resolution": 32},
+                         "tokenizer": {"kind": "flux-vae", "dtype": "float32"}})
+    cached = make_run("cached", **merge(over, {"cache": {"dir": str(tmp_path / "cache")}}))
+    root = cache.precompute(job.load_config(cached), tmp_path / "cache", weights_dir=str(weights),
+                            log=lambda *_: None)
+    shard = load_file(root / "train-00000.safetensors")
+    assert shard["latent_mean"].shape == shard["latent_std"].shape == (64, 16, 4, 4)  # mean and std, no sample
+
+    # the cached run never loads the VAE: no weights folder is given to it
+    result_cached = job.run(cached)
+    live = make_run("live", **over)
+    monkeypatch.setattr(cache, "build_inputs", functools.partial(cache.build_inputs, weights_dir=str(weights)))
+    result_live = job.run(live)
+    # same draws (z = mean + std·ε from the step generator); only the VAE's batch-size rounding differs
+    assert losses(cached) == pytest.approx(losses(live), rel=1e-4)
+    for step, m in result_live["metrics_by_step"].items():
+        assert result_cached["metrics_by_step"][step]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-4)
+
+
+def test_a_cache_of_another_config_is_refused_naming_both_hashes(tmp_path):
+    cfg = config(cache={"dir": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match=f"key {cache.cache_key(cfg)}.* is missing; fill it with"):
+        cache.build_inputs(cfg, torch.device("cpu"))
+    other = config(data={"caption": "short"})
+    made = cache.precompute(other, tmp_path, log=lambda *_: None)
+    made.rename(cache.cache_path(cfg))  # e.g. a folder copied under the wrong name
+    with pytest.raises(ValueError, match=f"manifest hash {cache.cache_key(other)} does not match this config's "
+                                         f"cache key {cache.cache_key(cfg)}"):
+        cache.build_inputs(cfg, torch.device("cpu"))
+
+
+def test_cli_needs_a_cache_folder(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(merge(TINY, SMALL)))
+    with pytest.raises(SystemExit, match="has no cache.dir; pass --out DIR"):
+        cache.main(["precompute", str(path)])
