@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -252,15 +253,44 @@ def _duration(seconds: float) -> str:
 
 @contextlib.contextmanager
 def _live_progress(console: Console, sweep: Sweep, names: list[str]):
-    """A live line per arm (refreshed from the run directories by rich's own thread)."""
+    """A live line per arm on a terminal; elsewhere (logs, CI) a line each time an arm changes state."""
+    if console.is_terminal:
 
-    def render() -> Group:
-        return Group(Text("following the arms (Ctrl-C to stop)", style="dim"), _progress_table(sweep, names))
+        def render() -> Group:
+            return Group(
+                Text("following the arms (Ctrl-C to stop)", style="dim"), _progress_table(sweep, names)
+            )
 
-    with Live(get_renderable=render, console=console, refresh_per_second=1, transient=False):
+        with Live(get_renderable=render, console=console, refresh_per_second=1, transient=False):
+            yield
+        return
+
+    seen: dict[str, str] = {}
+
+    def report() -> None:
+        for name in names:
+            status = read_json(sweep.root / name / STATUS, default={}) or {}
+            state = str(status.get("state", "?"))
+            if seen.get(name) != state:
+                seen[name] = state
+                step = f" at step {status['step']}/{status.get('total_steps')}" if status.get("step") else ""
+                console.print(f"{name}: {state}{step}", markup=False)
+
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(POLL_S):
+            report()
+
+    thread = threading.Thread(target=follow, name="ablate-progress", daemon=True)
+    thread.start()
+    try:
         yield
-    if not console.is_terminal:  # rich ends its last frame without a newline there
-        console.line()
+    finally:
+        stop.set()
+        thread.join()
+        report()
+        console.print(_progress_table(sweep, names))
 
 
 def _summary(console: Console, sweep: Sweep, names: list[str]) -> int:
