@@ -1,11 +1,11 @@
 """The latent / caption-embedding cache: keys, layout, and training from it equals training without it."""
+import copy
 import functools
 import json
 
 import pytest
 import torch
 import yaml
-from conftest import TINY, merge
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
@@ -17,8 +17,17 @@ from trainer.weights import install
 SMALL = {"data": {"num_train": 64, "num_val": 8}, "eval": {"batch_size": 4}}
 
 
-def config(**over) -> TrainConfig:
-    return TrainConfig.model_validate(merge(merge(TINY, SMALL), over))
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def config(tiny_cfg):
+    """TrainConfig of the tiny preset (conftest's TINY) at a smaller dataset, with overrides."""
+    return lambda **over: TrainConfig.model_validate(merge(merge(tiny_cfg, SMALL), over))
 
 
 def losses(run_dir) -> list[float]:
@@ -29,7 +38,7 @@ def final_weights(run_dir) -> dict:
     return load_file(checkpoint.latest(run_dir / "checkpoints") / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
-def test_the_key_covers_only_what_produces_the_cache():
+def test_the_key_covers_only_what_produces_the_cache(config):
     base = config()
     same = [config(optimizer={"kind": "muon"}), config(precision={"kind": "bf16"}), config(seed=3),
             config(train={"steps": 99, "batch_size": 8}), config(eval={"caption": None}),  # None = training column
@@ -42,7 +51,7 @@ def test_the_key_covers_only_what_produces_the_cache():
     assert len(set(keys)) == len(keys) and cache.cache_key(base) not in keys
 
 
-def test_layout_shards_and_resume(tmp_path):
+def test_layout_shards_and_resume(config, tmp_path):
     cfg = config()
     root = cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, log=lambda *_: None)
     assert root == tmp_path / cache.cache_key(cfg)
@@ -116,7 +125,7 @@ def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp
         assert result_cached["metrics_by_step"][step]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-4)
 
 
-def test_a_cache_of_another_config_is_refused_naming_both_hashes(tmp_path):
+def test_a_cache_of_another_config_is_refused_naming_both_hashes(config, tmp_path):
     cfg = config(cache={"dir": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match=f"key {cache.cache_key(cfg)}.* is missing; fill it with"):
         cache.build_inputs(cfg, torch.device("cpu"))
@@ -128,8 +137,8 @@ def test_a_cache_of_another_config_is_refused_naming_both_hashes(tmp_path):
         cache.build_inputs(cfg, torch.device("cpu"))
 
 
-def test_cli_needs_a_cache_folder(tmp_path):
+def test_cli_needs_a_cache_folder(tiny_cfg, tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(merge(TINY, SMALL)))
+    path.write_text(yaml.safe_dump(merge(tiny_cfg, SMALL)))
     with pytest.raises(SystemExit, match="has no cache.dir; pass --out DIR"):
         cache.main(["precompute", str(path)])
