@@ -1,4 +1,5 @@
 """REPA and iREPA against their formulas, with the tiny random-init teacher (no weights needed)."""
+import copy
 import json
 import math
 import tempfile
@@ -6,7 +7,6 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, merge
 from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
 
@@ -29,6 +29,14 @@ from trainer.train import Trainer
 
 CTX = FactorContext(hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu"))
 TINY_TEACHER = {"kind": "tiny"}
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in, nested maps key by key (as conftest's make_run does)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def logged_losses(run_dir):
@@ -185,9 +193,9 @@ def test_repa_inside_a_tread_route_aligns_only_the_kept_tokens():
     assert out.losses["repa"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_repa_validation_names_the_fix():
+def test_repa_validation_names_the_fix(tiny_cfg):
     def check(over):
-        return TrainConfig.model_validate(merge(TINY, over))
+        return TrainConfig.model_validate(merge(tiny_cfg, over))
 
     repa = {"kind": "repa", "teacher": TINY_TEACHER, "block": 1}
     with pytest.raises(ValueError, match=r"repa.block 7 is outside the model's blocks 0..3; set repa.block < 4"):

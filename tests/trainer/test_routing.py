@@ -1,9 +1,9 @@
 """TREAD and SPRINT against their definitions, on the tiny PRX (depth 4, 8×8 tokens)."""
+import copy
 import json
 
 import pytest
 import torch
-from conftest import TINY, merge
 from diffusers.models.transformers.transformer_prx import get_image_ids
 from safetensors.torch import load_file
 
@@ -21,6 +21,14 @@ from trainer.routing import (
     route_generator,
 )
 from trainer.train import Trainer
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in, nested maps key by key (as conftest's make_run does)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def logged_losses(run_dir):
@@ -191,12 +199,12 @@ def test_routed_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch
     assert logged_losses(straight) == logged_losses(resumed)
 
 
-def test_route_validation_names_the_fix():
+def test_route_validation_names_the_fix(tiny_cfg):
     with pytest.raises(ValueError, match=r"routing.start 3 must be below routing.end 3"):
         TREADConfig(start=3, end=3)
     with pytest.raises(ValueError, match=r"routing blocks \[2, 13\) exceed the model's 4 blocks; set routing.end ≤ 4"):
-        TrainConfig.model_validate(merge(TINY, {"routing": {"kind": "tread"}}))
-    cfg = TrainConfig.model_validate(merge(TINY, {"model": {"preset": "prx-1.2b"}, "routing": {"kind": "sprint"}}))
+        TrainConfig.model_validate(merge(tiny_cfg, {"routing": {"kind": "tread"}}))
+    cfg = TrainConfig.model_validate(merge(tiny_cfg, {"model": {"preset": "prx-1.2b"}, "routing": {"kind": "sprint"}}))
     assert list(cfg.routing.blocks) == list(range(2, 13)) and cfg.routing.keep == 0.25  # the study's blocks 2..12
     with pytest.raises(ValueError, match="keep"):
         SPRINTConfig(keep=1.0)
