@@ -136,20 +136,21 @@ def resources(launcher: Launcher) -> str:
     """One line describing what each arm gets."""
     if launcher.executor == "debug":
         return "debug: in this process, one arm after another"
+    where = f"{launcher.nodes} node(s)" if launcher.executor == "slurm" else "this machine"
     parts = [
-        f"{launcher.executor}:",
-        f"{launcher.nodes} node(s)" if launcher.executor == "slurm" else "this machine,",
-        f"{launcher.tasks_per_node} task(s)/node, {launcher.gpus_per_node} GPU(s)/node,",
+        where,
+        f"{launcher.tasks_per_node} task(s)/node",
+        f"{launcher.gpus_per_node} GPU(s)/node",
         f"time limit {launcher.time_limit_min} min",
     ]
     if launcher.cpus_per_task:
-        parts.append(f", {launcher.cpus_per_task} CPU(s)/task")
+        parts.append(f"{launcher.cpus_per_task} CPU(s)/task")
     if launcher.mem_gb:
-        parts.append(f", {launcher.mem_gb:g} GB")
+        parts.append(f"{launcher.mem_gb:g} GB")
     if launcher.partition:
-        parts.append(f", partition {launcher.partition}")
-    parts.append(f", at most {launcher.array_parallelism or 'all'} at once")
-    return " ".join(parts).replace(" ,", ",")
+        parts.append(f"partition {launcher.partition}")
+    parts.append(f"at most {launcher.array_parallelism or 'all'} at once")
+    return f"{launcher.executor}: " + ", ".join(parts)
 
 
 def submit(
