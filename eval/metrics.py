@@ -3,10 +3,11 @@
 Nothing here knows about images or extractors; every function takes (N, D) feature arrays.
 
 - `frechet_distance` equals clean-fid's `frechet_distance` (d² = ‖μ1−μ2‖² + Tr Σ1 + Tr Σ2
-  − 2 Tr √(Σ1Σ2), Σ with N−1) but takes the trace through two symmetric eigendecompositions
-  instead of `scipy.linalg.sqrtm` of the non-symmetric product: Σ1Σ2 is similar to
-  A = √Σ1·Σ2·√Σ1, which is symmetric PSD, so Tr √(Σ1Σ2) = Σ √eig(A). That is ~7x faster
-  at D=2048 and has no complex round-off to discard.
+  − 2 Tr √(Σ1Σ2), Σ with N−1) but never forms `scipy.linalg.sqrtm` of the non-symmetric
+  product. Write Σ1 = FᵀF; then Σ1Σ2 = FᵀFΣ2 has the nonzero eigenvalues of the symmetric PSD
+  matrix FΣ2Fᵀ, so Tr √(Σ1Σ2) = Σ √eig(FΣ2Fᵀ), one `eigvalsh`. F is (V√Λ)ᵀ from `eigh(Σ1)`
+  (D×D), or, when Σ1 comes from n−1 < D samples, the centred samples /√(n−1) (n×D): an n×n
+  problem. ~7x faster than sqrtm at D=2048, and no complex round-off to discard.
 - `mmd` is the CMMD estimator (google-research `cmmd/distance.py`): RBF kernel
   exp(−‖x−y‖²/(2σ²)), biased (every mean includes the diagonal), times `scale`.
 """
@@ -57,24 +58,36 @@ def _stats(a) -> GaussianStats:
     return GaussianStats.from_features(np.asarray(a))
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """√Σ of a symmetric PSD matrix; round-off negative eigenvalues count as 0."""
-    lam, vecs = np.linalg.eigh(sigma)  # (D,), (D, D)
-    return (vecs * np.sqrt(np.clip(lam, 0.0, None))) @ vecs.T
+def _trace_sqrt_product(sa: GaussianStats, sb: GaussianStats, feats_a: np.ndarray | None) -> float:
+    """Tr √(Σa Σb) as Σ √eig(F Σb Fᵀ) for a factor Σa = FᵀF (see the module docstring)."""
+    d = sa.mu.shape[0]
+    if feats_a is not None and len(feats_a) - 1 < d:
+        f = (feats_a.astype(np.float64) - sa.mu) / np.sqrt(len(feats_a) - 1)  # (n, D), FᵀF = Σa
+    else:
+        lam, vecs = np.linalg.eigh(sa.sigma)  # Σa = V Λ Vᵀ
+        f = (vecs * np.sqrt(np.clip(lam, 0.0, None))).T  # (D, D); round-off negative eigenvalues count as 0
+    inner = f @ sb.sigma @ f.T  # symmetric PSD
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)  # symmetrise away matmul round-off
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 def frechet_distance(a, b) -> float:
     """Fréchet distance between two Gaussians fitted to features.
 
-    `a` and `b` are each an (N, D) feature array, a `GaussianStats`, or a (mu, sigma) pair.
+    `a` and `b` are each an (N, D) feature array, a `GaussianStats`, or a (mu, sigma) pair. Passing
+    the features of a set with fewer samples than dimensions makes the computation much cheaper.
     """
+    feats_a, feats_b = (None if isinstance(x, (GaussianStats, tuple)) else np.asarray(x) for x in (a, b))
     sa, sb = _stats(a), _stats(b)
     if sa.mu.shape != sb.mu.shape or sa.sigma.shape != sb.sigma.shape:
         raise ValueError(f"feature dimensions differ: {sa.mu.shape[0]} vs {sb.mu.shape[0]}")
-    root = _psd_sqrt(sa.sigma)  # (D, D)
-    inner = root @ sb.sigma @ root  # (D, D), symmetric PSD, same spectrum as Σa·Σb
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)  # symmetrise away matmul round-off
-    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    # Tr √(ΣaΣb) = Tr √(ΣbΣa): factor the side with fewer samples when its features are at hand
+    n_a = len(feats_a) if feats_a is not None else np.inf
+    n_b = len(feats_b) if feats_b is not None else np.inf
+    if n_b < n_a:
+        tr_covmean = _trace_sqrt_product(sb, sa, feats_b)
+    else:
+        tr_covmean = _trace_sqrt_product(sa, sb, feats_a)
     diff = sa.mu - sb.mu
     return float(diff @ diff + np.trace(sa.sigma) + np.trace(sb.sigma) - 2.0 * tr_covmean)
 
@@ -117,7 +130,9 @@ def mmd(
     return float(scale * (s_xx / n**2 + s_yy / m**2 - 2.0 * s_xy / (n * m)))
 
 
-def _kernel_minus_one_sum(a: torch.Tensor, b: torch.Tensor, gamma: float, block: int, symmetric: bool) -> float:
+def _kernel_minus_one_sum(
+    a: torch.Tensor, b: torch.Tensor, gamma: float, block: int, symmetric: bool
+) -> float:
     """Σ_ij (k(a_i, b_j) − 1) over all pairs; with `symmetric` (a is b) only blocks i ≤ j are computed."""
     sq_a = (a * a).sum(1)  # (N,)
     sq_b = (b * b).sum(1)  # (M,)

@@ -1,0 +1,234 @@
+"""Feature extractors by name: one registry, one entry per extractor.
+
+Every extractor takes uint8 NHWC RGB batches (see `eval.images`) and returns (N, D) float32 features.
+`preprocess` returns exactly the tensor the network receives, so tests can check it against the
+documented resize and normalisation; `embed` runs the network and the final normalisation.
+
+| name               | network                                              | preprocessing                                          | features |
+|--------------------|------------------------------------------------------|--------------------------------------------------------|----------|
+| inception          | clean-fid's Inception-2015-12-05 TorchScript (`InceptionV3W`) | clean-fid mode "clean": `build_resizer("clean")`, PIL bicubic per channel in float32 to 299, [0, 255]; the net applies (x−128)/128 | 2048-d pool, raw |
+| clip-vit-l14-336   | transformers `CLIPVisionModelWithProjection`, `openai/clip-vit-large-patch14-336` | centre-crop to the shorter side, PIL bicubic on uint8 to 336 (antialiased, as google-research `cmmd`), /255, CLIP mean/std | `image_embeds`, L2-normalised, 768-d |
+| dinov2-vitl14-reg  | transformers `Dinov2WithRegistersModel`, `facebook/dinov2-with-registers-large` | /255, `F.interpolate(bicubic, 518, align_corners=False)` (no antialias, no crop, as PRX), ImageNet mean/std | CLS after the final norm (`pooler_output`), L2-normalised, 1024-d |
+| domain-attr        | `eval.domain.AttributeNet`, trained on the demo domain | /255 at native size | penultimate layer, L2-normalised |
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cleanfid.downloads_helper import inception_url
+from PIL import Image
+
+from eval.base import Extractor, map_images
+from eval.domain import DOMAIN_WEIGHTS, DomainAttrExtractor
+from eval.weights import HFWeights, MissingWeightsError, URLWeights, WeightSpec, require
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------- inception
+
+INCEPTION_WEIGHTS = URLWeights(
+    filename="inception-2015-12-05.pt",
+    url=inception_url,  # clean-fid's own source for the file
+    default_dir="./" if platform.system() == "Windows" else "/tmp",  # where clean-fid itself keeps it
+)
+
+
+class InceptionExtractor(Extractor):
+    """clean-fid's FID features, mode "clean". `model` maps (N, 3, 299, 299) float in [0, 255] to
+    (N, 2048): `cleanfid.inception_torchscript.InceptionV3W`, or any module with that contract."""
+
+    name = "inception"
+    resolution = 299
+
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", version: str | None = None
+    ):
+        from importlib.metadata import version as package_version
+
+        from cleanfid.resize import build_resizer
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self._resize = build_resizer("clean")  # clean-fid's own PIL float32 bicubic resize to 299
+        self.version = version or f"inception-2015-12-05/clean-fid-{package_version('clean-fid')}-clean"
+
+    @classmethod
+    def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> InceptionExtractor:
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        require(cls.name, INCEPTION_WEIGHTS, weights_dir)
+        folder = INCEPTION_WEIGHTS.path(weights_dir).parent
+        return cls(InceptionV3W(str(folder), download=False, resize_inside=False), device)
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        resized = map_images(self._resize, images)  # each (299, 299, 3) float32 in [0, 255]
+        return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).to(self.device)  # (N, 3, 299, 299)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)  # (N, 2048)
+
+
+# ------------------------------------------------------------------------------------------------ clip
+
+CLIP_WEIGHTS = HFWeights("openai/clip-vit-large-patch14-336")
+
+
+def center_crop_square(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) → (S, S, C), S = min(H, W), offsets rounded like torchvision's CenterCrop."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+    return image[top : top + s, left : left + s]
+
+
+class ClipExtractor(Extractor):
+    """CMMD's CLIP ViT-L/14@336 image embeddings, L2-normalised."""
+
+    name = "clip-vit-l14-336"
+    resolution = 336
+
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", version: str | None = None
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()  # transformers CLIPVisionModelWithProjection
+        self.version = version or f"{CLIP_WEIGHTS.repo_id}/crop-pilbicubic{self.resolution}-clipnorm"
+        self._mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> ClipExtractor:
+        from transformers import CLIPVisionModelWithProjection
+
+        require(cls.name, CLIP_WEIGHTS, weights_dir)
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            CLIP_WEIGHTS.repo_id, cache_dir=weights_dir, local_files_only=True
+        )
+        return cls(model, device)
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        square = Image.fromarray(center_crop_square(image))
+        return np.asarray(square.resize((self.resolution, self.resolution), Image.BICUBIC))  # uint8 (S, S, 3)
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        resized = np.stack(map_images(self._resize, images))  # (N, 336, 336, 3) uint8
+        x = torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, 336, 336)
+        return (x - self._mean) / self._std
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        emb = self.model(pixel_values=pixels).image_embeds  # (N, 768)
+        return F.normalize(emb.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- dinov2
+
+DINOV2_WEIGHTS = HFWeights("facebook/dinov2-with-registers-large")
+
+
+class DinoV2Extractor(Extractor):
+    """DINO-MMD's DINOv2 ViT-L/14 with registers: CLS token, L2-normalised (PRX's definition)."""
+
+    name = "dinov2-vitl14-reg"
+    resolution = 518
+
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", version: str | None = None
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()  # transformers Dinov2WithRegistersModel
+        self.version = version or f"{DINOV2_WEIGHTS.repo_id}/interp-bicubic{self.resolution}-imagenetnorm"
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> DinoV2Extractor:
+        from transformers import Dinov2WithRegistersModel
+
+        require(cls.name, DINOV2_WEIGHTS, weights_dir)
+        model = Dinov2WithRegistersModel.from_pretrained(
+            DINOV2_WEIGHTS.repo_id, cache_dir=weights_dir, local_files_only=True
+        )
+        return cls(model, device)
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        size = (self.resolution, self.resolution)
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)  # (N, 3, 518, 518)
+        return (x - self._mean) / self._std
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        cls_token = self.model(pixel_values=pixels).pooler_output  # (N, 1024), after the final LayerNorm
+        return F.normalize(cls_token.float(), dim=-1)
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ExtractorEntry:
+    weights: WeightSpec
+    load: Callable[..., Extractor]  # (weights_dir, device) -> Extractor
+
+
+EXTRACTORS: dict[str, ExtractorEntry] = {
+    "inception": ExtractorEntry(INCEPTION_WEIGHTS, InceptionExtractor.load),
+    "clip-vit-l14-336": ExtractorEntry(CLIP_WEIGHTS, ClipExtractor.load),
+    "dinov2-vitl14-reg": ExtractorEntry(DINOV2_WEIGHTS, DinoV2Extractor.load),
+    "domain-attr": ExtractorEntry(DOMAIN_WEIGHTS, DomainAttrExtractor.load),
+}
+
+
+def _entry(name: str) -> ExtractorEntry:
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown feature extractor '{name}'; choose one of: {', '.join(EXTRACTORS)}")
+    return EXTRACTORS[name]
+
+
+def load_extractor(
+    name: str, weights_dir: str | Path | None = None, device: str | torch.device = "cpu"
+) -> Extractor:
+    """Loads `name` from `weights_dir` (or the default caches); `MissingWeightsError` when absent."""
+    return _entry(name).load(weights_dir, device)
+
+
+def weights_for(name: str) -> WeightSpec:
+    return _entry(name).weights
+
+
+def missing_weights(names: Iterable[str], weights_dir: str | Path | None = None) -> dict[str, str]:
+    """{extractor name: one-line description of what is missing} for the extractors in `names`."""
+    found = {name: _entry(name).weights.missing(weights_dir) for name in names}
+    return {name: problem for name, problem in found.items() if problem is not None}
+
+
+def download_weights(names: Iterable[str], weights_dir: str | Path | None = None) -> None:
+    """Fetches every downloadable weight the named extractors need (needs network)."""
+    for name in names:
+        spec = _entry(name).weights
+        if spec.downloadable and spec.missing(weights_dir) is not None:
+            spec.download(weights_dir)
+
+
+__all__ = [
+    "EXTRACTORS",
+    "ClipExtractor",
+    "DinoV2Extractor",
+    "Extractor",
+    "InceptionExtractor",
+    "MissingWeightsError",
+    "download_weights",
+    "load_extractor",
+    "missing_weights",
+    "weights_for",
+]

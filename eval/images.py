@@ -1,0 +1,106 @@
+"""Image containers in and out of `eval/`: one canonical form, uint8 NHWC RGB.
+
+Generated images arrive as uint8 NHWC (numpy or torch) or float NCHW in [0, 1]. Float images are
+quantised exactly as writing a PNG would (clamp, ×255, round), so a metric computed on images in
+memory equals the same metric computed on those images saved to a folder and read back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eval.atomic import atomic_path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def to_uint8_nhwc(images) -> np.ndarray:
+    """uint8 NHWC (numpy/torch) passes through; float NCHW in [0, 1] is quantised like a PNG."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype == torch.uint8:
+            images = images.cpu().numpy()
+        else:
+            _check_nchw(tuple(images.shape))
+            q = images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)  # (N, 3, H, W)
+            return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (N, H, W, 3)
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be NHWC with 3 channels, got shape {images.shape}")
+        return images
+    if np.issubdtype(images.dtype, np.floating):
+        _check_nchw(images.shape)
+        q = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)  # (N, 3, H, W)
+        return np.ascontiguousarray(q.transpose(0, 2, 3, 1))
+    raise ValueError(f"images must be uint8 NHWC or float NCHW in [0, 1], got dtype {images.dtype}")
+
+
+def _check_nchw(shape: tuple) -> None:
+    if len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"float images must be NCHW with 3 channels in [0, 1], got shape {shape}")
+
+
+def iter_batches(images, batch_size: int) -> Iterator[np.ndarray]:
+    """Yields uint8 NHWC batches from one array/tensor or from an iterable of batches."""
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        for lo in range(0, len(images), batch_size):
+            yield to_uint8_nhwc(images[lo : lo + batch_size])
+        return
+    for batch in images:
+        batch = to_uint8_nhwc(batch)
+        for lo in range(0, len(batch), batch_size):
+            yield batch[lo : lo + batch_size]
+
+
+def take(batches: Iterable[np.ndarray], num: int) -> Iterator[np.ndarray]:
+    """The first `num` images of a batch stream; raises when the stream has fewer."""
+    seen = 0
+    for batch in batches:
+        if seen >= num:
+            break
+        batch = batch[: num - seen]
+        seen += len(batch)
+        yield batch
+    if seen < num:
+        raise ValueError(f"expected {num} images, the source produced only {seen}")
+
+
+def read_image_folder(
+    folder: str | Path, batch_size: int = 64, num: int | None = None
+) -> Iterator[np.ndarray]:
+    """uint8 NHWC batches of the images in `folder` (recursive, sorted by path, converted to RGB)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    files = files[:num] if num is not None else files
+    for lo in range(0, len(files), batch_size):
+        yield np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[lo : lo + batch_size]])
+
+
+def make_grid(images, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tiles N images into one uint8 HWC image, `nrow` images per row, `pad` pixels between."""
+    imgs = to_uint8_nhwc(images)  # (N, H, W, 3)
+    n, h, w, _ = imgs.shape
+    if n == 0 or nrow < 1:
+        raise ValueError(f"a grid needs at least one image and nrow >= 1, got {n} images, nrow={nrow}")
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    grid = np.full((pad + rows * (h + pad), pad + cols * (w + pad), 3), pad_value, np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        grid[top : top + h, left : left + w] = imgs[k]
+    return grid
+
+
+def save_grid(images, path: str | Path, nrow: int = 8, pad: int = 2) -> Path:
+    """Writes `images` as one PNG grid, atomically (a reader never sees a half-written file)."""
+    grid = Image.fromarray(make_grid(images, nrow=nrow, pad=pad))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(path)
