@@ -1,0 +1,226 @@
+"""Metrics by name, and the one call the trainer makes: generated images in, {metric: value} out.
+
+| metric            | extractor          | distance                                             |
+|-------------------|--------------------|------------------------------------------------------|
+| fid               | inception          | Fréchet (clean-fid, mode "clean")                    |
+| cmmd              | clip-vit-l14-336   | MMD, RBF σ=10, biased, ×1000                         |
+| dino_mmd          | dinov2-vitl14-reg  | MMD, RBF σ=10, biased, ×1000                         |
+| domain_fd         | domain-attr        | Fréchet on attribute-net features (demo domain)      |
+| domain_mmd        | domain-attr        | MMD, RBF σ=10, biased, ×1000 (demo domain)           |
+| prompt_adherence  | domain-attr        | fraction of requested attributes found (no reference)|
+
+Typical use in the trainer (build once at setup, so a missing weight fails before training):
+
+    ev = Evaluator(["fid", "cmmd", "dino_mmd"], Reference("unsplash-eval@v1", 10_000, load_real, cache_dir),
+                   weights_dir=cfg.weights_dir, device="cuda")
+    metrics = ev(images)                       # images: uint8 NHWC, float NCHW in [0, 1], or batches of either
+
+With several processes: each computes `ev.features(its_shard)`, the features are gathered, and
+one process calls `ev.compute(gathered)`: the result depends only on the gathered set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.base import Extractor
+from eval.cache import CacheKey, ReferenceCache, ReferenceFeatures
+from eval.domain import adherence
+from eval.extractors import load_extractor
+from eval.images import iter_batches, save_grid, take
+from eval.metrics import frechet_distance, mmd
+
+__all__ = ["METRICS", "Evaluator", "Reference", "evaluate", "extractors_for", "save_grid"]
+
+
+@dataclass(frozen=True)
+class MetricInput:
+    gen: np.ndarray  # (N, D) features of the generated images
+    ref: ReferenceFeatures | None  # None for metrics that need no reference
+    extractor: Extractor
+    requested: (
+        Mapping[str, np.ndarray] | None
+    )  # attribute -> (N,) class asked for by each prompt, -1 = not asked
+    device: torch.device  # where the MMD kernel runs
+
+
+def _frechet(inp: MetricInput) -> float:
+    return frechet_distance(inp.gen, inp.ref.stats)  # features, not stats: cheaper when N < D
+
+
+def _mmd(inp: MetricInput) -> float:
+    return mmd(inp.gen, inp.ref.feats, sigma=10.0, scale=1000.0, device=inp.device)
+
+
+def _prompt_adherence(inp: MetricInput) -> float:
+    if inp.requested is None:
+        raise ValueError(
+            "metric 'prompt_adherence' needs the requested attributes: pass requested={attr: array}"
+        )
+    return adherence(inp.extractor.predict_from_features(inp.gen), inp.requested)
+
+
+@dataclass(frozen=True)
+class Metric:
+    extractor: str  # registry name in eval.extractors
+    compute: Callable[[MetricInput], float]
+    needs_reference: bool = True
+    doc: str = ""
+
+
+METRICS: dict[str, Metric] = {
+    "fid": Metric("inception", _frechet, doc="clean-fid FID (Inception 2048-d, mode clean)"),
+    "cmmd": Metric("clip-vit-l14-336", _mmd, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"),
+    "dino_mmd": Metric("dinov2-vitl14-reg", _mmd, doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD"),
+    "domain_fd": Metric(
+        "domain-attr", _frechet, doc="Fréchet distance on demo-domain attribute-net features"
+    ),
+    "domain_mmd": Metric(
+        "domain-attr", _mmd, doc="MMD (CMMD estimator) on demo-domain attribute-net features"
+    ),
+    "prompt_adherence": Metric(
+        "domain-attr", _prompt_adherence, needs_reference=False, doc="fraction of requested attributes found"
+    ),
+}
+
+
+def _metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric '{name}'; choose from: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def extractors_for(metrics: Iterable[str]) -> list[str]:
+    """The extractor names (hence weights) that `metrics` need, in first-use order."""
+    return list(dict.fromkeys(_metric(m).extractor for m in metrics))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The real eval set. `images()` is called only when some extractor's features are not cached."""
+
+    dataset: str  # stable id of the eval set; part of the cache key
+    num_samples: int  # how many real images; the first `num_samples` of `images()` are used
+    images: Callable[[], object]  # -> uint8 NHWC / float NCHW array, or an iterable of such batches
+    cache_dir: str | Path
+
+
+class Evaluator:
+    """Loads the extractors the metrics need (once), holds reference features, scores image sets."""
+
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        reference: Reference | None = None,
+        *,
+        extractors: Mapping[str, Extractor] | None = None,
+        weights_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+    ):
+        self.metrics = {name: _metric(name) for name in metrics}
+        if reference is None and any(m.needs_reference for m in self.metrics.values()):
+            needing = [n for n, m in self.metrics.items() if m.needs_reference]
+            raise ValueError(f"metrics {needing} compare against real images: pass reference=Reference(...)")
+        given = dict(extractors or {})
+        self.device = torch.device(device)
+        self.extractors = {
+            name: given[name] if name in given else load_extractor(name, weights_dir, self.device)
+            for name in extractors_for(self.metrics)
+        }
+        self.reference = reference
+        self.batch_size = batch_size
+        self._ref: dict[str, ReferenceFeatures] = {}
+
+    def features(self, images) -> dict[str, np.ndarray]:
+        """One pass over `images` (array or batches); each batch goes through every extractor."""
+        return _features_of(iter_batches(images, self.batch_size), self.extractors)
+
+    def reference_features(self) -> dict[str, ReferenceFeatures]:
+        """Reference features per extractor, from disk when cached, else from one pass over the real images."""
+        needed = {m.extractor for m in self.metrics.values() if m.needs_reference}
+        if needed <= set(self._ref):
+            return self._ref
+        ref = self.reference
+        cache = ReferenceCache(ref.cache_dir)
+        keys = {
+            n: CacheKey(ref.dataset, n, self.extractors[n].version, ref.num_samples)
+            for n in needed - set(self._ref)
+        }
+        missing = {n: k for n, k in keys.items() if not self._load(cache, n, k)}
+        if missing:
+            with cache.locked(missing.values()):
+                missing = {n: k for n, k in missing.items() if not self._load(cache, n, k)}
+                if missing:
+                    real = take(iter_batches(ref.images(), self.batch_size), ref.num_samples)
+                    feats = _features_of(real, {n: self.extractors[n] for n in missing})
+                    for n, k in missing.items():
+                        self._ref[n] = cache.save(k, feats[n])
+        return self._ref
+
+    def _load(self, cache: ReferenceCache, name: str, key: CacheKey) -> bool:
+        hit = cache.load(key)
+        if hit is not None:
+            self._ref[name] = hit
+        return hit is not None
+
+    def compute(
+        self, gen_features: Mapping[str, np.ndarray], requested: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, float]:
+        """{metric: value} from the generated images' features (as returned by `features`)."""
+        ref = self.reference_features() if self.reference is not None else {}
+        return {
+            name: float(
+                metric.compute(
+                    MetricInput(
+                        gen=gen_features[metric.extractor],
+                        ref=ref.get(metric.extractor),
+                        extractor=self.extractors[metric.extractor],
+                        requested=requested,
+                        device=self.device,
+                    )
+                )
+            )
+            for name, metric in self.metrics.items()
+        }
+
+    def __call__(self, images, requested: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        return self.compute(self.features(images), requested)
+
+
+def _features_of(batches: Iterable[np.ndarray], extractors: Mapping[str, Extractor]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in extractors}
+    for batch in batches:
+        for n, ext in extractors.items():
+            parts[n].append(ext.features_batch(batch))
+    if any(not p for p in parts.values()):
+        raise ValueError("no images to extract features from")
+    return {n: np.concatenate(p) for n, p in parts.items()}
+
+
+def evaluate(
+    images,
+    reference: Reference | None,
+    metrics: Sequence[str],
+    *,
+    extractors: Mapping[str, Extractor] | None = None,
+    requested: Mapping[str, np.ndarray] | None = None,
+    weights_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """One-shot form of `Evaluator(...)(images, requested)`."""
+    ev = Evaluator(
+        metrics,
+        reference,
+        extractors=extractors,
+        weights_dir=weights_dir,
+        device=device,
+        batch_size=batch_size,
+    )
+    return ev(images, requested)
