@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ablate_testing import SWEEP
 
 from ablate.cli import main
-
-# A complete sweep at test size (the demo's baseline, shrunk: seconds per arm on a CPU).
-# Line numbers matter: the bad-input tests assert them.
-SWEEP = """\
-name: t
-baseline:
-  model: {preset: tiny}
-  data: {kind: synthetic, resolution: 16, caption: long, num_train: 64, num_val: 8}
-  text_encoder: {kind: tiny-t5, d_model: 32, max_length: 32}
-  tokenizer: {kind: pixel}
-  optimizer: {kind: adamw, lr: 1.0e-3}
-  precision: {kind: fp32}
-  train: {steps: 4, batch_size: 4, warmup_steps: 1, threads: 1}
-  checkpoint: {every: 2}
-  eval: {every: 2, batch_size: 8}
-  log: {every: 1}
-deltas:
-  lr-high:
-    optimizer.lr: 3e-3
-seeds: [0]
-launcher: {executor: debug}
-"""
 
 
 @dataclass
@@ -74,8 +52,3 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return Result(code, out, err)
 
     return invoke
-
-
-def write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))

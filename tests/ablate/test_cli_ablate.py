@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SWEEP, write_json
+from ablate_testing import SWEEP, write_json
 
 SLURM = "launcher:\n  executor: slurm\n  partition: gpu\n  gpus_per_node: 8\n  array_parallelism: 1\n"
 

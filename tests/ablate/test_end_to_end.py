@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from conftest import SWEEP
+from ablate_testing import SWEEP
 
 from ablate.store import observe
 from ablate.sweep import load_sweep

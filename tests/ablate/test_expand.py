@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import SWEEP
+from ablate_testing import SWEEP
 
 from ablate.errors import UserError
 from ablate.loader import load_yaml

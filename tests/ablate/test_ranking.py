@@ -8,7 +8,7 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import write_json
+from ablate_testing import write_json
 
 from ablate.rank import ArmResult, default_step, rank, rank_table
 from ablate.sweep import load_sweep

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import filelock
 import pytest
-from conftest import SWEEP, write_json
+from ablate_testing import SWEEP, write_json
 
 from ablate.errors import UserError
 from ablate.store import (

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SWEEP
+from ablate_testing import SWEEP
 
 
 def replace(old: str, new: str, text: str = SWEEP) -> str:
