@@ -17,8 +17,11 @@ Contents, per split (`train` with the training caption column, `val` with the ev
 
 Latent noise: the cache stores the posterior (mean, std), not a sample. Training draws
 z = mean + std · ε per step from the step's generator, exactly as it does without the cache, so a
-cached run sees fresh posterior noise every epoch and equals the uncached run (up to the encoder's
-batch-size-dependent rounding). `posterior: mean` and deterministic tokenizers store no std.
+cached run sees fresh posterior noise every epoch and equals the uncached run up to rounding that
+depends on the batch size the frozen encoders ran at (GPU matmul kernels vary with it): with the
+pixel tokenizer the loss curve is bit-identical on CPU, and on a GPU (H200) too when precompute's
+batch size equals the per-process training batch. `posterior: mean` and deterministic tokenizers
+store no std.
 
 Text padding: padded positions are not stored; they are read back as zeros. The denoiser masks
 padded text keys out of attention, so their values never reach the output or the gradients (the
