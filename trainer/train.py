@@ -59,7 +59,8 @@ class StepTimes:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: Dist):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: Dist, inputs: tuple | None = None):
+        """`inputs` = (inputs, train set, val set) replaces the configured encoders and data (benchmarks)."""
         t0 = time.perf_counter()
         self.cfg, self.run_dir, self.dist, self.device = cfg, Path(run_dir), dist, dist.device
         self.spec = read_json(self.run_dir / "spec.json", default={})
@@ -68,7 +69,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights
         self.precision = PRECISION.build(cfg.precision, self.device)
         # latents and caption embeddings: encoded live each step, or read from the cache (cfg.cache)
-        self.inputs, self.train_set, self.val_set = cache.build_inputs(cfg, self.device)
+        self.inputs, self.train_set, self.val_set = inputs or cache.build_inputs(cfg, self.device)
         prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
         sizes = cfg.model.sizes()
         ctx = FactorContext(hidden_size=sizes["hidden_size"], depth=sizes["depth"], patch_size=sizes["patch_size"],
