@@ -53,9 +53,27 @@ class LogConfig(Config):
 
 class EvalConfig(Config):
     every: int = Field(1000, ge=1, description="evaluate every N steps (and at the end)")
-    caption: str | None = Field(None, description="caption column of the held-out set; keep it equal "
-                                                  "across arms (default: the training column)")
-    batch_size: int = Field(64, ge=1, description="held-out batch size per process")
+    caption: str | None = Field(None, description="caption column of the held-out set and the eval prompts; "
+                                                  "keep it equal across arms (default: the training column)")
+    batch_size: int = Field(64, ge=1, description="held-out / sampling batch size per process")
+    metrics: list[str] = Field([], description="generation metrics (fid, cmmd, dino_mmd, domain_fd, domain_mmd, "
+                                               "prompt_adherence); empty = held-out loss only")
+    samples: int = Field(1000, ge=1, description="generated images per eval step (prompts of the held-out "
+                                                 "set), whatever the number of processes")
+    sample_steps: int = Field(50, ge=1, description="Euler steps per sample")
+    guidance: float = Field(3.5, ge=0, description="classifier-free guidance scale")
+    grid: int = Field(16, ge=0, description="samples saved as eval/step_N.png")
+    cache_dir: str | None = Field(None, description="reference features and the demo's attribute net "
+                                                    "(default: <sweep dir>/.eval-cache)")
+
+    @model_validator(mode="after")
+    def _known_metrics(self):
+        from eval.evaluate import METRICS
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown eval metric {', '.join(map(repr, unknown))}; valid: {', '.join(METRICS)}")
+        return self
 
 
 # Factors that act inside the denoiser's forward (block hooks), in hook order; each is a
@@ -81,6 +99,8 @@ REGISTRIES: dict[str, Registry] = {
 
 class TrainConfig(Config):
     seed: int = Field(0, description="the arm's seed: init, data order, noise")
+    weights_dir: str | None = Field(None, description="pretrained weights (an HF cache folder filled by "
+                                                      "`ablate weights download`); null = the default HF cache")
     model: ModelConfig = ModelConfig()
     data: DATA.union() = Field(description="training data (kind: " + ", ".join(DATA.kinds) + ")")
     text_encoder: TEXT.union() = Field(description="caption encoder (kind: " + ", ".join(TEXT.kinds) + ")")
@@ -101,6 +121,14 @@ class TrainConfig(Config):
                                                                 + ", ".join(ROUTING.kinds) + ")")
     repa: REPA.union() | None = Field(None, description="representation alignment with a frozen teacher (kind: "
                                                           + ", ".join(REPA.kinds) + ")")
+
+    @model_validator(mode="after")
+    def _domain_metrics_need_the_domain(self):
+        domain = [m for m in self.eval.metrics if m.startswith(("domain_", "prompt_"))]
+        if domain and self.data.kind != "synthetic":
+            raise ValueError(f"eval.metrics {domain} score the synthetic demo domain, but data.kind is "
+                             f"{self.data.kind!r}; use fid, cmmd, dino_mmd")
+        return self
 
     @model_validator(mode="after")
     def _check_batch(self):

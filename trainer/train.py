@@ -22,7 +22,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import cache, checkpoint, ema, flow
+from . import cache, checkpoint, ema, evaluation, flow
 from .config import DENOISER_FACTORS, TrainConfig
 from .contrastive import LOSS_TERMS
 from .data import StepBatchSampler
@@ -69,12 +69,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights
         self.precision = PRECISION.build(cfg.precision, self.device)
         # latents and caption embeddings: encoded live each step, or read from the cache (cfg.cache)
-        self.inputs, self.train_set, self.val_set = inputs or cache.build_inputs(cfg, self.device)
+        self.inputs, self.train_set, self.val_set = inputs or cache.build_inputs(cfg, self.device, cfg.weights_dir)
         prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
         sizes = cfg.model.sizes()
         ctx = FactorContext(hidden_size=sizes["hidden_size"], depth=sizes["depth"], patch_size=sizes["patch_size"],
                             resolution=cfg.data.resolution, downsample=cfg.tokenizer.downsample, device=self.device,
-                            seed=cfg.seed)
+                            seed=cfg.seed, weights_dir=cfg.weights_dir)
         factors = [reg.build(getattr(cfg, name), ctx) for name, reg in DENOISER_FACTORS.items()
                    if getattr(cfg, name) is not None]
         self.denoiser = Denoiser(prx, factors).to(self.device, self.precision.weights)
@@ -83,6 +83,7 @@ class Trainer:
         self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser)
         self.ema = ema.build(cfg.ema, self.denoiser)
         self.loss_terms = [LOSS_TERMS.build(c) for c in [cfg.contrastive] if c is not None]
+        self.generation = evaluation.build(self)  # loads eval extractors now: a missing weight fails early
         self.step = 0
         self.times = {"setup_s": time.perf_counter() - t0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
         self.throughput: dict = {}
@@ -222,11 +223,12 @@ class Trainer:
 
     def evaluate(self) -> None:
         with self.ema.swapped():
-            metrics = {"val_loss": self.validation_loss()}
+            metrics = {"val_loss": self.validation_loss(), **self.generation(self.step)}
         if self.dist.main:
             (self.run_dir / "eval").mkdir(exist_ok=True)
             atomic_write_json(self.run_dir / "eval" / f"step_{self.step}.json",
-                              {"step": self.step, "metrics": metrics, "samples": len(self.val_set)})
+                              {"step": self.step, "metrics": metrics, "val_samples": len(self.val_set),
+                               "generated_samples": self.generation.n})
             print(f"[{self.name}] eval step {self.step}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()),
                   flush=True)
             if self.wandb is not None:
