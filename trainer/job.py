@@ -2,6 +2,8 @@
 
     python -m trainer.job RUN_DIR
 
+`evaluate(run_dir, step)` scores a checkpoint again without training (`ablate eval`).
+
 Resumes from the newest complete checkpoint when one exists. On failure the run directory
 says so (status.json: failed, with the error) and no result.json is written.
 """
@@ -36,6 +38,20 @@ def run(run_dir: str | Path) -> dict:
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             traceback.print_exc()
         raise
+    finally:
+        distributed.shutdown()
+
+
+def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
+    """Evaluate checkpoint `step` (default: the newest) of a run again, e.g. after adding a metric.
+
+    Runs under the same launcher as training (`ablate eval`); the run's status is left alone.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    d = distributed.init()
+    try:
+        return Trainer(cfg, run_dir, d).evaluate_checkpoint(step)
     finally:
         distributed.shutdown()
 

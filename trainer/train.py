@@ -234,6 +234,31 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
 
+    def evaluate_checkpoint(self, step: int | None = None) -> dict:
+        """(Re)evaluate checkpoint `step` (default: the newest) of a run, without training.
+
+        Writes eval/step_N.json and its grid, and updates result.json's metrics at that step.
+        """
+        root = self.run_dir / "checkpoints"
+        path = checkpoint.latest(root) if step is None else root / f"{checkpoint.PREFIX}{step:08d}"
+        if path is None or not path.exists():
+            kept = ", ".join(str(int(p.name[len(checkpoint.PREFIX):])) for p in checkpoint.complete(root)) or "none"
+            raise FileNotFoundError(f"{self.run_dir}: no checkpoint at step {step if step is not None else '(any)'}"
+                                    f"; checkpoints kept: {kept}")
+        state = checkpoint.load(path, self.denoiser)
+        self.ema.load_state_dict(state["ema"])
+        self.step, self.wandb = state["step"], None
+        self.evaluate()
+        metrics = read_json(self.run_dir / "eval" / f"step_{self.step}.json")["metrics"]
+        result = read_json(self.run_dir / "result.json")
+        if result is not None and self.dist.main:
+            result["metrics_by_step"][str(self.step)] = metrics
+            result["metrics_by_step"] = dict(sorted(result["metrics_by_step"].items(), key=lambda kv: int(kv[0])))
+            if result["step"] == self.step:
+                result["metrics"] = metrics
+            atomic_write_json(self.run_dir / "result.json", result)
+        return metrics
+
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> None:
         if self.dist.main:

@@ -97,3 +97,14 @@ def test_bad_config_fails_before_training(make_run):
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(Exception, match="lrr"):
         job.run(d)
+
+
+def test_evaluate_checkpoint_again_updates_the_result(make_run):
+    d = make_run(checkpoint={"every": 4, "keep": 5})
+    result = job.run(d)
+    (d / "eval" / "step_4.json").unlink()
+    metrics = job.evaluate(d, step=4)
+    assert metrics == pytest.approx(result["metrics_by_step"]["4"])  # same weights, same fixed noise
+    assert json.loads((d / "eval" / "step_4.json").read_text())["metrics"] == metrics
+    with pytest.raises(FileNotFoundError, match="checkpoints kept: 4, 8"):
+        job.evaluate(d, step=6)
