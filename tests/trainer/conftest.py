@@ -21,9 +21,11 @@ TINY = {
 
 
 def merge(base: dict, over: dict) -> dict:
+    """Nested override; a map with another `kind` replaces the component whole (as sweeps do)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        same_kind = isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get("kind")
+        out[k] = merge(out[k], v) if same_kind else v
     return out
 
 
