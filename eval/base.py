@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from eval.images import iter_batches
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class Extractor(abc.ABC):
@@ -27,20 +31,27 @@ class Extractor(abc.ABC):
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """The network's forward and the final normalisation: (N, 3, S, S) → (N, D)."""
 
-    @torch.no_grad()
-    def features_batch(self, images: np.ndarray) -> np.ndarray:
-        return self.embed(self.preprocess(images)).float().cpu().numpy()
-
     def features(self, images, batch_size: int = 64) -> np.ndarray:
         """Features of an image array/tensor or of an iterable of batches, (N, D) float32."""
-        return np.concatenate([self.features_batch(b) for b in iter_batches(images, batch_size)])
+        with torch.no_grad():
+            pixels = prefetched(iter_batches(images, batch_size), self.preprocess)
+            return np.concatenate([self.embed(p).float().cpu().numpy() for p in pixels])
 
 
-def map_images(fn: Callable[[np.ndarray], np.ndarray], images: Iterable[np.ndarray]) -> list[np.ndarray]:
-    """Per-image CPU work on a few threads: PIL's resize releases the GIL."""
-    images = list(images)
-    workers = min(len(images), max(1, torch.get_num_threads()))
-    if workers <= 1:
-        return [fn(im) for im in images]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, images))
+_DONE = object()
+
+
+def prefetched(items: Iterable[T], fn: Callable[[T], U]) -> Iterator[U]:
+    """`fn(item)` for each item, computed one item ahead on a worker thread, so reading and resizing
+    the next batch (CPU, PIL releases the GIL) overlaps the current batch's forward pass."""
+    it = iter(items)
+
+    def step():
+        item = next(it, _DONE)
+        return _DONE if item is _DONE else fn(item)
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(step)
+        while (out := pending.result()) is not _DONE:
+            pending = pool.submit(step)
+            yield out

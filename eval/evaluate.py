@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.base import Extractor
+from eval.base import Extractor, prefetched
 from eval.cache import CacheKey, ReferenceCache, ReferenceFeatures
 from eval.domain import adherence
 from eval.extractors import load_extractor
@@ -194,10 +194,16 @@ class Evaluator:
 
 
 def _features_of(batches: Iterable[np.ndarray], extractors: Mapping[str, Extractor]) -> dict[str, np.ndarray]:
+    """Each batch through every extractor; the next batch is preprocessed while this one runs."""
+
+    def preprocess(batch: np.ndarray) -> dict[str, torch.Tensor]:
+        return {n: ext.preprocess(batch) for n, ext in extractors.items()}
+
     parts: dict[str, list[np.ndarray]] = {n: [] for n in extractors}
-    for batch in batches:
-        for n, ext in extractors.items():
-            parts[n].append(ext.features_batch(batch))
+    with torch.no_grad():
+        for pixels in prefetched(batches, preprocess):
+            for n, ext in extractors.items():
+                parts[n].append(ext.embed(pixels[n]).float().cpu().numpy())
     if any(not p for p in parts.values()):
         raise ValueError("no images to extract features from")
     return {n: np.concatenate(p) for n, p in parts.items()}

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from cleanfid.downloads_helper import inception_url
 from PIL import Image
 
-from eval.base import Extractor, map_images
+from eval.base import Extractor
 from eval.domain import DOMAIN_WEIGHTS, DomainAttrExtractor
+from eval.images import map_images
 from eval.weights import HFWeights, MissingWeightsError, URLWeights, WeightSpec, require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

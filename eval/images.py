@@ -7,7 +7,8 @@ memory equals the same metric computed on those images saved to a folder and rea
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,16 @@ def iter_batches(images, batch_size: int) -> Iterator[np.ndarray]:
             yield batch[lo : lo + batch_size]
 
 
+def map_images(fn: Callable, images: Iterable) -> list[np.ndarray]:
+    """Per-image CPU work (decode, resize) on a few threads: PIL releases the GIL while it works."""
+    images = list(images)
+    workers = min(len(images), max(1, torch.get_num_threads()))
+    if workers <= 1:
+        return [fn(im) for im in images]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, images))
+
+
 def take(batches: Iterable[np.ndarray], num: int) -> Iterator[np.ndarray]:
     """The first `num` images of a batch stream; raises when the stream has fewer."""
     seen = 0
@@ -79,7 +90,12 @@ def read_image_folder(
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     files = files[:num] if num is not None else files
     for lo in range(0, len(files), batch_size):
-        yield np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[lo : lo + batch_size]])
+        yield np.stack(map_images(_read_rgb, files[lo : lo + batch_size]))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def make_grid(images, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:

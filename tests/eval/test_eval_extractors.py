@@ -215,3 +215,17 @@ def test_hf_download_prefers_safetensors_then_falls_back(tmp_path, monkeypatch):
     spec.download(tmp_path)
     assert calls == [["config.json", "model.safetensors"], ["config.json", "pytorch_model.bin"]]
     assert spec.missing(tmp_path) is None
+
+
+def test_prefetched_keeps_order_and_raises_errors():
+    from eval.base import prefetched
+
+    assert list(prefetched(range(5), lambda i: i * i)) == [0, 1, 4, 9, 16]
+
+    def fail_on_three(i):
+        if i == 3:
+            raise RuntimeError("bad batch 3")
+        return i
+
+    with pytest.raises(RuntimeError, match="bad batch 3"):
+        list(prefetched(range(5), fail_on_three))
