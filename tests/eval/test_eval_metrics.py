@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import types
 import warnings
 
+import cleanfid.fid
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from cleanfid.fid import frechet_distance as cleanfid_frechet
 
@@ -19,12 +23,25 @@ def _inception_like(rng, n: int, d: int, rank: int | None = None, shift: float =
     return np.maximum(0.5 * z @ w + 0.3 + shift, 0.0).astype(np.float32)
 
 
+@pytest.fixture(autouse=True)
+def _cleanfid_on_new_scipy(monkeypatch):
+    """clean-fid 0.1.35 calls `linalg.sqrtm(..., disp=False)`, which scipy 1.18 removed (1.16-1.17 warn).
+    There, hand clean-fid's module a `linalg` whose sqrtm takes `disp` and answers as the old one did."""
+    if "disp" in inspect.signature(scipy.linalg.sqrtm).parameters:
+        return
+    new_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm(a, disp=True):
+        root = new_sqrtm(a)
+        return root if disp else (root, None)
+
+    monkeypatch.setattr(cleanfid.fid, "linalg", types.SimpleNamespace(sqrtm=sqrtm))
+
+
 def _cleanfid(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # scipy's deprecation of sqrtm(disp=...), which clean-fid still passes
+        warnings.simplefilter("ignore")  # scipy 1.16-1.17 deprecate the sqrtm(disp=...) clean-fid passes
         return cleanfid_frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
@@ -32,7 +49,7 @@ def _cleanfid(a: np.ndarray, b: np.ndarray) -> float:
     "n_a, n_b, d, rank",
     [
         (3000, 3000, 192, None),  # full rank
-        (3000, 2000, 192, 48),  # both covariances of rank 64
+        (3000, 2000, 192, 48),  # both covariances of rank 48
         (150, 3000, 192, None),  # one set smaller than the dimension: singular covariance
         (100, 150, 192, None),  # both singular
     ],
