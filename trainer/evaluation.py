@@ -127,7 +127,7 @@ class GenerationEval:
         tdist.all_gather_object(parts, (self.mine, feats, images[: self.tr.cfg.eval.grid]))
         order = np.argsort(np.concatenate([p[0] for p in parts]))
         feats = {k: np.concatenate([p[1][k] for p in parts])[order] for k in feats}
-        grid = [(j, img) for p in parts for j, img in zip(p[0], p[2])]
+        grid = [(j, img) for p in parts for j, img in zip(p[0], p[2], strict=True)]
         grid.sort(key=lambda x: x[0])
         return feats, np.stack([img for _, img in grid])
 

@@ -10,7 +10,7 @@ def test_synthetic_domain_is_deterministic_and_captions_differ_in_detail():
     x, y = a[5], b[5]
     assert torch.equal(x["image"], y["image"]) and x["image"].shape == (3, 16, 16)
     assert 0 <= x["image"].min() and x["image"].max() <= 1
-    attrs = {k: int(v) for k, v in zip(ATTRIBUTES, x["attrs"])}
+    attrs = {k: int(v) for k, v in zip(ATTRIBUTES, x["attrs"], strict=True)}
     assert x["caption"] == long_caption(attrs)
     for name, values in ATTRIBUTES.items():  # the long caption names every attribute
         assert values[attrs[name]] in x["caption"]
@@ -28,7 +28,7 @@ def test_ranks_split_the_global_batch_and_resume_reads_the_same_batches():
     full = list(StepBatchSampler(10, 4, seed=3, start_step=0, total_steps=6))
     r0 = list(StepBatchSampler(10, 4, seed=3, start_step=0, total_steps=6, rank=0, world=2))
     r1 = list(StepBatchSampler(10, 4, seed=3, start_step=0, total_steps=6, rank=1, world=2))
-    assert [a + b for a, b in zip(r0, r1)] == full
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == full
     assert list(StepBatchSampler(10, 4, seed=3, start_step=4, total_steps=6)) == full[4:]
     # each epoch is a permutation: the first 10 positions cover every index once
     flat = [i for batch in full for i in batch]

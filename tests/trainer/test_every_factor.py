@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from tiny_weights import T5GEMMA_DIM, install_everything
+
 from trainer import checkpoint, job
 from trainer.config import REGISTRIES
 from trainer.data import SyntheticConfig, SyntheticShapes, long_caption, short_caption
@@ -62,7 +62,7 @@ def image_rows(n=24):
     ds = SyntheticShapes(SyntheticConfig(resolution=24, num_train=n), 0, n)
     for i in range(n):
         item = ds[i]
-        attrs = {k: int(v) for k, v in zip(("shape", "colour", "size", "position", "background"), item["attrs"])}
+        attrs = {k: int(v) for k, v in zip(("shape", "colour", "size", "position", "background"), item["attrs"], strict=True)}
         img = Image.fromarray((item["image"].permute(1, 2, 0).numpy() * 255).astype("uint8"))
         yield img, long_caption(attrs), short_caption(attrs)
 

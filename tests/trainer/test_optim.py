@@ -46,7 +46,7 @@ def test_muon_step_equals_torch_muon_used_directly():
         opt.step()
         ref_muon.step()
         ref_adam.step()
-    for (n, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+    for (n, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(a, b), n
 
 

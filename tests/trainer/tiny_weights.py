@@ -41,7 +41,12 @@ def tiny_autoencoder(kind: str, **over):
 
 
 def tiny_t5gemma():
-    from transformers import ByT5Tokenizer, T5GemmaConfig, T5GemmaForConditionalGeneration, T5GemmaModuleConfig
+    from transformers import (
+        ByT5Tokenizer,
+        T5GemmaConfig,
+        T5GemmaForConditionalGeneration,
+        T5GemmaModuleConfig,
+    )
 
     tok = ByT5Tokenizer()
     module = dict(vocab_size=len(tok), hidden_size=T5GEMMA_DIM, intermediate_size=64, num_hidden_layers=2,
