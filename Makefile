@@ -26,6 +26,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/eval_bench.py
 
 lint: setup
 	$(BIN)/ruff check ablate trainer eval tests bench
