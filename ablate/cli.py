@@ -1,7 +1,8 @@
-"""The `ablate` command line: run, status, rank.
+"""The `ablate` command line: run, status, rank, eval, weights, cache.
 
-Start-up imports no torch (the trainer's schema is imported only by `ablate run`, to
-validate); a mistake in the user's input ends with one `error: ...` line and exit code 2.
+Start-up imports no torch (the trainer's schema is imported only by the commands that
+validate arms: run, eval, weights, cache); a mistake in the user's input ends with one
+`error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -19,9 +20,13 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.errors import UserError
-from ablate.store import IN_FLIGHT, STATUS, ArmView, Decision, last_log_line, observe
-from ablate.sweep import Sweep, changes, load_sweep, show_value
+from ablate.store import IN_FLIGHT, STATUS, ArmView, Decision, eval_note, last_log_line, observe
+from ablate.sweep import Launcher, Sweep, changes, load_sweep, show_value
 from trainer.io import read_json
+
+if TYPE_CHECKING:
+    from ablate.evaluate import Target
+    from ablate.weights import Weight
 
 app = typer.Typer(
     add_completion=False,
@@ -31,7 +36,23 @@ app = typer.Typer(
 )
 
 SweepFile = Annotated[Path, typer.Argument(help="The sweep file (YAML).", show_default=False)]
+Wait = Annotated[
+    bool | None,
+    typer.Option(
+        "--wait/--no-wait", help="Follow the jobs until they end \\[default: wait, except for slurm]."
+    ),
+]
+WeightsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir", metavar="D", help="Weights folder \\[default: each arm's weights_dir, else the HF cache]."
+    ),
+]
 POLL_S = 1.0  # how often `ablate run --wait` looks at the run directories
+weights_app = typer.Typer(
+    no_args_is_help=True, help="The pretrained weights a sweep needs: check them, download them."
+)
+app.add_typer(weights_app, name="weights")
 
 
 def _console() -> Console:
@@ -51,12 +72,7 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Run afresh every arm whose config changed.")
     ] = False,
-    wait: Annotated[
-        bool | None,
-        typer.Option(
-            "--wait/--no-wait", help="Follow the arms until they end [default: wait, except for slurm]."
-        ),
-    ] = None,
+    wait: Wait = None,
 ) -> None:
     """Validate the sweep, then submit every arm that has not finished with its current config."""
     from ablate import launch
@@ -67,13 +83,7 @@ def run(
     sweep = load_sweep(sweep_file)
     specs = expand(sweep)  # validates every arm before anything is created
     launcher = sweep.launcher
-    wait = launcher.executor != "slurm" if wait is None else wait
-    if launcher.executor == "debug" and not wait:
-        raise UserError(
-            "--no-wait with the debug executor, which runs the arms inside this process",
-            "--wait, or launcher.executor: local",
-            path="--no-wait",
-        )
+    wait = _resolve_wait(launcher, wait)
 
     if dry_run:
         decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
@@ -145,7 +155,10 @@ def status(sweep_file: SweepFile) -> None:
         table.add_column(column, overflow="fold")
     for name in sweep.arm_names():
         view = observe(sweep.root / name)
-        table.add_row(*_arm_cells(view, with_log=True))
+        cells = _arm_cells(view, with_log=True)
+        if evaluation := eval_note(view.run_dir):
+            cells[-1].append(("; " if cells[-1].plain else "") + evaluation)
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -154,7 +167,9 @@ def rank(
     sweep_file: SweepFile,
     step: Annotated[
         int | None,
-        typer.Option("--step", help="Rank at this step [default: the last step all finished arms reached]."),
+        typer.Option(
+            "--step", help="Rank at this step \\[default: the last step all finished arms reached]."
+        ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | csv | markdown | json")] = "table",
 ) -> None:
@@ -175,6 +190,167 @@ def rank(
         where = f"at step {used}" if used is not None else "(no arm has evaluated yet)"
         title = f"{sweep.name}: change vs baseline {where}, paired by seed"
         _console().print(ranking.to_rich(df, sweep.metrics, title))
+
+
+@app.command("eval")
+def evaluate(
+    sweep_file: SweepFile,
+    arm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arm",
+            metavar="NAME",
+            help="Evaluate this arm (repeatable) \\[default: every arm that has ended].",
+        ),
+    ] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step", min=0, help="Evaluate the checkpoint of this step \\[default: each arm's newest]."
+        ),
+    ] = None,
+    wait: Wait = None,
+) -> None:
+    """Score checkpoints of arms that have ended again, without training, as jobs of the sweep's launcher."""
+    from ablate import launch
+    from ablate.evaluate import select
+    from ablate.store import check_names, mark_eval_queued, sweep_lock
+    from ablate.sweep import expand
+
+    console = _console()
+    sweep = load_sweep(sweep_file)
+    check_names(sweep.arm_names(), arm or (), "--arm")
+    hashes = {s.name: s.hash for s in expand(sweep)}  # validates the sweep, like `ablate run`
+    launcher = sweep.launcher
+    wait = _resolve_wait(launcher, wait)
+    select(sweep, arm or [], step)  # every check before anything is written
+    launch.check_available(launcher)
+    try:
+        with sweep_lock(sweep.root):  # not while `ablate run` (or another `ablate eval`) submits
+            targets, skipped = select(sweep, arm or [], step)
+            _print_eval_plan(console, sweep, targets, skipped, hashes)
+            for target in targets:
+                mark_eval_queued(target.run_dir, target.step, launcher.executor)
+            executor = launch.build_executor(launcher, sweep.root, f"{sweep.name}-eval")
+            job = launch.EvalArm({str(t.run_dir): t.step for t in targets})
+            run_dirs = [t.run_dir for t in targets]
+            jobs = launch.submit(
+                executor, run_dirs, parallelism=launcher.array_parallelism, fn=job, poll_s=POLL_S
+            )
+        if not wait:
+            console.print(
+                f"submitted {len(jobs)} evaluation(s) ({launcher.executor}); each arm's eval_job.json says how it went"
+            )
+            return
+        launch.wait(jobs, poll_s=POLL_S)
+    except KeyboardInterrupt:
+        if launcher.executor == "slurm":
+            note = "jobs already submitted keep running"
+        else:
+            note = "evaluations on this machine stop with it"
+        console.print(
+            f"\ninterrupted: {note}; `ablate eval {sweep_file}` submits them again",
+            style="yellow",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
+    failed = _eval_summary(console, targets)
+    steps = sorted({t.step for t in targets})
+    step_arg = steps[0] if len(steps) == 1 else "N"
+    console.print(f"next: ablate rank {sweep_file} --step {step_arg}", markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@weights_app.command("check")
+def weights_check(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
+    """List every pretrained weight the sweep's arms need (denoiser and eval side), present or missing.
+
+    Exit code 0 when all are present, 1 when any is missing.
+    """
+    from ablate import weights
+
+    console = _console()
+    sweep = load_sweep(sweep_file)
+    needed = weights.needed(sweep, folder)
+    states = weights.states(needed)
+    console.print(f"sweep {sweep.name}: {len(needed)} pretrained weight(s)", markup=False)
+    if needed:
+        console.print(_weights_table(needed, states))
+    missing = [problem for problem in states.values() if problem is not None]
+    for problem in missing:
+        console.print(f"missing: {problem}", style="red", markup=False)
+    if missing:
+        command = f"ablate weights download {sweep_file}" + (f" --dir {folder}" if folder is not None else "")
+        console.print(
+            f"{len(missing)} of {len(needed)} missing; fetch them with network: {command}", markup=False
+        )
+        raise typer.Exit(1)
+    console.print("all present", markup=False)
+
+
+@weights_app.command("download")
+def weights_download(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
+    """Fetch every pretrained weight the sweep needs that is not here yet (needs network)."""
+    from ablate import weights
+
+    console = _console()
+    sweep = load_sweep(sweep_file)
+    needed = weights.needed(sweep, folder)
+    console.print(f"sweep {sweep.name}: {len(needed)} pretrained weight(s)", markup=False)
+    failures = 0
+    for w in needed:
+        if not w.downloadable:
+            console.print(f"{w.label}: {w.note}", markup=False)
+        elif w.missing() is None:
+            console.print(f"{w.label}: present in {w.where}", markup=False)
+        else:
+            console.print(f"{w.label}: fetching into {w.where} …", markup=False)
+            if (problem := weights.fetch(w)) is not None:
+                failures += 1
+                sys.stdout.flush()
+                print(f"error: {problem}", file=sys.stderr, flush=True)
+    if failures:
+        problem = f"{failures} of {len(needed)} weight(s) not fetched"
+        print(f"error: {problem}: {weights.NETWORK_HINT}", file=sys.stderr)
+        raise typer.Exit(1)
+    console.print("all present", markup=False)
+
+
+@app.command()
+def cache(
+    sweep_file: SweepFile,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print which caches the arms need; compute nothing.")
+    ] = False,
+) -> None:
+    """Precompute the latent and caption-embedding caches the sweep's arms read (their `cache: {dir}`).
+
+    Arms whose data, captions, tokenizer and text encoder agree share one cache; complete caches are kept.
+    """
+    from ablate import cache as caches
+
+    console = _console()
+    sweep = load_sweep(sweep_file)
+    groups, without = caches.plan(sweep)
+    table = Table()
+    for column in ("cache key", "folder", "state", "arms"):
+        table.add_column(column, overflow="fold")
+    for g in groups:
+        style = {"complete": "green", "incomplete": "yellow"}.get(g.state, "")
+        table.add_row(g.key, str(g.path), Text(g.state, style=style), ", ".join(g.arms))
+    console.print(f"sweep {sweep.name}: {len(groups)} cache(s)", markup=False)
+    if groups:
+        console.print(table)
+    if without:
+        console.print(f"not using a cache (no `cache:` set): {', '.join(without)}", markup=False)
+    if dry_run:
+        console.print("dry run: nothing computed", style="bold")
+        return
+    todo = [g for g in groups if g.state != "complete"]
+    for g in todo:
+        caches.fill(g, log=lambda line: console.print(line, markup=False))
+    console.print(f"{len(todo)} cache(s) computed, {len(groups) - len(todo)} already complete", markup=False)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -202,6 +378,85 @@ def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, de
         table.add_row(Text(d.spec.name), Text(d.action, style=style), Text(d.spec.hash), Text(last))
     console.print(table)
     console.print(resources(sweep.launcher), markup=False)
+
+
+def _resolve_wait(launcher: Launcher, wait: bool | None) -> bool:
+    """--wait/--no-wait: default wait, except on slurm; the debug executor always waits."""
+    wait = launcher.executor != "slurm" if wait is None else wait
+    if launcher.executor == "debug" and not wait:
+        raise UserError(
+            "--no-wait with the debug executor, which runs the jobs inside this process",
+            "--wait, or launcher.executor: local",
+            path="--no-wait",
+        )
+    return wait
+
+
+def _print_eval_plan(
+    console: Console,
+    sweep: Sweep,
+    targets: list[Target],
+    skipped: list[tuple[str, str]],
+    hashes: dict[str, str],
+) -> None:
+    from ablate.launch import resources
+
+    console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
+    table = Table()
+    for column in ("arm", "state", "step", "note"):
+        table.add_column(column, overflow="fold")
+    for t in targets:
+        ran = observe(t.run_dir, check_jobs=False).hash
+        note = (
+            f"config changed since it ran (hash {ran} → {hashes[t.name]}): evaluated with the config it ran with"
+            if ran != hashes[t.name]
+            else ""
+        )
+        table.add_row(t.name, t.state, str(t.step), Text(note, style="yellow"))
+    for name, reason in skipped:
+        table.add_row(Text(name, style="dim"), Text("left out", style="dim"), "", Text(reason, style="dim"))
+    console.print(table)
+    console.print(resources(sweep.launcher), markup=False)
+
+
+def _eval_summary(console: Console, targets: list[Target]) -> int:
+    """Print how each evaluation ended (from eval_job.json); returns how many did not finish."""
+    from ablate.evaluate import outcome
+
+    bad = 0
+    for t in targets:
+        record = outcome(t)
+        if record.get("state") == "done":
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.get("metrics", {}).items())
+            console.print(f"  {t.name}: step {t.step}: {metrics}", markup=False)
+            continue
+        bad += 1
+        log = record.get("stderr")
+        console.print(
+            f"  {t.name}: step {t.step}: {record.get('state', '?')}"
+            + (f" ({record['error']})" if record.get("error") else "")
+            + (f"; log: {log}" if log and Path(log).exists() else ""),
+            style="red",
+            markup=False,
+        )
+    console.print(f"{len(targets) - bad}/{len(targets)} arm(s) evaluated")
+    return bad
+
+
+def _weights_table(needed: list[Weight], states: dict[Weight, str | None]) -> Table:
+    table = Table()
+    table.add_column("weight", no_wrap=True)  # whole, to be copied
+    for column in ("for", "arms", "folder", "state"):
+        table.add_column(column, overflow="fold")
+    for w in needed:
+        if not w.downloadable:
+            state = Text(w.note, style="dim")
+        elif states[w] is None:
+            state = Text("present", style="green")
+        else:
+            state = Text("missing", style="red")
+        table.add_row(w.label, ", ".join(w.used_by), w.arms_text, w.where, state)
+    return table
 
 
 def _arm_cells(view: ArmView, *, with_log: bool) -> list[Text]:

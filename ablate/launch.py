@@ -5,11 +5,12 @@ receives that executor and sends the arms out (one job array; for the local exec
 would start every array element at once, at most `array_parallelism` at a time). Each job
 runs `RunArm()(run_dir)`, which is checkpointable: a job that reaches its time limit or is
 preempted is requeued with the same run directory, and the trainer resumes from its newest
-checkpoint there.
+checkpoint there. `ablate eval` sends `EvalArm(steps)` jobs the same way.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ import submitit
 from submitit.slurm.slurm import SlurmExecutor
 
 from ablate.errors import UserError
-from ablate.store import SUBMITIT, mark_submitted
+from ablate.store import SUBMITIT, mark_eval, mark_eval_submitted, mark_submitted
 from ablate.sweep import Launcher
 
 
@@ -34,6 +35,44 @@ class RunArm(submitit.helpers.Checkpointable):
         from trainer.job import run  # lazy: the orchestrator does not import torch
 
         run(run_dir)
+
+
+class EvalArm(submitit.helpers.Checkpointable):
+    """The job of `ablate eval`: score one checkpoint of an arm again, without training.
+
+    `steps` maps each run directory (as submitted) to the checkpoint step to evaluate. The
+    outcome goes to the run directory's eval_job.json (running, then done with the metrics or
+    failed with the error); status.json is the training's and is left alone. On timeout or
+    preemption the job is requeued and evaluates again from the start.
+    """
+
+    def __init__(self, steps: dict[str, int]) -> None:
+        self.steps = dict(steps)
+
+    def __call__(self, run_dir: str) -> dict[str, float]:
+        from trainer.job import evaluate  # lazy: the orchestrator does not import torch
+
+        step, main = self.steps[run_dir], _main_process()
+        if main:
+            mark_eval(Path(run_dir), "running", step=step, error=None, metrics=None)
+        try:
+            metrics = evaluate(run_dir, step)
+        except BaseException as e:
+            if main:
+                mark_eval(Path(run_dir), "failed", error=f"{type(e).__name__}: {e}")
+            raise
+        if main:
+            mark_eval(Path(run_dir), "done", metrics=metrics)
+        return metrics
+
+
+def _main_process() -> bool:
+    """Whether this is the job's first task (the one that writes the run directory's records)."""
+    if "RANK" in os.environ:  # torchrun, or exported by the trainer
+        return os.environ["RANK"] == "0"
+    if os.environ.get("SUBMITIT_EXECUTOR") in ("local", "slurm"):
+        return submitit.JobEnvironment().global_rank == 0
+    return True
 
 
 def job_folder(root: Path) -> Path:
@@ -166,9 +205,11 @@ def submit(
     One array (`executor.batch()`) for every executor, except that for the local executor,
     which starts each array element at once, at most `parallelism` run at a time: this call
     then blocks, polling every `poll_s` seconds, until the last arm has been started.
-    `fn` is the job callable (default `RunArm()`).
+    `fn` is the job callable: `RunArm()` (default; recorded in job.json and status.json) or an
+    `EvalArm` (recorded in eval_job.json).
     """
     fn = RunArm() if fn is None else fn
+    record = mark_eval_submitted if isinstance(fn, EvalArm) else mark_submitted
     if not run_dirs:
         return []
     if (
@@ -176,11 +217,11 @@ def submit(
         and parallelism is not None
         and parallelism < len(run_dirs)
     ):
-        return _submit_in_waves(executor, run_dirs, parallelism, fn, poll_s)
+        return _submit_in_waves(executor, run_dirs, parallelism, fn, record, poll_s)
     with executor.batch():
         jobs = [executor.submit(fn, str(run_dir)) for run_dir in run_dirs]
     for run_dir, job in zip(run_dirs, jobs, strict=True):
-        _record(run_dir, job, executor)
+        _record(record, run_dir, job, executor)
     return jobs
 
 
@@ -189,6 +230,7 @@ def _submit_in_waves(
     run_dirs: Sequence[Path],
     parallelism: int,
     fn: Callable[[str], Any],
+    record: Callable[..., None],
     poll_s: float,
 ) -> list[submitit.Job[Any]]:
     pending = list(run_dirs)
@@ -199,7 +241,7 @@ def _submit_in_waves(
         while pending and len(running) < parallelism:
             run_dir = pending.pop(0)
             job = executor.submit(fn, str(run_dir))
-            _record(run_dir, job, executor)
+            _record(record, run_dir, job, executor)
             jobs.append(job)
             running.append(job)
         if pending:
@@ -207,8 +249,10 @@ def _submit_in_waves(
     return jobs
 
 
-def _record(run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor) -> None:
-    mark_submitted(run_dir, str(job.job_id), executor.folder, job.paths.stdout, job.paths.stderr)
+def _record(
+    record: Callable[..., None], run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor
+) -> None:
+    record(run_dir, str(job.job_id), executor.folder, job.paths.stdout, job.paths.stderr)
 
 
 def wait(jobs: Sequence[submitit.Job[Any]], *, poll_s: float = 1.0) -> None:

@@ -39,23 +39,24 @@ class ArmResult:
 
 
 def collect(sweep: Sweep) -> list[ArmResult]:
-    """Each arm's state and metrics per step: result.json, else the eval/step_<N>.json files so far."""
+    """Each arm's state and metrics per step: the eval/step_<N>.json files, overlaid by result.json
+    when the arm is done (`ablate eval` writes both; a step only in eval/ still counts)."""
     arms = []
     for delta in (BASELINE, *sweep.deltas):
         for seed in sweep.seeds:
             run_dir = sweep.root / arm_name(delta, seed)
             view = observe(run_dir, check_jobs=False)
             arm = ArmResult(view.name, delta, seed, view.state)
-            result = read_json(run_dir / RESULT) if view.state == "done" else None
-            if result is not None:
-                arm.metrics_by_step = {int(k): v for k, v in result.get("metrics_by_step", {}).items()}
-                arm.metrics_by_step.setdefault(int(result["step"]), result.get("metrics", {}))
-                arm.batches_per_s = result.get("throughput", {}).get("batches_per_s")
-            elif (run_dir / "eval").is_dir():
+            if (run_dir / "eval").is_dir():
                 for path in (run_dir / "eval").iterdir():
                     match = _EVAL_FILE.match(path.name)
                     if match and (record := read_json(path)) is not None:
                         arm.metrics_by_step[int(match.group(1))] = record.get("metrics", {})
+            result = read_json(run_dir / RESULT) if view.state == "done" else None
+            if result is not None:
+                arm.metrics_by_step.update({int(k): v for k, v in result.get("metrics_by_step", {}).items()})
+                arm.metrics_by_step.setdefault(int(result["step"]), result.get("metrics", {}))
+                arm.batches_per_s = result.get("throughput", {}).get("batches_per_s")
             arms.append(arm)
     return arms
 

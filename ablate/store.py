@@ -9,10 +9,11 @@
         job.json                 written here: executor, job id, host, submitter pid, log paths
         status.json              `queued`/`submitted` written here; `running`/`done`/`failed` by the trainer
         log.jsonl checkpoints/ eval/ result.json   written by the trainer
+        eval_job.json            `ablate eval`'s latest job: step, job id, logs; its state written by the job
 
 What is on disk decides what `ablate run` does with each arm (`plan`): finished with the
-same hash → skip; failed, stale or missing → (re)submit; in flight → skip; config hash
-changed → blocked until `--rerun NAME` or `--force`.
+same hash → skip; failed, stale or missing → (re)submit; in flight (training, or being
+evaluated by `ablate eval`) → skip; config hash changed → blocked until `--rerun NAME` or `--force`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CONFIG, SPEC, STATUS, JOB, RESULT, LOG = (
     "result.json",
     "log.jsonl",
 )
+EVAL_JOB = "eval_job.json"
 LOCK, SUBMITIT, REPLACED = ".ablate.lock", ".submitit", ".replaced"
 IN_FLIGHT = ("queued", "submitted", "running")
 # sacct states of a job that still holds (or will again hold) its arm.
@@ -195,6 +197,8 @@ def plan(
             if changed or asked:
                 reason += "; cancel its job before rerunning it"
             d = Decision(spec, view, "skip", f"in flight ({reason})")
+        elif (evaluating := eval_in_flight(view.run_dir)) is not None:
+            d = Decision(spec, view, "skip", f"in flight (being evaluated: {describe_eval_job(evaluating)})")
         elif changed and not (asked or force):
             d = Decision(
                 spec, view, "blocked", f"config changed since it ran (hash {view.hash} → {spec.hash})"
@@ -211,12 +215,16 @@ def plan(
 
 def check_arm_names(specs: list[RunSpec], names: Iterable[str]) -> None:
     """Every name given on the command line (--rerun) must be an arm of the sweep."""
-    arms = [s.name for s in specs]
+    check_names([s.name for s in specs], names, "--rerun")
+
+
+def check_names(arms: list[str], names: Iterable[str], option: str) -> None:
+    """Every name given with `option` must be one of `arms`; else a UserError with the closest match."""
     for name in names:
         if name not in arms:
             close = difflib.get_close_matches(name, arms, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"no arm named '{name}'{hint}", f"one of: {', '.join(arms)}", path="--rerun")
+            raise UserError(f"no arm named '{name}'{hint}", f"one of: {', '.join(arms)}", path=option)
 
 
 def blocked_error(decisions: list[Decision]) -> UserError | None:
@@ -310,3 +318,55 @@ def last_log_line(run_dir: Path) -> dict[str, Any] | None:
         with contextlib.suppress(ValueError):
             return json.loads(line)
     return None
+
+
+# --- `ablate eval` jobs ---------------------------------------------------------------------------
+
+
+def eval_in_flight(run_dir: Path) -> dict[str, Any] | None:
+    """The arm's `ablate eval` record (eval_job.json) while its job is queued or running, else None."""
+    record = read_json(run_dir / EVAL_JOB)
+    if record is None or record.get("state") not in IN_FLIGHT:
+        return None
+    return None if job_alive(record) is False else record
+
+
+def describe_eval_job(record: dict[str, Any]) -> str:
+    owner = f"job {record['job_id']}" if record.get("job_id") else f"pid {record.get('submitter_pid')}"
+    return f"step {record.get('step')}, {record.get('state')}, {owner}"
+
+
+def eval_note(run_dir: Path) -> str:
+    """One line on the arm's latest `ablate eval` job for `ablate status` ('' when there was none)."""
+    record = read_json(run_dir / EVAL_JOB)
+    if record is None:
+        return ""
+    state = record.get("state")
+    if state in IN_FLIGHT and eval_in_flight(run_dir) is None:
+        state = f"was {state}, its job is gone"
+    error = f": {record['error']}" if state == "failed" and record.get("error") else ""
+    return f"eval step {record.get('step')}: {state}{error}"
+
+
+def mark_eval_queued(run_dir: Path, step: int, executor: str) -> None:
+    """Before submission: eval_job.json names this process as the owner of the arm's evaluation at `step`."""
+    atomic_write_json(
+        run_dir / EVAL_JOB,
+        {"state": "queued", "step": step, "executor": executor, "job_id": None, "host": socket.gethostname(),
+         "submitter_pid": os.getpid(), "queued_at": now(), "updated_at": now()},
+    )  # fmt: skip
+
+
+def mark_eval_submitted(run_dir: Path, job_id: str, folder: Path, stdout: Path, stderr: Path) -> None:
+    record = read_json(run_dir / EVAL_JOB, default={})
+    record.update(job_id=job_id, folder=str(folder), stdout=str(stdout), stderr=str(stderr))
+    record["submitted_at"] = now()
+    if record.get("state") == "queued":  # the job may already have written `running`
+        record.update(state="submitted", updated_at=now())
+    atomic_write_json(run_dir / EVAL_JOB, record)
+
+
+def mark_eval(run_dir: Path, state: str, **fields: Any) -> None:
+    """Written by the eval job itself: running | done (with metrics) | failed (with error)."""
+    record = read_json(run_dir / EVAL_JOB, default={})
+    atomic_write_json(run_dir / EVAL_JOB, {**record, **fields, "state": state, "updated_at": now()})
