@@ -16,7 +16,7 @@ from pathlib import Path
 
 from eval.atomic import atomic_path
 
-DOWNLOAD_COMMAND = "ablate weights download"
+DOWNLOAD_COMMAND = "ablate weights download SWEEP"  # SWEEP: the sweep file whose arms need the weights
 
 
 class MissingWeightsError(RuntimeError):

@@ -14,13 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-DOWNLOAD_COMMAND = "ablate weights download"
+from eval.weights import MissingWeightsError, download_hint  # one error type and hint for both packages
+
 # Files a model folder needs: configs, safetensors weights, tokenizer files (sentencepiece, BPE merges).
 FILE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt")
-
-
-class MissingWeightsError(RuntimeError):
-    """A pretrained model is not on this machine; the message is one line and names the fix."""
 
 
 class HFWeights(NamedTuple):
@@ -35,10 +32,6 @@ class HFWeights(NamedTuple):
     def patterns(self) -> list[str]:
         prefix = "" if self.subfolder is None else f"{self.subfolder}/"
         return [prefix + p for p in FILE_PATTERNS]
-
-
-def download_hint(weights_dir: str | Path | None) -> str:
-    return f"{DOWNLOAD_COMMAND} --dir {weights_dir}" if weights_dir is not None else DOWNLOAD_COMMAND
 
 
 def missing(spec: HFWeights, weights_dir: str | Path | None = None) -> str | None:

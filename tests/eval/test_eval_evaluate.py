@@ -133,7 +133,7 @@ def test_metric_and_reference_errors(extractors, tmp_path):
         Evaluator(["kid"], None, extractors=extractors)
     with pytest.raises(ValueError, match="pass reference="):
         Evaluator(["fid"], None, extractors=extractors)
-    with pytest.raises(MissingWeightsError, match="ablate weights download --dir"):
+    with pytest.raises(MissingWeightsError, match="ablate weights download SWEEP --dir"):
         Evaluator(["cmmd"], Reference("r", 1, lambda: None, tmp_path), weights_dir=tmp_path / "weights")
     assert extractors_for(["fid", "domain_fd", "domain_mmd", "prompt_adherence"]) == [
         "inception",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import INCEPTION_FILE, save_in_hf_cache, tiny_clip, tiny_dino, write_tiny_inception
+from eval_testing import INCEPTION_FILE, save_in_hf_cache, tiny_clip, tiny_dino, write_tiny_inception
 from PIL import Image
 
 from eval.extractors import (
@@ -175,7 +175,7 @@ def test_missing_weights_is_one_clear_line(tmp_path, name, needle):
         load_extractor(name, tmp_path / "weights")
     msg = str(err.value)
     assert "\n" not in msg
-    assert needle in msg and f"ablate weights download --dir {tmp_path / 'weights'}" in msg
+    assert needle in msg and f"ablate weights download SWEEP --dir {tmp_path / 'weights'}" in msg
     assert name in missing_weights([name], tmp_path / "weights")
 
 

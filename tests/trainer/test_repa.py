@@ -135,7 +135,7 @@ def test_missing_teacher_weights_is_one_line_naming_the_model_and_the_command(tm
         build_hf_teacher(cfg.teacher, FactorContext(**{**CTX.__dict__, "weights_dir": str(tmp_path)}))
     msg = str(err.value)
     assert "\n" not in msg and "facebook/dinov3-vitl16-pretrain-lvd1689m" in msg
-    assert f"ablate weights download --dir {tmp_path}" in msg
+    assert f"ablate weights download SWEEP --dir {tmp_path}" in msg
     assert weights.required(cfg) == [weights.HFWeights("facebook/dinov3-vitl16-pretrain-lvd1689m")]
 
 

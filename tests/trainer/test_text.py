@@ -89,5 +89,5 @@ def test_wrong_dim_names_the_fix(weights):
 
 
 def test_missing_weights_is_one_line_naming_the_repo(tmp_path):
-    with pytest.raises(MissingWeightsError, match=f"^{REPO} not in weights folder .*ablate weights download --dir"):
+    with pytest.raises(MissingWeightsError, match=f"^{REPO} not in weights folder .*ablate weights download SWEEP --dir"):
         build(tmp_path)

@@ -185,7 +185,7 @@ def test_missing_weights_is_one_line_naming_the_model_and_the_command(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg
     assert "black-forest-labs/FLUX.2-dev (subfolder vae)" in msg
-    assert f"ablate weights download --dir {tmp_path}" in msg
+    assert f"ablate weights download SWEEP --dir {tmp_path}" in msg
 
 
 def test_a_model_with_other_latent_channels_is_rejected(tmp_path):
