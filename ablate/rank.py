@@ -230,6 +230,13 @@ LEGEND = (
 )
 
 
+LEGEND_TERMINAL = (
+    "↓ lower is better, ↑ higher is better; green = better than the baseline. Each metric: the value at the "
+    "step, below it the change against the baseline at the same seed (mean ± std over seeds, and in %). "
+    "speed = batches/s relative to the baseline. --format csv|markdown|json for every column."
+)
+
+
 def to_markdown(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> str:
     header, rows = cells(df, metrics)
     lines = [
@@ -245,9 +252,18 @@ def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
     from rich.text import Text
 
     header, rows = cells(df, metrics)
-    table = Table(title=title, title_justify="left", caption=LEGEND, caption_justify="left")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i < 3 else "right", no_wrap=i < 3)
+    # On a terminal each metric is one column, the value above "Δ (Δ%)", so four metrics fit 120 columns;
+    # csv/markdown/json keep value, Δ and Δ% apart.
+    merged_header = header[:3] + [header[3 + 3 * i] for i in range(len(metrics))] + header[-2:]
+    table = Table(title=title, title_justify="left", caption=LEGEND_TERMINAL, caption_justify="left")
+    for i, name in enumerate(merged_header):
+        table.add_column(name, justify="left" if i < 3 else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*(Text(t, style="green" if g > 0 else "red" if g < 0 else "") for t, g in row))
+        out = [Text(t) for t, _ in row[:3]]
+        for i in range(len(metrics)):
+            (value, _), (change, good), (pct, _) = row[3 + 3 * i : 6 + 3 * i]
+            out.append(Text(value if pct == "—" else f"{value}\n{change} ({pct})",
+                            style="green" if good > 0 else "red" if good < 0 else ""))
+        out += [Text(t, style="green" if g > 0 else "red" if g < 0 else "") for t, g in row[-2:]]
+        table.add_row(*out)
     return table
