@@ -2,7 +2,9 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from trainer_testing import merge
 
 # The demo's baseline at test size: real code paths, seconds per run.
 TINY = {
@@ -20,13 +22,13 @@ TINY = {
 }
 
 
-def merge(base: dict, over: dict) -> dict:
-    """Nested override; a map with another `kind` replaces the component whole (as sweeps do)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        same_kind = isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get("kind")
-        out[k] = merge(out[k], v) if same_kind else v
-    return out
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest and does not fight other processes for the two cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

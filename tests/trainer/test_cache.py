@@ -1,6 +1,5 @@
 """The latent / caption-embedding cache: keys, layout, and training from it equals training without it."""
 import copy
-import functools
 import json
 
 import pytest
@@ -118,8 +117,7 @@ def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp
 
     # the cached run never loads the VAE: no weights folder is given to it
     result_cached = job.run(cached)
-    live = make_run("live", **over)
-    monkeypatch.setattr(cache, "build_inputs", functools.partial(cache.build_inputs, weights_dir=str(weights)))
+    live = make_run("live", **merge(over, {"weights_dir": str(weights)}))
     result_live = job.run(live)
     # same draws (z = mean + std·ε from the step generator); only the VAE's batch-size rounding differs
     assert losses(cached) == pytest.approx(losses(live), rel=1e-4)

@@ -1,6 +1,4 @@
 """REPA and iREPA against their formulas, with the tiny random-init teacher (no weights needed)."""
-import copy
-import json
 import math
 import tempfile
 
@@ -8,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from trainer_testing import logged_losses, merge
 from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
 
 from trainer import checkpoint, job, weights
@@ -31,24 +30,6 @@ CTX = FactorContext(hidden_size=64, depth=4, patch_size=2, resolution=16, downsa
 TINY_TEACHER = {"kind": "tiny"}
 
 
-def merge(base: dict, over: dict) -> dict:
-    """`base` with `over` merged in, nested maps key by key (as conftest's make_run does)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def logged_losses(run_dir):
-    return [json.loads(ln)["loss"] for ln in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Spy(Factor):

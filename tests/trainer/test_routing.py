@@ -1,11 +1,10 @@
 """TREAD and SPRINT against their definitions, on the tiny PRX (depth 4, 8×8 tokens)."""
-import copy
-import json
 
 import pytest
 import torch
 from diffusers.models.transformers.transformer_prx import get_image_ids
 from safetensors.torch import load_file
+from trainer_testing import logged_losses, merge
 
 from trainer import checkpoint, job
 from trainer.config import TrainConfig
@@ -21,28 +20,6 @@ from trainer.routing import (
     route_generator,
 )
 from trainer.train import Trainer
-
-
-def merge(base: dict, over: dict) -> dict:
-    """`base` with `over` merged in, nested maps key by key (as conftest's make_run does)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def logged_losses(run_dir):
-    return [json.loads(ln)["loss"] for ln in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 CTX = FactorContext(hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu"))
 

@@ -6,8 +6,8 @@ byte-level `ByT5Tokenizer` standing in for the Gemma tokenizer (both load via Au
 """
 import pytest
 import torch
-from transformers import ByT5Tokenizer, T5GemmaForConditionalGeneration, T5GemmaModuleConfig
-from transformers import T5GemmaConfig as HFT5GemmaConfig
+from tiny_weights import tiny_t5gemma
+from transformers import ByT5Tokenizer, T5GemmaForConditionalGeneration
 
 from trainer.text import TEXT, T5GemmaConfig
 from trainer.weights import HFWeights, MissingWeightsError, install
@@ -17,16 +17,9 @@ REPO = "test/tiny-t5gemma"
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    tok = ByT5Tokenizer()
-    module = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-                  sliding_window=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  bos_token_id=tok.eos_token_id)
-    config = HFT5GemmaConfig(encoder=T5GemmaModuleConfig(**module), decoder=T5GemmaModuleConfig(**module),
-                             vocab_size=len(tok))
-    torch.manual_seed(0)
+    model, tok = tiny_t5gemma()
     src = tmp_path_factory.mktemp("src")
-    T5GemmaForConditionalGeneration(config).save_pretrained(src)
+    model.save_pretrained(src)
     tok.save_pretrained(src)
     d = tmp_path_factory.mktemp("weights")
     install(HFWeights(REPO), src, d)

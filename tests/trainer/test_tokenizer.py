@@ -5,37 +5,14 @@ layout, so the tokenizers load it through the same path as the real weights.
 """
 import pytest
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from tiny_weights import BN_MEAN, BN_VAR, tiny_autoencoder
 
 from trainer.config import TrainConfig
 from trainer.tokenizer import TOKENIZERS, patchify, unpatchify
 from trainer.weights import MissingWeightsError, install, required
 
-KL = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-          block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
-DC = dict(latent_channels=32, attention_head_dim=4, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
-          encoder_block_out_channels=(8, 8, 8, 8, 16, 32), decoder_block_out_channels=(8, 8, 8, 8, 16, 32),
-          encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6,
-          encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6, scaling_factor=0.41407)
-BN_MEAN = torch.linspace(-1, 1, 128)
-BN_VAR = torch.linspace(0.5, 4, 128)
-
-
-def tiny(kind: str, **over):
-    torch.manual_seed(0)
-    if kind in ("flux-vae", "repa-e-vae"):
-        scale = {"flux-vae": (0.3611, 0.1159), "repa-e-vae": (0.5, -0.2)}[kind]
-        return AutoencoderKL(**{**KL, "latent_channels": 16, "scaling_factor": scale[0], "shift_factor": scale[1],
-                                "use_quant_conv": False, "use_post_quant_conv": False, **over})
-    if kind == "flux2-ae":
-        vae = AutoencoderKLFlux2(**{**KL, "latent_channels": 32, **over})
-        vae.bn.running_mean.copy_(BN_MEAN)
-        vae.bn.running_var.copy_(BN_VAR)
-        return vae
-    if kind == "dc-ae":
-        return AutoencoderDC(**{**DC, **over})
-    raise ValueError(kind)
+tiny = tiny_autoencoder
 
 
 def put(model, cfg, weights_dir, tmp_path):
