@@ -108,3 +108,25 @@ def test_evaluate_checkpoint_again_updates_the_result(make_run):
     assert json.loads((d / "eval" / "step_4.json").read_text())["metrics"] == metrics
     with pytest.raises(FileNotFoundError, match="checkpoints kept: 4, 8"):
         job.evaluate(d, step=6)
+
+
+def test_wandb_run_is_named_grouped_and_resumed_under_one_id(make_run, monkeypatch):
+    """A requeued arm logs into the same W&B run (a deterministic id), not a new one."""
+    import wandb
+
+    seen = []
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw) or real_init(**kw))
+    d = make_run(log={"every": 2, "wandb": {"mode": "offline", "project": "ablate-test"}})
+    (d / "spec.json").write_text(json.dumps({"name": "muon-s0", "sweep": "demo", "delta": "muon", "hash": "abc"}))
+    job.run(d)
+    (d / "result.json").unlink()
+    import shutil
+
+    shutil.rmtree(checkpoint.latest(d / "checkpoints"))
+    job.run(d)  # resumes from step 4
+    assert [s["id"] for s in seen] == [seen[0]["id"]] * 2 and seen[0]["resume"] == "allow"
+    assert (seen[0]["name"], seen[0]["group"], seen[0]["job_type"]) == ("muon-s0", "demo", "ablation")
+    assert seen[0]["config"]["optimizer"]["kind"] == "adamw"  # the resolved config
+    runs = sorted((d / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(seen[0]["id"]) for r in runs)
