@@ -12,7 +12,10 @@ def losses(run_dir):
 
 
 def test_two_processes_match_one_process_for_the_same_global_batch(make_run, tmp_path):
-    cfg = dict(train={"steps": 12, "batch_size": 8, "threads": 1}, log={"every": 2}, eval={"every": 6})
+    # 9 prompts: rank 0 samples 5 and rank 1 samples 4; the metrics must not depend on the split
+    cfg = dict(train={"steps": 12, "batch_size": 8, "threads": 1}, log={"every": 2},
+               eval={"every": 6, "metrics": ["domain_fd", "prompt_adherence"], "samples": 9, "sample_steps": 4,
+                     "grid": 9})
     one, two = make_run("one", **cfg), make_run("two", **cfg)
     job.run(one)
 
@@ -29,4 +32,8 @@ def test_two_processes_match_one_process_for_the_same_global_batch(make_run, tmp
     assert b == pytest.approx(a, rel=1e-3)  # same data, noise and t; only reduction order differs
     va = json.loads((one / "result.json").read_text())["metrics_by_step"]
     vb = json.loads((two / "result.json").read_text())["metrics_by_step"]
-    assert vb["12"]["val_loss"] == pytest.approx(va["12"]["val_loss"], rel=1e-3)
+    for metric in ("val_loss", "domain_fd", "prompt_adherence"):
+        assert vb["12"][metric] == pytest.approx(va["12"][metric], rel=1e-3, abs=1e-3), metric
+    for run in (one, two):
+        assert json.loads((run / "eval" / "step_12.json").read_text())["generated_samples"] == 9
+        assert (run / "eval" / "step_12.png").exists()
