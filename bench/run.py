@@ -101,6 +101,12 @@ DELTAS = {
     "bf16-weights": {"precision": {"kind": "bf16"}},
     "contrastive-fm": {"contrastive": {"kind": "contrastive"}},
     "ema": {"ema": {"kind": "ema", "decay": 0.999}},
+    "x-prediction": {"flow": {"prediction": "x", "shift": 3.0}},
+    # the tiny preset has 4 blocks: route the middle two, align after block 1 (as 2..12 and 7 of 16)
+    "tread": {"routing": {"kind": "tread", "start": 1, "end": 3}},
+    "sprint": {"routing": {"kind": "sprint", "start": 1, "end": 3}},
+    "repa": {"repa": {"kind": "repa", "block": 1, "teacher": {"kind": "tiny", "width": 64, "layers": 2}}},
+    "irepa": {"repa": {"kind": "irepa", "block": 1, "teacher": {"kind": "tiny", "width": 64, "layers": 2}}},
 }
 
 
