@@ -127,17 +127,8 @@ def run(
                 return
             launch.wait(jobs, poll_s=POLL_S)
     except KeyboardInterrupt:
-        if launcher.executor == "slurm":
-            note = "jobs already submitted keep running"
-        else:
-            note = "arms running on this machine stop with it"
-        console.print(
-            f"\ninterrupted: {note}; `ablate run {sweep_file}` resubmits unfinished arms, which resume from "
-            "their newest checkpoint",
-            style="yellow",
-            markup=False,
-        )
-        raise typer.Exit(130) from None
+        _interrupted(console, launcher, "arms running on this machine stop with it",
+                     f"`ablate run {sweep_file}` resubmits unfinished arms, which resume from their newest checkpoint")
     failed = _summary(console, sweep, launched)
     console.print(f"next: ablate rank {sweep_file}")
     if failed:
@@ -244,16 +235,8 @@ def evaluate(
             return
         launch.wait(jobs, poll_s=POLL_S)
     except KeyboardInterrupt:
-        if launcher.executor == "slurm":
-            note = "jobs already submitted keep running"
-        else:
-            note = "evaluations on this machine stop with it"
-        console.print(
-            f"\ninterrupted: {note}; `ablate eval {sweep_file}` submits them again",
-            style="yellow",
-            markup=False,
-        )
-        raise typer.Exit(130) from None
+        _interrupted(console, launcher, "evaluations on this machine stop with it",
+                     f"`ablate eval {sweep_file}` submits them again")
     failed = _eval_summary(console, targets)
     steps = sorted({t.step for t in targets})
     step_arg = steps[0] if len(steps) == 1 else "N"
@@ -378,6 +361,13 @@ def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, de
         table.add_row(Text(d.spec.name), Text(d.action, style=style), Text(d.spec.hash), Text(last))
     console.print(table)
     console.print(resources(sweep.launcher), markup=False)
+
+
+def _interrupted(console: Console, launcher: Launcher, local_note: str, again: str) -> None:
+    """Ctrl-C while following jobs: say what keeps running and how to pick up, exit 130."""
+    note = "jobs already submitted keep running" if launcher.executor == "slurm" else local_note
+    console.print(f"\ninterrupted: {note}; {again}", style="yellow", markup=False)
+    raise typer.Exit(130) from None
 
 
 def _resolve_wait(launcher: Launcher, wait: bool | None) -> bool:
