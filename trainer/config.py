@@ -123,6 +123,28 @@ class TrainConfig(Config):
                                                           + ", ".join(REPA.kinds) + ")")
 
     @model_validator(mode="after")
+    def _optimizer_patterns_match(self):
+        """Name patterns of optimizer groups (Muon's) are checked against the real parameter names
+        of the denoiser, built on the meta device: no memory, no weights, a second or two."""
+        patterns = getattr(self.optimizer, "muon_params", None)
+        if not patterns:
+            return self
+        import fnmatch
+
+        import torch
+        from diffusers import PRXTransformer2DModel
+
+        with torch.device("meta"):
+            prx = PRXTransformer2DModel(**self.model.diffusers_kwargs(self.tokenizer.channels, self.text_encoder.dim))
+        names = [f"prx.{n}" for n, p in prx.named_parameters() if p.ndim == 2]
+        dead = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if dead:
+            example = next(n for n in names if n.startswith("prx.blocks."))
+            raise ValueError(f"optimizer.muon_params {dead} match no 2-D parameter of the model; names look like "
+                             f"{example!r}, e.g. use 'prx.blocks.*'")
+        return self
+
+    @model_validator(mode="after")
     def _domain_metrics_need_the_domain(self):
         domain = [m for m in self.eval.metrics if m.startswith(("domain_", "prompt_"))]
         if domain and self.data.kind != "synthetic":

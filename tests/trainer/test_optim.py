@@ -79,3 +79,13 @@ def test_adamw_uses_the_studys_hyperparameters():
 def test_warmup_is_linear_then_constant():
     assert [lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert lr_factor(0, 0) == 1.0
+
+
+def test_muon_pattern_matching_nothing_is_a_validation_error(tiny_cfg):
+    from trainer.config import TrainConfig
+
+    tiny_cfg["optimizer"] = {"kind": "muon", "muon_params": ["transformer.layers.*"]}
+    with pytest.raises(ValueError, match=r"optimizer.muon_params \['transformer.layers.\*'\] match no 2-D"):
+        TrainConfig.model_validate(tiny_cfg)
+    tiny_cfg["optimizer"] = {"kind": "muon"}
+    TrainConfig.model_validate(tiny_cfg)  # the default pattern matches the PRX blocks
