@@ -26,6 +26,9 @@ def run(run_dir: str | Path) -> dict:
         trainer = Trainer(cfg, run_dir, d)
         return trainer.run()
     except BaseException as e:
+        preemption = getattr(trainer, "preemption", None)
+        if isinstance(e, SystemExit) and preemption is not None and preemption.caught is not None:
+            raise  # saved and requeued: the status already says so
         if trainer is not None:
             trainer.write_status("failed", error=f"{type(e).__name__}: {e}")
         elif d.main:

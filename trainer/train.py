@@ -31,6 +31,7 @@ from .io import atomic_write_json, read_json
 from .model import Denoiser, FactorContext, build_prx
 from .optim import OPTIMIZERS, lr_factor
 from .precision import PRECISION
+from .preempt import Preemption
 
 VAL_SEED = 1234  # noise of the held-out set: fixed, equal across arms and seeds
 
@@ -144,6 +145,7 @@ class Trainer:
         window, run_times, losses = StepTimes(), StepTimes(), []
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, no sync
         self.denoiser.train()
+        self.preemption = Preemption()
         tick = time.perf_counter()
         for batch in loader:
             got = time.perf_counter()
@@ -167,11 +169,16 @@ class Trainer:
                 mean_loss = self.dist.all_sum(torch.stack(losses).mean()) / self.dist.world  # over all processes
                 self.log_step(mean_loss.item(), grad_norm.item(), window, run_times)
                 losses, window = [], StepTimes()
+                if self.preemption.pending(self.dist) and not last:  # time is almost up: save, then requeue
+                    self.timed("checkpoint_s", self.save)
+                    self.write_status("submitted")  # requeued: in flight again, not failed
+                    self.preemption.hand_over(self.dist)
             if evaluate:
                 self.timed("eval_s", self.evaluate)
             if save:
                 self.timed("checkpoint_s", self.save)
             tick = time.perf_counter()
+        self.preemption.restore()
         self.times["train_s"] = run_times.total
         result = self.write_result()
         if self.wandb is not None:

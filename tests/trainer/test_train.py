@@ -130,3 +130,45 @@ def test_wandb_run_is_named_grouped_and_resumed_under_one_id(make_run, monkeypat
     assert seen[0]["config"]["optimizer"]["kind"] == "adamw"  # the resolved config
     runs = sorted((d / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(seen[0]["id"]) for r in runs)
+
+
+def test_time_limit_signal_saves_a_checkpoint_then_hands_over_to_submitit(make_run, monkeypatch):
+    """SIGUSR2 mid-run (submitit: time almost up) → checkpoint at the next log point → submitit's
+    handler requeues; the requeued job resumes from that checkpoint and ends like a straight run."""
+    import os
+    import signal
+
+    straight = make_run("straight", train={"steps": 10}, checkpoint={"every": 100, "keep": 5}, log={"every": 2})
+    job.run(straight)
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    requeued = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        requeued.append(signum)
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    real_step = Trainer.train_step
+
+    def signal_at_5(self, step, batch):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real_step(self, step, batch)
+
+    d = make_run("preempted", train={"steps": 10}, checkpoint={"every": 100, "keep": 5}, log={"every": 2})
+    try:
+        monkeypatch.setattr(Trainer, "train_step", signal_at_5)
+        with pytest.raises(SystemExit):
+            job.run(d)
+        assert requeued == [signal.SIGUSR2]
+        assert checkpoint.latest(d / "checkpoints").name == "step_00000006"  # saved at the next log point
+        assert json.loads((d / "status.json").read_text())["state"] == "submitted"  # in flight, not failed
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back
+
+        monkeypatch.setattr(Trainer, "train_step", real_step)
+        job.run(d)  # the requeued job
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    a, b = weights(straight), weights(d)
+    assert all(torch.equal(a[k], b[k]) for k in a)
