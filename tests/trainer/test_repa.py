@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from trainer_testing import logged_losses, merge
+from trainer_testing import crash_at, logged_losses, merge
 from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
 
 from trainer import checkpoint, job, weights
@@ -24,7 +24,6 @@ from trainer.repa import (
     spatial_norm,
 )
 from trainer.routing import TREAD, TREADConfig, gather_tokens
-from trainer.train import Trainer
 
 CTX = FactorContext(hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu"))
 TINY_TEACHER = {"kind": "tiny"}
@@ -210,17 +209,8 @@ def test_repa_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch, 
     cfg = dict(over, train={"steps": 8}, checkpoint={"every": 4, "keep": 3})
     straight, resumed = make_run("straight", **cfg), make_run("resumed", **cfg)
     job.run(straight)
-    real_step = Trainer.train_step
-
-    def crash_at_6(self, step, batch):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real_step(self, step, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_6)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at(6), pytest.raises(KeyboardInterrupt):
         job.run(resumed)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     job.run(resumed)
 
     a, b = (load_file(checkpoint.latest(d / "checkpoints") / "factors.safetensors") for d in (straight, resumed))

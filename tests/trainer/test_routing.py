@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_prx import get_image_ids
 from safetensors.torch import load_file
-from trainer_testing import logged_losses, merge
+from trainer_testing import crash_at, logged_losses, merge
 
 from trainer import checkpoint, job
 from trainer.config import TrainConfig
@@ -19,7 +19,6 @@ from trainer.routing import (
     num_kept,
     route_generator,
 )
-from trainer.train import Trainer
 
 CTX = FactorContext(hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu"))
 
@@ -154,17 +153,8 @@ def test_routed_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch
     cfg = dict(routing=routing, train={"steps": 8}, checkpoint={"every": 4, "keep": 3})
     straight, resumed = make_run("straight", **cfg), make_run("resumed", **cfg)
     job.run(straight)
-    real_step = Trainer.train_step
-
-    def crash_at_6(self, step, batch):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real_step(self, step, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_6)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at(6), pytest.raises(KeyboardInterrupt):
         job.run(resumed)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     job.run(resumed)  # resumes from step 4, factor parameters included
 
     a, b = (load_file(checkpoint.latest(d / "checkpoints") / "factors.safetensors") for d in (straight, resumed))

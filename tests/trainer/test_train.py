@@ -5,6 +5,7 @@ import torch
 import yaml
 from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
+from trainer_testing import crash_at
 
 from trainer import checkpoint, job
 from trainer.train import Trainer
@@ -46,21 +47,12 @@ def test_interrupted_run_resumes_bitwise_identical(make_run, monkeypatch):
     job.run(straight)
 
     resumed = make_run("resumed", train={"steps": 10}, checkpoint={"every": 4, "keep": 5})
-    real_step = Trainer.train_step
-
-    def crash_at_6(self, step, batch):
-        if step == 6:
-            raise KeyboardInterrupt  # the job is killed mid-run, after checkpoint 4
-        return real_step(self, step, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_6)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at(6), pytest.raises(KeyboardInterrupt):  # killed mid-run, after checkpoint 4
         job.run(resumed)
     assert json.loads((resumed / "status.json").read_text())["state"] == "failed"
     assert checkpoint.latest(resumed / "checkpoints").name == "step_00000004"
     assert not (resumed / "result.json").exists()
 
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     job.run(resumed)
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,3 +14,27 @@ def merge(base: dict, over: dict) -> dict:
 
 def logged_losses(run_dir):
     return [json.loads(ln)["loss"] for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def crash_at(step: int):
+    """A context in which `Trainer.train_step` raises KeyboardInterrupt at `step`: the job is killed mid-run."""
+    import contextlib
+
+    from trainer.train import Trainer
+
+    @contextlib.contextmanager
+    def patched():
+        real_step = Trainer.train_step
+
+        def crashing(self, s, batch):
+            if s == step:
+                raise KeyboardInterrupt
+            return real_step(self, s, batch)
+
+        Trainer.train_step = crashing
+        try:
+            yield
+        finally:
+            Trainer.train_step = real_step
+
+    return patched()
