@@ -93,30 +93,45 @@ def center_crop_square(image: np.ndarray) -> np.ndarray:
     return image[top : top + s, left : left + s]
 
 
-class ClipExtractor(Extractor):
-    """CMMD's CLIP ViT-L/14@336 image embeddings, L2-normalised."""
+class HFExtractor(Extractor):
+    """A transformers vision model from the HF cache, normalised with `MEAN`/`STD` after resizing."""
 
-    name = "clip-vit-l14-336"
-    resolution = 336
+    WEIGHTS: HFWeights
+    MODEL_CLASS: str  # transformers class name
+    MEAN: tuple[float, float, float]
+    STD: tuple[float, float, float]
+    PREPROCESSING: str  # part of `version`: changing the preprocessing changes every cache key
+    resolution: int
 
     def __init__(
         self, model: torch.nn.Module, device: str | torch.device = "cpu", version: str | None = None
     ):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()  # transformers CLIPVisionModelWithProjection
-        self.version = version or f"{CLIP_WEIGHTS.repo_id}/crop-pilbicubic{self.resolution}-clipnorm"
-        self._mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        self.model = model.to(self.device).eval()
+        self.version = version or f"{self.WEIGHTS.repo_id}/{self.PREPROCESSING}"
+        self._mean = torch.tensor(self.MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.STD, device=self.device).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> ClipExtractor:
-        from transformers import CLIPVisionModelWithProjection
+    def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> HFExtractor:
+        import transformers
 
-        require(cls.name, CLIP_WEIGHTS, weights_dir)
-        model = CLIPVisionModelWithProjection.from_pretrained(
-            CLIP_WEIGHTS.repo_id, cache_dir=weights_dir, local_files_only=True
+        require(cls.name, cls.WEIGHTS, weights_dir)
+        model = getattr(transformers, cls.MODEL_CLASS).from_pretrained(
+            cls.WEIGHTS.repo_id, cache_dir=weights_dir, local_files_only=True
         )
         return cls(model, device)
+
+
+class ClipExtractor(HFExtractor):
+    """CMMD's CLIP ViT-L/14@336 image embeddings, L2-normalised."""
+
+    name = "clip-vit-l14-336"
+    resolution = 336
+    WEIGHTS = CLIP_WEIGHTS
+    MODEL_CLASS = "CLIPVisionModelWithProjection"
+    MEAN, STD = CLIP_MEAN, CLIP_STD
+    PREPROCESSING = f"crop-pilbicubic{resolution}-clipnorm"
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
         square = Image.fromarray(center_crop_square(image))
@@ -137,30 +152,15 @@ class ClipExtractor(Extractor):
 DINOV2_WEIGHTS = HFWeights("facebook/dinov2-with-registers-large")
 
 
-class DinoV2Extractor(Extractor):
+class DinoV2Extractor(HFExtractor):
     """DINO-MMD's DINOv2 ViT-L/14 with registers: CLS token, L2-normalised (PRX's definition)."""
 
     name = "dinov2-vitl14-reg"
     resolution = 518
-
-    def __init__(
-        self, model: torch.nn.Module, device: str | torch.device = "cpu", version: str | None = None
-    ):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()  # transformers Dinov2WithRegistersModel
-        self.version = version or f"{DINOV2_WEIGHTS.repo_id}/interp-bicubic{self.resolution}-imagenetnorm"
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-
-    @classmethod
-    def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> DinoV2Extractor:
-        from transformers import Dinov2WithRegistersModel
-
-        require(cls.name, DINOV2_WEIGHTS, weights_dir)
-        model = Dinov2WithRegistersModel.from_pretrained(
-            DINOV2_WEIGHTS.repo_id, cache_dir=weights_dir, local_files_only=True
-        )
-        return cls(model, device)
+    WEIGHTS = DINOV2_WEIGHTS
+    MODEL_CLASS = "Dinov2WithRegistersModel"
+    MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+    PREPROCESSING = f"interp-bicubic{resolution}-imagenetnorm"
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
