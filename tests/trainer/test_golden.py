@@ -1,0 +1,61 @@
+"""Golden losses: the tiny baseline (and one arm with every optional factor on) log exactly these numbers.
+
+Refactors that are not meant to change the numerics must keep them bit-identical. The values were
+recorded on CPU (torch 2.14.1, one thread, AVX2 kernels); on a CPU whose kernels differ (another
+`torch.backends.cpu.get_cpu_capability()` or torch version) the last bits of a float may differ,
+so there the comparison allows a relative 1e-5 — still far below any change a refactor causes.
+If a change is *meant* to alter the numerics, update the values in the same commit and say why.
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+from trainer_testing import merge
+
+from trainer import job
+
+RECORDED_ON = ("2.14.1", "AVX2")
+SHORT = {"train": {"steps": 6}, "log": {"every": 1}, "eval": {"every": 6}, "checkpoint": {"every": 6}}
+EVERY_FACTOR = {
+    "optimizer": {"kind": "muon", "lr": 1e-3, "adam_lr": 1e-3},
+    "ema": {"kind": "ema", "decay": 0.9},
+    "contrastive": {"kind": "contrastive"},
+    "routing": {"kind": "tread", "start": 1, "end": 3},
+    "repa": {"kind": "repa", "block": 0, "teacher": {"kind": "tiny"}},
+    "flow": {"prediction": "x", "shift": 2.0},
+}
+GOLDEN = {
+    "baseline": (
+        {},
+        [2.4182052612304688, 2.1340830326080322, 1.836565375328064,
+         1.6871110200881958, 1.6350518465042114, 1.7470992803573608],
+        1.7102964669466019,
+    ),
+    "every-factor": (
+        EVERY_FACTOR,
+        [2.5488181114196777, 1.2866921424865723, 1.7299199104309082,
+         2.392775297164917, 1.3086515665054321, 1.340970516204834],
+        26.54406318999827,
+    ),
+}  # fmt: skip
+
+
+def _same_machine_kind() -> bool:
+    return (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()) == RECORDED_ON
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_logged_losses_are_the_golden_ones(name, tmp_path, tiny_cfg):
+    overrides, losses, val_loss = GOLDEN[name]
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(merge(merge(tiny_cfg, SHORT), overrides)))
+    result = job.run(run_dir)
+    logged = [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    if _same_machine_kind():
+        assert logged == losses and result["metrics"]["val_loss"] == val_loss
+    else:
+        assert logged == pytest.approx(losses, rel=1e-5)
+        assert result["metrics"]["val_loss"] == pytest.approx(val_loss, rel=1e-5)
