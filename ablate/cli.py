@@ -20,13 +20,15 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.errors import UserError
-from ablate.store import IN_FLIGHT, STATUS, ArmView, Decision, eval_note, last_log_line, observe
-from ablate.sweep import Launcher, Sweep, changes, load_sweep, show_value
-from trainer.io import read_json
+from ablate.launch import Launcher, resolve_wait
+from ablate.store import ArmView, Decision, eval_note, observe
+from ablate.sweep import Sweep, changes, load_sweep, show_value
+from core.atomic import Unreadable
+from core.rundir import DONE, FAILED, IN_FLIGHT, RUNNING, STALE, RunDir
 
 if TYPE_CHECKING:
-    from ablate.evaluate import Target
-    from ablate.weights import Weight
+    from ablate.rescore import Target
+    from ablate.sweep_weights import Weight
 
 app = typer.Typer(
     add_completion=False,
@@ -76,28 +78,29 @@ def run(
 ) -> None:
     """Validate the sweep, then submit every arm that has not finished with its current config."""
     from ablate import launch
-    from ablate.store import blocked_error, check_arm_names, plan, prepare, sweep_lock
+    from ablate.store import blocked_error, check_names, plan, prepare, sweep_lock
     from ablate.sweep import expand
 
     console = _console()
     sweep = load_sweep(sweep_file)
     specs = expand(sweep)  # validates every arm before anything is created
     launcher = sweep.launcher
-    wait = _resolve_wait(launcher, wait)
+    wait = resolve_wait(launcher, wait)
 
     if dry_run:
         decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
         _print_plan(console, sweep, decisions, detailed=True)
-        if launcher.executor == "slurm":
+        if launcher.kind.submission_file is not None:  # a scheduler: show what it would be handed
+            what, render = launcher.kind.submission_file
             n = sum(d.launches for d in decisions)
-            console.print(f"\nsbatch file for {n} arm(s), rendered by submitit:\n", style="bold")
-            console.print(launch.sbatch_text(launcher, sweep.root, sweep.name, max(n, 1)), markup=False)
+            console.print(f"\n{what} for {n} arm(s), rendered by submitit:\n", style="bold")
+            console.print(render(launcher, sweep.root, sweep.name, max(n, 1)), markup=False)
         if err := blocked_error(decisions):
             console.print(f"\nblocked: {err.render()}", style="yellow", markup=False)
         console.print("\ndry run: nothing created, nothing submitted", style="bold")
         return
 
-    check_arm_names(specs, rerun or ())
+    check_names([s.name for s in specs], rerun or (), "--rerun")
     launch.check_available(launcher)
     sweep.root.mkdir(parents=True, exist_ok=True)  # everything checked: from here on, things get created
     jobs: list[Any] = []
@@ -184,7 +187,7 @@ def rank(
 
 
 @app.command("eval")
-def evaluate(
+def eval_checkpoints(
     sweep_file: SweepFile,
     arm: Annotated[
         list[str] | None,
@@ -204,7 +207,7 @@ def evaluate(
 ) -> None:
     """Score checkpoints of arms that have ended again, without training, as jobs of the sweep's launcher."""
     from ablate import launch
-    from ablate.evaluate import select
+    from ablate.rescore import select
     from ablate.store import check_names, mark_eval_queued, sweep_lock
     from ablate.sweep import expand
 
@@ -213,7 +216,7 @@ def evaluate(
     check_names(sweep.arm_names(), arm or (), "--arm")
     hashes = {s.name: s.hash for s in expand(sweep)}  # validates the sweep, like `ablate run`
     launcher = sweep.launcher
-    wait = _resolve_wait(launcher, wait)
+    wait = resolve_wait(launcher, wait)
     select(sweep, arm or [], step)  # every check before anything is written
     launch.check_available(launcher)
     try:
@@ -251,7 +254,7 @@ def weights_check(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
 
     Exit code 0 when all are present, 1 when any is missing.
     """
-    from ablate import weights
+    from ablate import sweep_weights as weights
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -275,7 +278,7 @@ def weights_check(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
 @weights_app.command("download")
 def weights_download(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
     """Fetch every pretrained weight the sweep needs that is not here yet (needs network)."""
-    from ablate import weights
+    from ablate import sweep_weights as weights
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -311,7 +314,7 @@ def cache(
 
     Arms whose data, captions, tokenizer and text encoder agree share one cache; complete caches are kept.
     """
-    from ablate import cache as caches
+    from ablate import sweep_caches as caches
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -365,21 +368,9 @@ def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, de
 
 def _interrupted(console: Console, launcher: Launcher, local_note: str, again: str) -> None:
     """Ctrl-C while following jobs: say what keeps running and how to pick up, exit 130."""
-    note = "jobs already submitted keep running" if launcher.executor == "slurm" else local_note
+    note = "jobs already submitted keep running" if launcher.kind.outlives_cli else local_note
     console.print(f"\ninterrupted: {note}; {again}", style="yellow", markup=False)
     raise typer.Exit(130) from None
-
-
-def _resolve_wait(launcher: Launcher, wait: bool | None) -> bool:
-    """--wait/--no-wait: default wait, except on slurm; the debug executor always waits."""
-    wait = launcher.executor != "slurm" if wait is None else wait
-    if launcher.executor == "debug" and not wait:
-        raise UserError(
-            "--no-wait with the debug executor, which runs the jobs inside this process",
-            "--wait, or launcher.executor: local",
-            path="--no-wait",
-        )
-    return wait
 
 
 def _print_eval_plan(
@@ -411,12 +402,12 @@ def _print_eval_plan(
 
 def _eval_summary(console: Console, targets: list[Target]) -> int:
     """Print how each evaluation ended (from eval_job.json); returns how many did not finish."""
-    from ablate.evaluate import outcome
+    from ablate.rescore import outcome
 
     bad = 0
     for t in targets:
         record = outcome(t)
-        if record.get("state") == "done":
+        if record.get("state") == DONE:
             metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.get("metrics", {}).items())
             console.print(f"  {t.name}: step {t.step}: {metrics}", markup=False)
             continue
@@ -463,7 +454,7 @@ def _arm_cells(view: ArmView, *, with_log: bool) -> list[Text]:
     if with_log:
         cells.append(view.log_path or (str(view.run_dir) if view.run_dir.exists() else ""))
     cells.append(view.note)
-    style = {"done": "green", "failed": "red", "stale": "yellow"}.get(view.state, "")
+    style = {DONE: "green", FAILED: "red", STALE: "yellow"}.get(view.state, "")
     return [Text(c, style=style if i == 1 else "") for i, c in enumerate(cells)]
 
 
@@ -472,11 +463,11 @@ def _progress_table(sweep: Sweep, names: list[str]) -> Table:
     for column in ("arm", "state", "step", "loss", "ETA"):
         table.add_column(column)
     for name in names:
-        run_dir = sweep.root / name
-        status = read_json(run_dir / STATUS, default={}) or {}
-        last = last_log_line(run_dir) or {}
+        run = RunDir(sweep.root / name)
+        status = _status(run)
+        last = run.last_log_row() or {}
         step, total, loss = status.get("step"), status.get("total_steps"), status.get("loss")
-        eta = last.get("eta_s") if status.get("state") == "running" else None
+        eta = last.get("eta_s") if status.get("state") == RUNNING else None
         table.add_row(
             name,
             str(status.get("state", "?")),
@@ -514,7 +505,7 @@ def _live_progress(console: Console, sweep: Sweep, names: list[str]):
 
     def report() -> None:
         for name in names:
-            status = read_json(sweep.root / name / STATUS, default={}) or {}
+            status = _status(RunDir(sweep.root / name))
             state = str(status.get("state", "?"))
             if seen.get(name) != state:
                 seen[name] = state
@@ -538,12 +529,20 @@ def _live_progress(console: Console, sweep: Sweep, names: list[str]):
         console.print(_progress_table(sweep, names))
 
 
+def _status(run: RunDir) -> dict[str, Any]:
+    """The arm's status for progress lines ({} while absent; a corrupt one says so)."""
+    try:
+        return run.read_status() or {}
+    except Unreadable as e:
+        return {"state": f"unreadable ({e.reason})"}
+
+
 def _summary(console: Console, sweep: Sweep, names: list[str]) -> int:
     """Print how the launched arms ended; returns how many did not finish."""
     views = [observe(sweep.root / name) for name in names]
-    done = sum(v.state == "done" for v in views)
+    done = sum(v.state == DONE for v in views)
     console.print(f"{done}/{len(views)} arm(s) done")
-    bad = [v for v in views if v.state != "done" and v.state not in IN_FLIGHT]
+    bad = [v for v in views if v.state != DONE and v.state not in IN_FLIGHT]
     for v in bad:
         console.print(
             f"  {v.name}: {v.state}"

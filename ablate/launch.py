@@ -1,8 +1,12 @@
-"""Launching arms through submitit.
+"""Launching arms through submitit: the executor table, the `launcher` schema, submission.
 
-`build_executor` turns the sweep's `launcher` section into a submitit executor; `submit`
-receives that executor and sends the arms out (one job array; for the local executor, which
-would start every array element at once, at most `array_parallelism` at a time). Each job
+Everything that differs between executor kinds lives in one row of `EXECUTORS`: how to build
+the submitit executor, which `launcher` fields it uses, whether `ablate run` follows its jobs by
+default, whether they outlive `ablate`, who enforces `array_parallelism`, and how to tell whether
+a recorded job still runs. No other module branches on an executor's name.
+
+`submit` receives an executor and sends the arms out (one job array; for the local executor,
+which would start every array element at once, at most `array_parallelism` at a time). Each job
 runs `RunArm()(run_dir)`, which is checkpointable: a job that reaches its time limit or is
 preempted is requeued with the same run directory, and the trainer resumes from its newest
 checkpoint there. `ablate eval` sends `EvalArm(steps)` jobs the same way.
@@ -10,79 +14,94 @@ checkpoint there. `ablate eval` sends `EvalArm(steps)` jobs the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import submitit
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from submitit.slurm.slurm import SlurmExecutor
 
 from ablate.errors import UserError
-from ablate.store import SUBMITIT, mark_eval, mark_eval_submitted, mark_submitted
-from ablate.sweep import Launcher
+from core.rundir import DONE, FAILED, RUNNING, RunDir, SweepDir
+
+# sacct states of a job that still holds (or will again hold) its arm.
+_SLURM_ALIVE = {
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+    "SUSPENDED", "RESIZING", "PREEMPTED", "STOPPED", "SIGNALING", "STAGE_OUT",
+}  # fmt: skip
 
 
-class RunArm(submitit.helpers.Checkpointable):
-    """The job: train and evaluate one arm in its run directory.
-
-    Checkpointable's `checkpoint(run_dir)` resubmits this same call on timeout or
-    preemption; the trainer finds its newest checkpoint in `run_dir` and resumes.
-    """
-
-    def __call__(self, run_dir: str) -> None:
-        from trainer.job import run  # lazy: the orchestrator does not import torch
-
-        run(run_dir)
+# --- is a recorded job still running? ----------------------------------------------------------------
 
 
-class EvalArm(submitit.helpers.Checkpointable):
-    """The job of `ablate eval`: score one checkpoint of an arm again, without training.
-
-    `steps` maps each run directory (as submitted) to the checkpoint step to evaluate. The
-    outcome goes to the run directory's eval_job.json (running, then done with the metrics or
-    failed with the error); status.json is the training's and is left alone. On timeout or
-    preemption the job is requeued and evaluates again from the start.
-    """
-
-    def __init__(self, steps: dict[str, int]) -> None:
-        self.steps = dict(steps)
-
-    def __call__(self, run_dir: str) -> dict[str, float]:
-        from trainer.job import evaluate  # lazy: the orchestrator does not import torch
-
-        step, main = self.steps[run_dir], _main_process()
-        if main:
-            mark_eval(Path(run_dir), "running", step=step, error=None, metrics=None)
-        try:
-            metrics = evaluate(run_dir, step)
-        except BaseException as e:
-            if main:
-                mark_eval(Path(run_dir), "failed", error=f"{type(e).__name__}: {e}")
-            raise
-        if main:
-            mark_eval(Path(run_dir), "done", metrics=metrics)
-        return metrics
-
-
-def _main_process() -> bool:
-    """Whether this is the job's first task (the one that writes the run directory's records)."""
-    if "RANK" in os.environ:  # torchrun, or exported by the trainer
-        return os.environ["RANK"] == "0"
-    if os.environ.get("SUBMITIT_EXECUTOR") in ("local", "slurm"):
-        return submitit.JobEnvironment().global_rank == 0
+def pid_alive(pid: int | None, must_contain: bytes = b"") -> bool:
+    """Whether process `pid` on this host runs (a zombie is dead; with `must_contain`, a reused pid
+    whose command line lacks it is someone else's)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path(f"/proc/{pid}")
+    if proc.exists():
+        with contextlib.suppress(OSError):
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+            if must_contain and must_contain not in (proc / "cmdline").read_bytes():
+                return False
     return True
 
 
-def job_folder(root: Path) -> Path:
-    """submitit's folder: one sub-folder per job (`%j`) with its pickles and logs."""
-    return root / SUBMITIT / "%j"
+def _owner_alive(job: dict[str, Any]) -> bool | None:
+    """Jobs not yet submitted, and debug jobs, live as long as the `ablate` process that owns them."""
+    if job.get("host") != socket.gethostname():
+        return None
+    return pid_alive(job.get("submitter_pid"))
 
 
-def check_available(launcher: Launcher) -> None:
-    """Fail before anything is created when the chosen executor cannot run here."""
-    if launcher.executor == "slurm" and SlurmExecutor.affinity() <= 0:
+def _local_alive(job: dict[str, Any]) -> bool | None:
+    if job.get("host") != socket.gethostname():
+        return None
+    return pid_alive(int(job["job_id"]), must_contain=b"submitit")  # the local job's controller process
+
+
+def _slurm_alive(job: dict[str, Any]) -> bool | None:
+    info = submitit.SlurmJob(folder=job.get("folder", "."), job_id=str(job["job_id"])).get_info(mode="force")
+    state = info.get("State", "")
+    state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 123"
+    return None if state == "UNKNOWN" else state in _SLURM_ALIVE
+
+
+# --- building executors --------------------------------------------------------------------------------
+
+
+def _build_debug(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
+    return submitit.DebugExecutor(folder)
+
+
+def _build_local(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
+    executor = submitit.LocalExecutor(folder)
+    executor.update_parameters(**local_parameters(launcher))
+    return executor
+
+
+def _build_slurm(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
+    executor = SlurmExecutor(folder)
+    executor.update_parameters(**slurm_parameters(launcher, job_name))
+    return executor
+
+
+def _check_slurm(launcher: Launcher) -> None:
+    if SlurmExecutor.affinity() <= 0:
         raise UserError(
             "executor slurm needs `srun` on PATH, and it is not (not on a SLURM login node?)",
             "to run on a SLURM login node, or launcher.executor: local (or --dry-run to see the sbatch file)",
@@ -90,21 +109,157 @@ def check_available(launcher: Launcher) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ExecutorKind:
+    """One executor kind: every way in which `ablate` treats it differently."""
+
+    name: str
+    doc: str
+    executor_type: type[submitit.Executor]
+    build: Callable[[Launcher, Path, str], submitit.Executor]
+    fields: frozenset[str]
+    """launcher fields it uses; the others must keep their defaults (a silently ignored setting is an error)"""
+    job_alive: Callable[[dict[str, Any]], bool | None]
+    """whether a job it runs, recorded in job.json, still runs: True, False, or None (cannot tell from here)"""
+    in_process: bool = False
+    """jobs run inside `ablate` itself: it must wait for them (no --no-wait)"""
+    waits: bool = True
+    """`ablate run` / `ablate eval` follow the jobs until they end unless --no-wait"""
+    outlives_cli: bool = False
+    """submitted jobs keep running when `ablate` exits"""
+    throttle_here: bool = False
+    """`ablate` itself enforces array_parallelism (the executor would start every array element at once)"""
+    check: Callable[[Launcher], None] = lambda launcher: None
+    """raises a UserError when it cannot run on this machine"""
+    where: str = "this machine"
+    submission_file: tuple[str, Callable[[Launcher, Path, str, int], str]] | None = None
+    """(what it is called, a renderer (launcher, root, job name, arms) → text) of the file a submission
+    hands the scheduler, for `ablate run --dry-run`"""
+
+
+_LOCAL_FIELDS = frozenset({"gpus_per_node", "tasks_per_node", "time_limit_min", "array_parallelism", "setup"})
+EXECUTORS: dict[str, ExecutorKind] = {
+    "debug": ExecutorKind(
+        "debug", "in this process, one arm after another (breakpoints work)", submitit.DebugExecutor,
+        _build_debug, frozenset(), _owner_alive, in_process=True,
+    ),
+    "local": ExecutorKind(
+        "local", "subprocesses on this machine", submitit.LocalExecutor, _build_local, _LOCAL_FIELDS,
+        _local_alive, throttle_here=True,
+    ),
+    "slurm": ExecutorKind(
+        "slurm", "one sbatch job array", SlurmExecutor, _build_slurm,
+        _LOCAL_FIELDS | {"nodes", "cpus_per_task", "mem_gb", "partition", "account", "qos", "constraint",
+                         "additional_parameters"},
+        _slurm_alive, waits=False, outlives_cli=True, check=_check_slurm, where="{nodes} node(s)",
+        submission_file=("sbatch file", lambda *args: sbatch_text(*args)),
+    ),
+}  # fmt: skip
+
+
+class Launcher(BaseModel):
+    """Where and with what resources the arms run. Every arm gets the same resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal[tuple(EXECUTORS)] = "local"  # type: ignore[valid-type]
+    """debug: in this process, one arm after another (breakpoints work); local: subprocesses
+    on this machine; slurm: one sbatch job array."""
+    nodes: PositiveInt = 1
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: PositiveInt = 1
+    cpus_per_task: PositiveInt | None = None
+    mem_gb: PositiveFloat | None = None
+    time_limit_min: PositiveInt = 60
+    """Per job; a job that reaches it is requeued and resumes from its newest checkpoint."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: PositiveInt | None = None
+    """At most this many arms run at once (default: all)."""
+    additional_parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra `#SBATCH --key=value` lines, for options that have no field here."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run before the job starts (module load, source venv ...)."""
+
+    @property
+    def kind(self) -> ExecutorKind:
+        return EXECUTORS[self.executor]
+
+
+# sbatch options that typed launcher fields produce; additional_parameters may not repeat them.
+_SBATCH_FROM_FIELDS = {
+    "job_name": "name",
+    "time": "time_limit_min",
+    "nodes": "nodes",
+    "ntasks_per_node": "tasks_per_node",
+    "gpus_per_node": "gpus_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "mem": "mem_gb",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "array": "array_parallelism",
+}
+_SBATCH_OWN = ("signal", "output", "error", "open_mode")  # submitit sets these for requeue and logs
+
+
+def problems(launcher: Launcher) -> Iterator[tuple[tuple[str, ...], str, str]]:
+    """Cross-field checks of a launcher section: (key path, what is wrong, what would be right)."""
+    kind = launcher.kind
+    for name, field in Launcher.model_fields.items():
+        if name == "executor" or name in kind.fields:
+            continue
+        if getattr(launcher, name) != field.get_default(call_default_factory=True):
+            users = " or ".join(k for k, e in EXECUTORS.items() if name in e.fields)
+            yield ("launcher", name), f"the {kind.name} executor does not use this setting", f"it removed, or executor: {users}"
+    for key in launcher.additional_parameters:
+        normalised = key.replace("-", "_")
+        if normalised in _SBATCH_FROM_FIELDS or normalised in _SBATCH_OWN:
+            own = _SBATCH_FROM_FIELDS.get(normalised)
+            yield (
+                ("launcher", "additional_parameters", key),
+                f"'{key}' is set by ablate itself",
+                f"launcher.{own} instead" if own and own != "name" else "it removed",
+            )
+
+
+def check_available(launcher: Launcher) -> None:
+    """Fail before anything is created when the chosen executor cannot run here."""
+    launcher.kind.check(launcher)
+
+
 def build_executor(launcher: Launcher, root: Path, job_name: str) -> submitit.Executor:
     """The submitit executor for the sweep's `launcher` section; jobs keep their files under `root`."""
-    folder = job_folder(root)
-    if launcher.executor == "debug":
-        return submitit.DebugExecutor(folder)
-    if launcher.executor == "local":
-        executor = submitit.LocalExecutor(folder)
-        executor.update_parameters(**local_parameters(launcher))
-        return executor
-    if launcher.executor == "slurm":
-        check_available(launcher)
-        executor = SlurmExecutor(folder)
-        executor.update_parameters(**slurm_parameters(launcher, job_name))
-        return executor
-    raise AssertionError(f"executor {launcher.executor!r} passed schema validation")  # Launcher's Literal
+    check_available(launcher)
+    return launcher.kind.build(launcher, SweepDir(root).job_folder, job_name)
+
+
+def kind_of(executor: submitit.Executor) -> ExecutorKind:
+    return next(k for k in EXECUTORS.values() if isinstance(executor, k.executor_type))
+
+
+def job_alive(job: dict[str, Any]) -> bool | None:
+    """Whether the job recorded in job.json (or eval_job.json) still runs: True, False, or None (cannot tell)."""
+    kind = EXECUTORS.get(job.get("executor"))
+    if kind is None or not job.get("job_id"):
+        return _owner_alive(job)  # queued for a slot: owned by the `ablate` process that will submit it
+    return kind.job_alive(job)
+
+
+def resolve_wait(launcher: Launcher, wait: bool | None) -> bool:
+    """--wait/--no-wait: the executor's default; an in-process executor always waits."""
+    kind = launcher.kind
+    wait = kind.waits if wait is None else wait
+    if kind.in_process and not wait:
+        raise UserError(
+            f"--no-wait with the {kind.name} executor, which runs the jobs inside this process",
+            "--wait, or launcher.executor: local",
+            path="--no-wait",
+        )
+    return wait
 
 
 def local_parameters(launcher: Launcher) -> dict[str, Any]:
@@ -164,7 +319,7 @@ def sbatch_text(launcher: Launcher, root: Path, job_name: str, n_arms: int) -> s
     Rendered by submitit itself (`_make_submission_file_text`), the same way its array
     submission does, so these are the real parameters.
     """
-    executor = _PlanningSlurmExecutor(job_folder(root))
+    executor = _PlanningSlurmExecutor(SweepDir(root).job_folder)
     executor.update_parameters(**slurm_parameters(launcher, job_name))
     if n_arms > 1:
         executor.parameters["map_count"] = n_arms
@@ -173,11 +328,11 @@ def sbatch_text(launcher: Launcher, root: Path, job_name: str, n_arms: int) -> s
 
 def resources(launcher: Launcher) -> str:
     """One line describing what each arm gets."""
-    if launcher.executor == "debug":
-        return "debug: in this process, one arm after another"
-    where = f"{launcher.nodes} node(s)" if launcher.executor == "slurm" else "this machine"
+    kind = launcher.kind
+    if kind.in_process:
+        return f"{kind.name}: {kind.doc}"
     parts = [
-        where,
+        kind.where.format(nodes=launcher.nodes),
         f"{launcher.tasks_per_node} task(s)/node",
         f"{launcher.gpus_per_node} GPU(s)/node",
         f"time limit {launcher.time_limit_min} min",
@@ -189,7 +344,62 @@ def resources(launcher: Launcher) -> str:
     if launcher.partition:
         parts.append(f"partition {launcher.partition}")
     parts.append(f"at most {launcher.array_parallelism or 'all'} at once")
-    return f"{launcher.executor}: " + ", ".join(parts)
+    return f"{kind.name}: " + ", ".join(parts)
+
+
+# --- the jobs ----------------------------------------------------------------------------------------
+
+
+class RunArm(submitit.helpers.Checkpointable):
+    """The job: train and evaluate one arm in its run directory.
+
+    Checkpointable's `checkpoint(run_dir)` resubmits this same call on timeout or
+    preemption; the trainer finds its newest checkpoint in `run_dir` and resumes.
+    """
+
+    def __call__(self, run_dir: str) -> None:
+        from trainer.job import run  # lazy: the orchestrator does not import torch
+
+        run(run_dir)
+
+
+class EvalArm(submitit.helpers.Checkpointable):
+    """The job of `ablate eval`: score one checkpoint of an arm again, without training.
+
+    `steps` maps each run directory (as submitted) to the checkpoint step to evaluate. The
+    outcome goes to the run directory's eval_job.json (running, then done with the metrics or
+    failed with the error); status.json is the training's and is left alone. On timeout or
+    preemption the job is requeued and evaluates again from the start.
+    """
+
+    def __init__(self, steps: dict[str, int]) -> None:
+        self.steps = dict(steps)
+
+    def __call__(self, run_dir: str) -> dict[str, float]:
+        from trainer.job import rescore  # lazy: the orchestrator does not import torch
+
+        run, step, main = RunDir(run_dir), self.steps[run_dir], _main_process()
+        if main:
+            run.set_eval_job(RUNNING, step=step, error=None, metrics=None)
+        try:
+            metrics = rescore(run_dir, step)
+        except BaseException as e:
+            if main:
+                run.set_eval_job(FAILED, error=f"{type(e).__name__}: {e}")
+            raise
+        if main:
+            run.set_eval_job(DONE, metrics=metrics)
+        return metrics
+
+
+def _main_process() -> bool:
+    """Whether this is the job's first task (the one that writes the run directory's records)."""
+    if "RANK" in os.environ:  # torchrun, or exported by the trainer
+        return os.environ["RANK"] == "0"
+    kind = EXECUTORS.get(os.environ.get("SUBMITIT_EXECUTOR", ""))
+    if kind is not None and not kind.in_process:
+        return submitit.JobEnvironment().global_rank == 0
+    return True
 
 
 def submit(
@@ -202,26 +412,21 @@ def submit(
 ) -> list[submitit.Job[Any]]:
     """Submit one job per run directory, recording each job in its run directory.
 
-    One array (`executor.batch()`) for every executor, except that for the local executor,
-    which starts each array element at once, at most `parallelism` run at a time: this call
-    then blocks, polling every `poll_s` seconds, until the last arm has been started.
+    One array (`executor.batch()`) for every executor, except where the executor kind leaves the
+    throttle to us (local: it would start each array element at once): at most `parallelism` run
+    at a time, and this call blocks, polling every `poll_s` seconds, until the last arm started.
     `fn` is the job callable: `RunArm()` (default; recorded in job.json and status.json) or an
     `EvalArm` (recorded in eval_job.json).
     """
     fn = RunArm() if fn is None else fn
-    record = mark_eval_submitted if isinstance(fn, EvalArm) else mark_submitted
     if not run_dirs:
         return []
-    if (
-        isinstance(executor, submitit.LocalExecutor)
-        and parallelism is not None
-        and parallelism < len(run_dirs)
-    ):
-        return _submit_in_waves(executor, run_dirs, parallelism, fn, record, poll_s)
+    if kind_of(executor).throttle_here and parallelism is not None and parallelism < len(run_dirs):
+        return _submit_in_waves(executor, run_dirs, parallelism, fn, poll_s)
     with executor.batch():
         jobs = [executor.submit(fn, str(run_dir)) for run_dir in run_dirs]
     for run_dir, job in zip(run_dirs, jobs, strict=True):
-        _record(record, run_dir, job, executor)
+        _record(fn, run_dir, job, executor)
     return jobs
 
 
@@ -230,7 +435,6 @@ def _submit_in_waves(
     run_dirs: Sequence[Path],
     parallelism: int,
     fn: Callable[[str], Any],
-    record: Callable[..., None],
     poll_s: float,
 ) -> list[submitit.Job[Any]]:
     pending = list(run_dirs)
@@ -241,7 +445,7 @@ def _submit_in_waves(
         while pending and len(running) < parallelism:
             run_dir = pending.pop(0)
             job = executor.submit(fn, str(run_dir))
-            _record(record, run_dir, job, executor)
+            _record(fn, run_dir, job, executor)
             jobs.append(job)
             running.append(job)
         if pending:
@@ -249,10 +453,12 @@ def _submit_in_waves(
     return jobs
 
 
-def _record(
-    record: Callable[..., None], run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor
-) -> None:
-    record(run_dir, str(job.job_id), executor.folder, job.paths.stdout, job.paths.stderr)
+def _record(fn: Callable[[str], Any], run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor) -> None:
+    """The job's id and logs go to eval_job.json (an `ablate eval` job) or job.json (training), and the
+    state becomes `submitted` unless the job already started."""
+    run = RunDir(run_dir)
+    mark = run.mark_eval_submitted if isinstance(fn, EvalArm) else run.mark_submitted
+    mark(str(job.job_id), Path(executor.folder), Path(job.paths.stdout), Path(job.paths.stderr))
 
 
 def wait(jobs: Sequence[submitit.Job[Any]], *, poll_s: float = 1.0) -> None:

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ablate.errors import UserError
-from ablate.store import RESULT, observe
+from ablate.store import observe
 from ablate.sweep import BASELINE, Sweep, arm_name
-from trainer.io import read_json
+from core.atomic import Unreadable
+from core.rundir import DONE, UNREADABLE, RunDir
 
 if TYPE_CHECKING:
     import pandas as pd
 
 FORMATS = ("table", "csv", "markdown", "json")
-_EVAL_FILE = re.compile(r"^step_(\d+)\.json$")
 
 
 @dataclass
@@ -39,23 +38,21 @@ class ArmResult:
 
 
 def collect(sweep: Sweep) -> list[ArmResult]:
-    """Each arm's state and metrics per step: the eval/step_<N>.json files, overlaid by result.json
-    when the arm is done (`ablate eval` writes both; a step only in eval/ still counts)."""
+    """Each arm's state, its metrics per step (eval/step_<N>.json, written during training and by
+    `ablate eval`) and, once done, its throughput (result.json). An arm with a corrupt record is
+    listed as unreadable, without numbers."""
     arms = []
     for delta in (BASELINE, *sweep.deltas):
         for seed in sweep.seeds:
-            run_dir = sweep.root / arm_name(delta, seed)
-            view = observe(run_dir, check_jobs=False)
+            run = RunDir(sweep.root / arm_name(delta, seed))
+            view = observe(run.path, check_jobs=False)
             arm = ArmResult(view.name, delta, seed, view.state)
-            if (run_dir / "eval").is_dir():
-                for path in (run_dir / "eval").iterdir():
-                    match = _EVAL_FILE.match(path.name)
-                    if match and (record := read_json(path)) is not None:
-                        arm.metrics_by_step[int(match.group(1))] = record.get("metrics", {})
-            result = read_json(run_dir / RESULT) if view.state == "done" else None
+            try:
+                arm.metrics_by_step = run.metrics_by_step()
+                result = run.read_result() if view.state == DONE else None
+            except Unreadable:
+                arm.state, arm.metrics_by_step, result = UNREADABLE, {}, None
             if result is not None:
-                arm.metrics_by_step.update({int(k): v for k, v in result.get("metrics_by_step", {}).items()})
-                arm.metrics_by_step.setdefault(int(result["step"]), result.get("metrics", {}))
                 arm.batches_per_s = result.get("throughput", {}).get("batches_per_s")
             arms.append(arm)
     return arms
@@ -63,7 +60,7 @@ def collect(sweep: Sweep) -> list[ArmResult]:
 
 def default_step(arms: list[ArmResult]) -> int | None:
     """The last step that every finished arm has metrics for (every arm with metrics, if none finished)."""
-    finished = [a for a in arms if a.state == "done" and a.metrics_by_step]
+    finished = [a for a in arms if a.state == DONE and a.metrics_by_step]
     pool = finished or [a for a in arms if a.metrics_by_step]
     if not pool:
         return None
@@ -137,7 +134,7 @@ def rank_table(arms: list[ArmResult], metrics: list[tuple[str, str]], step: int 
 def _state_summary(group: list[ArmResult], step: int | None) -> str:
     labels = []
     for a in group:
-        if a.state == "done" and step is not None and step not in a.metrics_by_step:
+        if a.state == DONE and step is not None and step not in a.metrics_by_step:
             labels.append(f"done, no step {step}")
         else:
             labels.append(a.state)

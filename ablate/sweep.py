@@ -41,8 +41,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -51,6 +49,8 @@ from pydantic_core import PydanticCustomError
 
 from ablate.diagnostics import to_user_error
 from ablate.errors import UserError
+from ablate.launch import Launcher
+from ablate.launch import problems as launch_problems
 from ablate.loader import KeyPath, format_path, line_of, load_yaml
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -67,67 +67,6 @@ def _path_safe(name: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_path_safe)]
-
-
-class Launcher(BaseModel):
-    """Where and with what resources the arms run. Every arm gets the same resources."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    executor: Literal["debug", "local", "slurm"] = "local"
-    """debug: in this process, one arm after another (breakpoints work); local: subprocesses
-    on this machine; slurm: one sbatch job array."""
-    nodes: PositiveInt = 1
-    gpus_per_node: int = Field(0, ge=0)
-    tasks_per_node: PositiveInt = 1
-    cpus_per_task: PositiveInt | None = None
-    mem_gb: PositiveFloat | None = None
-    time_limit_min: PositiveInt = 60
-    """Per job; a job that reaches it is requeued and resumes from its newest checkpoint."""
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    array_parallelism: PositiveInt | None = None
-    """At most this many arms run at once (default: all)."""
-    additional_parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    """Extra `#SBATCH --key=value` lines, for options that have no field here."""
-    setup: list[str] = Field(default_factory=list)
-    """Shell lines run before the job starts (module load, source venv ...)."""
-
-
-# Which executors use each launcher field; a field set to a non-default value for an
-# executor that would ignore it is rejected rather than silently dropped.
-_USED_BY: dict[str, set[str]] = {
-    "nodes": {"slurm"},
-    "gpus_per_node": {"local", "slurm"},
-    "tasks_per_node": {"local", "slurm"},
-    "cpus_per_task": {"slurm"},
-    "mem_gb": {"slurm"},
-    "time_limit_min": {"local", "slurm"},
-    "partition": {"slurm"},
-    "account": {"slurm"},
-    "qos": {"slurm"},
-    "constraint": {"slurm"},
-    "array_parallelism": {"local", "slurm"},
-    "additional_parameters": {"slurm"},
-    "setup": {"local", "slurm"},
-}
-# sbatch options that typed launcher fields produce; additional_parameters may not repeat them.
-_SBATCH_FROM_FIELDS = {
-    "job_name": "name",
-    "time": "time_limit_min",
-    "nodes": "nodes",
-    "ntasks_per_node": "tasks_per_node",
-    "gpus_per_node": "gpus_per_node",
-    "cpus_per_task": "cpus_per_task",
-    "mem": "mem_gb",
-    "partition": "partition",
-    "account": "account",
-    "qos": "qos",
-    "constraint": "constraint",
-    "array": "array_parallelism",
-}
 
 
 class Sweep(BaseModel):
@@ -221,28 +160,8 @@ def load_sweep(file: str | Path) -> Sweep:
 
 def _problems(sweep: Sweep) -> Iterator[UserError]:
     """Cross-field checks on the sweep file, each problem as a located UserError."""
-    launcher = sweep.launcher
-    executor = launcher.executor
-    for name in _USED_BY:
-        value = getattr(launcher, name)
-        if executor not in _USED_BY[name] and value != Launcher.model_fields[name].get_default(
-            call_default_factory=True
-        ):
-            users = " or ".join(sorted(_USED_BY[name]))
-            yield sweep.error(
-                ("launcher", name),
-                f"the {executor} executor does not use this setting",
-                f"it removed, or executor: {users}",
-            )
-    for key in launcher.additional_parameters:
-        normalised = key.replace("-", "_")
-        if normalised in _SBATCH_FROM_FIELDS or normalised in ("signal", "output", "error", "open_mode"):
-            own = _SBATCH_FROM_FIELDS.get(normalised)
-            yield sweep.error(
-                ("launcher", "additional_parameters", key),
-                f"'{key}' is set by ablate itself",
-                f"launcher.{own} instead" if own and own != "name" else "it removed",
-            )
+    for path, problem, expected in launch_problems(sweep.launcher):
+        yield sweep.error(path, problem, expected)
 
     seen_metrics: set[str] = set()
     for i, item in enumerate(sweep.rank_by):
@@ -445,7 +364,8 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, An
 
     Maps merge key by key, except when an override map sets a `kind` different from the
     base's: then it replaces the base map entirely, so no field of the old kind leaks into
-    the new one. Anything else (scalars, lists, null) replaces the base value.
+    the new one. Anything else (scalars, lists, null) replaces the base value. Neither input is
+    changed or shared with the result.
     """
     replaced: list[KeyPath] = []
 
@@ -465,7 +385,7 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, An
                 out[key] = copy.deepcopy(value)
         return out
 
-    return go(base, overrides, ()), replaced
+    return go(copy.deepcopy(base), overrides, ()), replaced
 
 
 _ABSENT = object()

@@ -36,7 +36,7 @@ from eval.extractors import (  # noqa: E402
     Extractor,
     InceptionExtractor,
     load_extractor,
-    missing_weights,
+    weights_for,
 )
 from eval.images import read_image_folder  # noqa: E402
 from eval.metrics import GaussianStats, frechet_distance, mmd  # noqa: E402
@@ -87,7 +87,7 @@ def _random_dino():
 
 
 def build(name: str, weights_dir, device) -> tuple[Extractor, str]:
-    if not missing_weights([name], weights_dir):
+    if weights_for(name).missing(weights_dir) is None:
         return load_extractor(name, weights_dir, device), "real weights"
     random_init = {
         "inception": lambda: InceptionExtractor(_RandomInceptionV3W(), device),

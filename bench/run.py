@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ablate.sweep import merge
 from trainer import flow
 from trainer.config import TrainConfig
 from trainer.data import StepBatchSampler
@@ -39,10 +40,8 @@ BASE = {
 
 
 def merged(over: dict) -> dict:
-    out = copy.deepcopy(BASE)
-    for k, v in over.items():
-        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) and "kind" not in v else v
-    return out
+    """BASE with `over` applied as a sweep's delta is."""
+    return merge(BASE, over)[0]
 
 
 def trainer_for(cfg: dict, steps: int, batch: int, run_dir: Path) -> Trainer:

@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
-from eval.atomic import atomic_path
+from core.atomic import atomic_path
+from core.weights import TrainedWeights, require
 from eval.base import Extractor
 from eval.images import to_uint8_nhwc
-from eval.weights import TrainedWeights, require
 
+SYNTHETIC_SHAPES = "synthetic-shapes"  # the domain the trainer renders (trainer/data.py) and these metrics score
 ARCH_VERSION = "attrnet-v2"  # bump when the architecture or training recipe changes: retrains cached nets
 FILE_PREFIX = "domain-attr-"
 _LOGIT_SCALE = 10.0  # heads see the unit-norm embedding times this, so softmax can get sharp
@@ -237,7 +238,7 @@ class DomainAttrExtractor(Extractor):
 
     @classmethod
     def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> DomainAttrExtractor:
-        require(cls.name, DOMAIN_WEIGHTS, weights_dir)
+        require(DOMAIN_WEIGHTS, weights_dir, needed_by=f"extractor '{cls.name}'")
         files = sorted(Path(weights_dir).glob(DOMAIN_WEIGHTS.pattern))
         if len(files) > 1:
             raise ValueError(

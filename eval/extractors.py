@@ -15,7 +15,7 @@ documented resize and normalisation; `embed` runs the network and the final norm
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +25,18 @@ import torch.nn.functional as F
 from cleanfid.downloads_helper import inception_url
 from PIL import Image
 
+from core.weights import (
+    HFModelFile,
+    HFWeights,
+    MissingWeightsError,
+    URLWeights,
+    Weights,
+    load_pretrained,
+    require,
+)
 from eval.base import Extractor
 from eval.domain import DOMAIN_WEIGHTS, DomainAttrExtractor
 from eval.images import map_images
-from eval.weights import HFWeights, MissingWeightsError, URLWeights, WeightSpec, require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,7 +76,7 @@ class InceptionExtractor(Extractor):
     def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> InceptionExtractor:
         from cleanfid.inception_torchscript import InceptionV3W
 
-        require(cls.name, INCEPTION_WEIGHTS, weights_dir)
+        require(INCEPTION_WEIGHTS, weights_dir, needed_by=f"extractor '{cls.name}'")
         folder = INCEPTION_WEIGHTS.path(weights_dir).parent
         return cls(InceptionV3W(str(folder), download=False, resize_inside=False), device)
 
@@ -82,7 +90,7 @@ class InceptionExtractor(Extractor):
 
 # ------------------------------------------------------------------------------------------------ clip
 
-CLIP_WEIGHTS = HFWeights("openai/clip-vit-large-patch14-336")
+CLIP_WEIGHTS = HFModelFile("openai/clip-vit-large-patch14-336")
 
 
 def center_crop_square(image: np.ndarray) -> np.ndarray:
@@ -116,11 +124,8 @@ class HFExtractor(Extractor):
     def load(cls, weights_dir: str | Path | None, device: str | torch.device = "cpu") -> HFExtractor:
         import transformers
 
-        require(cls.name, cls.WEIGHTS, weights_dir)
-        model = getattr(transformers, cls.MODEL_CLASS).from_pretrained(
-            cls.WEIGHTS.repo_id, cache_dir=weights_dir, local_files_only=True
-        )
-        return cls(model, device)
+        model_class = getattr(transformers, cls.MODEL_CLASS)
+        return cls(load_pretrained(model_class, cls.WEIGHTS, weights_dir, needed_by=f"extractor '{cls.name}'"), device)
 
 
 class ClipExtractor(HFExtractor):
@@ -149,7 +154,7 @@ class ClipExtractor(HFExtractor):
 
 # ---------------------------------------------------------------------------------------------- dinov2
 
-DINOV2_WEIGHTS = HFWeights("facebook/dinov2-with-registers-large")
+DINOV2_WEIGHTS = HFModelFile("facebook/dinov2-with-registers-large")
 
 
 class DinoV2Extractor(HFExtractor):
@@ -178,7 +183,7 @@ class DinoV2Extractor(HFExtractor):
 
 @dataclass(frozen=True)
 class ExtractorEntry:
-    weights: WeightSpec
+    weights: Weights
     load: Callable[..., Extractor]  # (weights_dir, device) -> Extractor
 
 
@@ -203,22 +208,8 @@ def load_extractor(
     return _entry(name).load(weights_dir, device)
 
 
-def weights_for(name: str) -> WeightSpec:
+def weights_for(name: str) -> Weights:
     return _entry(name).weights
-
-
-def missing_weights(names: Iterable[str], weights_dir: str | Path | None = None) -> dict[str, str]:
-    """{extractor name: one-line description of what is missing} for the extractors in `names`."""
-    found = {name: _entry(name).weights.missing(weights_dir) for name in names}
-    return {name: problem for name, problem in found.items() if problem is not None}
-
-
-def download_weights(names: Iterable[str], weights_dir: str | Path | None = None) -> None:
-    """Fetches every downloadable weight the named extractors need (needs network)."""
-    for name in names:
-        spec = _entry(name).weights
-        if spec.downloadable and spec.missing(weights_dir) is not None:
-            spec.download(weights_dir)
 
 
 __all__ = [
@@ -228,8 +219,6 @@ __all__ = [
     "Extractor",
     "InceptionExtractor",
     "MissingWeightsError",
-    "download_weights",
     "load_extractor",
-    "missing_weights",
     "weights_for",
 ]

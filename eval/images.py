@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.atomic import atomic_path
+from core.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

@@ -65,7 +65,7 @@ def cli_surface() -> dict[str, list[str]]:
 
 def current() -> dict[str, Any]:
     from ablate.sweep import Sweep
-    from eval.evaluate import METRICS
+    from eval.evaluator import METRICS
     from trainer.config import TrainConfig, describe_registries
 
     return {

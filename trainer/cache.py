@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +41,9 @@ import torch
 from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from core.atomic import atomic_path, atomic_write_json, read_json
+
 from .data import DATA
-from .io import atomic_write_json, read_json
 from .registry import Config
 from .text import TEXT
 from .tokenizer import TOKENIZERS, Latents
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 FORMAT = 1  # bump when the layout or what is stored changes: old caches then get new keys
+MANIFEST = "manifest.json"  # written last: its presence marks a complete cache
 SPLITS = ("train", "val")
 
 
@@ -91,9 +92,8 @@ def cache_path(cfg: TrainConfig, root: str | Path | None = None) -> Path:
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _encode_text(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +109,7 @@ def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = 
     """Fill `out_dir/<key>` for `cfg`; returns that folder. Resumes after an interruption (shards are
     written atomically and skipped when present); a complete cache is left untouched."""
     root = Path(out_dir) / cache_key(cfg)
-    if (root / "manifest.json").exists():
+    if (root / MANIFEST).exists():
         check_manifest(root, cache_key(cfg))
         log(f"cache {root}: complete, nothing to do")
         return root
@@ -146,7 +146,7 @@ def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = 
 
     with safe_open(str(root / splits["train"]["shards"][0]), framework="pt") as f:
         latent = {"shape": f.get_slice("latent_mean").get_shape()[1:], "std": "latent_std" in f.keys()}
-    atomic_write_json(root / "manifest.json", {
+    atomic_write_json(root / MANIFEST, {
         "hash": cache_key(cfg), "source": cache_source(cfg), "splits": splits, "latent": latent,
         "text": {"length": mask.shape[1], "dim": text.dim, "dtype": str(text.dtype).removeprefix("torch.")},
         "latent_noise": "posterior mean and std stored; z = mean + std * eps drawn per train step",
@@ -159,7 +159,7 @@ def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = 
 # Reading
 # ---------------------------------------------------------------------------------------------
 def check_manifest(root: Path, key: str) -> dict:
-    manifest = read_json(root / "manifest.json")
+    manifest = read_json(root / MANIFEST)
     if manifest.get("hash") != key:
         raise ValueError(f"cache {root}: its manifest hash {manifest.get('hash')} does not match this config's "
                          f"cache key {key}; the folder holds another config's latents/embeddings — "
@@ -169,7 +169,7 @@ def check_manifest(root: Path, key: str) -> dict:
 
 def open_cache(cfg: TrainConfig) -> tuple[Path, dict]:
     root, key = cache_path(cfg), cache_key(cfg)
-    if not (root / "manifest.json").exists():
+    if not (root / MANIFEST).exists():
         state = "incomplete (precompute was interrupted)" if root.exists() else "missing"
         raise FileNotFoundError(f"cache {root} for this config (key {key}) is {state}; fill it with "
                                 f"`python -m trainer.cache precompute CONFIG --out {cfg.cache.dir}` "

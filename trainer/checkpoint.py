@@ -1,13 +1,13 @@
-"""Checkpoints: written to a temporary folder, then renamed, so a folder named step_N is complete.
+"""Checkpoints: written whole to a temporary folder, flushed, then renamed, so a folder named step_N is complete.
 
-    checkpoints/step_00000100/
-        transformer/   diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
+    checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
+        transformer/          diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
         factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
-        state.pt       step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position
+        state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position
 """
+
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-PREFIX = "step_"
+from core.atomic import commit_dir
+from core.rundir import RunDir
 
 
 def rng_state() -> dict:
@@ -34,10 +35,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(root: Path, step: int, denoiser: torch.nn.Module, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `root` atomically and keep the newest `keep`."""
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".{PREFIX}{step:08d}.tmp"
+def save(run: RunDir, step: int, denoiser: torch.nn.Module, state: dict, keep: int) -> Path:
+    """Write checkpoint `step` of `run` atomically and keep the newest `keep`."""
+    final, tmp = run.checkpoint(step), run.checkpoint_tmp(step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     denoiser.prx.save_pretrained(tmp / "transformer", safe_serialization=True)
@@ -46,21 +46,20 @@ def save(root: Path, step: int, denoiser: torch.nn.Module, state: dict, keep: in
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in complete(root)[:-keep]:
+    commit_dir(tmp, final)
+    for old in complete(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def complete(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not root.exists():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+def complete(run: RunDir | Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    run = RunDir(run)
+    return [run.checkpoint(step) for step in run.checkpoint_steps()]
 
 
-def latest(root: Path) -> Path | None:
-    found = complete(root)
+def latest(run: RunDir | Path) -> Path | None:
+    found = complete(run)
     return found[-1] if found else None
 
 

@@ -3,6 +3,10 @@
 Components chosen by `kind` come from their registries (`DATA`, `TEXT`, …); `None` turns
 an optional factor off. Unknown keys are rejected everywhere. A config validates without
 any weights, so a sweep can be checked on a laptop.
+
+Rules that span components read facts the component configs declare (`domain` of the data,
+`name_patterns()` of the optimizer, `implies_routed_alignment` of a route, `needs_full_grid`
+of an alignment loss), never their kind strings: a new kind states its facts when it registers.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .cache import CacheConfig
-from .contrastive import LOSS_TERMS
+from .contrastive import CONTRASTIVE
 from .data import DATA
 from .ema import EMA
 from .flow import FlowConfig
@@ -68,7 +72,7 @@ class EvalConfig(Config):
 
     @model_validator(mode="after")
     def _known_metrics(self):
-        from eval.evaluate import METRICS
+        from eval.evaluator import METRICS
 
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
@@ -90,7 +94,7 @@ REGISTRIES: dict[str, Registry] = {
     "optimizer": OPTIMIZERS,
     "precision": PRECISION,
     "ema": EMA,
-    "contrastive": LOSS_TERMS,
+    "contrastive": CONTRASTIVE,
     "routing": ROUTING,
     "repa": REPA,
     "repa.teacher": TEACHERS,
@@ -114,9 +118,9 @@ class TrainConfig(Config):
     eval: EvalConfig = EvalConfig()
     # optional factors: null = off
     ema: EMA.union() | None = Field(None, description="EMA of the weights, used for evaluation")
-    contrastive: LOSS_TERMS.union() | None = Field(None, description="contrastive flow-matching term")
+    contrastive: CONTRASTIVE.union() | None = Field(None, description="contrastive flow-matching term")
     cache: CacheConfig | None = Field(None, description="read latents and caption embeddings precomputed by "
-                                                          "`python -m trainer.cache precompute`; null = encode each step")
+                                                          "`ablate cache SWEEP`; null = encode each step")
     routing: ROUTING.union() | None = Field(None, description="token routing around middle blocks (kind: "
                                                                 + ", ".join(ROUTING.kinds) + ")")
     repa: REPA.union() | None = Field(None, description="representation alignment with a frozen teacher (kind: "
@@ -126,8 +130,8 @@ class TrainConfig(Config):
     def _optimizer_patterns_match(self):
         """Name patterns of optimizer groups (Muon's) are checked against the real parameter names
         of the denoiser, built on the meta device: no memory, no weights, a second or two."""
-        patterns = getattr(self.optimizer, "muon_params", None)
-        if not patterns:
+        groups = self.optimizer.name_patterns()
+        if not any(groups.values()):
             return self
         import fnmatch
 
@@ -137,19 +141,22 @@ class TrainConfig(Config):
         with torch.device("meta"):
             prx = PRXTransformer2DModel(**self.model.diffusers_kwargs(self.tokenizer.channels, self.text_encoder.dim))
         names = [f"prx.{n}" for n, p in prx.named_parameters() if p.ndim == 2]
-        dead = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if dead:
-            example = next(n for n in names if n.startswith("prx.blocks."))
-            raise ValueError(f"optimizer.muon_params {dead} match no 2-D parameter of the model; names look like "
-                             f"{example!r}, e.g. use 'prx.blocks.*'")
+        for key, patterns in groups.items():
+            dead = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+            if dead:
+                example = next(n for n in names if n.startswith("prx.blocks."))
+                raise ValueError(f"optimizer.{key} {dead} match no 2-D parameter of the model; names look like "
+                                 f"{example!r}, e.g. use 'prx.blocks.*'")
         return self
 
     @model_validator(mode="after")
     def _domain_metrics_need_the_domain(self):
-        domain = [m for m in self.eval.metrics if m.startswith(("domain_", "prompt_"))]
-        if domain and self.data.kind != "synthetic":
-            raise ValueError(f"eval.metrics {domain} score the synthetic demo domain, but data.kind is "
-                             f"{self.data.kind!r}; use fid, cmmd, dino_mmd")
+        from eval.evaluator import METRICS
+
+        foreign = [m for m in self.eval.metrics if METRICS[m].domain not in (None, self.data.domain)]
+        if foreign:
+            raise ValueError(f"eval.metrics {foreign} score the {METRICS[foreign[0]].domain} demo domain, but "
+                             f"data.kind {self.data.kind!r} is not of it; use fid, cmmd, dino_mmd")
         return self
 
     @model_validator(mode="after")
@@ -181,12 +188,12 @@ class TrainConfig(Config):
                              f"use a resolution divisible by {per_token}")
         # After block end-1 the route has rejoined: the hidden state there is the full sequence again.
         routed = route is not None and route.start <= repa.block < route.end - 1
-        if repa.kind == "irepa" and routed:
+        if repa.needs_full_grid and routed:
             raise ValueError(f"repa.block {repa.block} lies inside routing blocks [{route.start}, {route.end}) "
-                             f"where only kept tokens exist, but irepa's conv projector needs the full token "
+                             f"where only kept tokens exist, but {repa.kind}'s conv projector needs the full token "
                              f"grid; move repa.block below {route.start} or to {route.end - 1} or later")
-        if route is not None and route.kind == "sprint" and routed and repa.routed_target is None:
-            raise ValueError(f"repa.block {repa.block} lies inside the sprint route [{route.start}, {route.end}) "
+        if routed and not route.implies_routed_alignment and repa.routed_target is None:
+            raise ValueError(f"repa.block {repa.block} lies inside the {route.kind} route [{route.start}, {route.end}) "
                              f"where {route.keep:.0%} of the tokens remain; set repa.routed_target: gather to "
                              f"align only those tokens, or move repa.block below {route.start} or to "
                              f"{route.end - 1} or later")
@@ -202,7 +209,8 @@ def describe_registries() -> dict[str, list[str]]:
 
 
 def load(path) -> TrainConfig:
+    """A resolved config from its YAML file (a run directory's config.yaml)."""
     import yaml
 
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return TrainConfig.model_validate(yaml.safe_load(f))

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from .registry import Config, Registry
 
-LOSS_TERMS = Registry("loss_term")
+CONTRASTIVE = Registry("contrastive")
 
 
 class ContrastiveConfig(Config):
@@ -30,6 +30,6 @@ class ContrastiveTerm:
         return -self.weight * F.mse_loss(v_pred, v_true.roll(1, dims=0))
 
 
-@LOSS_TERMS.register(ContrastiveConfig)
+@CONTRASTIVE.register(ContrastiveConfig)
 def build_contrastive(cfg: ContrastiveConfig) -> ContrastiveTerm:
     return ContrastiveTerm(cfg.weight)

@@ -9,16 +9,19 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
+from eval.domain import SYNTHETIC_SHAPES
+
 from .registry import Config, Registry
 
-DATA = Registry("data")
+# `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None.
+DATA = Registry("data", facts=("domain",))
 
 # ---------------------------------------------------------------------------------------------
 # The synthetic domain: one shape per image, every attribute known, two captions per image.
@@ -84,6 +87,7 @@ CAPTIONS = {"long": long_caption, "short": short_caption}
 
 
 class SyntheticConfig(Config):
+    domain: ClassVar[str | None] = SYNTHETIC_SHAPES
     kind: Literal["synthetic"] = "synthetic"
     resolution: int = Field(32, ge=8, description="image side in pixels")
     caption: Literal["long", "short"] = Field("long", description="caption column used for training")
@@ -127,6 +131,7 @@ def build_synthetic(cfg: SyntheticConfig, val_caption: str | None = None) -> tup
 # Real image-caption data: a parquet file or an image folder with metadata.jsonl.
 # ---------------------------------------------------------------------------------------------
 class ImageTextConfig(Config):
+    domain: ClassVar[str | None] = None  # real images: no known attributes
     kind: Literal["parquet", "folder"]
     path: str = Field(description="parquet file, or folder holding images and metadata.jsonl")
     caption: str = Field(description="caption column used for training, e.g. caption_llm_s")

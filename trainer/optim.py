@@ -15,7 +15,8 @@ from pydantic import Field
 
 from .registry import Config, Registry
 
-OPTIMIZERS = Registry("optimizer")
+# `name_patterns()`: the parameter-name patterns a config groups by, checked against the model's real names.
+OPTIMIZERS = Registry("optimizer", facts=("name_patterns",))
 
 
 class AdamWConfig(Config):
@@ -24,6 +25,9 @@ class AdamWConfig(Config):
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
     eps: float = Field(1e-15, gt=0, description="Adam epsilon (the study uses 1e-15)")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+
+    def name_patterns(self) -> dict[str, tuple[str, ...]]:
+        return {}
 
 
 class MuonConfig(Config):
@@ -40,6 +44,10 @@ class MuonConfig(Config):
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas for the other parameters")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon for the other parameters (PRX: 1e-8)")
     adam_weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay for the other parameters")
+
+    def name_patterns(self) -> dict[str, tuple[str, ...]]:
+        """{config key: patterns}: Muon's 2-D weights; every other parameter goes to AdamW."""
+        return {"muon_params": self.muon_params}
 
 
 class Optimizers:

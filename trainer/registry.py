@@ -4,6 +4,11 @@ A factor module declares its small config type next to the code it builds and re
 both in one line. The trainer's config schema is assembled from the registries, so a new
 entry is selectable from a sweep file with no other edit, and an unknown `kind` is
 rejected by validation with the valid names listed.
+
+A registry may name `facts`: class attributes every config type in it must declare, which
+cross-factor rules read instead of comparing kind strings (`TrainConfig`'s validators). A new
+kind that does not state them is refused when it registers, so it cannot silently inherit
+another kind's behaviour.
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ class Config(BaseModel):
 class Registry:
     """Maps a `kind` name to its config type and the function that builds it."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, facts: tuple[str, ...] = ()):
+        self.name, self.facts = name, facts
         self._entries: dict[str, tuple[type[Config], Callable[..., Any]]] = {}
 
     def register(self, config_type: type[Config]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -32,6 +37,10 @@ class Registry:
             raise TypeError(f"{config_type.__name__}.kind needs a string default (its registry name)")
         if kind in self._entries:
             raise ValueError(f"{self.name} registry already has an entry '{kind}'")
+        undeclared = [fact for fact in self.facts if not hasattr(config_type, fact)]
+        if undeclared:
+            raise TypeError(f"{config_type.__name__} (the {self.name} kind '{kind}') must declare "
+                            f"{', '.join(undeclared)}: the rules that combine factors read them")
 
         def decorator(builder: Callable[..., Any]) -> Callable[..., Any]:
             self._entries[kind] = (config_type, builder)

@@ -30,19 +30,20 @@ the projector runs and no loss is added.
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, create_model, model_validator
 from torch import nn
 
+from core.weights import HFWeights, load_pretrained
+
 from .model import Factor, FactorContext, TokenState
 from .registry import Config, Registry
 from .routing import gather_tokens
-from .weights import HFWeights, hf_load
 
-REPA = Registry("repa")
+REPA = Registry("repa", facts=("needs_full_grid",))
 TEACHERS = Registry("teacher")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,7 +132,7 @@ def build_hf_teacher(cfg: HFTeacherConfig, ctx: FactorContext) -> Teacher:
     import transformers
 
     spec = cfg.spec
-    model = hf_load(getattr(transformers, spec.model_class), spec.repo_id, weights_dir=ctx.weights_dir)
+    model = load_pretrained(getattr(transformers, spec.model_class), HFWeights(spec.repo_id), ctx.weights_dir)
     got = (model.config.patch_size, model.config.hidden_size, getattr(model.config, "num_register_tokens", 0))
     if got != (spec.patch_size, spec.width, spec.registers):
         raise ValueError(f"{spec.repo_id} has (patch, width, registers) {got}, expected "
@@ -162,6 +163,9 @@ def build_tiny_teacher(cfg: TinyTeacherConfig, ctx: FactorContext) -> Teacher:
 
 # -- REPA / iREPA ----------------------------------------------------------------------------------
 class AlignConfig(Config):
+    # Whether the projector needs every token of the grid, so its block may not lie inside a token
+    # route (trainer/routing.py). Every alignment kind states it.
+    needs_full_grid: ClassVar[bool]
     teacher: TEACHERS.union() = Field(description="frozen teacher (kind: " + ", ".join(TEACHERS.kinds) + ")")
     block: int = Field(7, ge=0, description="align the hidden state after this block (0-based; PRX: 7 of 16)")
     weight: float = Field(0.5, gt=0, description="loss = −weight · mean cos(proj(h), y)")
@@ -172,11 +176,13 @@ class AlignConfig(Config):
 
 
 class REPAConfig(AlignConfig):
+    needs_full_grid: ClassVar[bool] = False  # a per-token MLP: any subset of tokens will do
     kind: Literal["repa"] = "repa"
     projector_dim: int | None = Field(None, ge=1, description="MLP hidden width (default: the teacher width)")
 
 
 class IREPAConfig(AlignConfig):
+    needs_full_grid: ClassVar[bool] = True  # a 3×3 conv over the token grid
     kind: Literal["irepa"] = "irepa"
     alpha: float = Field(0.6, ge=0, le=1, description="spatial-norm mean weight: 0.6 latent, 0.8 pixel space")
 
@@ -243,7 +249,7 @@ class IREPAFactor(REPAFactor):
         return spatial_norm(y, self.alpha)
 
     def project(self, h: torch.Tensor, state: TokenState) -> torch.Tensor:
-        assert state.kept is None, "iREPA's conv needs the full token grid (TrainConfig rejects a routed block)"
+        assert state.kept is None, "needs_full_grid: TrainConfig rejects a block inside a route"
         return self.projector(h, state.grid)
 
 

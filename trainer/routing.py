@@ -21,7 +21,7 @@ step, rank): the same on a resumed run, different for every step.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -30,10 +30,13 @@ from torch import nn
 from .model import Factor, FactorContext, TokenState
 from .registry import Config, Registry
 
-ROUTING = Registry("routing")
+ROUTING = Registry("routing", facts=("implies_routed_alignment",))
 
 
 class RouteConfig(Config):
+    # Whether an alignment loss (REPA) after a block inside this route may align just the tokens the
+    # route kept without being told to (`repa.routed_target: gather`). Every routing kind states it.
+    implies_routed_alignment: ClassVar[bool]
     start: int = Field(2, ge=0, description="first routed block (0-based)")
     end: int = Field(13, ge=1, description="one past the last routed block: blocks [start, end) are routed; "
                                            "13 = PRX's inclusive route_end 12")
@@ -51,11 +54,13 @@ class RouteConfig(Config):
 
 
 class TREADConfig(RouteConfig):
+    implies_routed_alignment: ClassVar[bool] = True  # the routed tokens are the computation (as PRX)
     kind: Literal["tread"] = "tread"
     keep: float = Field(0.5, gt=0, lt=1, description="share of image tokens the routed blocks see (PRX: 0.5)")
 
 
 class SPRINTConfig(RouteConfig):
+    implies_routed_alignment: ClassVar[bool] = False  # 75 % of the tokens are gone: ask first
     kind: Literal["sprint"] = "sprint"
     keep: float = Field(0.25, gt=0, lt=1, description="share of image tokens the routed blocks see in training "
                                                       "(PRX: routing_probability 0.75 dropped)")

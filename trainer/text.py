@@ -12,8 +12,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from core.weights import HFWeights, load_pretrained
+
 from .registry import Config, Registry
-from .weights import HFWeights, hf_load
 
 TEXT = Registry("text_encoder")
 
@@ -94,7 +95,7 @@ def build_t5gemma(cfg: T5GemmaConfig, device: torch.device, weights_dir: str | N
     from transformers import AutoTokenizer, T5GemmaEncoderModel
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    tokenizer = hf_load(AutoTokenizer, cfg.repo, weights_dir=weights_dir)
+    tokenizer = load_pretrained(AutoTokenizer, HFWeights(cfg.repo), weights_dir)
     # Only the encoder is instantiated (is_encoder_decoder=False): the checkpoint's decoder weights are
     # skipped, so transformers' load report listing them as unexpected is silenced; a missing encoder
     # weight is still an error below.
@@ -102,8 +103,8 @@ def build_t5gemma(cfg: T5GemmaConfig, device: torch.device, weights_dir: str | N
     level = report.level
     report.setLevel(logging.ERROR)
     try:
-        encoder, info = hf_load(T5GemmaEncoderModel, cfg.repo, weights_dir=weights_dir, is_encoder_decoder=False,
-                                dtype=dtype, output_loading_info=True)
+        encoder, info = load_pretrained(T5GemmaEncoderModel, HFWeights(cfg.repo), weights_dir, is_encoder_decoder=False,
+                                        dtype=dtype, output_loading_info=True)
     finally:
         report.setLevel(level)
     if info["missing_keys"]:

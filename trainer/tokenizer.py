@@ -24,8 +24,9 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from pydantic import Field
 
+from core.weights import HFWeights, load_pretrained
+
 from .registry import Config, Registry
-from .weights import HFWeights, hf_load
 
 TOKENIZERS = Registry("tokenizer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -241,8 +242,7 @@ def load_autoencoder(cls: Any, cfg: AutoencoderConfig, weights_dir: str | None, 
     """Loads `cfg.MODEL` in float32 (normalisation constants are read at full precision), refuses a
     checkpoint that leaves parameters randomly initialised, and checks the latent grid `cfg` states."""
     spec = cfg.MODEL
-    vae, info = hf_load(cls, spec.repo_id, spec.subfolder, weights_dir, torch_dtype=torch.float32,
-                        output_loading_info=True)
+    vae, info = load_pretrained(cls, spec, weights_dir, torch_dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"]:
         raise ValueError(f"tokenizer {cfg.kind!r}: {spec} checkpoint lacks {sorted(info['missing_keys'])}; "
                          f"refusing to run with those left at their initial values")

@@ -6,7 +6,6 @@ registries and the denoiser's block hooks, never through branches here.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import platform
@@ -14,20 +13,20 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import cache, checkpoint, ema, evaluation, flow
+from core.atomic import Unreadable
+from core.rundir import DONE, RUNNING, SUBMITTED, RunDir, now
+
+from . import cache, checkpoint, ema, flow, generation
 from .config import DENOISER_FACTORS, TrainConfig
-from .contrastive import LOSS_TERMS
+from .contrastive import CONTRASTIVE
 from .data import StepBatchSampler
 from .dist import Dist
-from .io import atomic_write_json, read_json
 from .model import Denoiser, FactorContext, build_prx
 from .optim import OPTIMIZERS, lr_factor
 from .precision import PRECISION
@@ -38,10 +37,6 @@ VAL_SEED = 1234  # noise of the held-out set: fixed, equal across arms and seeds
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the arm stops as failed."""
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -63,8 +58,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, dist: Dist, inputs: tuple | None = None):
         """`inputs` = (inputs, train set, val set) replaces the configured encoders and data (benchmarks)."""
         t0 = time.perf_counter()
-        self.cfg, self.run_dir, self.dist, self.device = cfg, Path(run_dir), dist, dist.device
-        self.spec = read_json(self.run_dir / "spec.json", default={})
+        self.cfg, self.rundir, self.dist, self.device = cfg, RunDir(run_dir), dist, dist.device
+        self.spec = read_spec(self.rundir)
         if cfg.train.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights
@@ -83,8 +78,8 @@ class Trainer:
         self.net = DDP(self.denoiser, find_unused_parameters=unused) if dist.world > 1 else self.denoiser
         self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser)
         self.ema = ema.build(cfg.ema, self.denoiser)
-        self.loss_terms = [LOSS_TERMS.build(c) for c in [cfg.contrastive] if c is not None]
-        self.generation = evaluation.build(self)  # loads eval extractors now: a missing weight fails early
+        self.loss_terms = [CONTRASTIVE.build(c) for c in [cfg.contrastive] if c is not None]
+        self.generation = generation.build(self)  # loads eval extractors now: a missing weight fails early
         self.step = 0
         self.times = {"setup_s": time.perf_counter() - t0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
         self.throughput: dict = {}
@@ -136,7 +131,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.resume()
-        self.write_status("running")
+        self.write_status(RUNNING)
         self.wandb = self.start_wandb()
         sampler = StepBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed, self.step,
                                    cfg.train.steps, self.dist.rank, self.dist.world)
@@ -171,10 +166,10 @@ class Trainer:
                 losses, window = [], StepTimes()
                 if self.preemption.pending(self.dist) and not last:  # time is almost up: save, then requeue
                     self.timed("checkpoint_s", self.save)
-                    self.write_status("submitted")  # requeued: in flight again, not failed
+                    self.write_status(SUBMITTED)  # requeued: in flight again, not failed
                     self.preemption.hand_over(self.dist)
             if evaluate:
-                self.timed("eval_s", self.evaluate)
+                self.timed("eval_s", self.run_eval)
             if save:
                 self.timed("checkpoint_s", self.save)
             tick = time.perf_counter()
@@ -183,13 +178,13 @@ class Trainer:
         result = self.write_result()
         if self.wandb is not None:
             self.wandb.finish()
-        self.write_status("done")
+        self.write_status(DONE)
         return result
 
     def check_finite(self, first_bad: torch.Tensor) -> None:
         bad = int(first_bad.item())
         if bad >= 0:
-            kept = checkpoint.latest(self.run_dir / "checkpoints")
+            kept = checkpoint.latest(self.rundir)
             raise NonFiniteError(f"non-finite loss or gradient at step {bad}; "
                                  f"last good checkpoint: {kept.name if kept else 'none'}")
 
@@ -228,42 +223,35 @@ class Trainer:
         self.denoiser.train()
         return float(self.dist.all_sum(total).item() / n)
 
-    def evaluate(self) -> None:
+    def run_eval(self) -> dict:
+        """The metrics at the current step, written to eval/step_N.json (and its grid) by the main process."""
         with self.ema.swapped():
             metrics = {"val_loss": self.validation_loss(), **self.generation(self.step)}
         if self.dist.main:
-            (self.run_dir / "eval").mkdir(exist_ok=True)
-            atomic_write_json(self.run_dir / "eval" / f"step_{self.step}.json",
-                              {"step": self.step, "metrics": metrics, "val_samples": len(self.val_set),
-                               "generated_samples": self.generation.n})
+            self.rundir.write_eval(self.step, metrics, val_samples=len(self.val_set),
+                                generated_samples=self.generation.n)
             print(f"[{self.name}] eval step {self.step}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()),
                   flush=True)
             if self.wandb is not None:
                 self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
+        return metrics
 
-    def evaluate_checkpoint(self, step: int | None = None) -> dict:
-        """(Re)evaluate checkpoint `step` (default: the newest) of a run, without training.
+    def rescore(self, step: int | None = None) -> dict:
+        """Evaluate checkpoint `step` (default: the newest) of a run again, without training.
 
-        Writes eval/step_N.json and its grid, and updates result.json's metrics at that step.
+        Writes eval/step_N.json and its grid; result.json's copy of the metrics follows.
         """
-        root = self.run_dir / "checkpoints"
-        path = checkpoint.latest(root) if step is None else root / f"{checkpoint.PREFIX}{step:08d}"
+        path = checkpoint.latest(self.rundir) if step is None else self.rundir.checkpoint(step)
         if path is None or not path.exists():
-            kept = ", ".join(str(int(p.name[len(checkpoint.PREFIX):])) for p in checkpoint.complete(root)) or "none"
-            raise FileNotFoundError(f"{self.run_dir}: no checkpoint at step {step if step is not None else '(any)'}"
+            kept = ", ".join(map(str, self.rundir.checkpoint_steps())) or "none"
+            raise FileNotFoundError(f"{self.rundir.path}: no checkpoint at step {step if step is not None else '(any)'}"
                                     f"; checkpoints kept: {kept}")
         state = checkpoint.load(path, self.denoiser)
         self.ema.load_state_dict(state["ema"])
         self.step, self.wandb = state["step"], None
-        self.evaluate()
-        metrics = read_json(self.run_dir / "eval" / f"step_{self.step}.json")["metrics"]
-        result = read_json(self.run_dir / "result.json")
-        if result is not None and self.dist.main:
-            result["metrics_by_step"][str(self.step)] = metrics
-            result["metrics_by_step"] = dict(sorted(result["metrics_by_step"].items(), key=lambda kv: int(kv[0])))
-            if result["step"] == self.step:
-                result["metrics"] = metrics
-            atomic_write_json(self.run_dir / "result.json", result)
+        metrics = self.run_eval()
+        if self.dist.main:
+            self.rundir.refresh_result()
         return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -271,11 +259,11 @@ class Trainer:
         if self.dist.main:
             state = {"optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(),
                      "data": {"seed": self.cfg.seed, "step": self.step}}
-            checkpoint.save(self.run_dir / "checkpoints", self.step, self.denoiser, state, self.cfg.checkpoint.keep)
+            checkpoint.save(self.rundir, self.step, self.denoiser, state, self.cfg.checkpoint.keep)
         self.dist.barrier()
 
     def resume(self) -> None:
-        path = checkpoint.latest(self.run_dir / "checkpoints")
+        path = checkpoint.latest(self.rundir)
         if path is None:
             return
         state = checkpoint.load(path, self.denoiser)
@@ -284,26 +272,20 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
         if self.dist.main:  # drop log lines of steps the interrupted run did after this checkpoint
-            log = self.run_dir / "log.jsonl"
-            if log.exists():
-                keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-                log.write_text("".join(ln + "\n" for ln in keep))
+            self.rundir.truncate_log(self.step)
             print(f"[{self.name}] resumed from {path.name}", flush=True)
 
     # -- the run directory -----------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self.spec.get("name", self.run_dir.name)
+        return self.spec.get("name", self.rundir.name)
 
     def write_status(self, state: str, error: str | None = None, loss: float | None = None) -> None:
         if not self.dist.main:
             return
-        old = read_json(self.run_dir / "status.json", default={})
-        atomic_write_json(self.run_dir / "status.json", {
-            **old, "state": state, "step": self.step, "total_steps": self.cfg.train.steps,
-            "loss": loss if loss is not None else old.get("loss"), "updated_at": now(), "error": error,
-            "pid": os.getpid(), "host": socket.gethostname(), "world_size": self.dist.world,
-        })
+        fields = {"loss": loss} if loss is not None else {}  # else the last logged loss stays
+        self.rundir.set_status(state, step=self.step, total_steps=self.cfg.train.steps, error=error, pid=os.getpid(),
+                            host=socket.gethostname(), world_size=self.dist.world, **fields)
 
     def log_step(self, loss: float, grad_norm: float, window: StepTimes, run_times: StepTimes) -> None:
         cfg, per_step = self.cfg, window.total / window.steps
@@ -320,9 +302,8 @@ class Trainer:
                "eta_s": per_step * (cfg.train.steps - self.step), "time": now()}
         if not self.dist.main:
             return
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.write_status("running", loss=loss)
+        self.rundir.append_log(row)
+        self.write_status(RUNNING, loss=loss)
         eta = time.strftime("%H:%M:%S", time.gmtime(row["eta_s"]))
         print(f"[{self.name}] step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {row['lr']:.2e} "
               f"| {row['batches_per_s']:.2f} batch/s {row['samples_per_s']:.1f} samples/s "
@@ -340,16 +321,10 @@ class Trainer:
                 "steps_measured": steps, "world_size": self.dist.world}
 
     def write_result(self) -> dict:
-        by_step = {}
-        for f in sorted((self.run_dir / "eval").glob("step_*.json")):
-            rec = read_json(f)
-            by_step[str(rec["step"])] = rec["metrics"]
-        result = {"name": self.name, "step": self.step, "metrics": by_step.get(str(self.step), {}),
-                  "metrics_by_step": dict(sorted(by_step.items(), key=lambda kv: int(kv[0]))),
-                  "throughput": self.summary_throughput(), "timings": self.times, "versions": versions(self.device),
-                  "finished_at": now()}
+        result = {"name": self.name, "step": self.step, "throughput": self.summary_throughput(),
+                  "timings": self.times, "versions": versions(self.device), "finished_at": now()}
         if self.dist.main:
-            atomic_write_json(self.run_dir / "result.json", result)
+            return self.rundir.write_result(result)
         return result
 
     def start_wandb(self):
@@ -358,11 +333,11 @@ class Trainer:
             return None
         import wandb
 
-        run_id = hashlib.sha1(f"{self.run_dir.resolve()}:{self.spec.get('hash', '')}".encode()).hexdigest()[:16]
+        run_id = hashlib.sha1(f"{self.rundir.path.resolve()}:{self.spec.get('hash', '')}".encode()).hexdigest()[:16]
         return wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",
                           name=self.name, group=self.spec.get("sweep"),
                           job_type="baseline" if self.spec.get("delta") == "baseline" else "ablation",
-                          config=self.cfg.model_dump(mode="json"), dir=str(self.run_dir))
+                          config=self.cfg.model_dump(mode="json"), dir=str(self.rundir.path))
 
 
 def versions(device: torch.device) -> dict:
@@ -374,6 +349,10 @@ def versions(device: torch.device) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
-def load_config(run_dir: Path) -> TrainConfig:
-    with open(Path(run_dir) / "config.yaml") as f:
-        return TrainConfig.model_validate(yaml.safe_load(f))
+def read_spec(run: RunDir) -> dict:
+    """The arm's identity (name, sweep, delta, hash) for logs and W&B; {} for a folder made by hand."""
+    try:
+        return run.read_spec() or {}
+    except Unreadable as e:
+        print(f"warning: {e}; the arm is named after its folder", file=sys.stderr, flush=True)
+        return {}

@@ -14,8 +14,9 @@ from ablate_testing import SWEEP, write_json
 
 from ablate import launch
 from ablate.cli import main
-from ablate.store import EVAL_JOB, eval_note, mark_eval_queued, observe, plan, prepare
+from ablate.store import eval_note, mark_eval_queued, observe, plan, prepare
 from ablate.sweep import RunSpec, config_hash
+from core.rundir import EVAL_JOB
 
 # checkpoints kept at steps 2, 3 and 4; evaluated (while training) at steps 2 and 4
 EVAL_SWEEP = SWEEP.replace("checkpoint: {every: 2}", "checkpoint: {every: 1, keep: 3}")
@@ -169,7 +170,7 @@ def test_eval_job_is_checkpointable_and_records_its_outcome(tmp_path, monkeypatc
     assert job.checkpoint(str(run_dir)).function is job
 
     calls = []
-    monkeypatch.setattr(trainer.job, "evaluate", lambda d, step: calls.append((d, step)) or {"val_loss": 0.5})
+    monkeypatch.setattr(trainer.job, "rescore", lambda d, step: calls.append((d, step)) or {"val_loss": 0.5})
     mark_eval_queued(run_dir, 3, "debug")
     (submitted,) = launch.submit(submitit.DebugExecutor(tmp_path / ".submitit"), [run_dir], fn=job)
     assert read(run_dir / EVAL_JOB)["state"] == "submitted" and read(run_dir / "job.json")["job_id"] is None
@@ -181,7 +182,7 @@ def test_eval_job_is_checkpointable_and_records_its_outcome(tmp_path, monkeypatc
     def missing_checkpoint(d, step):
         raise FileNotFoundError(f"{d}: no checkpoint at step {step}; checkpoints kept: none")
 
-    monkeypatch.setattr(trainer.job, "evaluate", missing_checkpoint)
+    monkeypatch.setattr(trainer.job, "rescore", missing_checkpoint)
     with pytest.raises(FileNotFoundError):
         job(str(run_dir))
     record = read(run_dir / EVAL_JOB)

@@ -32,6 +32,8 @@ def done(root, name, by_step: dict[int, dict], bps: float | None = 10.0):
     final = max(by_step)
     write_json(root / name / "spec.json", {"name": name})
     write_json(root / name / "status.json", {"state": "done", "step": final})
+    for step, metrics in by_step.items():  # as the trainer writes them: eval/ holds the metrics per step
+        write_json(root / name / "eval" / f"step_{step}.json", {"step": step, "metrics": metrics})
     write_json(
         root / name / "result.json",
         {

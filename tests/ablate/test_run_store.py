@@ -13,13 +13,13 @@ from ablate_testing import SWEEP, write_json
 from ablate.errors import UserError
 from ablate.store import (
     blocked_error,
-    mark_submitted,
     observe,
     plan,
     prepare,
     sweep_lock,
 )
 from ablate.sweep import RunSpec, config_hash
+from core.rundir import RunDir
 
 DEAD_PID = 2**30  # above any pid_max: never a live process
 
@@ -153,7 +153,7 @@ def test_prepare_writes_config_spec_status_and_job(tmp_path):
         view.state == "queued" and view.spec == s.spec_json("t") and view.job["submitter_pid"] == os.getpid()
     )
     stdout = tmp_path / ".submitit" / "42" / "42_0_log.out"
-    mark_submitted(run_dir, "42", tmp_path / ".submitit" / "%j", stdout, stdout.with_suffix(".err"))
+    RunDir(run_dir).mark_submitted("42", tmp_path / ".submitit" / "%j", stdout, stdout.with_suffix(".err"))
     view = observe(run_dir, check_jobs=False)
     assert view.state == "submitted" and view.status["job_id"] == "42" and view.log_path == str(stdout)
     assert os.readlink(run_dir / "launcher") == "../.submitit/42"
@@ -162,7 +162,7 @@ def test_prepare_writes_config_spec_status_and_job(tmp_path):
 def test_mark_submitted_does_not_overwrite_a_started_job(tmp_path):
     (run_dir,) = prepare(plan([spec("x-s0")], tmp_path), tmp_path, "t", "local")
     write_json(run_dir / "status.json", {"state": "running", "step": 1})
-    mark_submitted(run_dir, "42", tmp_path, tmp_path / "o", tmp_path / "e")
+    RunDir(run_dir).mark_submitted("42", tmp_path, tmp_path / "o", tmp_path / "e")
     assert observe(run_dir, check_jobs=False).status == {"state": "running", "step": 1}
 
 
@@ -184,3 +184,20 @@ def test_second_ablate_run_while_the_lock_is_held_submits_nothing(write_sweep, c
     assert result.code == 2
     assert result.err.startswith("error: another `ablate run` is submitting this sweep")
     assert sorted(p.name for p in root.iterdir()) == [".ablate.lock"]
+
+
+def test_a_corrupt_record_marks_only_its_arm_unreadable_until_rerun(tmp_path):
+    good, bad = spec("baseline-s0"), spec("x-s0", 3e-3)
+    finished(tmp_path, good)
+    run_dir = finished(tmp_path, bad, "failed", result=False)
+    (run_dir / "status.json").write_bytes(b"\x00" * 16)  # zeroed by a crash
+    view = observe(run_dir)
+    assert view.state == "unreadable" and view.note.startswith(f"{run_dir / 'status.json'}: unreadable")
+    decisions = plan([good, bad], tmp_path)
+    assert actions(decisions) == {"baseline-s0": "skip", "x-s0": "skip"}
+    assert "`--rerun x-s0` starts it afresh" in decisions[1].reason
+    (d,) = plan([bad], tmp_path, rerun=["x-s0"])
+    assert d.action == "rerun" and prepare([d], tmp_path, "t", "local") == [run_dir]
+    (kept,) = (tmp_path / ".replaced").iterdir()
+    assert (kept / "status.json").read_bytes() == b"\x00" * 16  # kept, never deleted
+    assert observe(run_dir).state == "queued"

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from ablate_testing import SWEEP
 
-import eval.weights
-import trainer.weights
-from trainer.weights import HFWeights, install
+import core.weights
+from core.weights import HFWeights, install
 
 # Denoiser side: the FLUX.1 VAE (one delta) and the DINOv2 REPA teacher (one delta); eval side:
 # Inception (fid), DINOv2 (dino_mmd; the same repository as the teacher) and the demo's
@@ -73,10 +72,6 @@ def test_download_fetches_what_is_missing_into_the_arms_weights_dir(write_sweep,
     put_hf(workdir / "wdir", VAE, "vae")  # already here: not fetched again
     fetched = []
 
-    def fake_trainer_download(spec, folder):
-        fetched.append(("denoiser", str(spec), folder))
-        put_hf(Path(folder), spec.repo_id, spec.subfolder)
-
     def fake_hf_download(self, folder):
         fetched.append(("eval", self.repo_id, folder))
         put_hf(Path(folder), self.repo_id)
@@ -85,9 +80,8 @@ def test_download_fetches_what_is_missing_into_the_arms_weights_dir(write_sweep,
         fetched.append(("eval", self.filename, folder))
         self.path(folder).write_bytes(b"")
 
-    monkeypatch.setattr(trainer.weights, "download", fake_trainer_download)
-    monkeypatch.setattr(eval.weights.HFWeights, "download", fake_hf_download)
-    monkeypatch.setattr(eval.weights.URLWeights, "download", fake_url_download)
+    monkeypatch.setattr(core.weights.HFWeights, "download", fake_hf_download)  # one description for both sides
+    monkeypatch.setattr(core.weights.URLWeights, "download", fake_url_download)
     result = cli("weights", "download", path)
     assert result.code == 0, result.out + result.err
     # DINOv2 once: eval's files (config + model.safetensors) also satisfy the REPA teacher's check
@@ -103,9 +97,8 @@ def test_download_failure_is_one_line_per_weight_not_a_traceback(write_sweep, cl
     def offline(*args):
         raise ConnectionError("HTTPSConnectionPool(host='huggingface.co'): Max retries exceeded\n  detail\n")
 
-    monkeypatch.setattr(trainer.weights, "download", offline)
-    monkeypatch.setattr(eval.weights.HFWeights, "download", offline)
-    monkeypatch.setattr(eval.weights.URLWeights, "download", offline)
+    monkeypatch.setattr(core.weights.HFWeights, "download", offline)
+    monkeypatch.setattr(core.weights.URLWeights, "download", offline)
     folder = workdir / "w"
     result = cli("weights", "download", path, "--dir", folder)
     assert result.code == 1 and "Traceback" not in result.err

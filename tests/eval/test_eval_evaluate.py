@@ -1,4 +1,4 @@
-"""The reference-feature cache and the trainer-facing `evaluate` / `Evaluator` API."""
+"""The reference-feature cache and the trainer-facing `score` / `Evaluator` API."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.cache import CacheKey, ReferenceCache
-from eval.evaluate import METRICS, Evaluator, Reference, evaluate, extractors_for
+from core.weights import MissingWeightsError
+from eval.evaluator import METRICS, Evaluator, Reference, extractors_for, score
 from eval.images import make_grid, read_image_folder, save_grid
 from eval.metrics import frechet_distance, mmd
-from eval.weights import MissingWeightsError
+from eval.reference_cache import CacheKey, ReferenceCache
 
 # ------------------------------------------------------------------------------------------------ cache
 
@@ -74,7 +74,7 @@ def extractors(inception, clip, dino):
 def test_evaluate_returns_each_metric_as_its_definition(extractors, tmp_path):
     real, gen = _real_images(12, seed=0), _real_images(10, seed=1)
     ref = Reference("toy-real", 12, _CountingSource(real), tmp_path)
-    out = evaluate(gen, ref, ["fid", "cmmd", "dino_mmd"], extractors=extractors, batch_size=4)
+    out = score(gen, ref, ["fid", "cmmd", "dino_mmd"], extractors=extractors, batch_size=4)
     assert set(out) == {"fid", "cmmd", "dino_mmd"} and all(isinstance(v, float) for v in out.values())
     f = {n: e.features(real) for n, e in extractors.items()}
     g = {n: e.features(gen) for n, e in extractors.items()}
@@ -152,7 +152,7 @@ def test_domain_metrics_through_evaluate(tmp_path):
     ref = Reference("shapes-test", 50, lambda: real, tmp_path)
     gen, gen_labels = dataset(40, seed=11)
     requested = {**gen_labels, "background": np.full(40, -1)}  # prompts that do not name the background
-    out = evaluate(gen, ref, ["domain_fd", "domain_mmd", "prompt_adherence"],
+    out = score(gen, ref, ["domain_fd", "domain_mmd", "prompt_adherence"],
                    extractors={"domain-attr": ext}, requested=requested)  # fmt: skip
     feats = ext.features(gen)
     assert out["domain_fd"] == pytest.approx(frechet_distance(feats, ext.features(real)), rel=1e-6)
@@ -160,7 +160,7 @@ def test_domain_metrics_through_evaluate(tmp_path):
     asked = [(predicted[a] == gen_labels[a]) for a in NUM_CLASSES if a != "background"]
     assert out["prompt_adherence"] == pytest.approx(np.concatenate(asked).mean())
     with pytest.raises(ValueError, match="needs the requested attributes"):
-        evaluate(gen, None, ["prompt_adherence"], extractors={"domain-attr": ext})
+        score(gen, None, ["prompt_adherence"], extractors={"domain-attr": ext})
 
 
 # ------------------------------------------------------------------------------------------------- grid

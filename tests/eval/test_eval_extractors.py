@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from eval_testing import INCEPTION_FILE, save_in_hf_cache, tiny_clip, tiny_dino, write_tiny_inception
 from PIL import Image
 
+from core.weights import URLWeights
 from eval.extractors import (
     EXTRACTORS,
     ClipExtractor,
@@ -19,10 +20,8 @@ from eval.extractors import (
     InceptionExtractor,
     MissingWeightsError,
     load_extractor,
-    missing_weights,
     weights_for,
 )
-from eval.weights import URLWeights
 
 
 def _known_image(h: int = 40, w: int = 30) -> np.ndarray:
@@ -152,7 +151,7 @@ def test_load_from_weights_folder(tmp_path):
     save_in_hf_cache(tiny_clip(), tmp_path, "openai/clip-vit-large-patch14-336")
     save_in_hf_cache(tiny_dino(), tmp_path, "facebook/dinov2-with-registers-large")
     write_tiny_inception(tmp_path)
-    assert missing_weights(["inception", "clip-vit-l14-336", "dinov2-vitl14-reg"], tmp_path) == {}
+    assert [weights_for(n).missing(tmp_path) for n in ("inception", "clip-vit-l14-336", "dinov2-vitl14-reg")] == [None] * 3
     img = _known_image()[None]
     for name, cls in [("inception", InceptionExtractor), ("clip-vit-l14-336", ClipExtractor),
                       ("dinov2-vitl14-reg", DinoV2Extractor)]:  # fmt: skip
@@ -176,7 +175,7 @@ def test_missing_weights_is_one_clear_line(tmp_path, name, needle):
     msg = str(err.value)
     assert "\n" not in msg
     assert needle in msg and f"ablate weights download SWEEP --dir {tmp_path / 'weights'}" in msg
-    assert name in missing_weights([name], tmp_path / "weights")
+    assert weights_for(name).missing(tmp_path / "weights") is not None
 
 
 def test_unknown_extractor_lists_choices():

@@ -1,5 +1,4 @@
 """The latent / caption-embedding cache: keys, layout, and training from it equals training without it."""
-import copy
 import json
 
 import pytest
@@ -7,20 +6,15 @@ import torch
 import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
+from trainer_testing import logged_losses as losses
+from trainer_testing import merge
 
+from core.weights import install
 from trainer import cache, checkpoint, job
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, load
 from trainer.tokenizer import FluxVAEConfig
-from trainer.weights import install
 
 SMALL = {"data": {"num_train": 64, "num_val": 8}, "eval": {"batch_size": 4}}
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 @pytest.fixture
@@ -29,12 +23,8 @@ def config(tiny_cfg):
     return lambda **over: TrainConfig.model_validate(merge(merge(tiny_cfg, SMALL), over))
 
 
-def losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
 def final_weights(run_dir) -> dict:
-    return load_file(checkpoint.latest(run_dir / "checkpoints") / "transformer" / "diffusion_pytorch_model.safetensors")
+    return load_file(checkpoint.latest(run_dir) / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 def test_the_key_covers_only_what_produces_the_cache(config):
@@ -110,7 +100,7 @@ def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp
     over = merge(SMALL, {"train": {"steps": 6}, "data": {"resolution": 32},
                          "tokenizer": {"kind": "flux-vae", "dtype": "float32"}})
     cached = make_run("cached", **merge(over, {"cache": {"dir": str(tmp_path / "cache")}}))
-    root = cache.precompute(job.load_config(cached), tmp_path / "cache", weights_dir=str(weights),
+    root = cache.precompute(load(cached / "config.yaml"), tmp_path / "cache", weights_dir=str(weights),
                             log=lambda *_: None)
     shard = load_file(root / "train-00000.safetensors")
     assert shard["latent_mean"].shape == shard["latent_std"].shape == (64, 16, 4, 4)  # mean and std, no sample

@@ -89,7 +89,7 @@ def dataset(kind: str, root) -> dict:
 
 
 def final_weights(run_dir):
-    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    ckpt = checkpoint.latest(run_dir)
     out = load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors")
     out.update({f"factors.{k}": v for k, v in load_file(ckpt / "factors.safetensors").items()})
     return out

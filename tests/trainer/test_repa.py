@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from trainer_testing import crash_at, logged_losses, merge
 from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
 
-from trainer import checkpoint, job, weights
+from core import weights
+from trainer import checkpoint, job
 from trainer.config import TrainConfig
 from trainer.model import Denoiser, Factor, FactorContext, ModelConfig, TokenState, build_prx
 from trainer.repa import (
@@ -213,11 +214,11 @@ def test_repa_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch, 
         job.run(resumed)
     job.run(resumed)
 
-    a, b = (load_file(checkpoint.latest(d / "checkpoints") / "factors.safetensors") for d in (straight, resumed))
+    a, b = (load_file(checkpoint.latest(d) / "factors.safetensors") for d in (straight, resumed))
     i = len(over) - 1  # REPA's index among the factors (routing comes first)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a and all(k.startswith((f"{i}.projector.", "0.mask_token", "0.fuse.")) for k in a)  # no teacher weights
-    first = load_file(checkpoint.complete(straight / "checkpoints")[0] / "factors.safetensors")
+    first = load_file(checkpoint.complete(straight)[0] / "factors.safetensors")
     trained = not all(torch.equal(first[k], a[k]) for k in a if ".projector." in k)
     assert trained == ("stop_step" not in over["repa"])  # stop_step 4: no update after checkpoint 4
     assert logged_losses(straight) == logged_losses(resumed)

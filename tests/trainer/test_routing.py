@@ -157,11 +157,11 @@ def test_routed_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch
         job.run(resumed)
     job.run(resumed)  # resumes from step 4, factor parameters included
 
-    a, b = (load_file(checkpoint.latest(d / "checkpoints") / "factors.safetensors") for d in (straight, resumed))
+    a, b = (load_file(checkpoint.latest(d) / "factors.safetensors") for d in (straight, resumed))
     expected = {"0.mask_token", "0.fuse.weight", "0.fuse.bias"} if routing["kind"] == "sprint" else set()
     assert set(a) == set(b) == expected and all(torch.equal(a[k], b[k]) for k in a)
     if expected:
-        first = load_file(checkpoint.complete(straight / "checkpoints")[0] / "factors.safetensors")
+        first = load_file(checkpoint.complete(straight)[0] / "factors.safetensors")
         assert not torch.equal(first["0.fuse.weight"], a["0.fuse.weight"])  # trained between checkpoints
     assert logged_losses(straight) == logged_losses(resumed)
 

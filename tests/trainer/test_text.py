@@ -9,8 +9,8 @@ import torch
 from tiny_weights import tiny_t5gemma
 from transformers import ByT5Tokenizer, T5GemmaForConditionalGeneration
 
+from core.weights import HFWeights, MissingWeightsError, install
 from trainer.text import TEXT, T5GemmaConfig
-from trainer.weights import HFWeights, MissingWeightsError, install
 
 REPO = "test/tiny-t5gemma"
 

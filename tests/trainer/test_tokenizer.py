@@ -8,9 +8,9 @@ import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from tiny_weights import BN_MEAN, BN_VAR, tiny_autoencoder
 
+from core.weights import MissingWeightsError, install, required
 from trainer.config import TrainConfig
 from trainer.tokenizer import TOKENIZERS, patchify, unpatchify
-from trainer.weights import MissingWeightsError, install, required
 
 tiny = tiny_autoencoder
 

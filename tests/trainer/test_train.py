@@ -12,7 +12,7 @@ from trainer.train import Trainer
 
 
 def weights(run_dir):
-    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    ckpt = checkpoint.latest(run_dir)
     return load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
@@ -29,9 +29,9 @@ def test_run_writes_the_run_directory(make_run):
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     assert {"loss", "lr", "grad_norm", "batches_per_s", "data_s", "compute_s", "eta_s"} <= set(log[0])
     assert log[0]["lr"] == pytest.approx(1e-3)  # warm-up done after 2 steps
-    assert [p.name for p in checkpoint.complete(d / "checkpoints")] == ["step_00000004", "step_00000008"]
+    assert [p.name for p in checkpoint.complete(d)] == ["step_00000004", "step_00000008"]
     # the checkpoint is a plain diffusers model
-    model = PRXTransformer2DModel.from_pretrained(checkpoint.latest(d / "checkpoints") / "transformer")
+    model = PRXTransformer2DModel.from_pretrained(checkpoint.latest(d) / "transformer")
     assert model.config.in_channels == 3 and model.config.context_in_dim == 32
 
 
@@ -50,14 +50,14 @@ def test_interrupted_run_resumes_bitwise_identical(make_run, monkeypatch):
     with crash_at(6), pytest.raises(KeyboardInterrupt):  # killed mid-run, after checkpoint 4
         job.run(resumed)
     assert json.loads((resumed / "status.json").read_text())["state"] == "failed"
-    assert checkpoint.latest(resumed / "checkpoints").name == "step_00000004"
+    assert checkpoint.latest(resumed).name == "step_00000004"
     assert not (resumed / "result.json").exists()
 
     job.run(resumed)
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(checkpoint.latest(straight / "checkpoints") / "state.pt", weights_only=False)
-    sb = torch.load(checkpoint.latest(resumed / "checkpoints") / "state.pt", weights_only=False)
+    sa = torch.load(checkpoint.latest(straight) / "state.pt", weights_only=False)
+    sb = torch.load(checkpoint.latest(resumed) / "state.pt", weights_only=False)
     for name in sa["optimizer"]["adamw"]["state"]:
         for k, v in sa["optimizer"]["adamw"]["state"][name].items():
             assert torch.equal(v, sb["optimizer"]["adamw"]["state"][name][k])
@@ -78,7 +78,7 @@ def test_non_finite_loss_fails_the_arm_naming_the_step(make_run, monkeypatch):
         job.run(d)
     status = json.loads((d / "status.json").read_text())
     assert status["state"] == "failed" and "step 5" in status["error"]
-    assert checkpoint.latest(d / "checkpoints").name == "step_00000004"  # the last good one is kept
+    assert checkpoint.latest(d).name == "step_00000004"  # the last good one is kept
     assert not (d / "result.json").exists()
 
 
@@ -91,15 +91,15 @@ def test_bad_config_fails_before_training(make_run):
         job.run(d)
 
 
-def test_evaluate_checkpoint_again_updates_the_result(make_run):
+def test_rescoring_a_checkpoint_updates_the_result(make_run):
     d = make_run(checkpoint={"every": 4, "keep": 5})
     result = job.run(d)
     (d / "eval" / "step_4.json").unlink()
-    metrics = job.evaluate(d, step=4)
+    metrics = job.rescore(d, step=4)
     assert metrics == pytest.approx(result["metrics_by_step"]["4"])  # same weights, same fixed noise
     assert json.loads((d / "eval" / "step_4.json").read_text())["metrics"] == metrics
     with pytest.raises(FileNotFoundError, match="checkpoints kept: 4, 8"):
-        job.evaluate(d, step=6)
+        job.rescore(d, step=6)
 
 
 def test_wandb_run_is_named_grouped_and_resumed_under_one_id(make_run, monkeypatch):
@@ -115,7 +115,7 @@ def test_wandb_run_is_named_grouped_and_resumed_under_one_id(make_run, monkeypat
     (d / "result.json").unlink()
     import shutil
 
-    shutil.rmtree(checkpoint.latest(d / "checkpoints"))
+    shutil.rmtree(checkpoint.latest(d))
     job.run(d)  # resumes from step 4
     assert [s["id"] for s in seen] == [seen[0]["id"]] * 2 and seen[0]["resume"] == "allow"
     assert (seen[0]["name"], seen[0]["group"], seen[0]["job_type"]) == ("muon-s0", "demo", "ablation")
@@ -154,7 +154,7 @@ def test_time_limit_signal_saves_a_checkpoint_then_hands_over_to_submitit(make_r
         with pytest.raises(SystemExit):
             job.run(d)
         assert requeued == [signal.SIGUSR2]
-        assert checkpoint.latest(d / "checkpoints").name == "step_00000006"  # saved at the next log point
+        assert checkpoint.latest(d).name == "step_00000006"  # saved at the next log point
         assert json.loads((d / "status.json").read_text())["state"] == "submitted"  # in flight, not failed
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back
 

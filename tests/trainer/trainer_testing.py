@@ -1,15 +1,12 @@
 """Helpers shared by the trainer tests (a unique module name: test files import it directly)."""
-import copy
 import json
+
+from ablate import sweep
 
 
 def merge(base: dict, over: dict) -> dict:
-    """Nested override; a map with another `kind` replaces the component whole (as sweeps do)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        same_kind = isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get("kind")
-        out[k] = merge(out[k], v) if same_kind else v
-    return out
+    """`base` with `over` applied exactly as a sweep's delta is (a new `kind` replaces the component whole)."""
+    return sweep.merge(base, over)[0]
 
 
 def logged_losses(run_dir):

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from eval.base import Extractor, prefetched
-from eval.cache import CacheKey, ReferenceCache, ReferenceFeatures
-from eval.domain import adherence
+from eval.domain import SYNTHETIC_SHAPES, adherence
 from eval.extractors import load_extractor
 from eval.images import iter_batches, save_grid, take
 from eval.metrics import frechet_distance, mmd
+from eval.reference_cache import CacheKey, ReferenceCache, ReferenceFeatures
 
-__all__ = ["METRICS", "Evaluator", "Reference", "evaluate", "extractors_for", "save_grid"]
+__all__ = ["METRICS", "Evaluator", "Reference", "extractors_for", "save_grid", "score"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class Metric:
     extractor: str  # registry name in eval.extractors
     compute: Callable[[MetricInput], float]
     needs_reference: bool = True
+    domain: str | None = None  # the one data domain it can score (its extractor is trained on it); None = any
     doc: str = ""
 
 
@@ -78,13 +79,17 @@ METRICS: dict[str, Metric] = {
     "cmmd": Metric("clip-vit-l14-336", _mmd, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"),
     "dino_mmd": Metric("dinov2-vitl14-reg", _mmd, doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD"),
     "domain_fd": Metric(
-        "domain-attr", _frechet, doc="Fréchet distance on demo-domain attribute-net features"
+        "domain-attr", _frechet, domain=SYNTHETIC_SHAPES, doc="Fréchet distance on demo-domain attribute-net features"
     ),
     "domain_mmd": Metric(
-        "domain-attr", _mmd, doc="MMD (CMMD estimator) on demo-domain attribute-net features"
+        "domain-attr", _mmd, domain=SYNTHETIC_SHAPES, doc="MMD (CMMD estimator) on demo-domain attribute-net features"
     ),
     "prompt_adherence": Metric(
-        "domain-attr", _prompt_adherence, needs_reference=False, doc="fraction of requested attributes found"
+        "domain-attr",
+        _prompt_adherence,
+        needs_reference=False,
+        domain=SYNTHETIC_SHAPES,
+        doc="fraction of requested attributes found",
     ),
 }
 
@@ -209,7 +214,7 @@ def _features_of(batches: Iterable[np.ndarray], extractors: Mapping[str, Extract
     return {n: np.concatenate(p) for n, p in parts.items()}
 
 
-def evaluate(
+def score(
     images,
     reference: Reference | None,
     metrics: Sequence[str],

@@ -16,9 +16,7 @@ from typing import Any
 
 from ablate.errors import UserError
 from ablate.sweep import Sweep, expand
-from trainer.io import read_json
-
-MANIFEST = "manifest.json"  # trainer/cache.py writes it last: its presence marks a complete cache
+from core.atomic import read_json
 
 
 @dataclass
@@ -56,6 +54,8 @@ def plan(sweep: Sweep) -> tuple[list[CacheGroup], list[str]]:
 
 
 def _state(path: Path, key: str, sweep: Sweep, arm: str) -> str:
+    from trainer.cache import MANIFEST
+
     if (path / MANIFEST).exists():
         manifest = read_json(path / MANIFEST) or {}
         if manifest.get("hash") != key:
@@ -71,8 +71,8 @@ def _state(path: Path, key: str, sweep: Sweep, arm: str) -> str:
 
 def fill(group: CacheGroup, log: Callable[[str], None] = print) -> Path:
     """Compute `group`'s cache (resuming an interrupted one); a missing weight is a one-line UserError."""
+    from core.weights import MissingWeightsError
     from trainer.cache import precompute
-    from trainer.weights import MissingWeightsError
 
     cfg = group.config
     try:

@@ -1,8 +1,8 @@
 """`ablate weights check|download`: every pretrained weight a sweep needs, present or missing.
 
-Denoiser side: each arm's resolved config, walked by `trainer.weights.required` (text encoder,
+Denoiser side: each arm's resolved config, walked by `core.weights.required` (text encoder,
 tokenizer, REPA teacher, …). Eval side: the weights of every feature extractor its
-`eval.metrics` need (`eval.evaluate.extractors_for`, `eval.extractors.weights_for`). One
+`eval.metrics` need (`eval.evaluator.extractors_for`, `eval.extractors.weights_for`). One
 entry per weight and folder, whichever arms and sides need it (the REPA DINOv2 teacher and
 DINO-MMD's extractor are one repository): present only when every side's check passes.
 
@@ -18,28 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ablate.sweep import Sweep, expand
+from core.rundir import SweepDir
 
 NETWORK_HINT = (
     "downloading needs network access (gated models such as FLUX also need `huggingface-cli login`)"
 )
-
-
-@dataclass(frozen=True)
-class _Denoiser:
-    """A trainer-side `trainer.weights.HFWeights`, with the same interface as eval's weight specs."""
-
-    spec: Any
-    downloadable = True
-
-    def missing(self, folder: str | None) -> str | None:
-        from trainer import weights
-
-        return weights.missing(self.spec, folder)
-
-    def download(self, folder: str | None) -> None:
-        from trainer import weights
-
-        weights.download(self.spec, folder)
 
 
 @dataclass(eq=False)
@@ -54,7 +37,7 @@ class Weight:
     note: str = ""
     """for weights that are not downloaded: where they come from"""
     sources: list[Any] = field(default_factory=list)
-    """specs with `missing(folder)` and `download(folder)`, one per side that needs the weight"""
+    """`core.weights` descriptions, one per side that needs the weight (their checks may differ)"""
     used_by: list[str] = field(default_factory=list)
     arms: list[str] = field(default_factory=list)
     """deltas (with every seed) that need it"""
@@ -69,14 +52,10 @@ class Weight:
 
 def needed(sweep: Sweep, folder: str | Path | None = None) -> list[Weight]:
     """Every weight the sweep's arms need, de-duplicated, in first-use order (baseline first)."""
-    from huggingface_hub import constants
-
-    from eval.evaluate import METRICS, extractors_for
+    from core.weights import required
+    from eval.evaluator import METRICS, extractors_for
     from eval.extractors import weights_for
-    from eval.weights import HFWeights as EvalHF
-    from eval.weights import URLWeights
     from trainer.config import TrainConfig
-    from trainer.weights import required
 
     found: dict[tuple[Any, ...], Weight] = {}
 
@@ -89,32 +68,29 @@ def needed(sweep: Sweep, folder: str | Path | None = None) -> list[Weight]:
         if delta not in w.arms:
             w.arms.append(delta)
 
+    def add_spec(spec: Any, where_dir: str | None, user: str, delta: str) -> None:
+        new = Weight(str(spec), where_dir, spec.location(where_dir), True)
+        add(spec.key(where_dir), new, spec, user, delta)
+
     specs = expand(sweep)
     for spec in specs:
         cfg = TrainConfig.model_validate(spec.config)
         where_dir = str(folder) if folder is not None else cfg.weights_dir
-        hf_where = where_dir if where_dir is not None else f"HF cache ({constants.HF_HUB_CACHE})"
 
         owners = {}  # the top-level component that asks for each denoiser-side weight
         for name in type(cfg).model_fields:
             if hasattr(type(value := getattr(cfg, name)), "model_fields"):
                 owners.update({w: name for w in required(value) if w not in owners})
         for w in required(cfg):
-            add(("hf", w.repo_id, w.subfolder, where_dir), Weight(str(w), where_dir, hf_where, True),
-                _Denoiser(w), owners.get(w, "denoiser"), spec.delta)  # fmt: skip
+            add_spec(w, where_dir, owners.get(w, "denoiser"), spec.delta)
 
         for name in extractors_for(cfg.eval.metrics):
             w = weights_for(name)
             user = "eval: " + ", ".join(m for m in cfg.eval.metrics if METRICS[m].extractor == name)
-            if isinstance(w, EvalHF):
-                add(("hf", w.repo_id, None, where_dir), Weight(w.repo_id, where_dir, hf_where, True), w, user,
-                    spec.delta)  # fmt: skip
-            elif isinstance(w, URLWeights):
-                path = w.path(where_dir)
-                new = Weight(w.filename, where_dir, str(path.parent), True)
-                add(("file", str(path)), new, w, user, spec.delta)
+            if w.downloadable:
+                add_spec(w, where_dir, user, spec.delta)
             else:  # trained, not downloaded: the trainer trains it into the eval cache on first use
-                cache = cfg.eval.cache_dir or str(sweep.root / ".eval-cache")
+                cache = cfg.eval.cache_dir or str(SweepDir(sweep.root).eval_cache)
                 note = "trained by the trainer on first use (no download)"
                 add(("trained", name, cache), Weight(f"{name} extractor", None, cache, False, note), None, user,
                     spec.delta)  # fmt: skip

@@ -3,8 +3,8 @@
 Which arms and steps (`select`) is decided from the run directories alone, before anything is
 submitted: an arm is evaluated when it has ended (done, failed or stale) and keeps a checkpoint
 at the step asked for (default: its newest). Each evaluation is a job of the sweep's launcher
-(`launch.EvalArm`) that calls `trainer.job.evaluate(run_dir, step)`, which writes
-`eval/step_N.json` and the sample grid and updates result.json's metrics at that step, so
+(`launch.EvalArm`) that calls `trainer.job.rescore(run_dir, step)`, which writes
+`eval/step_N.json` and the sample grid (result.json's copy of the metrics follows), so
 `ablate rank --step N` ranks at it. The job's outcome goes to the arm's eval_job.json.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ablate.errors import UserError
-from ablate.store import EVAL_JOB, IN_FLIGHT, describe_eval_job, eval_in_flight, observe
+from ablate.store import describe_eval_job, eval_in_flight, observe
 from ablate.sweep import Sweep
-from trainer.io import read_json
+from core.atomic import Unreadable
+from core.rundir import DONE, FAILED, IN_FLIGHT, MISSING, STALE, RunDir
 
-CHECKPOINTS, CHECKPOINT_PREFIX = "checkpoints", "step_"  # trainer/checkpoint.py's layout: step_00000100/
-ENDED = ("done", "failed", "stale")
+ENDED = (DONE, FAILED, STALE)
 
 
 @dataclass(frozen=True)
@@ -34,19 +34,6 @@ class Target:
     """the arm's state: done | failed | stale"""
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the arm's complete checkpoints, oldest first (a folder named step_N is complete)."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    names = (p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
-    return sorted(int(n[len(CHECKPOINT_PREFIX) :]) for n in names if n[len(CHECKPOINT_PREFIX) :].isdigit())
-
-
 def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target], list[tuple[str, str]]]:
     """The arms to evaluate, and the arms left out with the reason. Reads only.
 
@@ -58,14 +45,16 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
     targets: list[Target] = []
     skipped: list[tuple[str, str]] = []
     for name in dict.fromkeys(arms) if explicit else sweep.arm_names():
-        run_dir = sweep.root / name
-        view = observe(run_dir)
+        run = RunDir(sweep.root / name)
+        view = observe(run.path)
         reason = None
-        if view.state == "missing":
+        if view.state == MISSING:
             reason = "not run yet"
         elif view.state in IN_FLIGHT:
             reason = f"{view.state}: it evaluates its checkpoints itself as it trains"
-        elif (record := eval_in_flight(run_dir)) is not None:
+        elif view.state not in ENDED:
+            reason = f"{view.state}: {view.note}"
+        elif (record := eval_in_flight(run.path)) is not None:
             reason = f"already being evaluated ({describe_eval_job(record)})"
         if reason is not None:
             if explicit:
@@ -74,10 +63,10 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
                 )
             skipped.append((name, reason))
             continue
-        kept = checkpoint_steps(run_dir)
+        kept = run.checkpoint_steps()
         if step is not None and step not in kept:
             raise UserError(
-                f"{name}: no checkpoint at step {step} ({checkpoint_dir(run_dir, step)} does not exist)",
+                f"{name}: no checkpoint at step {step} ({run.checkpoint(step)} does not exist)",
                 f"a kept step: {', '.join(map(str, kept))}" if kept else "an arm that kept a checkpoint",
                 path="--step",
             )
@@ -88,7 +77,7 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
                 )
             skipped.append((name, f"{view.state}, no checkpoint"))
             continue
-        targets.append(Target(name, run_dir, kept[-1] if step is None else step, view.state))
+        targets.append(Target(name, run.path, kept[-1] if step is None else step, view.state))
     if not targets:
         why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
         raise UserError(f"no arm to evaluate ({why})", "arms that have ended and kept a checkpoint")
@@ -97,4 +86,7 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
 
 def outcome(target: Target) -> dict[str, Any]:
     """What the arm's eval job recorded (eval_job.json): state, and metrics or error."""
-    return read_json(target.run_dir / EVAL_JOB, default={}) or {}
+    try:
+        return RunDir(target.run_dir).read_eval_job() or {}
+    except Unreadable as e:
+        return {"state": FAILED, "error": str(e)}

@@ -49,11 +49,11 @@ class GenerationEval:
     """Built at set-up (a missing weight fails before training starts), called at every eval step."""
 
     def __init__(self, trainer):
-        from eval.evaluate import Evaluator, Reference
+        from eval.evaluator import Evaluator, Reference
 
         self.tr, cfg = trainer, trainer.cfg.eval
         self.n = min(cfg.samples, len(trainer.val_set))
-        self.cache_dir = Path(cfg.cache_dir or trainer.run_dir.parent / ".eval-cache")
+        self.cache_dir = Path(cfg.cache_dir or trainer.rundir.default_eval_cache)
         self.mine = list(range(trainer.dist.rank, self.n, trainer.dist.world))  # prompts this process samples
         extractors = {}
         if isinstance(trainer.cfg.data, SyntheticConfig) and any(m.startswith(("domain_", "prompt_"))
@@ -114,8 +114,7 @@ class GenerationEval:
         if len(shown):  # people look at samples before any number
             from eval.images import save_grid
 
-            (tr.run_dir / "eval").mkdir(exist_ok=True)
-            save_grid(shown, tr.run_dir / "eval" / f"step_{step}.png", nrow=int(np.ceil(np.sqrt(len(shown)))))
+            save_grid(shown, tr.rundir.eval_grid(step), nrow=int(np.ceil(np.sqrt(len(shown)))))
         return metrics
 
     def _gather(self, feats: dict, images: np.ndarray) -> tuple[dict, np.ndarray]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from eval.atomic import atomic_path
+from core.atomic import atomic_path
 from eval.metrics import GaussianStats
 
 

@@ -1,0 +1,110 @@
+"""The one atomic write: every file another process may read goes through here.
+
+A file is written to a temporary file in its own folder, flushed to disk, renamed over the
+target, and the folder is flushed so the rename survives a crash. A reader sees the old content
+or the new one, never a torn file. The file gets the mode any normal file would get from this
+process's umask (mkstemp alone would leave 0600: unreadable to colleagues on a shared cluster
+file system). Folders (checkpoints) are committed the same way with `commit_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# Read once: os.umask can only be read by setting it, which is not thread-safe later on.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path beside `path` for a writer that wants a file name (PIL, numpy,
+    safetensors, torch.save); on success it becomes `path` atomically, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.close(fd)
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Replace `path` with `data` (text is written as UTF-8) atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Replace `path` with `obj` as indented JSON atomically."""
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def commit_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Make the fully written folder `tmp` appear as `final` in one rename, after flushing every
+    file and folder in it; `final` must not exist. The parent folder is flushed last."""
+    tmp, final = Path(tmp), Path(final)
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(folder)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
+    """The JSON content of `path`, or `default` when the file does not exist.
+
+    A file that exists but does not parse raises `Unreadable` naming the file: writers are
+    atomic, so a torn file means something else went wrong and must not pass for "absent".
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return default
+    except OSError as e:
+        raise Unreadable(path, e.strerror or type(e).__name__) from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise Unreadable(path, f"not JSON: {e}"[:200]) from None
+
+
+class Unreadable(ValueError):
+    """A record exists but cannot be read; the message names the file."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: unreadable ({reason})")

@@ -1,0 +1,304 @@
+"""The run directory: one folder per arm, the only interface between the orchestrator and its jobs.
+
+    <sweep root>/                      SweepDir
+      .ablate.lock                     held by `ablate run` / `ablate eval` while they plan and submit
+      .submitit/<job id>/              submitit's pickles and each job's stdout/stderr
+      .replaced/<arm>-<hash>-<time>/   run folders moved aside by `--rerun` / `--force`
+      .eval-cache/                     reference features, the demo's attribute net (eval.cache_dir default)
+      <delta>-s<seed>/                 RunDir, one per arm
+        config.yaml       the resolved trainer config             `ablate run`, before submission
+        spec.json         name, delta, seed, hash, overrides      `ablate run`, before submission
+        job.json          executor, job id, host, log paths       `ablate run`
+        status.json       state, step, loss, error (STATES)       `ablate run`, then the trainer
+        log.jsonl         one JSON line per log step              trainer
+        checkpoints/step_00000100/   a complete checkpoint        trainer (contents: trainer/checkpoint.py)
+        eval/step_N.json  metrics at step N: THE source of per-step metrics   trainer, `ablate eval` jobs
+        eval/step_N.png   the sample grid at step N               trainer, `ablate eval` jobs
+        result.json       final step, throughput, timings, versions, and a copy of
+                          the per-step metrics for readers of the folder alone     trainer, `ablate eval` jobs
+        eval_job.json     the latest `ablate eval` job (state, step, metrics or error)   `ablate eval`, its job
+        launcher          symlink to the job's submitit folder    `ablate run`
+
+Every record is written through `core.atomic` (a reader never sees a torn file) and read back
+with `read_json`, which names the file when it is corrupt. This module is the only place that
+spells these names; it imports neither torch nor the orchestrator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from core.atomic import atomic_write, atomic_write_json, read_json
+
+CONFIG, SPEC, JOB, STATUS, RESULT, LOG = "config.yaml", "spec.json", "job.json", "status.json", "result.json", "log.jsonl"
+EVAL_JOB, EVAL, CHECKPOINTS, LAUNCHER = "eval_job.json", "eval", "checkpoints", "launcher"
+LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
+CHECKPOINT_PREFIX = "step_"
+
+# The states written to status.json (and, for an `ablate eval` job, to eval_job.json), and who writes them:
+QUEUED = "queued"  # `ablate run`: the folder is ready, its job not yet submitted (the submitting process owns it)
+SUBMITTED = "submitted"  # `ablate run` once the executor has the job; the trainer when it is requeued
+RUNNING = "running"  # the trainer, at start and at every log step
+DONE = "done"  # the trainer, after result.json
+FAILED = "failed"  # the trainer (or the job around it) with the error
+STATES = (QUEUED, SUBMITTED, RUNNING, DONE, FAILED)
+IN_FLIGHT = (QUEUED, SUBMITTED, RUNNING)
+# What the orchestrator may conclude from a folder besides a written state (never written):
+MISSING = "missing"  # no spec.json: never prepared
+STALE = "stale"  # written in flight, but the job or process that owned it is gone
+UNREADABLE = "unreadable"  # a record is corrupt; the note names the file
+
+# state now → states that may be written next. A trainer started by hand may begin from nothing or
+# from `done` (it resumes at the end); `ablate run` re-queues anything that is not in flight.
+TRANSITIONS: dict[str | None, frozenset[str]] = {
+    None: frozenset({QUEUED, RUNNING, FAILED}),
+    QUEUED: frozenset({QUEUED, SUBMITTED, RUNNING, FAILED}),
+    SUBMITTED: frozenset({QUEUED, SUBMITTED, RUNNING, FAILED}),
+    RUNNING: frozenset({QUEUED, SUBMITTED, RUNNING, DONE, FAILED}),
+    DONE: frozenset({QUEUED, RUNNING, FAILED}),
+    FAILED: frozenset({QUEUED, RUNNING, FAILED}),
+}
+
+_EVAL_RECORD = re.compile(r"^step_(\d+)\.json$")
+
+
+def now() -> str:
+    """A UTC timestamp, as every record writes it."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_transition(old: str | None, new: str, what: Path) -> None:
+    if old not in TRANSITIONS:
+        old = None  # an unknown state written by something else: any start is allowed
+    if new not in TRANSITIONS[old]:
+        raise ValueError(f"{what}: state {old!r} cannot become {new!r} (allowed: {sorted(TRANSITIONS[old])})")
+
+
+class RunDir:
+    """One arm's folder: its paths, and every write and read of its records."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # -- paths -------------------------------------------------------------------------------------
+    config = property(lambda self: self.path / CONFIG)
+    spec = property(lambda self: self.path / SPEC)
+    job = property(lambda self: self.path / JOB)
+    status = property(lambda self: self.path / STATUS)
+    result = property(lambda self: self.path / RESULT)
+    log = property(lambda self: self.path / LOG)
+    eval_job = property(lambda self: self.path / EVAL_JOB)
+    eval_dir = property(lambda self: self.path / EVAL)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    launcher = property(lambda self: self.path / LAUNCHER)
+
+    @property
+    def default_eval_cache(self) -> Path:
+        """Where reference features and the demo's attribute net go unless eval.cache_dir says otherwise."""
+        return self.path.parent / EVAL_CACHE
+
+    def eval_record(self, step: int) -> Path:
+        return self.eval_dir / f"step_{step}.json"
+
+    def eval_grid(self, step: int) -> Path:
+        return self.eval_dir / f"step_{step}.png"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    def checkpoint_tmp(self, step: int) -> Path:
+        """Where checkpoint `step` is written before it is renamed into place."""
+        return self.checkpoints / f".{CHECKPOINT_PREFIX}{step:08d}.tmp"
+
+    # -- reading -----------------------------------------------------------------------------------
+    def read_spec(self) -> dict[str, Any] | None:
+        return read_json(self.spec)
+
+    def read_status(self) -> dict[str, Any] | None:
+        return read_json(self.status)
+
+    def read_job(self) -> dict[str, Any] | None:
+        return read_json(self.job)
+
+    def read_result(self) -> dict[str, Any] | None:
+        return read_json(self.result)
+
+    def read_eval_job(self) -> dict[str, Any] | None:
+        return read_json(self.eval_job)
+
+    def metrics_by_step(self) -> dict[int, dict[str, float]]:
+        """{step: metrics} from eval/step_N.json, steps in order: the one source of per-step metrics."""
+        found: dict[int, dict[str, float]] = {}
+        if self.eval_dir.is_dir():
+            for path in self.eval_dir.iterdir():
+                if (match := _EVAL_RECORD.match(path.name)) and (record := read_json(path)) is not None:
+                    found[int(match.group(1))] = record.get("metrics", {})
+        return dict(sorted(found.items()))
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first (a folder named step_N is complete)."""
+        if not self.checkpoints.is_dir():
+            return []
+        steps = (p.name[len(CHECKPOINT_PREFIX) :] for p in self.checkpoints.iterdir() if p.is_dir())
+        return sorted(int(s) for s in steps if s.isdigit())
+
+    def log_rows(self) -> list[dict[str, Any]]:
+        """Every complete line of log.jsonl; a torn or garbled line (a kill mid-write) is skipped."""
+        rows = []
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.log.read_bytes().splitlines():
+                with contextlib.suppress(ValueError):
+                    if isinstance(row := json.loads(line), dict):
+                        rows.append(row)
+        return rows
+
+    def last_log_row(self) -> dict[str, Any] | None:
+        """The last complete record of log.jsonl, reading only the file's tail."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in reversed(lines):
+            with contextlib.suppress(ValueError):
+                if isinstance(row := json.loads(line), dict):
+                    return row
+        return None
+
+    # -- writing: before submission (`ablate run`) ----------------------------------------------------
+    def write_config(self, text: str) -> None:
+        atomic_write(self.config, text)
+
+    def write_spec(self, spec: dict[str, Any]) -> None:
+        atomic_write_json(self.spec, spec)
+
+    def write_job(self, job: dict[str, Any]) -> None:
+        atomic_write_json(self.job, job)
+
+    def update_job(self, **fields: Any) -> None:
+        atomic_write_json(self.job, {**(self.read_job() or {}), **fields})
+
+    def mark_submitted(self, job_id: str, folder: Path, stdout: Path, stderr: Path) -> None:
+        """Record the arm's job in job.json; the state becomes `submitted` unless the job already started;
+        `launcher` links to the job's log folder, so the run folder leads to its logs."""
+        self.update_job(job_id=job_id, folder=str(folder), stdout=str(stdout), stderr=str(stderr), submitted_at=now())
+        self.set_status(SUBMITTED, only_from=(QUEUED,), job_id=job_id)
+        with contextlib.suppress(OSError):
+            self.launcher.unlink(missing_ok=True)
+            self.launcher.symlink_to(os.path.relpath(stdout.parent, self.path), target_is_directory=True)
+
+    def mark_eval_submitted(self, job_id: str, folder: Path, stdout: Path, stderr: Path) -> None:
+        """The same for an `ablate eval` job, in eval_job.json."""
+        self.update_eval_job(job_id=job_id, folder=str(folder), stdout=str(stdout), stderr=str(stderr),
+                             submitted_at=now())  # fmt: skip
+        self.set_eval_job(SUBMITTED, only_from=(QUEUED,))
+
+    # -- writing: the state ----------------------------------------------------------------------------
+    def set_status(
+        self, state: str, *, only_from: tuple[str, ...] | None = None, fresh: bool = False, **fields: Any
+    ) -> bool:
+        """Write `state` with `fields` over the previous status (fields not given are kept; with
+        `fresh`, dropped: a re-queued arm starts a clean record).
+
+        With `only_from`, nothing is written unless the current state is one of those (e.g. `ablate
+        run` marks an arm submitted only while it is still queued: its job may already be running).
+        Returns whether it wrote. A transition TRANSITIONS does not allow is a programming error.
+        """
+        old = self.read_status() or {}
+        if only_from is not None and old.get("state") not in only_from:
+            return False
+        check_transition(old.get("state"), state, self.status)
+        atomic_write_json(self.status, {**({} if fresh else old), **fields, "state": state, "updated_at": now()})
+        return True
+
+    def set_eval_job(self, state: str, *, only_from: tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """The `ablate eval` record: the same states and rule as `set_status`, in eval_job.json."""
+        old = self.read_eval_job() or {}
+        if only_from is not None and old.get("state") not in only_from:
+            return False
+        check_transition(old.get("state"), state, self.eval_job)
+        atomic_write_json(self.eval_job, {**old, **fields, "state": state, "updated_at": now()})
+        return True
+
+    def update_eval_job(self, **fields: Any) -> None:
+        """Add fields (the job's id and logs) to eval_job.json, its state unchanged."""
+        atomic_write_json(self.eval_job, {**(self.read_eval_job() or {}), **fields})
+
+    def new_eval_job(self, state: str, **fields: Any) -> None:
+        """Start a fresh eval_job.json (a new `ablate eval` submission replaces the last one's record)."""
+        atomic_write_json(self.eval_job, {**fields, "state": state, "updated_at": now()})
+
+    # -- writing: the trainer -----------------------------------------------------------------------
+    def append_log(self, row: dict[str, Any]) -> None:
+        with self.log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """Keep only the log lines up to `step` (a resumed run redoes the steps after its checkpoint)."""
+        if self.log.exists():
+            rows = [r for r in self.log_rows() if r.get("step", 0) <= step]
+            atomic_write(self.log, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_eval(self, step: int, metrics: dict[str, float], **extra: Any) -> None:
+        atomic_write_json(self.eval_record(step), {"step": step, "metrics": metrics, **extra})
+
+    def write_result(self, result: dict[str, Any]) -> dict[str, Any]:
+        """result.json with the per-step metrics copied in from eval/ (see `refresh_result`)."""
+        result = {**result, **self._metrics_summary(int(result["step"]))}
+        atomic_write_json(self.result, result)
+        return result
+
+    def refresh_result(self) -> None:
+        """After eval/ changed (`ablate eval`): result.json's copy of the metrics follows it."""
+        result = self.read_result()
+        if result is not None:
+            self.write_result(result)
+
+    def _metrics_summary(self, final_step: int) -> dict[str, Any]:
+        by_step = self.metrics_by_step()
+        return {"metrics": by_step.get(final_step, {}), "metrics_by_step": {str(k): v for k, v in by_step.items()}}
+
+
+class SweepDir:
+    """A sweep's output folder: its arms' run folders and the sweep-wide files."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    def run(self, arm: str) -> RunDir:
+        return RunDir(self.root / arm)
+
+    lock = property(lambda self: self.root / LOCK)
+    eval_cache = property(lambda self: self.root / EVAL_CACHE)
+
+    @property
+    def job_folder(self) -> Path:
+        """submitit's folder pattern: one sub-folder per job (`%j`) with its pickles and logs."""
+        return self.root / SUBMITIT / "%j"
+
+    def move_aside(self, run: RunDir, hash_: str | None) -> Path:
+        """Move a run folder to .replaced/<arm>-<hash>-<time>/ (kept, never deleted); returns where."""
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        target = self.root / REPLACED / f"{run.name}-{hash_}-{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(run.path), target)
+        return target

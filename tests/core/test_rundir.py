@@ -1,0 +1,77 @@
+"""The run directory contract: states and their transitions, the one source of per-step metrics, tolerant readers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.atomic import Unreadable
+from core.rundir import DONE, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, TRANSITIONS, RunDir
+
+
+def test_every_state_has_its_transitions_and_done_only_follows_running(tmp_path):
+    assert set(TRANSITIONS) == {None, *STATES}
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    with pytest.raises(ValueError, match="state None cannot become 'done'"):
+        run.set_status(DONE)
+    run.set_status(QUEUED, job_id=None)
+    assert not run.set_status(SUBMITTED, only_from=(RUNNING,))  # not running: left alone
+    run.set_status(SUBMITTED, only_from=(QUEUED,), job_id="7")
+    with pytest.raises(ValueError, match="'submitted' cannot become 'done'"):
+        run.set_status(DONE)
+    run.set_status(RUNNING, step=3, loss=0.5)
+    run.set_status(RUNNING, step=4)  # fields not given are kept
+    assert run.read_status()["loss"] == 0.5 and run.read_status()["job_id"] == "7"
+    run.set_status(DONE)
+    run.set_status(QUEUED, fresh=True)  # a re-queued arm starts a clean record
+    assert set(run.read_status()) == {"state", "updated_at"}
+
+
+def test_per_step_metrics_come_from_eval_files_and_result_copies_them(tmp_path):
+    run = RunDir(tmp_path / "a-s0")
+    run.write_eval(10, {"val_loss": 2.0}, val_samples=8)
+    run.write_eval(2, {"val_loss": 3.0})
+    assert run.metrics_by_step() == {2: {"val_loss": 3.0}, 10: {"val_loss": 2.0}}
+    result = run.write_result({"step": 10, "throughput": {}})
+    assert result["metrics"] == {"val_loss": 2.0} and list(result["metrics_by_step"]) == ["2", "10"]
+    run.write_eval(10, {"val_loss": 1.5, "fid": 9.0})  # `ablate eval` scores step 10 again
+    run.refresh_result()
+    assert run.read_result()["metrics"] == {"val_loss": 1.5, "fid": 9.0}
+
+
+def test_a_torn_last_log_line_is_skipped_and_truncation_keeps_whole_lines(tmp_path):
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    for step in (1, 2, 3):
+        run.append_log({"step": step, "loss": 1.0 / step})
+    with run.log.open("a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    assert [r["step"] for r in run.log_rows()] == [1, 2, 3] and run.last_log_row()["step"] == 3
+    run.truncate_log(2)
+    assert [json.loads(line)["step"] for line in run.log.read_text().splitlines()] == [1, 2]
+
+
+def test_a_corrupt_record_is_an_error_naming_its_file(tmp_path):
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    run.status.write_text('{"state": "runn')
+    with pytest.raises(Unreadable, match=f"^{run.status}: unreadable"):
+        run.read_status()
+
+
+def test_checkpoint_names_and_steps(tmp_path):
+    run = RunDir(tmp_path / "a-s0")
+    for step in (20, 3):
+        run.checkpoint(step).mkdir(parents=True)
+    run.checkpoint_tmp(40).mkdir()  # being written: not complete
+    assert run.checkpoint(3).name == "step_00000003" and run.checkpoint_steps() == [3, 20]
+
+
+def test_failed_keeps_the_error_for_status(tmp_path):
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    run.set_status(RUNNING, step=1)
+    run.set_status(FAILED, error="ValueError: bad")
+    assert run.read_status()["error"] == "ValueError: bad" and run.read_status()["step"] == 1
