@@ -130,8 +130,12 @@ def run(
                 return
             launch.wait(jobs, poll_s=POLL_S)
     except KeyboardInterrupt:
-        _interrupted(console, launcher, "arms running on this machine stop with it",
-                     f"`ablate run {sweep_file}` resubmits unfinished arms, which resume from their newest checkpoint")
+        _interrupted(
+            console,
+            launcher,
+            "arms running on this machine stop with it",
+            f"`ablate run {sweep_file}` resubmits unfinished arms, which resume from their newest checkpoint",
+        )
     failed = _summary(console, sweep, launched)
     console.print(f"next: ablate rank {sweep_file}")
     if failed:
@@ -238,8 +242,12 @@ def eval_checkpoints(
             return
         launch.wait(jobs, poll_s=POLL_S)
     except KeyboardInterrupt:
-        _interrupted(console, launcher, "evaluations on this machine stop with it",
-                     f"`ablate eval {sweep_file}` submits them again")
+        _interrupted(
+            console,
+            launcher,
+            "evaluations on this machine stop with it",
+            f"`ablate eval {sweep_file}` submits them again",
+        )
     failed = _eval_summary(console, targets)
     steps = sorted({t.step for t in targets})
     step_arg = steps[0] if len(steps) == 1 else "N"

@@ -214,7 +214,11 @@ def problems(launcher: Launcher) -> Iterator[tuple[tuple[str, ...], str, str]]:
             continue
         if getattr(launcher, name) != field.get_default(call_default_factory=True):
             users = " or ".join(k for k, e in EXECUTORS.items() if name in e.fields)
-            yield ("launcher", name), f"the {kind.name} executor does not use this setting", f"it removed, or executor: {users}"
+            yield (
+                ("launcher", name),
+                f"the {kind.name} executor does not use this setting",
+                f"it removed, or executor: {users}",
+            )
     for key in launcher.additional_parameters:
         normalised = key.replace("-", "_")
         if normalised in _SBATCH_FROM_FIELDS or normalised in _SBATCH_OWN:
@@ -453,7 +457,9 @@ def _submit_in_waves(
     return jobs
 
 
-def _record(fn: Callable[[str], Any], run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor) -> None:
+def _record(
+    fn: Callable[[str], Any], run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor
+) -> None:
     """The job's id and logs go to eval_job.json (an `ablate eval` job) or job.json (training), and the
     state becomes `submitted` unless the job already started."""
     run = RunDir(run_dir)

@@ -259,8 +259,12 @@ def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
         out = [Text(t) for t, _ in row[:3]]
         for i in range(len(metrics)):
             (value, _), (change, good), (pct, _) = row[3 + 3 * i : 6 + 3 * i]
-            out.append(Text(value if pct == "—" else f"{value}\n{change} ({pct})",
-                            style="green" if good > 0 else "red" if good < 0 else ""))
+            out.append(
+                Text(
+                    value if pct == "—" else f"{value}\n{change} ({pct})",
+                    style="green" if good > 0 else "red" if good < 0 else "",
+                )
+            )
         out += [Text(t, style="green" if g > 0 else "red" if g < 0 else "") for t, g in row[-2:]]
         table.add_row(*out)
     return table

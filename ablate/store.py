@@ -133,8 +133,16 @@ def plan(
         if view.state == MISSING:
             d = Decision(spec, view, "submit", "new")
         elif view.state == UNREADABLE:
-            d = Decision(spec, view, "rerun" if asked else "skip", view.note if asked else (
-                f"{view.note}; `--rerun {spec.name}` starts it afresh (the folder is kept under .replaced/)"))
+            d = Decision(
+                spec,
+                view,
+                "rerun" if asked else "skip",
+                view.note
+                if asked
+                else (
+                    f"{view.note}; `--rerun {spec.name}` starts it afresh (the folder is kept under .replaced/)"
+                ),
+            )
         elif view.state in IN_FLIGHT:
             reason = f"{view.state}" + (
                 f", job {view.job.get('job_id')}" if view.job and view.job.get("job_id") else ""

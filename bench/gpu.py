@@ -10,6 +10,7 @@ real. Prints one JSON line per arm: batches/s, samples/s, counted FLOPs, MFU.
 Run beside ../shared/bench/prx_bare_step.py --size prx-1.2b on the same card to read the
 trainer's overhead as a ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,11 @@ class RandomImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(i)
-        return {"image": torch.rand(3, self.res, self.res, generator=g), "caption": "",
-                "attrs": torch.full((5,), -1)}
+        return {
+            "image": torch.rand(3, self.res, self.res, generator=g),
+            "caption": "",
+            "attrs": torch.full((5,), -1),
+        }
 
 
 class RandomInputs:
@@ -87,18 +91,31 @@ class RandomInputs:
         return torch.zeros(1, self.length, self.dim, device=self.device), mask
 
 
-def measure(name: str, over: dict, batch: int, steps: int, warmup: int, tmp: Path, preset: str,
-            device: torch.device) -> dict:
-    cfg = {**BASE, **over, "train": {**BASE["train"], "steps": warmup + steps + 1, "batch_size": batch},
-           "model": {"preset": preset}}
+def measure(
+    name: str, over: dict, batch: int, steps: int, warmup: int, tmp: Path, preset: str, device: torch.device
+) -> dict:
+    cfg = {
+        **BASE,
+        **over,
+        "train": {**BASE["train"], "steps": warmup + steps + 1, "batch_size": batch},
+        "model": {"preset": preset},
+    }
     tc = TrainConfig.model_validate(cfg)
     side = tc.data.resolution // tc.tokenizer.downsample
     data = RandomImages(4 * batch, tc.data.resolution)
-    inputs = RandomInputs(tc.tokenizer.channels, side, tc.text_encoder.max_length, tc.text_encoder.dim, device)
+    inputs = RandomInputs(
+        tc.tokenizer.channels, side, tc.text_encoder.max_length, tc.text_encoder.dim, device
+    )
     tr = Trainer(tc, tmp / name, Dist(0, 1, 0, device), inputs=(inputs, data, data))
     sampler = StepBatchSampler(len(data), batch, 0, 0, warmup + steps + 1)
-    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=8 if device.type == "cuda" else 0,
-                                               pin_memory=device.type == "cuda"))
+    batches = iter(
+        torch.utils.data.DataLoader(
+            data,
+            batch_sampler=sampler,
+            num_workers=8 if device.type == "cuda" else 0,
+            pin_memory=device.type == "cuda",
+        )
+    )
     with FlopCounterMode(display=False) as counter:
         tr.train_step(0, next(batches))
     flops = counter.get_total_flops()
@@ -113,10 +130,19 @@ def measure(name: str, over: dict, batch: int, steps: int, warmup: int, tmp: Pat
     dt = (time.perf_counter() - t0) / steps
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev), None)
-    out = {"arm": name, "device": dev, "batch": batch, "step_s": dt, "batches_per_s": 1 / dt,
-           "samples_per_s": batch / dt, "tflop_per_step": flops / 1e12, "achieved_tflops": flops / dt / 1e12,
-           "mfu": flops / dt / 1e12 / peak if peak else None, "loss": float(loss),
-           "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    out = {
+        "arm": name,
+        "device": dev,
+        "batch": batch,
+        "step_s": dt,
+        "batches_per_s": 1 / dt,
+        "samples_per_s": batch / dt,
+        "tflop_per_step": flops / 1e12,
+        "achieved_tflops": flops / dt / 1e12,
+        "mfu": flops / dt / 1e12 / peak if peak else None,
+        "loss": float(loss),
+        "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
     del tr
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -137,14 +163,18 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.arms.split(","):
-            rows.append(measure(name, ARMS[name], args.batch, args.steps, args.warmup, Path(tmp), args.preset, device))
+            rows.append(
+                measure(name, ARMS[name], args.batch, args.steps, args.warmup, Path(tmp), args.preset, device)
+            )
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["arm"] == "baseline"), None)
     if base:
         for r in rows:
             r["vs_baseline_step_time"] = r["step_s"] / base["step_s"]
-            print(f"{r['arm']:<16} {r['batches_per_s']:6.2f} batch/s  {r['vs_baseline_step_time']:.2f}x step time"
-                  f"  MFU {r['mfu'] or 0:.2f}")
+            print(
+                f"{r['arm']:<16} {r['batches_per_s']:6.2f} batch/s  {r['vs_baseline_step_time']:.2f}x step time"
+                f"  MFU {r['mfu'] or 0:.2f}"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -6,6 +6,7 @@ other; compare ratios, not absolute times (these machines are noisy).
 
     python bench/run.py [--steps 30] [--batch 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,22 +123,37 @@ def main() -> None:
     rounds, per_round = args.rounds, max(1, args.steps // args.rounds)
     total = args.warmup + rounds * per_round
     with tempfile.TemporaryDirectory() as tmp:
-        clocks = {name: TrainerClock(trainer_for(merged(over), total, args.batch, Path(tmp)), total)
-                  for name, over in DELTAS.items()}
+        clocks = {
+            name: TrainerClock(trainer_for(merged(over), total, args.batch, Path(tmp)), total)
+            for name, over in DELTAS.items()
+        }
         for clock in clocks.values():
             clock.run(args.warmup)
-        bare = [time_bare(clocks["baseline"].tr, per_round, args.warmup if r == 0 else 1) for r in range(rounds)]
+        bare = [
+            time_bare(clocks["baseline"].tr, per_round, args.warmup if r == 0 else 1) for r in range(rounds)
+        ]
         times = {name: [] for name in clocks}
         for _ in range(rounds):  # round-robin: slow drifts of the machine hit every arm alike
             for name, clock in clocks.items():
                 times[name].append(clock.run(per_round))
         ours = statistics.median(times["baseline"])
-        rows.append({"bench": "trainer_overhead", "preset": "tiny", "device": "cpu", "threads": torch.get_num_threads(),
-                     "batch": args.batch, "bare_step_s": statistics.median(bare), "trainer_step_s": ours,
-                     "ratio": ours / statistics.median(bare)})
+        rows.append(
+            {
+                "bench": "trainer_overhead",
+                "preset": "tiny",
+                "device": "cpu",
+                "threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "bare_step_s": statistics.median(bare),
+                "trainer_step_s": ours,
+                "ratio": ours / statistics.median(bare),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         for name in clocks:
-            rows.append({"bench": "factor_step_time", "delta": name, "step_s": statistics.median(times[name])})
+            rows.append(
+                {"bench": "factor_step_time", "delta": name, "step_s": statistics.median(times[name])}
+            )
             print(json.dumps(rows[-1]), flush=True)
     base_s = next(r["step_s"] for r in rows if r.get("delta") == "baseline")
     for r in rows:
@@ -147,10 +163,14 @@ def main() -> None:
     for r in rows:
         if "delta" in r:
             print(f"{r['delta']:<18}{1000 * r['step_s']:>10.1f}{r['vs_baseline']:>13.2f}x")
-    print(f"trainer step / bare step: {rows[0]['ratio']:.2f}x "
-          f"({1000 * rows[0]['trainer_step_s']:.1f} ms vs {1000 * rows[0]['bare_step_s']:.1f} ms)")
+    print(
+        f"trainer step / bare step: {rows[0]['ratio']:.2f}x "
+        f"({1000 * rows[0]['trainer_step_s']:.1f} ms vs {1000 * rows[0]['bare_step_s']:.1f} ms)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(yaml.safe_dump(rows) if args.out.endswith(".yaml") else json.dumps(rows, indent=2))
+    Path(args.out).write_text(
+        yaml.safe_dump(rows) if args.out.endswith(".yaml") else json.dumps(rows, indent=2)
+    )
 
 
 if __name__ == "__main__":

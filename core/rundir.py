@@ -37,13 +37,22 @@ from typing import Any
 
 from core.atomic import atomic_write, atomic_write_json, read_json
 
-CONFIG, SPEC, JOB, STATUS, RESULT, LOG = "config.yaml", "spec.json", "job.json", "status.json", "result.json", "log.jsonl"
+CONFIG, SPEC, JOB, STATUS, RESULT, LOG = (
+    "config.yaml",
+    "spec.json",
+    "job.json",
+    "status.json",
+    "result.json",
+    "log.jsonl",
+)
 EVAL_JOB, EVAL, CHECKPOINTS, LAUNCHER = "eval_job.json", "eval", "checkpoints", "launcher"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 CHECKPOINT_PREFIX = "step_"
 
 # The states written to status.json (and, for an `ablate eval` job, to eval_job.json), and who writes them:
-QUEUED = "queued"  # `ablate run`: the folder is ready, its job not yet submitted (the submitting process owns it)
+QUEUED = (
+    "queued"  # `ablate run`: the folder is ready, its job not yet submitted (the submitting process owns it)
+)
 SUBMITTED = "submitted"  # `ablate run` once the executor has the job; the trainer when it is requeued
 RUNNING = "running"  # the trainer, at start and at every log step
 DONE = "done"  # the trainer, after result.json
@@ -200,7 +209,9 @@ class RunDir:
     def mark_submitted(self, job_id: str, folder: Path, stdout: Path, stderr: Path) -> None:
         """Record the arm's job in job.json; the state becomes `submitted` unless the job already started;
         `launcher` links to the job's log folder, so the run folder leads to its logs."""
-        self.update_job(job_id=job_id, folder=str(folder), stdout=str(stdout), stderr=str(stderr), submitted_at=now())
+        self.update_job(
+            job_id=job_id, folder=str(folder), stdout=str(stdout), stderr=str(stderr), submitted_at=now()
+        )
         self.set_status(SUBMITTED, only_from=(QUEUED,), job_id=job_id)
         with contextlib.suppress(OSError):
             self.launcher.unlink(missing_ok=True)
@@ -227,7 +238,9 @@ class RunDir:
         if only_from is not None and old.get("state") not in only_from:
             return False
         check_transition(old.get("state"), state, self.status)
-        atomic_write_json(self.status, {**({} if fresh else old), **fields, "state": state, "updated_at": now()})
+        atomic_write_json(
+            self.status, {**({} if fresh else old), **fields, "state": state, "updated_at": now()}
+        )
         return True
 
     def set_eval_job(self, state: str, *, only_from: tuple[str, ...] | None = None, **fields: Any) -> bool:
@@ -275,7 +288,10 @@ class RunDir:
 
     def _metrics_summary(self, final_step: int) -> dict[str, Any]:
         by_step = self.metrics_by_step()
-        return {"metrics": by_step.get(final_step, {}), "metrics_by_step": {str(k): v for k, v in by_step.items()}}
+        return {
+            "metrics": by_step.get(final_step, {}),
+            "metrics_by_step": {str(k): v for k, v in by_step.items()},
+        }
 
 
 class SweepDir:

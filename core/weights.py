@@ -183,7 +183,12 @@ def require(spec: Weights, weights_dir: str | Path | None = None, *, needed_by: 
 
 
 def load_pretrained(
-    cls: Any, spec: HFWeights, weights_dir: str | Path | None = None, *, needed_by: str | None = None, **kwargs: Any
+    cls: Any,
+    spec: HFWeights,
+    weights_dir: str | Path | None = None,
+    *,
+    needed_by: str | None = None,
+    **kwargs: Any,
 ) -> Any:
     """`cls.from_pretrained` (diffusers or transformers) from the local cache only.
 

@@ -32,7 +32,9 @@ from core.weights import TrainedWeights, require
 from eval.base import Extractor
 from eval.images import to_uint8_nhwc
 
-SYNTHETIC_SHAPES = "synthetic-shapes"  # the domain the trainer renders (trainer/data.py) and these metrics score
+SYNTHETIC_SHAPES = (
+    "synthetic-shapes"  # the domain the trainer renders (trainer/data.py) and these metrics score
+)
 ARCH_VERSION = "attrnet-v2"  # bump when the architecture or training recipe changes: retrains cached nets
 FILE_PREFIX = "domain-attr-"
 _LOGIT_SCALE = 10.0  # heads see the unit-norm embedding times this, so softmax can get sharp

@@ -79,10 +79,16 @@ METRICS: dict[str, Metric] = {
     "cmmd": Metric("clip-vit-l14-336", _mmd, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"),
     "dino_mmd": Metric("dinov2-vitl14-reg", _mmd, doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD"),
     "domain_fd": Metric(
-        "domain-attr", _frechet, domain=SYNTHETIC_SHAPES, doc="Fréchet distance on demo-domain attribute-net features"
+        "domain-attr",
+        _frechet,
+        domain=SYNTHETIC_SHAPES,
+        doc="Fréchet distance on demo-domain attribute-net features",
     ),
     "domain_mmd": Metric(
-        "domain-attr", _mmd, domain=SYNTHETIC_SHAPES, doc="MMD (CMMD estimator) on demo-domain attribute-net features"
+        "domain-attr",
+        _mmd,
+        domain=SYNTHETIC_SHAPES,
+        doc="MMD (CMMD estimator) on demo-domain attribute-net features",
     ),
     "prompt_adherence": Metric(
         "domain-attr",

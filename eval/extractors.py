@@ -125,7 +125,10 @@ class HFExtractor(Extractor):
         import transformers
 
         model_class = getattr(transformers, cls.MODEL_CLASS)
-        return cls(load_pretrained(model_class, cls.WEIGHTS, weights_dir, needed_by=f"extractor '{cls.name}'"), device)
+        return cls(
+            load_pretrained(model_class, cls.WEIGHTS, weights_dir, needed_by=f"extractor '{cls.name}'"),
+            device,
+        )
 
 
 class ClipExtractor(HFExtractor):

@@ -27,6 +27,7 @@ Text padding: padded positions are not stored; they are read back as zeros. The 
 padded text keys out of attention, so their values never reach the output or the gradients (the
 test checks the loss curve is bit-identical with and without the cache).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ SPLITS = ("train", "val")
 
 
 class CacheConfig(Config):
-    dir: str = Field(description="root of the caches; this config's is DIR/<key>, filled by "
-                                 "`python -m trainer.cache precompute` (or `ablate cache`)")
+    dir: str = Field(
+        description="root of the caches; this config's is DIR/<key>, filled by "
+        "`python -m trainer.cache precompute` (or `ablate cache`)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,10 +69,13 @@ class CacheConfig(Config):
 # ---------------------------------------------------------------------------------------------
 def cache_source(cfg: TrainConfig) -> dict:
     """Everything that determines the cache's content, and nothing else."""
-    return {"format": FORMAT, "data": cfg.data.model_dump(mode="json"),
-            "captions": {"train": cfg.data.caption, "val": cfg.eval.caption or cfg.data.caption},
-            "tokenizer": cfg.tokenizer.model_dump(mode="json"),
-            "text_encoder": cfg.text_encoder.model_dump(mode="json")}
+    return {
+        "format": FORMAT,
+        "data": cfg.data.model_dump(mode="json"),
+        "captions": {"train": cfg.data.caption, "val": cfg.eval.caption or cfg.data.caption},
+        "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+        "text_encoder": cfg.text_encoder.model_dump(mode="json"),
+    }
 
 
 def cache_key(cfg: TrainConfig) -> str:
@@ -103,9 +109,16 @@ def _encode_text(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = None, batch_size: int = 64,
-               shard_size: int = 1024, device: str | torch.device | None = None, num_workers: int = 0,
-               log=print) -> Path:
+def precompute(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    weights_dir: str | None = None,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    log=print,
+) -> Path:
     """Fill `out_dir/<key>` for `cfg`; returns that folder. Resumes after an interruption (shards are
     written atomically and skipped when present); a complete cache is left untouched."""
     root = Path(out_dir) / cache_key(cfg)
@@ -126,7 +139,12 @@ def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = 
             shards.append(path.name)
             if path.exists():
                 continue
-            parts: dict[str, list[torch.Tensor]] = {"latent_mean": [], "latent_std": [], "text": [], "mask": []}
+            parts: dict[str, list[torch.Tensor]] = {
+                "latent_mean": [],
+                "latent_std": [],
+                "text": [],
+                "mask": [],
+            }
             rows = Subset(ds, range(start, min(start + shard_size, len(ds))))
             for batch in DataLoader(rows, batch_size=batch_size, num_workers=num_workers):
                 lat = tokenizer.moments(batch["image"].to(device))  # (B, C, h, w) normalised
@@ -137,8 +155,10 @@ def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = 
                 parts["text"].append(emb)
                 parts["mask"].append(mask)
             _save_atomic({k: torch.cat(v) for k, v in parts.items() if v}, path)
-            log(f"cache {root.name}: {split} {min(start + shard_size, len(ds))}/{len(ds)} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"cache {root.name}: {split} {min(start + shard_size, len(ds))}/{len(ds)} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
         splits[split] = {"size": len(ds), "shard_size": shard_size, "shards": shards}
     emb, mask = _encode_text(text, [""])
     _save_atomic({"text": emb, "mask": mask}, root / "empty.safetensors")
@@ -146,11 +166,22 @@ def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = 
 
     with safe_open(str(root / splits["train"]["shards"][0]), framework="pt") as f:
         latent = {"shape": f.get_slice("latent_mean").get_shape()[1:], "std": "latent_std" in f.keys()}
-    atomic_write_json(root / MANIFEST, {
-        "hash": cache_key(cfg), "source": cache_source(cfg), "splits": splits, "latent": latent,
-        "text": {"length": mask.shape[1], "dim": text.dim, "dtype": str(text.dtype).removeprefix("torch.")},
-        "latent_noise": "posterior mean and std stored; z = mean + std * eps drawn per train step",
-        "seconds": time.perf_counter() - t0})
+    atomic_write_json(
+        root / MANIFEST,
+        {
+            "hash": cache_key(cfg),
+            "source": cache_source(cfg),
+            "splits": splits,
+            "latent": latent,
+            "text": {
+                "length": mask.shape[1],
+                "dim": text.dim,
+                "dtype": str(text.dtype).removeprefix("torch."),
+            },
+            "latent_noise": "posterior mean and std stored; z = mean + std * eps drawn per train step",
+            "seconds": time.perf_counter() - t0,
+        },
+    )
     log(f"cache {root}: done")
     return root
 
@@ -161,9 +192,11 @@ def precompute(cfg: TrainConfig, out_dir: str | Path, weights_dir: str | None = 
 def check_manifest(root: Path, key: str) -> dict:
     manifest = read_json(root / MANIFEST)
     if manifest.get("hash") != key:
-        raise ValueError(f"cache {root}: its manifest hash {manifest.get('hash')} does not match this config's "
-                         f"cache key {key}; the folder holds another config's latents/embeddings — "
-                         f"recompute it with `python -m trainer.cache precompute CONFIG --out {root.parent}`")
+        raise ValueError(
+            f"cache {root}: its manifest hash {manifest.get('hash')} does not match this config's "
+            f"cache key {key}; the folder holds another config's latents/embeddings — "
+            f"recompute it with `python -m trainer.cache precompute CONFIG --out {root.parent}`"
+        )
     return manifest
 
 
@@ -171,9 +204,11 @@ def open_cache(cfg: TrainConfig) -> tuple[Path, dict]:
     root, key = cache_path(cfg), cache_key(cfg)
     if not (root / MANIFEST).exists():
         state = "incomplete (precompute was interrupted)" if root.exists() else "missing"
-        raise FileNotFoundError(f"cache {root} for this config (key {key}) is {state}; fill it with "
-                                f"`python -m trainer.cache precompute CONFIG --out {cfg.cache.dir}` "
-                                f"(or `ablate cache SWEEP`)")
+        raise FileNotFoundError(
+            f"cache {root} for this config (key {key}) is {state}; fill it with "
+            f"`python -m trainer.cache precompute CONFIG --out {cfg.cache.dir}` "
+            f"(or `ablate cache SWEEP`)"
+        )
     return root, check_manifest(root, key)
 
 
@@ -185,8 +220,10 @@ class CachedSplit(Dataset):
 
     def __init__(self, base: Dataset, root: Path, split: dict, length: int):
         if len(base) != split["size"]:
-            raise ValueError(f"cache {root}: {split['size']} samples cached but the dataset has {len(base)}; "
-                             "the data changed since the cache was made — recompute it")
+            raise ValueError(
+                f"cache {root}: {split['size']} samples cached but the dataset has {len(base)}; "
+                "the data changed since the cache was made — recompute it"
+            )
         self.base, self.root, self.split, self.length = base, root, split, length
         self._open: dict[int, tuple] = {}  # shard → (handle, mask (N, L), offsets (N + 1,)); per process
 
@@ -213,7 +250,12 @@ class CachedSplit(Dataset):
         valid = f.get_slice("text")[int(offsets[row]) : int(offsets[row + 1])]  # (n_valid, D)
         txt = valid.new_zeros(self.length, valid.shape[1])  # (L, D): padded positions read back as zeros
         txt[mask] = valid
-        item = {**self.base[i], "text": txt, "mask": mask, "latent_mean": f.get_slice("latent_mean")[row : row + 1][0]}
+        item = {
+            **self.base[i],
+            "text": txt,
+            "mask": mask,
+            "latent_mean": f.get_slice("latent_mean")[row : row + 1][0],
+        }
         if "latent_std" in f.keys():
             item["latent_std"] = f.get_slice("latent_std")[row : row + 1][0]
         return item
@@ -252,8 +294,10 @@ class CachedInputs:
 
     def __call__(self, batch: dict, device: torch.device) -> tuple[Latents, torch.Tensor, torch.Tensor]:
         std = batch.get("latent_std")
-        lat = Latents(batch["latent_mean"].to(device, non_blocking=True),
-                      None if std is None else std.to(device, non_blocking=True))  # (b, C, h, w)
+        lat = Latents(
+            batch["latent_mean"].to(device, non_blocking=True),
+            None if std is None else std.to(device, non_blocking=True),
+        )  # (b, C, h, w)
         return lat, batch["text"].to(device, non_blocking=True).float(), batch["mask"].to(device)
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,12 +326,18 @@ def build_inputs(cfg: TrainConfig, device: torch.device, weights_dir: str | None
     with torch.random.fork_rng(devices=[]):
         if cfg.cache is None:
             tokenizer = TOKENIZERS.build(cfg.tokenizer, device, weights_dir=weights_dir)
-            return LiveInputs(tokenizer, TEXT.build(cfg.text_encoder, device, weights_dir=weights_dir)), train, val
+            return (
+                LiveInputs(tokenizer, TEXT.build(cfg.text_encoder, device, weights_dir=weights_dir)),
+                train,
+                val,
+            )
         root, manifest = open_cache(cfg)
         length = manifest["text"]["length"]
-        return (CachedInputs(cfg, root, device, weights_dir),
-                CachedSplit(train, root, manifest["splits"]["train"], length),
-                CachedSplit(val, root, manifest["splits"]["val"], length))
+        return (
+            CachedInputs(cfg, root, device, weights_dir),
+            CachedSplit(train, root, manifest["splits"]["train"], length),
+            CachedSplit(val, root, manifest["splits"]["val"], length),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (cfg.cache.dir if cfg.cache is not None else None)
     if out is None:
         sys.exit(f"error: {args.config} has no cache.dir; pass --out DIR")
-    path = precompute(cfg, out, weights_dir=args.weights_dir, batch_size=args.batch_size,
-                      shard_size=args.shard_size, device=args.device, num_workers=args.workers)
+    path = precompute(
+        cfg,
+        out,
+        weights_dir=args.weights_dir,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        device=args.device,
+        num_workers=args.workers,
+    )
     print(path)
 
 

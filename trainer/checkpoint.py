@@ -1,9 +1,9 @@
 """Checkpoints: written whole to a temporary folder, flushed, then renamed, so a folder named step_N is complete.
 
-    checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
-        transformer/          diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
-        factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
-        state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position
+checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
+    transformer/          diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
+    factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
+    state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Rules that span components read facts the component configs declare (`domain` of
 `name_patterns()` of the optimizer, `implies_routed_alignment` of a route, `needs_full_grid`
 of an alignment loss), never their kind strings: a new kind states its facts when it registers.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -57,18 +58,29 @@ class LogConfig(Config):
 
 class EvalConfig(Config):
     every: int = Field(1000, ge=1, description="evaluate every N steps (and at the end)")
-    caption: str | None = Field(None, description="caption column of the held-out set and the eval prompts; "
-                                                  "keep it equal across arms (default: the training column)")
+    caption: str | None = Field(
+        None,
+        description="caption column of the held-out set and the eval prompts; "
+        "keep it equal across arms (default: the training column)",
+    )
     batch_size: int = Field(64, ge=1, description="held-out / sampling batch size per process")
-    metrics: list[str] = Field([], description="generation metrics (fid, cmmd, dino_mmd, domain_fd, domain_mmd, "
-                                               "prompt_adherence); empty = held-out loss only")
-    samples: int = Field(1000, ge=1, description="generated images per eval step (prompts of the held-out "
-                                                 "set), whatever the number of processes")
+    metrics: list[str] = Field(
+        [],
+        description="generation metrics (fid, cmmd, dino_mmd, domain_fd, domain_mmd, "
+        "prompt_adherence); empty = held-out loss only",
+    )
+    samples: int = Field(
+        1000,
+        ge=1,
+        description="generated images per eval step (prompts of the held-out "
+        "set), whatever the number of processes",
+    )
     sample_steps: int = Field(50, ge=1, description="Euler steps per sample")
     guidance: float = Field(3.5, ge=0, description="classifier-free guidance scale")
     grid: int = Field(16, ge=0, description="samples saved as eval/step_N.png")
-    cache_dir: str | None = Field(None, description="reference features and the demo's attribute net "
-                                                    "(default: <sweep dir>/.eval-cache)")
+    cache_dir: str | None = Field(
+        None, description="reference features and the demo's attribute net (default: <sweep dir>/.eval-cache)"
+    )
 
     @model_validator(mode="after")
     def _known_metrics(self):
@@ -76,7 +88,9 @@ class EvalConfig(Config):
 
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
-            raise ValueError(f"unknown eval metric {', '.join(map(repr, unknown))}; valid: {', '.join(METRICS)}")
+            raise ValueError(
+                f"unknown eval metric {', '.join(map(repr, unknown))}; valid: {', '.join(METRICS)}"
+            )
         return self
 
 
@@ -103,14 +117,21 @@ REGISTRIES: dict[str, Registry] = {
 
 class TrainConfig(Config):
     seed: int = Field(0, description="the arm's seed: init, data order, noise")
-    weights_dir: str | None = Field(None, description="pretrained weights (an HF cache folder filled by "
-                                                      "`ablate weights download`); null = the default HF cache")
+    weights_dir: str | None = Field(
+        None,
+        description="pretrained weights (an HF cache folder filled by "
+        "`ablate weights download`); null = the default HF cache",
+    )
     model: ModelConfig = ModelConfig()
     data: DATA.union() = Field(description="training data (kind: " + ", ".join(DATA.kinds) + ")")
     text_encoder: TEXT.union() = Field(description="caption encoder (kind: " + ", ".join(TEXT.kinds) + ")")
-    tokenizer: TOKENIZERS.union() = Field(description="image tokenizer (kind: " + ", ".join(TOKENIZERS.kinds) + ")")
+    tokenizer: TOKENIZERS.union() = Field(
+        description="image tokenizer (kind: " + ", ".join(TOKENIZERS.kinds) + ")"
+    )
     optimizer: OPTIMIZERS.union() = Field(description="optimizer (kind: " + ", ".join(OPTIMIZERS.kinds) + ")")
-    precision: PRECISION.union() = Field(description="weight precision (kind: " + ", ".join(PRECISION.kinds) + ")")
+    precision: PRECISION.union() = Field(
+        description="weight precision (kind: " + ", ".join(PRECISION.kinds) + ")"
+    )
     flow: FlowConfig = FlowConfig()
     train: TrainSection = TrainSection()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -119,12 +140,18 @@ class TrainConfig(Config):
     # optional factors: null = off
     ema: EMA.union() | None = Field(None, description="EMA of the weights, used for evaluation")
     contrastive: CONTRASTIVE.union() | None = Field(None, description="contrastive flow-matching term")
-    cache: CacheConfig | None = Field(None, description="read latents and caption embeddings precomputed by "
-                                                          "`ablate cache SWEEP`; null = encode each step")
-    routing: ROUTING.union() | None = Field(None, description="token routing around middle blocks (kind: "
-                                                                + ", ".join(ROUTING.kinds) + ")")
-    repa: REPA.union() | None = Field(None, description="representation alignment with a frozen teacher (kind: "
-                                                          + ", ".join(REPA.kinds) + ")")
+    cache: CacheConfig | None = Field(
+        None,
+        description="read latents and caption embeddings precomputed by "
+        "`ablate cache SWEEP`; null = encode each step",
+    )
+    routing: ROUTING.union() | None = Field(
+        None, description="token routing around middle blocks (kind: " + ", ".join(ROUTING.kinds) + ")"
+    )
+    repa: REPA.union() | None = Field(
+        None,
+        description="representation alignment with a frozen teacher (kind: " + ", ".join(REPA.kinds) + ")",
+    )
 
     @model_validator(mode="after")
     def _optimizer_patterns_match(self):
@@ -139,14 +166,18 @@ class TrainConfig(Config):
         from diffusers import PRXTransformer2DModel
 
         with torch.device("meta"):
-            prx = PRXTransformer2DModel(**self.model.diffusers_kwargs(self.tokenizer.channels, self.text_encoder.dim))
+            prx = PRXTransformer2DModel(
+                **self.model.diffusers_kwargs(self.tokenizer.channels, self.text_encoder.dim)
+            )
         names = [f"prx.{n}" for n, p in prx.named_parameters() if p.ndim == 2]
         for key, patterns in groups.items():
             dead = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
             if dead:
                 example = next(n for n in names if n.startswith("prx.blocks."))
-                raise ValueError(f"optimizer.{key} {dead} match no 2-D parameter of the model; names look like "
-                                 f"{example!r}, e.g. use 'prx.blocks.*'")
+                raise ValueError(
+                    f"optimizer.{key} {dead} match no 2-D parameter of the model; names look like "
+                    f"{example!r}, e.g. use 'prx.blocks.*'"
+                )
         return self
 
     @model_validator(mode="after")
@@ -155,16 +186,20 @@ class TrainConfig(Config):
 
         foreign = [m for m in self.eval.metrics if METRICS[m].domain not in (None, self.data.domain)]
         if foreign:
-            raise ValueError(f"eval.metrics {foreign} score the {METRICS[foreign[0]].domain} demo domain, but "
-                             f"data.kind {self.data.kind!r} is not of it; use fid, cmmd, dino_mmd")
+            raise ValueError(
+                f"eval.metrics {foreign} score the {METRICS[foreign[0]].domain} demo domain, but "
+                f"data.kind {self.data.kind!r} is not of it; use fid, cmmd, dino_mmd"
+            )
         return self
 
     @model_validator(mode="after")
     def _check_batch(self):
         if self.model.in_channels is not None and self.model.in_channels != self.tokenizer.channels:
-            raise ValueError(f"model.in_channels={self.model.in_channels} disagrees with tokenizer "
-                             f"{self.tokenizer.kind!r} ({self.tokenizer.channels} channels); "
-                             "remove model.in_channels, it follows the tokenizer")
+            raise ValueError(
+                f"model.in_channels={self.model.in_channels} disagrees with tokenizer "
+                f"{self.tokenizer.kind!r} ({self.tokenizer.channels} channels); "
+                "remove model.in_channels, it follows the tokenizer"
+            )
         return self
 
     @model_validator(mode="after")
@@ -172,34 +207,46 @@ class TrainConfig(Config):
         depth = self.model.sizes()["depth"]
         route = self.routing
         if route is not None and route.end > depth:
-            raise ValueError(f"routing blocks [{route.start}, {route.end}) exceed the model's {depth} blocks; "
-                             f"set routing.end ≤ {depth} (blocks are 0-based, end exclusive)")
+            raise ValueError(
+                f"routing blocks [{route.start}, {route.end}) exceed the model's {depth} blocks; "
+                f"set routing.end ≤ {depth} (blocks are 0-based, end exclusive)"
+            )
         repa = self.repa
         if repa is None:
             return self
         if repa.block >= depth:
-            raise ValueError(f"repa.block {repa.block} is outside the model's blocks 0..{depth - 1}; "
-                             f"set repa.block < {depth}")
+            raise ValueError(
+                f"repa.block {repa.block} is outside the model's blocks 0..{depth - 1}; "
+                f"set repa.block < {depth}"
+            )
         per_token = self.tokenizer.downsample * self.model.sizes()["patch_size"]
         if self.data.resolution % per_token:
-            raise ValueError(f"data.resolution {self.data.resolution} is not a multiple of the model's "
-                             f"{per_token} px per token (tokenizer downsample × model patch_size), so the "
-                             f"teacher's {repa.teacher.patch_size}-px patch grid cannot match the token grid; "
-                             f"use a resolution divisible by {per_token}")
+            raise ValueError(
+                f"data.resolution {self.data.resolution} is not a multiple of the model's "
+                f"{per_token} px per token (tokenizer downsample × model patch_size), so the "
+                f"teacher's {repa.teacher.patch_size}-px patch grid cannot match the token grid; "
+                f"use a resolution divisible by {per_token}"
+            )
         # After block end-1 the route has rejoined: the hidden state there is the full sequence again.
         routed = route is not None and route.start <= repa.block < route.end - 1
         if repa.needs_full_grid and routed:
-            raise ValueError(f"repa.block {repa.block} lies inside routing blocks [{route.start}, {route.end}) "
-                             f"where only kept tokens exist, but {repa.kind}'s conv projector needs the full token "
-                             f"grid; move repa.block below {route.start} or to {route.end - 1} or later")
+            raise ValueError(
+                f"repa.block {repa.block} lies inside routing blocks [{route.start}, {route.end}) "
+                f"where only kept tokens exist, but {repa.kind}'s conv projector needs the full token "
+                f"grid; move repa.block below {route.start} or to {route.end - 1} or later"
+            )
         if routed and not route.implies_routed_alignment and repa.routed_target is None:
-            raise ValueError(f"repa.block {repa.block} lies inside the {route.kind} route [{route.start}, {route.end}) "
-                             f"where {route.keep:.0%} of the tokens remain; set repa.routed_target: gather to "
-                             f"align only those tokens, or move repa.block below {route.start} or to "
-                             f"{route.end - 1} or later")
+            raise ValueError(
+                f"repa.block {repa.block} lies inside the {route.kind} route [{route.start}, {route.end}) "
+                f"where {route.keep:.0%} of the tokens remain; set repa.routed_target: gather to "
+                f"align only those tokens, or move repa.block below {route.start} or to "
+                f"{route.end - 1} or later"
+            )
         if repa.routed_target is not None and not routed:
-            raise ValueError(f"repa.routed_target is set but repa.block {repa.block} is not inside a token "
-                             "route (routing.start ≤ block < routing.end - 1); remove repa.routed_target")
+            raise ValueError(
+                f"repa.routed_target is set but repa.block {repa.block} is not inside a token "
+                "route (routing.start ≤ block < routing.end - 1); remove repa.routed_target"
+            )
         return self
 
 

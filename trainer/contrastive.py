@@ -3,6 +3,7 @@
 loss -= λ·MSE(v_pred, v_target rolled by one within the batch): each sample's prediction
 is pushed away from another sample's target. λ = 0.05 in the study.
 """
+
 from __future__ import annotations
 
 from typing import Literal

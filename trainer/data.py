@@ -4,6 +4,7 @@ Every dataset yields `{"image": (3, H, W) float in [0, 1], "caption": str, "attr
 (`attrs` is -1 for datasets without known attributes). The caption column is chosen by
 config: that is how the study's long- vs short-caption factor is expressed.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,13 +35,25 @@ ATTRIBUTES: dict[str, list[str]] = {
     "background": ["black", "white", "grey", "beige"],
 }
 _RGB = {
-    "red": (0.86, 0.12, 0.12), "green": (0.15, 0.7, 0.2), "blue": (0.15, 0.3, 0.9),
-    "yellow": (0.95, 0.85, 0.1), "purple": (0.55, 0.2, 0.75), "orange": (0.98, 0.55, 0.1),
-    "black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "grey": (0.5, 0.5, 0.5), "beige": (0.9, 0.85, 0.7),
+    "red": (0.86, 0.12, 0.12),
+    "green": (0.15, 0.7, 0.2),
+    "blue": (0.15, 0.3, 0.9),
+    "yellow": (0.95, 0.85, 0.1),
+    "purple": (0.55, 0.2, 0.75),
+    "orange": (0.98, 0.55, 0.1),
+    "black": (0.0, 0.0, 0.0),
+    "white": (1.0, 1.0, 1.0),
+    "grey": (0.5, 0.5, 0.5),
+    "beige": (0.9, 0.85, 0.7),
 }
 _RADIUS = {"small": 0.12, "medium": 0.19, "large": 0.27}
-_CENTRE = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
-           "bottom right": (0.7, 0.7), "centre": (0.5, 0.5)}
+_CENTRE = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "centre": (0.5, 0.5),
+}
 
 
 def sample_attributes(seed: int, index: int) -> dict[str, int]:
@@ -181,15 +194,19 @@ class ImageTextDataset(Dataset):
         }
 
 
-def _split(rows: list[dict], cfg: ImageTextConfig, val_caption: str | None, loader) -> tuple[Dataset, Dataset]:
+def _split(
+    rows: list[dict], cfg: ImageTextConfig, val_caption: str | None, loader
+) -> tuple[Dataset, Dataset]:
     for col in {cfg.caption, val_caption or cfg.caption}:
         if rows and col not in rows[0]:
             raise ValueError(f"{cfg.path}: no caption column {col!r}; columns: {', '.join(sorted(rows[0]))}")
     if len(rows) <= cfg.num_val:
         raise ValueError(f"{cfg.path}: {len(rows)} rows, need more than data.num_val={cfg.num_val}")
     train, val = rows[: -cfg.num_val], rows[-cfg.num_val :]
-    return (ImageTextDataset(train, loader, cfg.resolution, cfg.caption),
-            ImageTextDataset(val, loader, cfg.resolution, val_caption or cfg.caption))
+    return (
+        ImageTextDataset(train, loader, cfg.resolution, cfg.caption),
+        ImageTextDataset(val, loader, cfg.resolution, val_caption or cfg.caption),
+    )
 
 
 @DATA.register(ParquetConfig)
@@ -214,7 +231,9 @@ def build_folder(cfg: FolderConfig, val_caption: str | None = None) -> tuple[Dat
     root = Path(cfg.path)
     meta = root / "metadata.jsonl"
     if not meta.exists():
-        raise FileNotFoundError(f"{meta}: missing; a folder dataset needs one JSON line per image with file_name")
+        raise FileNotFoundError(
+            f"{meta}: missing; a folder dataset needs one JSON line per image with file_name"
+        )
     rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
     return _split(rows, cfg, val_caption, lambda row: Image.open(root / row["file_name"]))
 
@@ -228,8 +247,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
     process reads alone.
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, total_steps: int,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        n: int,
+        global_batch: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if global_batch % world:
             raise ValueError(f"train.batch_size={global_batch} is not divisible by {world} processes")
         self.n, self.b, self.seed = n, global_batch, seed

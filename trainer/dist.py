@@ -3,6 +3,7 @@
 All three export the env:// variables (RANK, WORLD_SIZE, MASTER_ADDR, …) or, for submitit,
 let us export them; a single process needs none of them.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 The train step always calls `ema.update(step)` and evaluation always enters `ema.swapped()`;
 with EMA off those are no-ops (`NoEMA`), so neither place branches on the factor.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ Training t: sigmoid(N(0, 1)), shifted s·t / (1 + (s - 1)·t), clamped to [t_min
 fraction of samples replaced by Uniform[t_min, 1). x-prediction (JiT): the net predicts x0
 and the loss is taken in v-space, dividing by t clamped at `x_min_t`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -64,8 +65,14 @@ def velocity(pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, cfg: FlowCon
     return PREDICTIONS[cfg.prediction]["velocity"](pred, xt, t, cfg)
 
 
-def loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-         cfg: FlowConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loss(
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    cfg: FlowConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain MSE in v-space. Returns (loss, predicted velocity, target velocity)."""
     v_pred = velocity(pred.float(), xt, t, cfg)
     v_true = PREDICTIONS[cfg.prediction]["target"](x0, noise, xt, t, cfg)
@@ -73,9 +80,17 @@ def loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, xt: torch.Te
 
 
 @torch.no_grad()
-def euler_sample(net: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 noise: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor, empty_txt: torch.Tensor,
-                 empty_mask: torch.Tensor, cfg: FlowConfig, steps: int = 50, guidance: float = 3.5) -> torch.Tensor:
+def euler_sample(
+    net: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    txt: torch.Tensor,
+    mask: torch.Tensor,
+    empty_txt: torch.Tensor,
+    empty_mask: torch.Tensor,
+    cfg: FlowConfig,
+    steps: int = 50,
+    guidance: float = 3.5,
+) -> torch.Tensor:
     """Euler over shift(linspace(1, 0, steps + 1)) with CFG u + s·(c - u), the empty caption as u."""
     b = noise.shape[0]
     ts = shift_t(torch.linspace(1, 0, steps + 1, device=noise.device), cfg.shift)

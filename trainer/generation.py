@@ -6,6 +6,7 @@ arm and every step is scored on the same prompts and noises. Sampling is sharded
 (prompt j on rank j mod world) and the features are gathered; the number of samples never
 depends on the number of processes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,13 +36,24 @@ def _domain_extractor(data_cfg: SyntheticConfig, cache_dir: Path, device: torch.
         # renders from a range of indices that training and held-out data never use
         ds = SyntheticShapes(data_cfg, offset=10**9, length=ATTR_NET_TRAIN_IMAGES)
         items = [ds[i] for i in range(len(ds))]
-        images = np.stack([(it["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for it in items])
+        images = np.stack(
+            [(it["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for it in items]
+        )
         attrs = np.stack([it["attrs"].numpy() for it in items])
-        return DomainData(images, {a: attrs[:, i] for i, a in enumerate(ATTRIBUTES)},
-                          {a: len(v) for a, v in ATTRIBUTES.items()})
+        return DomainData(
+            images,
+            {a: attrs[:, i] for i, a in enumerate(ATTRIBUTES)},
+            {a: len(v) for a, v in ATTRIBUTES.items()},
+        )
 
-    key = {"domain": "synthetic-shapes", "resolution": data_cfg.resolution, "domain_seed": data_cfg.domain_seed,
-           "jitter": data_cfg.jitter, "images": ATTR_NET_TRAIN_IMAGES, "attributes": ATTRIBUTES}
+    key = {
+        "domain": "synthetic-shapes",
+        "resolution": data_cfg.resolution,
+        "domain_seed": data_cfg.domain_seed,
+        "jitter": data_cfg.jitter,
+        "images": ATTR_NET_TRAIN_IMAGES,
+        "attributes": ATTRIBUTES,
+    }
     return DomainAttrExtractor(get_or_train_attribute_net(cache_dir, key, make_data), device)
 
 
@@ -56,13 +68,21 @@ class GenerationEval:
         self.cache_dir = Path(cfg.cache_dir or trainer.rundir.default_eval_cache)
         self.mine = list(range(trainer.dist.rank, self.n, trainer.dist.world))  # prompts this process samples
         extractors = {}
-        if isinstance(trainer.cfg.data, SyntheticConfig) and any(m.startswith(("domain_", "prompt_"))
-                                                                 for m in cfg.metrics):
+        if isinstance(trainer.cfg.data, SyntheticConfig) and any(
+            m.startswith(("domain_", "prompt_")) for m in cfg.metrics
+        ):
             extractors["domain-attr"] = _domain_extractor(trainer.cfg.data, self.cache_dir, trainer.device)
-        reference = Reference(dataset=self._dataset_id(), num_samples=self.n, images=self._real_images,
-                              cache_dir=self.cache_dir)
-        self.evaluator = Evaluator(cfg.metrics, reference, extractors=extractors, weights_dir=trainer.cfg.weights_dir,
-                                   device=trainer.device, batch_size=cfg.batch_size)
+        reference = Reference(
+            dataset=self._dataset_id(), num_samples=self.n, images=self._real_images, cache_dir=self.cache_dir
+        )
+        self.evaluator = Evaluator(
+            cfg.metrics,
+            reference,
+            extractors=extractors,
+            weights_dir=trainer.cfg.weights_dir,
+            device=trainer.device,
+            batch_size=cfg.batch_size,
+        )
 
     def _dataset_id(self) -> str:
         d = self.tr.cfg.data.model_dump(mode="json")
@@ -90,10 +110,20 @@ class GenerationEval:
             items = [tr.val_set[j] for j in chunk]
             txt, mask = tr.text([it["caption"] for it in items])
             shape = tr.tokenizer.encode(items[0]["image"][None].to(tr.device)).shape[1:]  # (C, h, w)
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(PROMPT_SEED + j))
-                                 for j in chunk]).to(tr.device)
-            x0 = flow.euler_sample(net, noise, txt, mask, empty_txt, empty_mask, cfg.flow,
-                                   steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance)
+            noise = torch.stack(
+                [torch.randn(shape, generator=torch.Generator().manual_seed(PROMPT_SEED + j)) for j in chunk]
+            ).to(tr.device)
+            x0 = flow.euler_sample(
+                net,
+                noise,
+                txt,
+                mask,
+                empty_txt,
+                empty_mask,
+                cfg.flow,
+                steps=cfg.eval.sample_steps,
+                guidance=cfg.eval.guidance,
+            )
             images = tr.tokenizer.decode(x0.float())  # (b, 3, H, W) in [0, 1]
             out.append((images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
         return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
@@ -142,4 +172,3 @@ class NoGeneration:
 
 def build(trainer) -> GenerationEval | NoGeneration:
     return GenerationEval(trainer) if trainer.cfg.eval.metrics else NoGeneration()
-

@@ -6,6 +6,7 @@ modules that read or rewrite the token state at those points; with no factors th
 equals `PRXTransformer2DModel.forward` exactly (tested). The PRX weights stay a plain
 diffusers model (`save_pretrained` / `from_pretrained`); factor parameters live beside it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,14 +21,18 @@ from .registry import Config
 # text encoder and the tokenizer.
 PRESETS: dict[str, dict] = {
     # The study's PRX-1.2B (Photoroom/PRX configs/yamls/model/prx_small.yaml).
-    "prx-1.2b": dict(hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=2, axes_dim=(32, 32)),
+    "prx-1.2b": dict(
+        hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=2, axes_dim=(32, 32)
+    ),
     # CPU tests and the demo: same code path, seconds per hundred steps.
     "tiny": dict(hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0, patch_size=2, axes_dim=(8, 8)),
 }
 
 
 class ModelConfig(Config):
-    preset: str | None = Field("tiny", description=f"named size: {', '.join(PRESETS)}; fields below override it")
+    preset: str | None = Field(
+        "tiny", description=f"named size: {', '.join(PRESETS)}; fields below override it"
+    )
     hidden_size: int | None = Field(None, ge=8, description="token width")
     depth: int | None = Field(None, ge=1, description="number of PRX blocks")
     num_heads: int | None = Field(None, ge=1, description="attention heads")
@@ -48,23 +53,41 @@ class ModelConfig(Config):
         if s["hidden_size"] % s["num_heads"]:
             raise ValueError(f"hidden_size {s['hidden_size']} is not divisible by num_heads {s['num_heads']}")
         if sum(s["axes_dim"]) != s["hidden_size"] // s["num_heads"]:
-            raise ValueError(f"axes_dim {list(s['axes_dim'])} must sum to the head dim "
-                             f"{s['hidden_size'] // s['num_heads']} (hidden_size / num_heads)")
+            raise ValueError(
+                f"axes_dim {list(s['axes_dim'])} must sum to the head dim "
+                f"{s['hidden_size'] // s['num_heads']} (hidden_size / num_heads)"
+            )
         return self
 
     def sizes(self) -> dict:
         """Preset values with explicit fields on top."""
         out = dict(PRESETS.get(self.preset or "", {}))
-        for k in ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "axes_dim", "bottleneck_size"):
+        for k in (
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "mlp_ratio",
+            "patch_size",
+            "axes_dim",
+            "bottleneck_size",
+        ):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         return out
 
     def diffusers_kwargs(self, in_channels: int, context_in_dim: int) -> dict:
         s = self.sizes()
-        return dict(in_channels=in_channels, patch_size=s["patch_size"], context_in_dim=context_in_dim,
-                    hidden_size=s["hidden_size"], mlp_ratio=s["mlp_ratio"], num_heads=s["num_heads"],
-                    depth=s["depth"], axes_dim=list(s["axes_dim"]), bottleneck_size=s.get("bottleneck_size"))
+        return dict(
+            in_channels=in_channels,
+            patch_size=s["patch_size"],
+            context_in_dim=context_in_dim,
+            hidden_size=s["hidden_size"],
+            mlp_ratio=s["mlp_ratio"],
+            num_heads=s["num_heads"],
+            depth=s["depth"],
+            axes_dim=list(s["axes_dim"]),
+            bottleneck_size=s.get("bottleneck_size"),
+        )
 
 
 @dataclass
@@ -79,7 +102,9 @@ class TokenState:
     grid: tuple[int, int]  # token grid (h, w) of the full image
     inputs: dict = field(default_factory=dict)  # extra batch inputs factors need (e.g. raw images)
     losses: dict = field(default_factory=dict)  # name → scalar auxiliary loss added by factors
-    kept: torch.Tensor | None = None  # (B, K) sorted indices of the image tokens `img` holds inside a token route
+    kept: torch.Tensor | None = (
+        None  # (B, K) sorted indices of the image tokens `img` holds inside a token route
+    )
 
 
 class Factor(nn.Module):
@@ -129,8 +154,14 @@ class Denoiser(nn.Module):
         self.prx = prx
         self.factors = nn.ModuleList(factors or [])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor | None,
-                inputs: dict | None = None) -> DenoiserOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        txt: torch.Tensor,
+        mask: torch.Tensor | None,
+        inputs: dict | None = None,
+    ) -> DenoiserOutput:
         from diffusers.models.transformers.transformer_prx import get_image_ids, img2seq, seq2img
 
         prx, p = self.prx, self.prx.patch_size
@@ -139,18 +170,32 @@ class Denoiser(nn.Module):
         pe = prx.pe_embedder(get_image_ids(b, h, w, patch_size=p, device=x.device))  # (B, 1, L, hd/2, 2, 2)
         vec = prx._compute_timestep_embedding(t, dtype=img.dtype)  # (B, C)
         if prx.resolution_embedder is not None:
-            size = torch.full((b,), h, device=x.device, dtype=torch.float32), torch.full((b,), w, device=x.device,
-                                                                                      dtype=torch.float32)
+            size = (
+                torch.full((b,), h, device=x.device, dtype=torch.float32),
+                torch.full((b,), w, device=x.device, dtype=torch.float32),
+            )
             vec = vec + prx.resolution_embedder(*size, dtype=vec.dtype)
-        state = TokenState(img=img, txt=prx.txt_in(txt), vec=vec, pe=pe, mask=mask, grid=(h // p, w // p),
-                           inputs=inputs or {})
+        state = TokenState(
+            img=img,
+            txt=prx.txt_in(txt),
+            vec=vec,
+            pe=pe,
+            mask=mask,
+            grid=(h // p, w // p),
+            inputs=inputs or {},
+        )
         for f in self.factors:
             f.begin(state)
         for i, block in enumerate(prx.blocks):
             for f in self.factors:
                 f.before_block(i, state)
-            state.img = block(hidden_states=state.img, encoder_hidden_states=state.txt, temb=state.vec,
-                              image_rotary_emb=state.pe, attention_mask=state.mask)  # (B, L', C)
+            state.img = block(
+                hidden_states=state.img,
+                encoder_hidden_states=state.txt,
+                temb=state.vec,
+                image_rotary_emb=state.pe,
+                attention_mask=state.mask,
+            )  # (B, L', C)
             for f in self.factors:
                 f.after_block(i, state)
         out = prx.final_layer(state.img, vec)  # (B, L, p²·C_in)
@@ -161,6 +206,8 @@ def build_prx(cfg: ModelConfig, in_channels: int, context_in_dim: int) -> nn.Mod
     from diffusers import PRXTransformer2DModel
 
     if cfg.in_channels is not None and cfg.in_channels != in_channels:
-        raise ValueError(f"model.in_channels={cfg.in_channels} disagrees with the tokenizer's {in_channels} "
-                         "channels; remove model.in_channels (it follows the tokenizer)")
+        raise ValueError(
+            f"model.in_channels={cfg.in_channels} disagrees with the tokenizer's {in_channels} "
+            "channels; remove model.in_channels (it follows the tokenizer)"
+        )
     return PRXTransformer2DModel(**cfg.diffusers_kwargs(in_channels, context_in_dim))

@@ -5,6 +5,7 @@ transformer blocks and AdamW on everything else (embeddings, final layer, norms,
 factor extras), as PRX's Muon run does. Parameters are grouped by name pattern, first match
 wins, and a pattern that matches nothing is an error.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -38,7 +39,9 @@ class MuonConfig(Config):
     ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations")
     weight_decay: float = Field(0.0, ge=0, description="Muon weight decay")
     adjust_lr_fn: Literal["original", "match_rms_adamw"] = Field(
-        "match_rms_adamw", description="torch.optim.Muon's LR scaling; match_rms_adamw keeps AdamW's LR meaningful")
+        "match_rms_adamw",
+        description="torch.optim.Muon's LR scaling; match_rms_adamw keeps AdamW's LR meaningful",
+    )
     muon_params: tuple[str, ...] = Field(("prx.blocks.*",), description="name patterns of Muon's 2-D weights")
     adam_lr: float = Field(1e-4, gt=0, description="AdamW LR for the other parameters")
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas for the other parameters")
@@ -83,8 +86,9 @@ class Optimizers:
             opt.load_state_dict(state[name])
 
 
-def group_by_pattern(model: torch.nn.Module, patterns: dict[str, tuple[str, ...]], rest: str,
-                     accept=lambda p: True) -> dict[str, list[torch.nn.Parameter]]:
+def group_by_pattern(
+    model: torch.nn.Module, patterns: dict[str, tuple[str, ...]], rest: str, accept=lambda p: True
+) -> dict[str, list[torch.nn.Parameter]]:
     """Assign each trainable parameter to the first group whose pattern matches its name.
 
     A parameter that matches a pattern but fails `accept` (e.g. a 1-D norm scale inside a
@@ -105,14 +109,17 @@ def group_by_pattern(model: torch.nn.Module, patterns: dict[str, tuple[str, ...]
             groups[rest].append(param)
     unmatched = [f"{g}: {p!r}" for (g, p), n in hits.items() if n == 0]
     if unmatched:
-        raise ValueError(f"optimizer pattern matches no parameter ({', '.join(unmatched)}); "
-                         f"parameter names look like {next(iter(dict(model.named_parameters())))!r}")
+        raise ValueError(
+            f"optimizer pattern matches no parameter ({', '.join(unmatched)}); "
+            f"parameter names look like {next(iter(dict(model.named_parameters())))!r}"
+        )
     return groups
 
 
 def _adamw(params, lr, betas, eps, weight_decay, device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=device.type == "cuda"
+    )
 
 
 @OPTIMIZERS.register(AdamWConfig)
@@ -126,8 +133,15 @@ def build_adamw(cfg: AdamWConfig, model: torch.nn.Module) -> Optimizers:
 def build_muon(cfg: MuonConfig, model: torch.nn.Module) -> Optimizers:
     groups = group_by_pattern(model, {"muon": cfg.muon_params}, rest="adamw", accept=lambda p: p.ndim == 2)
     device = groups["muon"][0].device
-    muon = torch.optim.Muon(groups["muon"], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                            nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn)
+    muon = torch.optim.Muon(
+        groups["muon"],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        ns_steps=cfg.ns_steps,
+        adjust_lr_fn=cfg.adjust_lr_fn,
+    )
     adamw = _adamw(groups["adamw"], cfg.adam_lr, cfg.adam_betas, cfg.adam_eps, cfg.adam_weight_decay, device)
     return Optimizers(muon=muon, adamw=adamw)
 

@@ -2,6 +2,7 @@
 
 The optimizer's state follows the weights' dtype, as in the study.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,9 @@ from .registry import Config, Registry
 
 PRECISION = Registry("precision")
 
-AUTOCAST = Field("auto", description="bf16 autocast: auto = on where the device runs bf16 fast (CUDA), off on CPU")
+AUTOCAST = Field(
+    "auto", description="bf16 autocast: auto = on where the device runs bf16 fast (CUDA), off on CPU"
+)
 
 
 class FP32Config(Config):

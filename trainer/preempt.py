@@ -6,6 +6,7 @@ losing the steps since the last periodic checkpoint. Here the signal only sets a
 next log point all processes agree on it (one all-reduce), the trainer writes a checkpoint,
 and then the original handler runs on rank 0 and requeues the job, which resumes from it.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,10 @@ class Preemption:
     def __init__(self):
         self.caught: tuple | None = None
         self.previous = None
-        self.installed = bool(os.environ.get("SUBMITIT_EXECUTOR")) and threading.current_thread() is threading.main_thread()
+        self.installed = (
+            bool(os.environ.get("SUBMITIT_EXECUTOR"))
+            and threading.current_thread() is threading.main_thread()
+        )
         if self.installed:
             self.previous = signal.signal(signal.SIGUSR2, self._catch)
 

@@ -10,6 +10,7 @@ cross-factor rules read instead of comparing kind strings (`TrainConfig`'s valid
 kind that does not state them is refused when it registers, so it cannot silently inherit
 another kind's behaviour.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -39,8 +40,10 @@ class Registry:
             raise ValueError(f"{self.name} registry already has an entry '{kind}'")
         undeclared = [fact for fact in self.facts if not hasattr(config_type, fact)]
         if undeclared:
-            raise TypeError(f"{config_type.__name__} (the {self.name} kind '{kind}') must declare "
-                            f"{', '.join(undeclared)}: the rules that combine factors read them")
+            raise TypeError(
+                f"{config_type.__name__} (the {self.name} kind '{kind}') must declare "
+                f"{', '.join(undeclared)}: the rules that combine factors read them"
+            )
 
         def decorator(builder: Callable[..., Any]) -> Callable[..., Any]:
             self._entries[kind] = (config_type, builder)
@@ -64,5 +67,7 @@ class Registry:
         try:
             _, builder = self._entries[cfg.kind]  # type: ignore[attr-defined]
         except KeyError:
-            raise ValueError(f"unknown {self.name} kind {cfg.kind!r}; valid: {', '.join(self.kinds)}") from None
+            raise ValueError(
+                f"unknown {self.name} kind {cfg.kind!r}; valid: {', '.join(self.kinds)}"
+            ) from None
         return builder(cfg, *args, **kwargs)

@@ -28,6 +28,7 @@ neither a parameter nor in the factors' state dict, so checkpoints hold only the
 After `stop_step` (the study's advice: switch REPA off after ~200k steps) neither the teacher nor
 the projector runs and no loss is added.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar, Literal, NamedTuple
@@ -62,9 +63,13 @@ class TeacherSpec(NamedTuple):
 HF_TEACHERS: dict[str, TeacherSpec] = {
     "dinov2-vitb14": TeacherSpec("Dinov2Model", "facebook/dinov2-base", 14, 768, 0),
     "dinov2-vitl14": TeacherSpec("Dinov2Model", "facebook/dinov2-large", 14, 1024, 0),
-    "dinov2-vitb14-reg": TeacherSpec("Dinov2WithRegistersModel", "facebook/dinov2-with-registers-base", 14, 768, 4),
+    "dinov2-vitb14-reg": TeacherSpec(
+        "Dinov2WithRegistersModel", "facebook/dinov2-with-registers-base", 14, 768, 4
+    ),
     # the study's REPA-V2 teacher (torch.hub dinov2_vitl14_reg)
-    "dinov2-vitl14-reg": TeacherSpec("Dinov2WithRegistersModel", "facebook/dinov2-with-registers-large", 14, 1024, 4),
+    "dinov2-vitl14-reg": TeacherSpec(
+        "Dinov2WithRegistersModel", "facebook/dinov2-with-registers-large", 14, 1024, 4
+    ),
     "dinov3-vitb16": TeacherSpec("DINOv3ViTModel", "facebook/dinov3-vitb16-pretrain-lvd1689m", 16, 768, 4),
     # the study's REPA-V3 teacher (torch.hub dinov3_vitl16)
     "dinov3-vitl16": TeacherSpec("DINOv3ViTModel", "facebook/dinov3-vitl16-pretrain-lvd1689m", 16, 1024, 4),
@@ -102,7 +107,9 @@ class TinyTeacherConfig(Config):
     @model_validator(mode="after")
     def _check_heads(self):
         if self.width % self.heads:
-            raise ValueError(f"repa.teacher.width {self.width} is not divisible by repa.teacher.heads {self.heads}")
+            raise ValueError(
+                f"repa.teacher.width {self.width} is not divisible by repa.teacher.heads {self.heads}"
+            )
         return self
 
 
@@ -125,7 +132,7 @@ class Teacher(nn.Module):
         x = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std  # (B, 3, h·p, w·p)
         tokens = self.model(pixel_values=x).last_hidden_state  # (B, prefix + h·w, Dt), final norm applied
-        return tokens[:, self.prefix:].float()  # (B, h·w, Dt)
+        return tokens[:, self.prefix :].float()  # (B, h·w, Dt)
 
 
 def build_hf_teacher(cfg: HFTeacherConfig, ctx: FactorContext) -> Teacher:
@@ -135,14 +142,18 @@ def build_hf_teacher(cfg: HFTeacherConfig, ctx: FactorContext) -> Teacher:
     model = load_pretrained(getattr(transformers, spec.model_class), HFWeights(spec.repo_id), ctx.weights_dir)
     got = (model.config.patch_size, model.config.hidden_size, getattr(model.config, "num_register_tokens", 0))
     if got != (spec.patch_size, spec.width, spec.registers):
-        raise ValueError(f"{spec.repo_id} has (patch, width, registers) {got}, expected "
-                         f"{(spec.patch_size, spec.width, spec.registers)} for teacher kind {cfg.kind!r}")
+        raise ValueError(
+            f"{spec.repo_id} has (patch, width, registers) {got}, expected "
+            f"{(spec.patch_size, spec.width, spec.registers)} for teacher kind {cfg.kind!r}"
+        )
     return Teacher(model, spec.patch_size, 1 + spec.registers).to(ctx.device)
 
 
 for _kind in HF_TEACHERS:  # one config type per pretrained teacher, selected by its kind
     _name = "TeacherConfig_" + _kind.replace("-", "_")
-    _cfg_type = create_model(_name, __base__=HFTeacherConfig, __module__=__name__, kind=(Literal[_kind], _kind))
+    _cfg_type = create_model(
+        _name, __base__=HFTeacherConfig, __module__=__name__, kind=(Literal[_kind], _kind)
+    )
     TEACHERS.register(_cfg_type)(build_hf_teacher)
 
 
@@ -151,10 +162,15 @@ def build_tiny_teacher(cfg: TinyTeacherConfig, ctx: FactorContext) -> Teacher:
     """A seeded random-init DINOv2-with-registers: the CPU tests' and the demo's teacher, no download."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    config = Dinov2WithRegistersConfig(hidden_size=cfg.width, num_hidden_layers=cfg.layers,
-                                       num_attention_heads=cfg.heads, intermediate_size=2 * cfg.width,
-                                       patch_size=cfg.patch_size, image_size=ctx.grid * cfg.patch_size,
-                                       num_register_tokens=cfg.registers)
+    config = Dinov2WithRegistersConfig(
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=2 * cfg.width,
+        patch_size=cfg.patch_size,
+        image_size=ctx.grid * cfg.patch_size,
+        num_register_tokens=cfg.registers,
+    )
     with torch.random.fork_rng(devices=[]):  # leave the trainer's global RNG untouched
         torch.manual_seed(cfg.seed)
         model = Dinov2WithRegistersModel(config)
@@ -169,10 +185,13 @@ class AlignConfig(Config):
     teacher: TEACHERS.union() = Field(description="frozen teacher (kind: " + ", ".join(TEACHERS.kinds) + ")")
     block: int = Field(7, ge=0, description="align the hidden state after this block (0-based; PRX: 7 of 16)")
     weight: float = Field(0.5, gt=0, description="loss = −weight · mean cos(proj(h), y)")
-    stop_step: int | None = Field(None, ge=1, description="steps ≥ this run no teacher, no projector, no loss; "
-                                                          "null = never stop")
+    stop_step: int | None = Field(
+        None, ge=1, description="steps ≥ this run no teacher, no projector, no loss; null = never stop"
+    )
     routed_target: Literal["gather"] | None = Field(
-        None, description="block inside a SPRINT route: gather = align only the kept tokens (TREAD implies it)")
+        None,
+        description="block inside a SPRINT route: gather = align only the kept tokens (TREAD implies it)",
+    )
 
 
 class REPAConfig(AlignConfig):
@@ -188,8 +207,9 @@ class IREPAConfig(AlignConfig):
 
 
 def mlp_projector(width: int, hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                         nn.Linear(hidden, out))
+    return nn.Sequential(
+        nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out)
+    )
 
 
 class ConvProjector(nn.Module):
@@ -217,7 +237,9 @@ class REPAFactor(Factor):
         self.block, self.weight, self.stop_step = cfg.block, cfg.weight, cfg.stop_step
         self.projector = projector
         self.skips_params = cfg.stop_step is not None  # the projector gets no gradient after stop_step
-        object.__setattr__(self, "teacher", teacher)  # not a submodule: no params, no state dict, no .to()/.train()
+        object.__setattr__(
+            self, "teacher", teacher
+        )  # not a submodule: no params, no state dict, no .to()/.train()
 
     def active(self, state: TokenState) -> bool:
         step = state.inputs.get("step")
@@ -262,4 +284,6 @@ def build_repa(cfg: REPAConfig, ctx: FactorContext) -> REPAFactor:
 
 @REPA.register(IREPAConfig)
 def build_irepa(cfg: IREPAConfig, ctx: FactorContext) -> IREPAFactor:
-    return IREPAFactor(cfg, TEACHERS.build(cfg.teacher, ctx), ConvProjector(ctx.hidden_size, cfg.teacher.width))
+    return IREPAFactor(
+        cfg, TEACHERS.build(cfg.teacher, ctx), ConvProjector(ctx.hidden_size, cfg.teacher.width)
+    )

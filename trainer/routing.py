@@ -18,6 +18,7 @@ Inside the route `state.img` holds only the kept tokens, `state.pe` their RoPE e
 know which tokens they see. The kept subset is drawn from a generator seeded by (arm seed,
 step, rank): the same on a resumed run, different for every step.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,14 +39,20 @@ class RouteConfig(Config):
     # route kept without being told to (`repa.routed_target: gather`). Every routing kind states it.
     implies_routed_alignment: ClassVar[bool]
     start: int = Field(2, ge=0, description="first routed block (0-based)")
-    end: int = Field(13, ge=1, description="one past the last routed block: blocks [start, end) are routed; "
-                                           "13 = PRX's inclusive route_end 12")
+    end: int = Field(
+        13,
+        ge=1,
+        description="one past the last routed block: blocks [start, end) are routed; "
+        "13 = PRX's inclusive route_end 12",
+    )
 
     @model_validator(mode="after")
     def _check_route(self):
         if self.start >= self.end:
-            raise ValueError(f"routing.start {self.start} must be below routing.end {self.end} (blocks [start, end) "
-                             "are routed; the study uses start: 2, end: 13)")
+            raise ValueError(
+                f"routing.start {self.start} must be below routing.end {self.end} (blocks [start, end) "
+                "are routed; the study uses start: 2, end: 13)"
+            )
         return self
 
     @property
@@ -62,8 +69,13 @@ class TREADConfig(RouteConfig):
 class SPRINTConfig(RouteConfig):
     implies_routed_alignment: ClassVar[bool] = False  # 75 % of the tokens are gone: ask first
     kind: Literal["sprint"] = "sprint"
-    keep: float = Field(0.25, gt=0, lt=1, description="share of image tokens the routed blocks see in training "
-                                                      "(PRX: routing_probability 0.75 dropped)")
+    keep: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="share of image tokens the routed blocks see in training "
+        "(PRX: routing_probability 0.75 dropped)",
+    )
 
 
 def num_kept(num_tokens: int, keep: float) -> int:
@@ -78,8 +90,9 @@ def route_generator(seed: int, step: int, device: torch.device) -> torch.Generat
     return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def choose_tokens(batch: int, num_tokens: int, keep: int, generator: torch.Generator | None,
-                  device: torch.device) -> torch.Tensor:
+def choose_tokens(
+    batch: int, num_tokens: int, keep: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     """Per sample, a uniformly random subset of `keep` token indices, sorted: (B, keep) int64."""
     noise = torch.rand(batch, num_tokens, generator=generator, device=device)  # (B, L)
     return noise.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K)
@@ -166,4 +179,3 @@ def build_tread(cfg: TREADConfig, ctx: FactorContext) -> TREAD:
 @ROUTING.register(SPRINTConfig)
 def build_sprint(cfg: SPRINTConfig, ctx: FactorContext) -> SPRINT:
     return SPRINT(cfg, ctx)
-

@@ -5,6 +5,7 @@ tokenizer): the same seed gives every arm the same encoder, so arms stay compara
 `t5gemma` is the study's encoder: the encoder half of `google/t5gemma-2b-2b-ul2` (2304-d),
 captions padded to 256 tokens with the mask kept, bf16 weights, autocast off inside.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -22,8 +23,14 @@ TEXT = Registry("text_encoder")
 class TextEncoder(torch.nn.Module):
     """Wraps a tokenizer and a frozen encoder; `dim` is the width the denoiser conditions on."""
 
-    def __init__(self, tokenizer, encoder: torch.nn.Module, max_length: int, dim: int,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        tokenizer,
+        encoder: torch.nn.Module,
+        max_length: int,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.tokenizer, self.encoder = tokenizer, encoder.eval().requires_grad_(False)
         self.max_length, self.dim = max_length, dim
@@ -33,8 +40,9 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.encoder.parameters()).device
-        tok = self.tokenizer(captions, padding="max_length", max_length=self.max_length,
-                             truncation=True, return_tensors="pt").to(device)
+        tok = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).to(device)
         with torch.autocast(device.type, enabled=False):
             emb = self.encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
         return emb.float(), tok.attention_mask.bool()  # (B, L, D), (B, L)
@@ -67,22 +75,31 @@ def build_tiny_t5(cfg: TinyT5Config, device: torch.device, weights_dir: str | No
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     tokenizer = ByT5Tokenizer()
-    config = T5Config(vocab_size=len(tokenizer), d_model=cfg.d_model, d_kv=cfg.d_model // cfg.num_heads,
-                      d_ff=2 * cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=cfg.d_model,
+        d_kv=cfg.d_model // cfg.num_heads,
+        d_ff=2 * cfg.d_model,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+    )
     with torch.random.fork_rng(devices=[]):  # don't disturb the trainer's RNG stream
         torch.manual_seed(cfg.seed)
         encoder = T5EncoderModel(config)
     return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.d_model)
 
 
-
 class T5GemmaConfig(Config):
     kind: Literal["t5gemma"] = "t5gemma"
-    repo: str = Field("google/t5gemma-2b-2b-ul2", description="HF repo of a T5Gemma encoder-decoder; "
-                                                             "its encoder and tokenizer are used")
+    repo: str = Field(
+        "google/t5gemma-2b-2b-ul2",
+        description="HF repo of a T5Gemma encoder-decoder; its encoder and tokenizer are used",
+    )
     dim: int = Field(2304, ge=1, description="encoder width = the denoiser's context_in_dim; checked on load")
     max_length: int = Field(256, ge=1, description="tokens per caption, padded, mask kept")
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="encoder weights (autocast is off inside)")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="encoder weights (autocast is off inside)"
+    )
 
     def weights(self) -> list[HFWeights]:
         return [HFWeights(self.repo)]
@@ -103,15 +120,25 @@ def build_t5gemma(cfg: T5GemmaConfig, device: torch.device, weights_dir: str | N
     level = report.level
     report.setLevel(logging.ERROR)
     try:
-        encoder, info = load_pretrained(T5GemmaEncoderModel, HFWeights(cfg.repo), weights_dir, is_encoder_decoder=False,
-                                        dtype=dtype, output_loading_info=True)
+        encoder, info = load_pretrained(
+            T5GemmaEncoderModel,
+            HFWeights(cfg.repo),
+            weights_dir,
+            is_encoder_decoder=False,
+            dtype=dtype,
+            output_loading_info=True,
+        )
     finally:
         report.setLevel(level)
     if info["missing_keys"]:
-        raise ValueError(f"text_encoder 't5gemma': {cfg.repo} lacks encoder weights {sorted(info['missing_keys'])[:5]}; "
-                         "is it a T5Gemma checkpoint?")
+        raise ValueError(
+            f"text_encoder 't5gemma': {cfg.repo} lacks encoder weights {sorted(info['missing_keys'])[:5]}; "
+            "is it a T5Gemma checkpoint?"
+        )
     width = encoder.config.encoder.hidden_size
     if width != cfg.dim:
-        raise ValueError(f"text_encoder 't5gemma': {cfg.repo} is {width}-d but text_encoder.dim={cfg.dim}; "
-                         f"set text_encoder.dim: {width}")
+        raise ValueError(
+            f"text_encoder 't5gemma': {cfg.repo} is {width}-d but text_encoder.dim={cfg.dim}; "
+            f"set text_encoder.dim: {width}"
+        )
     return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.dim, dtype)

@@ -17,6 +17,7 @@ weights; the builder checks them against the loaded model. Gaussian autoencoders
 posterior as `Latents(mean, std)` in normalised units, so z = mean + std · ε is the same draw
 whether it happens here or from a latent cache (see trainer/cache.py).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -152,8 +153,15 @@ class LatentBatchNorm(torch.nn.Module):
 class AutoencoderTokenizer(Tokenizer):
     """A frozen diffusers autoencoder plus its latent normalisation; autocast is off inside."""
 
-    def __init__(self, vae: torch.nn.Module, norm: torch.nn.Module, channels: int, downsample: int,
-                 dtype: torch.dtype, sample: bool):
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        norm: torch.nn.Module,
+        channels: int,
+        downsample: int,
+        dtype: torch.dtype,
+        sample: bool,
+    ):
         super().__init__()
         self.vae, self.norm = vae.eval().requires_grad_(False), norm
         self.channels, self.downsample, self.dtype, self.sample = channels, downsample, dtype, sample
@@ -190,8 +198,9 @@ class AutoencoderConfig(Config):
     MODEL: ClassVar[HFWeights]
     CHANNELS: ClassVar[int]
     DOWNSAMPLE: ClassVar[int]
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="weights and compute dtype of the "
-                                                                          "frozen autoencoder")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="weights and compute dtype of the frozen autoencoder"
+    )
 
     @property
     def channels(self) -> int:
@@ -206,8 +215,9 @@ class AutoencoderConfig(Config):
 
 
 class GaussianAutoencoderConfig(AutoencoderConfig):
-    posterior: Literal["sample", "mean"] = Field("sample", description="latent fed to the denoiser: a posterior "
-                                                                       "sample (PRX) or its mean")
+    posterior: Literal["sample", "mean"] = Field(
+        "sample", description="latent fed to the denoiser: a posterior sample (PRX) or its mean"
+    )
 
 
 class FluxVAEConfig(GaussianAutoencoderConfig):
@@ -244,13 +254,17 @@ def load_autoencoder(cls: Any, cfg: AutoencoderConfig, weights_dir: str | None, 
     spec = cfg.MODEL
     vae, info = load_pretrained(cls, spec, weights_dir, torch_dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"]:
-        raise ValueError(f"tokenizer {cfg.kind!r}: {spec} checkpoint lacks {sorted(info['missing_keys'])}; "
-                         f"refusing to run with those left at their initial values")
+        raise ValueError(
+            f"tokenizer {cfg.kind!r}: {spec} checkpoint lacks {sorted(info['missing_keys'])}; "
+            f"refusing to run with those left at their initial values"
+        )
     got = (vae.config.latent_channels, downsample_of(vae))
     if got != (cfg.channels, cfg.downsample):
-        raise ValueError(f"tokenizer {cfg.kind!r}: {spec} has {got[0]} latent channels at {got[1]}x downsampling, "
-                         f"but the config states {cfg.channels} at {cfg.downsample}x; the wrong model is in "
-                         f"the weights folder, or the config's CHANNELS/DOWNSAMPLE are wrong")
+        raise ValueError(
+            f"tokenizer {cfg.kind!r}: {spec} has {got[0]} latent channels at {got[1]}x downsampling, "
+            f"but the config states {cfg.channels} at {cfg.downsample}x; the wrong model is in "
+            f"the weights folder, or the config's CHANNELS/DOWNSAMPLE are wrong"
+        )
     return vae
 
 
@@ -267,8 +281,14 @@ def build_flux_vae(cfg: FluxVAEConfig, device: torch.device, weights_dir: str | 
     from diffusers import AutoencoderKL
 
     vae = load_autoencoder(AutoencoderKL, cfg, weights_dir, _kl_downsample)
-    return AutoencoderTokenizer(vae.to(device, DTYPES[cfg.dtype]), _scale_shift(vae), cfg.channels, cfg.downsample,
-                                DTYPES[cfg.dtype], sample=cfg.posterior == "sample")
+    return AutoencoderTokenizer(
+        vae.to(device, DTYPES[cfg.dtype]),
+        _scale_shift(vae),
+        cfg.channels,
+        cfg.downsample,
+        DTYPES[cfg.dtype],
+        sample=cfg.posterior == "sample",
+    )
 
 
 @TOKENIZERS.register(RepaEVAEConfig)
@@ -280,13 +300,23 @@ def build_repa_e_vae(cfg: RepaEVAEConfig, device: torch.device, weights_dir: str
 def build_flux2_ae(cfg: Flux2AEConfig, device: torch.device, weights_dir: str | None = None) -> Tokenizer:
     from diffusers import AutoencoderKLFlux2
 
-    vae = load_autoencoder(AutoencoderKLFlux2, cfg, weights_dir, _kl_downsample)  # missing bn stats raise here
+    vae = load_autoencoder(
+        AutoencoderKLFlux2, cfg, weights_dir, _kl_downsample
+    )  # missing bn stats raise here
     if tuple(vae.config.patch_size) != (2, 2):
-        raise ValueError(f"tokenizer 'flux2-ae': {cfg.MODEL} has patch_size {vae.config.patch_size}, expected (2, 2)")
+        raise ValueError(
+            f"tokenizer 'flux2-ae': {cfg.MODEL} has patch_size {vae.config.patch_size}, expected (2, 2)"
+        )
     bn = vae.bn  # BatchNorm2d(4C, affine=False): only its running statistics are used
     norm = LatentBatchNorm(bn.running_mean, torch.sqrt(bn.running_var + vae.config.batch_norm_eps))
-    return AutoencoderTokenizer(vae.to(device, DTYPES[cfg.dtype]), norm.to(device), cfg.channels, cfg.downsample,
-                                DTYPES[cfg.dtype], sample=cfg.posterior == "sample")
+    return AutoencoderTokenizer(
+        vae.to(device, DTYPES[cfg.dtype]),
+        norm.to(device),
+        cfg.channels,
+        cfg.downsample,
+        DTYPES[cfg.dtype],
+        sample=cfg.posterior == "sample",
+    )
 
 
 @TOKENIZERS.register(DCAEConfig)
@@ -295,5 +325,6 @@ def build_dc_ae(cfg: DCAEConfig, device: torch.device, weights_dir: str | None =
 
     vae = load_autoencoder(AutoencoderDC, cfg, weights_dir, lambda v: v.spatial_compression_ratio)
     norm = ScaleShift(vae.config.scaling_factor, 0.0)
-    return DeterministicAutoencoderTokenizer(vae.to(device, DTYPES[cfg.dtype]), norm, cfg.channels, cfg.downsample,
-                                             DTYPES[cfg.dtype], sample=False)
+    return DeterministicAutoencoderTokenizer(
+        vae.to(device, DTYPES[cfg.dtype]), norm, cfg.channels, cfg.downsample, DTYPES[cfg.dtype], sample=False
+    )

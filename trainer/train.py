@@ -3,6 +3,7 @@
 Every arm of a sweep runs this same code; only its config differs. Factors act through
 registries and the denoiser's block hooks, never through branches here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,14 +66,26 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights
         self.precision = PRECISION.build(cfg.precision, self.device)
         # latents and caption embeddings: encoded live each step, or read from the cache (cfg.cache)
-        self.inputs, self.train_set, self.val_set = inputs or cache.build_inputs(cfg, self.device, cfg.weights_dir)
+        self.inputs, self.train_set, self.val_set = inputs or cache.build_inputs(
+            cfg, self.device, cfg.weights_dir
+        )
         prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
         sizes = cfg.model.sizes()
-        ctx = FactorContext(hidden_size=sizes["hidden_size"], depth=sizes["depth"], patch_size=sizes["patch_size"],
-                            resolution=cfg.data.resolution, downsample=cfg.tokenizer.downsample, device=self.device,
-                            seed=cfg.seed, weights_dir=cfg.weights_dir)
-        factors = [reg.build(getattr(cfg, name), ctx) for name, reg in DENOISER_FACTORS.items()
-                   if getattr(cfg, name) is not None]
+        ctx = FactorContext(
+            hidden_size=sizes["hidden_size"],
+            depth=sizes["depth"],
+            patch_size=sizes["patch_size"],
+            resolution=cfg.data.resolution,
+            downsample=cfg.tokenizer.downsample,
+            device=self.device,
+            seed=cfg.seed,
+            weights_dir=cfg.weights_dir,
+        )
+        factors = [
+            reg.build(getattr(cfg, name), ctx)
+            for name, reg in DENOISER_FACTORS.items()
+            if getattr(cfg, name) is not None
+        ]
         self.denoiser = Denoiser(prx, factors).to(self.device, self.precision.weights)
         unused = any(f.skips_params for f in factors)  # e.g. REPA's projector after its stop_step
         self.net = DDP(self.denoiser, find_unused_parameters=unused) if dist.world > 1 else self.denoiser
@@ -116,12 +129,19 @@ class Trainer:
 
         self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
         with self.precision.context():
-            out = self.net(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask,
-                           inputs={"images": images, "step": step})
+            out = self.net(
+                xt.to(self.precision.weights),
+                t,
+                txt.to(self.precision.weights),
+                mask,
+                inputs={"images": images, "step": step},
+            )
         loss, v_pred, v_true = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
         total = loss + sum(out.losses.values()) + sum(term(v_pred, v_true) for term in self.loss_terms)
         total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), cfg.train.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.denoiser.parameters(), cfg.train.grad_clip or math.inf
+        )
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.ema.update(step)
@@ -133,10 +153,22 @@ class Trainer:
         self.resume()
         self.write_status(RUNNING)
         self.wandb = self.start_wandb()
-        sampler = StepBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed, self.step,
-                                   cfg.train.steps, self.dist.rank, self.dist.world)
-        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.train.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=cfg.train.num_workers > 0)
+        sampler = StepBatchSampler(
+            len(self.train_set),
+            cfg.train.batch_size,
+            cfg.seed,
+            self.step,
+            cfg.train.steps,
+            self.dist.rank,
+            self.dist.world,
+        )
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=cfg.train.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.train.num_workers > 0,
+        )
         window, run_times, losses = StepTimes(), StepTimes(), []
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, no sync
         self.denoiser.train()
@@ -151,17 +183,26 @@ class Trainer:
             losses.append(loss)
             self.step = step + 1
             done = time.perf_counter()
-            window.data, window.total, window.steps = window.data + got - tick, window.total + done - tick, window.steps + 1
+            window.data, window.total, window.steps = (
+                window.data + got - tick,
+                window.total + done - tick,
+                window.steps + 1,
+            )
             tick = done
             last = self.step == cfg.train.steps
-            evaluate, save = self.step % cfg.eval.every == 0 or last, self.step % cfg.checkpoint.every == 0 or last
+            evaluate, save = (
+                self.step % cfg.eval.every == 0 or last,
+                self.step % cfg.checkpoint.every == 0 or last,
+            )
             if self.step % cfg.log.every == 0 or evaluate or save:
                 self.check_finite(first_bad)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                     window.total += time.perf_counter() - tick
                     tick = time.perf_counter()
-                mean_loss = self.dist.all_sum(torch.stack(losses).mean()) / self.dist.world  # over all processes
+                mean_loss = (
+                    self.dist.all_sum(torch.stack(losses).mean()) / self.dist.world
+                )  # over all processes
                 self.log_step(mean_loss.item(), grad_norm.item(), window, run_times)
                 losses, window = [], StepTimes()
                 if self.preemption.pending(self.dist) and not last:  # time is almost up: save, then requeue
@@ -185,8 +226,10 @@ class Trainer:
         bad = int(first_bad.item())
         if bad >= 0:
             kept = checkpoint.latest(self.rundir)
-            raise NonFiniteError(f"non-finite loss or gradient at step {bad}; "
-                                 f"last good checkpoint: {kept.name if kept else 'none'}")
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {bad}; "
+                f"last good checkpoint: {kept.name if kept else 'none'}"
+            )
 
     def timed(self, key: str, fn) -> None:
         t0 = time.perf_counter()
@@ -211,12 +254,16 @@ class Trainer:
             batch = torch.utils.data.default_collate(items)
             lat, txt, mask = self.inputs(batch, self.device)
             x0 = lat.mean  # the posterior mean: the held-out loss stays deterministic
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=step_generator(VAL_SEED, j)) for j in chunk])
+            noise = torch.stack(
+                [torch.randn(x0.shape[1:], generator=step_generator(VAL_SEED, j)) for j in chunk]
+            )
             noise = noise.to(self.device)
             t = torch.tensor([(j + 0.5) / n for j in chunk], device=self.device)
             xt = flow.interpolate(x0, noise, t)
             with self.precision.context():
-                pred = self.denoiser(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask).pred
+                pred = self.denoiser(
+                    xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask
+                ).pred
             v_pred = flow.velocity(pred.float(), xt, t, cfg.flow)
             v_true = flow.PREDICTIONS[cfg.flow.prediction]["target"](x0, noise, xt, t, cfg.flow)
             total += ((v_pred - v_true) ** 2).flatten(1).mean(1).double().sum()
@@ -228,10 +275,14 @@ class Trainer:
         with self.ema.swapped():
             metrics = {"val_loss": self.validation_loss(), **self.generation(self.step)}
         if self.dist.main:
-            self.rundir.write_eval(self.step, metrics, val_samples=len(self.val_set),
-                                generated_samples=self.generation.n)
-            print(f"[{self.name}] eval step {self.step}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()),
-                  flush=True)
+            self.rundir.write_eval(
+                self.step, metrics, val_samples=len(self.val_set), generated_samples=self.generation.n
+            )
+            print(
+                f"[{self.name}] eval step {self.step}: "
+                + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()),
+                flush=True,
+            )
             if self.wandb is not None:
                 self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
         return metrics
@@ -244,8 +295,10 @@ class Trainer:
         path = checkpoint.latest(self.rundir) if step is None else self.rundir.checkpoint(step)
         if path is None or not path.exists():
             kept = ", ".join(map(str, self.rundir.checkpoint_steps())) or "none"
-            raise FileNotFoundError(f"{self.rundir.path}: no checkpoint at step {step if step is not None else '(any)'}"
-                                    f"; checkpoints kept: {kept}")
+            raise FileNotFoundError(
+                f"{self.rundir.path}: no checkpoint at step {step if step is not None else '(any)'}"
+                f"; checkpoints kept: {kept}"
+            )
         state = checkpoint.load(path, self.denoiser)
         self.ema.load_state_dict(state["ema"])
         self.step, self.wandb = state["step"], None
@@ -257,8 +310,11 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> None:
         if self.dist.main:
-            state = {"optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(),
-                     "data": {"seed": self.cfg.seed, "step": self.step}}
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict(),
+                "data": {"seed": self.cfg.seed, "step": self.step},
+            }
             checkpoint.save(self.rundir, self.step, self.denoiser, state, self.cfg.checkpoint.keep)
         self.dist.barrier()
 
@@ -284,45 +340,80 @@ class Trainer:
         if not self.dist.main:
             return
         fields = {"loss": loss} if loss is not None else {}  # else the last logged loss stays
-        self.rundir.set_status(state, step=self.step, total_steps=self.cfg.train.steps, error=error, pid=os.getpid(),
-                            host=socket.gethostname(), world_size=self.dist.world, **fields)
+        self.rundir.set_status(
+            state,
+            step=self.step,
+            total_steps=self.cfg.train.steps,
+            error=error,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            world_size=self.dist.world,
+            **fields,
+        )
 
     def log_step(self, loss: float, grad_norm: float, window: StepTimes, run_times: StepTimes) -> None:
         cfg, per_step = self.cfg, window.total / window.steps
-        run_times.data, run_times.total, run_times.steps = (run_times.data + window.data,
-                                                            run_times.total + window.total,
-                                                            run_times.steps + window.steps)
+        run_times.data, run_times.total, run_times.steps = (
+            run_times.data + window.data,
+            run_times.total + window.total,
+            run_times.steps + window.steps,
+        )
         warm = self.step > min(10, cfg.train.steps // 5)  # throughput excludes the first steps' warm-up
         if warm:
             tp = self.throughput.setdefault("_acc", [0.0, 0.0, 0])
             tp[0], tp[1], tp[2] = tp[0] + window.data, tp[1] + window.total, tp[2] + window.steps
-        row = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-               "batches_per_s": 1 / per_step, "samples_per_s": cfg.train.batch_size / per_step,
-               "data_s": window.data / window.steps, "compute_s": (window.total - window.data) / window.steps,
-               "eta_s": per_step * (cfg.train.steps - self.step), "time": now()}
+        row = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "batches_per_s": 1 / per_step,
+            "samples_per_s": cfg.train.batch_size / per_step,
+            "data_s": window.data / window.steps,
+            "compute_s": (window.total - window.data) / window.steps,
+            "eta_s": per_step * (cfg.train.steps - self.step),
+            "time": now(),
+        }
         if not self.dist.main:
             return
         self.rundir.append_log(row)
         self.write_status(RUNNING, loss=loss)
         eta = time.strftime("%H:%M:%S", time.gmtime(row["eta_s"]))
-        print(f"[{self.name}] step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {row['lr']:.2e} "
-              f"| {row['batches_per_s']:.2f} batch/s {row['samples_per_s']:.1f} samples/s "
-              f"(data {100 * window.data / window.total:.0f}%) | ETA {eta}", flush=True)
+        print(
+            f"[{self.name}] step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {row['lr']:.2e} "
+            f"| {row['batches_per_s']:.2f} batch/s {row['samples_per_s']:.1f} samples/s "
+            f"(data {100 * window.data / window.total:.0f}%) | ETA {eta}",
+            flush=True,
+        )
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "time")}, step=self.step)
+            self.wandb.log(
+                {f"train/{k}": v for k, v in row.items() if k not in ("step", "time")}, step=self.step
+            )
 
     def summary_throughput(self) -> dict:
         data, total, steps = self.throughput.get("_acc", [0.0, 0.0, 0])
         if steps == 0:
             return {}
         step_s = total / steps
-        return {"batches_per_s": 1 / step_s, "samples_per_s": self.cfg.train.batch_size / step_s,
-                "step_s": step_s, "data_s": data / steps, "compute_s": (total - data) / steps,
-                "steps_measured": steps, "world_size": self.dist.world}
+        return {
+            "batches_per_s": 1 / step_s,
+            "samples_per_s": self.cfg.train.batch_size / step_s,
+            "step_s": step_s,
+            "data_s": data / steps,
+            "compute_s": (total - data) / steps,
+            "steps_measured": steps,
+            "world_size": self.dist.world,
+        }
 
     def write_result(self) -> dict:
-        result = {"name": self.name, "step": self.step, "throughput": self.summary_throughput(),
-                  "timings": self.times, "versions": versions(self.device), "finished_at": now()}
+        result = {
+            "name": self.name,
+            "step": self.step,
+            "throughput": self.summary_throughput(),
+            "timings": self.times,
+            "versions": versions(self.device),
+            "finished_at": now(),
+        }
         if self.dist.main:
             return self.rundir.write_result(result)
         return result
@@ -333,20 +424,35 @@ class Trainer:
             return None
         import wandb
 
-        run_id = hashlib.sha1(f"{self.rundir.path.resolve()}:{self.spec.get('hash', '')}".encode()).hexdigest()[:16]
-        return wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",
-                          name=self.name, group=self.spec.get("sweep"),
-                          job_type="baseline" if self.spec.get("delta") == "baseline" else "ablation",
-                          config=self.cfg.model_dump(mode="json"), dir=str(self.rundir.path))
+        run_id = hashlib.sha1(
+            f"{self.rundir.path.resolve()}:{self.spec.get('hash', '')}".encode()
+        ).hexdigest()[:16]
+        return wandb.init(
+            project=w.project,
+            entity=w.entity,
+            mode=w.mode,
+            id=run_id,
+            resume="allow",
+            name=self.name,
+            group=self.spec.get("sweep"),
+            job_type="baseline" if self.spec.get("delta") == "baseline" else "ablation",
+            config=self.cfg.model_dump(mode="json"),
+            dir=str(self.rundir.path),
+        )
 
 
 def versions(device: torch.device) -> dict:
     import diffusers
     import transformers
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
 
 
 def read_spec(run: RunDir) -> dict:

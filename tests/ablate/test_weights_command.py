@@ -80,7 +80,9 @@ def test_download_fetches_what_is_missing_into_the_arms_weights_dir(write_sweep,
         fetched.append(("eval", self.filename, folder))
         self.path(folder).write_bytes(b"")
 
-    monkeypatch.setattr(core.weights.HFWeights, "download", fake_hf_download)  # one description for both sides
+    monkeypatch.setattr(
+        core.weights.HFWeights, "download", fake_hf_download
+    )  # one description for both sides
     monkeypatch.setattr(core.weights.URLWeights, "download", fake_url_download)
     result = cli("weights", "download", path)
     assert result.code == 0, result.out + result.err

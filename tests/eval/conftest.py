@@ -1,4 +1,5 @@
 """Fixtures of the eval tests; the builders live in eval_testing.py."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -75,5 +75,3 @@ def save_in_hf_cache(model, cache_dir: Path, repo_id: str) -> None:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     model.save_pretrained(repo / "snapshots" / revision)
-
-

@@ -151,7 +151,9 @@ def test_load_from_weights_folder(tmp_path):
     save_in_hf_cache(tiny_clip(), tmp_path, "openai/clip-vit-large-patch14-336")
     save_in_hf_cache(tiny_dino(), tmp_path, "facebook/dinov2-with-registers-large")
     write_tiny_inception(tmp_path)
-    assert [weights_for(n).missing(tmp_path) for n in ("inception", "clip-vit-l14-336", "dinov2-vitl14-reg")] == [None] * 3
+    assert [
+        weights_for(n).missing(tmp_path) for n in ("inception", "clip-vit-l14-336", "dinov2-vitl14-reg")
+    ] == [None] * 3
     img = _known_image()[None]
     for name, cls in [("inception", InceptionExtractor), ("clip-vit-l14-336", ClipExtractor),
                       ("dinov2-vitl14-reg", DinoV2Extractor)]:  # fmt: skip

@@ -1,4 +1,5 @@
 """The latent / caption-embedding cache: keys, layout, and training from it equals training without it."""
+
 import json
 
 import pytest
@@ -29,13 +30,24 @@ def final_weights(run_dir) -> dict:
 
 def test_the_key_covers_only_what_produces_the_cache(config):
     base = config()
-    same = [config(optimizer={"kind": "muon"}), config(precision={"kind": "bf16"}), config(seed=3),
-            config(train={"steps": 99, "batch_size": 8}), config(eval={"caption": None}),  # None = training column
-            config(cache={"dir": "/elsewhere"})]
+    same = [
+        config(optimizer={"kind": "muon"}),
+        config(precision={"kind": "bf16"}),
+        config(seed=3),
+        config(train={"steps": 99, "batch_size": 8}),
+        config(eval={"caption": None}),  # None = training column
+        config(cache={"dir": "/elsewhere"}),
+    ]
     assert {cache.cache_key(c) for c in same} == {cache.cache_key(base)}
-    differ = [config(data={"caption": "short"}), config(eval={"caption": "short"}), config(data={"num_train": 65}),
-              config(text_encoder={"seed": 1}), config(text_encoder={"max_length": 16}),
-              config(tokenizer={"kind": "flux-vae"}), config(tokenizer={"kind": "flux-vae", "posterior": "mean"})]
+    differ = [
+        config(data={"caption": "short"}),
+        config(eval={"caption": "short"}),
+        config(data={"num_train": 65}),
+        config(text_encoder={"seed": 1}),
+        config(text_encoder={"max_length": 16}),
+        config(tokenizer={"kind": "flux-vae"}),
+        config(tokenizer={"kind": "flux-vae", "posterior": "mean"}),
+    ]
     keys = [cache.cache_key(c) for c in differ]
     assert len(set(keys)) == len(keys) and cache.cache_key(base) not in keys
 
@@ -45,9 +57,15 @@ def test_layout_shards_and_resume(config, tmp_path):
     root = cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, device="cpu", log=lambda *_: None)
     assert root == tmp_path / cache.cache_key(cfg)
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["hash"] == cache.cache_key(cfg) and manifest["source"]["captions"] == {"train": "long", "val": "long"}
-    assert manifest["splits"]["train"]["shards"] == ["train-00000.safetensors", "train-00001.safetensors",
-                                                     "train-00002.safetensors"]  # 24 + 24 + 16
+    assert manifest["hash"] == cache.cache_key(cfg) and manifest["source"]["captions"] == {
+        "train": "long",
+        "val": "long",
+    }
+    assert manifest["splits"]["train"]["shards"] == [
+        "train-00000.safetensors",
+        "train-00001.safetensors",
+        "train-00002.safetensors",
+    ]  # 24 + 24 + 16
     assert manifest["latent"] == {"shape": [3, 16, 16], "std": False} and manifest["text"]["length"] == 32
     shard = load_file(root / "train-00002.safetensors")
     assert shard["latent_mean"].shape == (16, 3, 16, 16) and "latent_std" not in shard  # pixels: no posterior
@@ -71,8 +89,10 @@ def test_layout_shards_and_resume(config, tmp_path):
         cache.open_cache(config(cache={"dir": str(tmp_path)}))
     cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, device="cpu", log=lambda *_: None)
     assert (root / "train-00000.safetensors").stat().st_mtime_ns == kept
-    assert torch.equal(load_file(root / "train-00001.safetensors")["text"],
-                       cache._encode_text(live.text, [train[i]["caption"] for i in range(24, 48)])[0])
+    assert torch.equal(
+        load_file(root / "train-00001.safetensors")["text"],
+        cache._encode_text(live.text, [train[i]["caption"] for i in range(24, 48)])[0],
+    )
 
 
 def test_training_from_the_cache_is_bit_identical_with_pixels(make_run, tmp_path):
@@ -91,19 +111,37 @@ def test_training_from_the_cache_is_bit_identical_with_pixels(make_run, tmp_path
 
 def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=16,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
     vae.save_pretrained(tmp_path / "src")
     weights = tmp_path / "weights"
     install(FluxVAEConfig.MODEL, tmp_path / "src", weights)
-    over = merge(SMALL, {"train": {"steps": 6}, "data": {"resolution": 32},
-                         "tokenizer": {"kind": "flux-vae", "dtype": "float32"}})
+    over = merge(
+        SMALL,
+        {
+            "train": {"steps": 6},
+            "data": {"resolution": 32},
+            "tokenizer": {"kind": "flux-vae", "dtype": "float32"},
+        },
+    )
     cached = make_run("cached", **merge(over, {"cache": {"dir": str(tmp_path / "cache")}}))
-    root = cache.precompute(load(cached / "config.yaml"), tmp_path / "cache", weights_dir=str(weights),
-                            log=lambda *_: None)
+    root = cache.precompute(
+        load(cached / "config.yaml"), tmp_path / "cache", weights_dir=str(weights), log=lambda *_: None
+    )
     shard = load_file(root / "train-00000.safetensors")
-    assert shard["latent_mean"].shape == shard["latent_std"].shape == (64, 16, 4, 4)  # mean and std, no sample
+    assert (
+        shard["latent_mean"].shape == shard["latent_std"].shape == (64, 16, 4, 4)
+    )  # mean and std, no sample
 
     # the cached run never loads the VAE: no weights folder is given to it
     result_cached = job.run(cached)
@@ -122,8 +160,11 @@ def test_a_cache_of_another_config_is_refused_naming_both_hashes(config, tmp_pat
     other = config(data={"caption": "short"})
     made = cache.precompute(other, tmp_path, log=lambda *_: None)
     made.rename(cache.cache_path(cfg))  # e.g. a folder copied under the wrong name
-    with pytest.raises(ValueError, match=f"manifest hash {cache.cache_key(other)} does not match this config's "
-                                         f"cache key {cache.cache_key(cfg)}"):
+    with pytest.raises(
+        ValueError,
+        match=f"manifest hash {cache.cache_key(other)} does not match this config's "
+        f"cache key {cache.cache_key(cfg)}",
+    ):
         cache.build_inputs(cfg, torch.device("cpu"))
 
 

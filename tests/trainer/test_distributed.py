@@ -1,4 +1,5 @@
 """Two CPU processes (gloo) through submitit's local executor match one process."""
+
 import json
 
 import pytest
@@ -13,9 +14,17 @@ def losses(run_dir):
 
 def test_two_processes_match_one_process_for_the_same_global_batch(make_run, tmp_path):
     # 9 prompts: rank 0 samples 5 and rank 1 samples 4; the metrics must not depend on the split
-    cfg = dict(train={"steps": 12, "batch_size": 8, "threads": 1}, log={"every": 2},
-               eval={"every": 6, "metrics": ["domain_fd", "prompt_adherence"], "samples": 9, "sample_steps": 4,
-                     "grid": 9})
+    cfg = dict(
+        train={"steps": 12, "batch_size": 8, "threads": 1},
+        log={"every": 2},
+        eval={
+            "every": 6,
+            "metrics": ["domain_fd", "prompt_adherence"],
+            "samples": 9,
+            "sample_steps": 4,
+            "grid": 9,
+        },
+    )
     one, two = make_run("one", **cfg), make_run("two", **cfg)
     job.run(one)
 

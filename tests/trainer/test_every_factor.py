@@ -4,6 +4,7 @@ Pretrained components load tiny random-init models of their real classes from a 
 laid out like the HF cache (tiny_weights.py), through the same loading code as real weights.
 A registry entry without a case here fails `test_every_registry_entry_has_a_case`.
 """
+
 import json
 import shutil
 
@@ -26,12 +27,23 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
     ("text_encoder", "tiny-t5"): {},
     ("text_encoder", "t5gemma"): {"text_encoder": {"kind": "t5gemma", "dim": T5GEMMA_DIM, "max_length": 16}},
     ("tokenizer", "pixel"): {},
-    ("tokenizer", "flux-vae"): {"tokenizer": {"kind": "flux-vae", "dtype": "float32"}, "data": {"resolution": 32}},
-    ("tokenizer", "repa-e-vae"): {"tokenizer": {"kind": "repa-e-vae", "dtype": "float32"},
-                                  "data": {"resolution": 32}},
-    ("tokenizer", "flux2-ae"): {"tokenizer": {"kind": "flux2-ae", "dtype": "float32"}, "data": {"resolution": 32}},
-    ("tokenizer", "dc-ae"): {"tokenizer": {"kind": "dc-ae", "dtype": "float32"}, "data": {"resolution": 64},
-                             "model": {"preset": "tiny", "patch_size": 1}},
+    ("tokenizer", "flux-vae"): {
+        "tokenizer": {"kind": "flux-vae", "dtype": "float32"},
+        "data": {"resolution": 32},
+    },
+    ("tokenizer", "repa-e-vae"): {
+        "tokenizer": {"kind": "repa-e-vae", "dtype": "float32"},
+        "data": {"resolution": 32},
+    },
+    ("tokenizer", "flux2-ae"): {
+        "tokenizer": {"kind": "flux2-ae", "dtype": "float32"},
+        "data": {"resolution": 32},
+    },
+    ("tokenizer", "dc-ae"): {
+        "tokenizer": {"kind": "dc-ae", "dtype": "float32"},
+        "data": {"resolution": 64},
+        "model": {"preset": "tiny", "patch_size": 1},
+    },
     ("optimizer", "adamw"): {},
     ("optimizer", "muon"): {"optimizer": {"kind": "muon", "lr": 1e-3}},
     ("precision", "fp32"): {},
@@ -42,14 +54,19 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
     ("routing", "sprint"): {"routing": {"kind": "sprint", "start": 1, "end": 3}},
     ("repa", "repa"): {"repa": {"kind": "repa", "block": 1, "teacher": TEACHER}},
     ("repa", "irepa"): {"repa": {"kind": "irepa", "block": 1, "teacher": TEACHER}},
-    **{("repa.teacher", kind): {"repa": {"kind": "repa", "block": 1, "teacher": {"kind": kind}}}
-       for kind in REGISTRIES["repa.teacher"].kinds if kind != "tiny"},
+    **{
+        ("repa.teacher", kind): {"repa": {"kind": "repa", "block": 1, "teacher": {"kind": kind}}}
+        for kind in REGISTRIES["repa.teacher"].kinds
+        if kind != "tiny"
+    },
     ("repa.teacher", "tiny"): {},  # the repa cases above use it
 }
 
 
 def test_every_registry_entry_has_a_case():
-    missing = [(path, kind) for path, reg in REGISTRIES.items() for kind in reg.kinds if (path, kind) not in CASES]
+    missing = [
+        (path, kind) for path, reg in REGISTRIES.items() for kind in reg.kinds if (path, kind) not in CASES
+    ]
     assert not missing, f"add a case for {missing}"
 
 
@@ -62,7 +79,10 @@ def image_rows(n=24):
     ds = SyntheticShapes(SyntheticConfig(resolution=24, num_train=n), 0, n)
     for i in range(n):
         item = ds[i]
-        attrs = {k: int(v) for k, v in zip(("shape", "colour", "size", "position", "background"), item["attrs"], strict=True)}
+        attrs = {
+            k: int(v)
+            for k, v in zip(("shape", "colour", "size", "position", "background"), item["attrs"], strict=True)
+        }
         img = Image.fromarray((item["image"].permute(1, 2, 0).numpy() * 255).astype("uint8"))
         yield img, long_caption(attrs), short_caption(attrs)
 
@@ -82,8 +102,13 @@ def dataset(kind: str, root) -> dict:
             rows.append({"file_name": f"{i}.png", "long": long, "short": short})
     if kind == "parquet":
         pd.DataFrame(rows).to_parquet(root / "data.parquet")
-        return {"kind": "parquet", "path": str(root / "data.parquet"), "caption": "long", "resolution": 16,
-                "num_val": 4}
+        return {
+            "kind": "parquet",
+            "path": str(root / "data.parquet"),
+            "caption": "long",
+            "resolution": 16,
+            "num_val": 4,
+        }
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"kind": "folder", "path": str(root), "caption": "long", "resolution": 16, "num_val": 4}
 
@@ -95,14 +120,20 @@ def final_weights(run_dir):
     return out
 
 
-@pytest.mark.parametrize("case", [c for c, over in CASES.items() if over or c[0] == "data"],
-                         ids=lambda c: f"{c[0]}={c[1]}")
+@pytest.mark.parametrize(
+    "case", [c for c, over in CASES.items() if over or c[0] == "data"], ids=lambda c: f"{c[0]}={c[1]}"
+)
 def test_entry_trains_and_resumes_exactly(case, make_run, weights, tmp_path):
     over = dict(CASES[case])
     if over.get("data") in ("PARQUET", "FOLDER"):
         over["data"] = dataset(over["data"].lower(), tmp_path / "data")
-    common = {"weights_dir": str(weights), "train": {"steps": 3, "batch_size": 2, "warmup_steps": 0},
-              "checkpoint": {"every": 2, "keep": 3}, "eval": {"every": 3, "batch_size": 4}, "log": {"every": 1}}
+    common = {
+        "weights_dir": str(weights),
+        "train": {"steps": 3, "batch_size": 2, "warmup_steps": 0},
+        "checkpoint": {"every": 2, "keep": 3},
+        "eval": {"every": 3, "batch_size": 4},
+        "log": {"every": 1},
+    }
     d = make_run("arm", **{**common, **over})
     result = job.run(d)
     assert json.loads((d / "status.json").read_text())["state"] == "done"

@@ -1,4 +1,5 @@
 """EMA, contrastive flow matching and BF16 weights against their formulas."""
+
 import json
 
 import torch
@@ -43,7 +44,9 @@ def test_precision_kinds():
 
 
 def test_bf16_weights_train_and_store_bf16(make_run):
-    d = make_run(precision={"kind": "bf16"}, ema={"kind": "ema", "decay": 0.9}, contrastive={"kind": "contrastive"})
+    d = make_run(
+        precision={"kind": "bf16"}, ema={"kind": "ema", "decay": 0.9}, contrastive={"kind": "contrastive"}
+    )
     result = job.run(d)
     assert result["metrics"]["val_loss"] > 0
     from safetensors.torch import load_file

@@ -59,6 +59,15 @@ def test_euler_sampler_with_cfg_follows_the_exact_velocity_field():
         return (x - x0) / tt  # v = ε - x0 = (x_t - x0) / t
 
     txt, mask = torch.zeros(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
-    out = flow.euler_sample(net, torch.randn(2, 3, 4, 4), txt, mask, txt[:1], mask[:1], FlowConfig(shift=3.0),
-                            steps=10, guidance=3.5)
+    out = flow.euler_sample(
+        net,
+        torch.randn(2, 3, 4, 4),
+        txt,
+        mask,
+        txt[:1],
+        mask[:1],
+        FlowConfig(shift=3.0),
+        steps=10,
+        guidance=3.5,
+    )
     assert torch.allclose(out, target, atol=1e-5)

@@ -22,7 +22,14 @@ def test_denoiser_equals_diffusers_forward():
 
 def test_prx_preset_is_the_studys_size():
     kw = ModelConfig(preset="prx-1.2b").diffusers_kwargs(in_channels=16, context_in_dim=2304)
-    assert kw | {} == {**kw, "hidden_size": 1792, "depth": 16, "num_heads": 28, "mlp_ratio": 3.5, "patch_size": 2}
+    assert kw | {} == {
+        **kw,
+        "hidden_size": 1792,
+        "depth": 16,
+        "num_heads": 28,
+        "mlp_ratio": 3.5,
+        "patch_size": 2,
+    }
     with torch.device("meta"):
         n = sum(p.numel() for p in PRXTransformer2DModel(**kw).parameters())
     assert 1.1e9 < n < 1.3e9  # PRX-1.2B

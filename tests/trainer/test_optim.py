@@ -36,10 +36,22 @@ def test_muon_step_equals_torch_muon_used_directly():
     opt = build_muon(cfg, ours)
     muon_names = [n for n, p in ref.named_parameters() if n.startswith("prx.blocks.") and p.ndim == 2]
     params = dict(ref.named_parameters())
-    ref_muon = torch.optim.Muon([params[n] for n in muon_names], lr=0.02, weight_decay=0.0, momentum=0.95,
-                                nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw")
-    ref_adam = torch.optim.AdamW([p for n, p in params.items() if n not in muon_names], lr=1e-3,
-                                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    ref_muon = torch.optim.Muon(
+        [params[n] for n in muon_names],
+        lr=0.02,
+        weight_decay=0.0,
+        momentum=0.95,
+        nesterov=True,
+        ns_steps=5,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    ref_adam = torch.optim.AdamW(
+        [p for n, p in params.items() if n not in muon_names],
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.0,
+    )
     for step in range(2):
         fake_grads(ours, seed=step)
         fake_grads(ref, seed=step)

@@ -1,4 +1,5 @@
 """REPA and iREPA against their formulas, with the tiny random-init teacher (no weights needed)."""
+
 import math
 import tempfile
 
@@ -26,10 +27,10 @@ from trainer.repa import (
 )
 from trainer.routing import TREAD, TREADConfig, gather_tokens
 
-CTX = FactorContext(hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu"))
+CTX = FactorContext(
+    hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu")
+)
 TINY_TEACHER = {"kind": "tiny"}
-
-
 
 
 class Spy(Factor):
@@ -48,8 +49,13 @@ def forward(factors, step=0, b=3):
     den = Denoiser(prx, factors).train()
     g = torch.Generator().manual_seed(1)
     images = torch.rand(b, 3, 16, 16, generator=g)
-    out = den(images * 2 - 1, torch.rand(b, generator=g), torch.randn(b, 5, 32, generator=g),
-              torch.ones(b, 5, dtype=torch.bool), inputs={"images": images, "step": step})
+    out = den(
+        images * 2 - 1,
+        torch.rand(b, generator=g),
+        torch.randn(b, 5, 32, generator=g),
+        torch.ones(b, 5, dtype=torch.bool),
+        inputs={"images": images, "step": step},
+    )
     return out, images
 
 
@@ -57,13 +63,22 @@ def test_repa_loss_is_minus_weight_times_mean_cosine_on_a_known_input():
     # identity projector, stub teacher: half the tokens aligned (cos 1), a quarter opposed (-1),
     # a quarter orthogonal (0)
     y = torch.randn(2, 8, 4)
-    h = torch.cat([3 * y[:, :4], -y[:, 4:6], torch.stack([-y[:, 6:, 1], y[:, 6:, 0], -y[:, 6:, 3], y[:, 6:, 2]], -1)],
-                  dim=1)
-    factor = REPAFactor(REPAConfig(teacher=TINY_TEACHER, block=0, weight=0.5), teacher=lambda im, grid: y,
-                        projector=torch.nn.Identity()).train()
-    state = TokenState(img=h, txt=None, vec=None, pe=None, mask=None, grid=(2, 4), inputs={"images": None, "step": 0})
+    h = torch.cat(
+        [3 * y[:, :4], -y[:, 4:6], torch.stack([-y[:, 6:, 1], y[:, 6:, 0], -y[:, 6:, 3], y[:, 6:, 2]], -1)],
+        dim=1,
+    )
+    factor = REPAFactor(
+        REPAConfig(teacher=TINY_TEACHER, block=0, weight=0.5),
+        teacher=lambda im, grid: y,
+        projector=torch.nn.Identity(),
+    ).train()
+    state = TokenState(
+        img=h, txt=None, vec=None, pe=None, mask=None, grid=(2, 4), inputs={"images": None, "step": 0}
+    )
     factor.after_block(0, state)
-    assert state.losses["repa"].item() == pytest.approx(-0.5 * (4 - 2 + 0) / 8, abs=1e-6)  # −w·mean cos = −0.125
+    assert state.losses["repa"].item() == pytest.approx(
+        -0.5 * (4 - 2 + 0) / 8, abs=1e-6
+    )  # −w·mean cos = −0.125
 
 
 def test_repa_reads_the_hidden_state_after_its_block_and_aligns_with_the_teacher_patch_tokens():
@@ -82,13 +97,41 @@ def test_teacher_input_matches_the_token_grid_normalised_and_prefix_stripped():
     """224 px for a patch-14 DINOv2 and 256 px for a patch-16 DINOv3 at a 16×16 token grid."""
     images = torch.rand(1, 3, 256, 256)
     for model, patch, prefix, size in [
-        (Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                  patch_size=14, image_size=224)), 14, 1, 224),
-        (DINOv3ViTModel(DINOv3ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                        intermediate_size=32, patch_size=16, num_register_tokens=4)), 16, 5, 256),
+        (
+            Dinov2Model(
+                Dinov2Config(
+                    hidden_size=16,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    intermediate_size=32,
+                    patch_size=14,
+                    image_size=224,
+                )
+            ),
+            14,
+            1,
+            224,
+        ),
+        (
+            DINOv3ViTModel(
+                DINOv3ViTConfig(
+                    hidden_size=16,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    intermediate_size=32,
+                    patch_size=16,
+                    num_register_tokens=4,
+                )
+            ),
+            16,
+            5,
+            256,
+        ),
     ]:
         seen = {}
-        model.register_forward_pre_hook(lambda m, a, kw, seen=seen: seen.update(x=kw["pixel_values"]), with_kwargs=True)
+        model.register_forward_pre_hook(
+            lambda m, a, kw, seen=seen: seen.update(x=kw["pixel_values"]), with_kwargs=True
+        )
         tokens = Teacher(model, patch, prefix)(images, (16, 16))
         assert seen["x"].shape == (1, 3, size, size)
         mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -105,7 +148,9 @@ def test_teacher_is_frozen_and_out_of_the_checkpoint():
     assert not repa.teacher.training and not any(p.requires_grad for p in repa.teacher.parameters())
     names = {n for n, _ in den.named_parameters()}
     assert not any("teacher" in n for n in names) and {"factors.0.projector.0.weight"} <= names
-    assert set(den.factors.state_dict()) == {f"0.projector.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
+    assert set(den.factors.state_dict()) == {
+        f"0.projector.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")
+    }
     shapes = [tuple(repa.projector[i].weight.shape) for i in (0, 2, 4)]
     assert shapes == [(48, 64), (48, 48), (32, 48)]  # C → D → D → teacher width
 
@@ -123,9 +168,15 @@ def test_missing_teacher_weights_is_one_line_naming_the_model_and_the_command(tm
 def test_irepa_spatial_norm_formula():
     y = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]]])  # (B=1, L=3, D=2)
     # per channel over tokens: means (3, 5), unbiased stds (2, √13)
-    expected = torch.tensor([[[(1 - 1.5) / (2 + 1e-6), (2 - 2.5) / (math.sqrt(13) + 1e-6)],
-                              [(3 - 1.5) / (2 + 1e-6), (4 - 2.5) / (math.sqrt(13) + 1e-6)],
-                              [(5 - 1.5) / (2 + 1e-6), (9 - 2.5) / (math.sqrt(13) + 1e-6)]]])
+    expected = torch.tensor(
+        [
+            [
+                [(1 - 1.5) / (2 + 1e-6), (2 - 2.5) / (math.sqrt(13) + 1e-6)],
+                [(3 - 1.5) / (2 + 1e-6), (4 - 2.5) / (math.sqrt(13) + 1e-6)],
+                [(5 - 1.5) / (2 + 1e-6), (9 - 2.5) / (math.sqrt(13) + 1e-6)],
+            ]
+        ]
+    )
     assert torch.allclose(spatial_norm(y, alpha=0.5), expected, atol=1e-6)
     assert IREPAConfig(teacher=TINY_TEACHER).alpha == 0.6
 
@@ -143,14 +194,20 @@ def test_irepa_conv_projector_runs_on_the_row_major_token_grid():
     out, images = forward([irepa, spy])
     y = spatial_norm(irepa.teacher(images, (8, 8)), 0.6)
     expected = -0.5 * F.cosine_similarity(irepa.projector(spy.h, (8, 8)), y, dim=-1).mean()
-    assert isinstance(irepa, IREPAFactor) and out.losses["repa"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert isinstance(irepa, IREPAFactor) and out.losses["repa"].item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def test_after_stop_step_no_teacher_no_projector_no_loss():
     repa = build_repa(REPAConfig(teacher=TINY_TEACHER, block=1, stop_step=3), CTX)
     calls = {"teacher": 0, "projector": 0}
-    repa.teacher.model.register_forward_pre_hook(lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1))
-    repa.projector.register_forward_pre_hook(lambda *a: calls.__setitem__("projector", calls["projector"] + 1))
+    repa.teacher.model.register_forward_pre_hook(
+        lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1)
+    )
+    repa.projector.register_forward_pre_hook(
+        lambda *a: calls.__setitem__("projector", calls["projector"] + 1)
+    )
     assert "repa" in forward([repa], step=2)[0].losses and calls == {"teacher": 1, "projector": 1}
     assert "repa" not in forward([repa], step=3)[0].losses and calls == {"teacher": 1, "projector": 1}
     assert repa.skips_params  # DDP is told to expect the projector's missing gradients
@@ -166,8 +223,11 @@ def test_repa_inside_a_tread_route_aligns_only_the_kept_tokens():
     assert out.losses["repa"].item() == pytest.approx(expected.item(), rel=1e-6)
 
     # at the route's last block the hidden state is the rejoined full sequence again
-    route, repa, spy = TREAD(TREADConfig(start=0, end=2), CTX), build_repa(REPAConfig(teacher=TINY_TEACHER, block=1),
-                                                                             CTX), Spy(1)
+    route, repa, spy = (
+        TREAD(TREADConfig(start=0, end=2), CTX),
+        build_repa(REPAConfig(teacher=TINY_TEACHER, block=1), CTX),
+        Spy(1),
+    )
     out, images = forward([route, repa, spy])
     assert spy.h.shape == (3, 64, 64) and spy.kept is None
     expected = -0.5 * F.cosine_similarity(repa.projector(spy.h), repa.teacher(images, (8, 8)), dim=-1).mean()
@@ -179,33 +239,52 @@ def test_repa_validation_names_the_fix(tiny_cfg):
         return TrainConfig.model_validate(merge(tiny_cfg, over))
 
     repa = {"kind": "repa", "teacher": TINY_TEACHER, "block": 1}
-    with pytest.raises(ValueError, match=r"repa.block 7 is outside the model's blocks 0..3; set repa.block < 4"):
+    with pytest.raises(
+        ValueError, match=r"repa.block 7 is outside the model's blocks 0..3; set repa.block < 4"
+    ):
         check({"repa": {"kind": "repa", "teacher": TINY_TEACHER}})
     with pytest.raises(ValueError, match=r"set repa.routed_target: gather"):
         check({"repa": repa, "routing": {"kind": "sprint", "start": 1, "end": 4}})
     check({"repa": {**repa, "routed_target": "gather"}, "routing": {"kind": "sprint", "start": 1, "end": 4}})
-    check({"repa": repa, "routing": {"kind": "sprint", "start": 0, "end": 2}})  # block end-1: after the rejoin
+    check(
+        {"repa": repa, "routing": {"kind": "sprint", "start": 0, "end": 2}}
+    )  # block end-1: after the rejoin
     check({"repa": repa, "routing": {"kind": "tread", "start": 1, "end": 4}})  # TREAD implies gather
     with pytest.raises(ValueError, match="conv projector needs the full token grid"):
         check({"repa": {**repa, "kind": "irepa"}, "routing": {"kind": "tread", "start": 0, "end": 4}})
     with pytest.raises(ValueError, match="remove repa.routed_target"):
         check({"repa": {**repa, "routed_target": "gather"}})
-    with pytest.raises(ValueError, match="data.resolution 15 is not a multiple of the model's 2 px per token"):
+    with pytest.raises(
+        ValueError, match="data.resolution 15 is not a multiple of the model's 2 px per token"
+    ):
         check({"repa": repa, "data": {"resolution": 15}})
     with pytest.raises(ValueError, match="'dinov4'.*'dinov2-vitl14-reg'.*'tiny'"):  # valid kinds listed
         check({"repa": {**repa, "teacher": {"kind": "dinov4"}}})
     # the study's arms validate without any weights on this machine
-    study = check({"model": {"preset": "prx-1.2b"}, "data": {"resolution": 256}, "tokenizer": {"kind": "pixel"},
-                   "repa": {"kind": "repa", "teacher": {"kind": "dinov3-vitl16"}}, "routing": {"kind": "tread"}})
+    study = check(
+        {
+            "model": {"preset": "prx-1.2b"},
+            "data": {"resolution": 256},
+            "tokenizer": {"kind": "pixel"},
+            "repa": {"kind": "repa", "teacher": {"kind": "dinov3-vitl16"}},
+            "routing": {"kind": "tread"},
+        }
+    )
     assert study.repa.teacher.patch_size == 16 and study.repa.teacher.width == 1024 and study.repa.block == 7
 
 
-@pytest.mark.parametrize("over", [
-    {"repa": {"kind": "repa", "teacher": TINY_TEACHER, "block": 1}},
-    {"repa": {"kind": "irepa", "teacher": TINY_TEACHER, "block": 1, "stop_step": 4}},
-    {"repa": {"kind": "repa", "teacher": TINY_TEACHER, "block": 1, "routed_target": "gather"},
-     "routing": {"kind": "sprint", "start": 1, "end": 4}},
-], ids=["repa", "irepa-stop4", "repa-in-sprint"])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"repa": {"kind": "repa", "teacher": TINY_TEACHER, "block": 1}},
+        {"repa": {"kind": "irepa", "teacher": TINY_TEACHER, "block": 1, "stop_step": 4}},
+        {
+            "repa": {"kind": "repa", "teacher": TINY_TEACHER, "block": 1, "routed_target": "gather"},
+            "routing": {"kind": "sprint", "start": 1, "end": 4},
+        },
+    ],
+    ids=["repa", "irepa-stop4", "repa-in-sprint"],
+)
 def test_repa_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch, over):
     cfg = dict(over, train={"steps": 8}, checkpoint={"every": 4, "keep": 3})
     straight, resumed = make_run("straight", **cfg), make_run("resumed", **cfg)
@@ -217,7 +296,9 @@ def test_repa_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch, 
     a, b = (load_file(checkpoint.latest(d) / "factors.safetensors") for d in (straight, resumed))
     i = len(over) - 1  # REPA's index among the factors (routing comes first)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert a and all(k.startswith((f"{i}.projector.", "0.mask_token", "0.fuse.")) for k in a)  # no teacher weights
+    assert a and all(
+        k.startswith((f"{i}.projector.", "0.mask_token", "0.fuse.")) for k in a
+    )  # no teacher weights
     first = load_file(checkpoint.complete(straight)[0] / "factors.safetensors")
     trained = not all(torch.equal(first[k], a[k]) for k in a if ".projector." in k)
     assert trained == ("stop_step" not in over["repa"])  # stop_step 4: no update after checkpoint 4
@@ -228,14 +309,18 @@ def test_projector_without_gradient_after_stop_step_is_fine_under_ddp():
     """A one-process gloo group: DDP raises on a parameter left without gradient unless told, as the trainer does."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1
+    )
     try:
         repa = build_repa(REPAConfig(teacher=TINY_TEACHER, block=1, stop_step=1), CTX)
         den = Denoiser(build_prx(ModelConfig(preset="tiny"), 3, 32), [repa]).train()
         net = DDP(den, find_unused_parameters=repa.skips_params)
         images = torch.rand(2, 3, 16, 16)
         for step in range(3):
-            out = net(images, torch.rand(2), torch.randn(2, 5, 32), None, inputs={"images": images, "step": step})
+            out = net(
+                images, torch.rand(2), torch.randn(2, 5, 32), None, inputs={"images": images, "step": step}
+            )
             (out.pred.square().mean() + sum(out.losses.values())).backward()
             assert ("repa" in out.losses) == (step < 1)
     finally:

@@ -20,7 +20,9 @@ from trainer.routing import (
     route_generator,
 )
 
-CTX = FactorContext(hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu"))
+CTX = FactorContext(
+    hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu")
+)
 
 
 class Spy(Factor):
@@ -31,8 +33,14 @@ class Spy(Factor):
         self.seen = {}
 
     def _record(self, key, state):
-        self.seen[key] = dict(img=state.img.detach().clone(), pe=state.pe.clone(), txt=state.txt, vec=state.vec,
-                              mask=state.mask, kept=None if state.kept is None else state.kept.clone())
+        self.seen[key] = dict(
+            img=state.img.detach().clone(),
+            pe=state.pe.clone(),
+            txt=state.txt,
+            vec=state.vec,
+            mask=state.mask,
+            kept=None if state.kept is None else state.kept.clone(),
+        )
 
     def before_block(self, i, state):
         self._record(("before", i), state)
@@ -60,8 +68,13 @@ def inputs(b=3):
 def run_blocks(prx, blocks, img, seen):
     """The route's blocks run by hand on `img` with `seen`'s RoPE and conditioning."""
     for i in blocks:
-        img = prx.blocks[i](hidden_states=img, encoder_hidden_states=seen["txt"], temb=seen["vec"],
-                            image_rotary_emb=seen["pe"], attention_mask=seen["mask"])
+        img = prx.blocks[i](
+            hidden_states=img,
+            encoder_hidden_states=seen["txt"],
+            temb=seen["vec"],
+            image_rotary_emb=seen["pe"],
+            attention_mask=seen["mask"],
+        )
     return img
 
 
@@ -83,7 +96,9 @@ def test_tread_routes_kept_tokens_through_blocks_and_returns_the_others_bit_iden
     assert kept.shape == (b, num_kept(n, 0.5)) == (3, 32)
     assert all(torch.equal(k, k.unique()) for k in kept)  # distinct and sorted
     assert not torch.equal(kept[0], kept[1])  # per-sample subsets
-    assert inside["img"].shape == (3, 32, 64) and torch.equal(inside["img"], gather_tokens(dense["img"], kept))
+    assert inside["img"].shape == (3, 32, 64) and torch.equal(
+        inside["img"], gather_tokens(dense["img"], kept)
+    )
 
     # RoPE follows the tokens: equal to the embedding of the kept tokens' own (row, col) ids
     ids = get_image_ids(b, 16, 16, patch_size=2, device="cpu")  # (B, 64, 2)
@@ -125,7 +140,9 @@ def test_sprint_eval_drops_nothing_and_still_fuses():
     assert route.mask_token.shape == (1, 1, 64) and not route.mask_token.any()  # zero-initialised
     prx, before, after, _ = routed_forward(route, train=False)
     dense = before["before", 1]
-    assert after["before", 1]["kept"] is None and torch.equal(after["before", 1]["img"], dense["img"])  # all 64
+    assert after["before", 1]["kept"] is None and torch.equal(
+        after["before", 1]["img"], dense["img"]
+    )  # all 64
     deep = run_blocks(prx, [1, 2], dense["img"], dense)
     with torch.no_grad():
         fused = route.fuse(torch.cat([dense["img"], deep], dim=-1))
@@ -141,14 +158,19 @@ def test_sprint_training_keeps_a_quarter_and_fills_dropped_slots_with_the_mask_t
     dense, kept = before["before", 1], after["before", 1]["kept"]
     assert kept.shape == (3, 16)  # 25 % of 64
     deep = route.mask_token.expand(3, 64, 64).clone()
-    deep.scatter_(1, kept[:, :, None].expand(-1, -1, 64),
-                  run_blocks(prx, [1, 2], gather_tokens(dense["img"], kept), after["before", 1]))
+    deep.scatter_(
+        1,
+        kept[:, :, None].expand(-1, -1, 64),
+        run_blocks(prx, [1, 2], gather_tokens(dense["img"], kept), after["before", 1]),
+    )
     with torch.no_grad():
         expected = route.fuse(torch.cat([dense["img"], deep], dim=-1))
     assert torch.equal(after["after", 2]["img"], expected)
 
 
-@pytest.mark.parametrize("routing", [{"kind": "tread", "start": 1, "end": 3}, {"kind": "sprint", "start": 1, "end": 3}])
+@pytest.mark.parametrize(
+    "routing", [{"kind": "tread", "start": 1, "end": 3}, {"kind": "sprint", "start": 1, "end": 3}]
+)
 def test_routed_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch, routing):
     cfg = dict(routing=routing, train={"steps": 8}, checkpoint={"every": 4, "keep": 3})
     straight, resumed = make_run("straight", **cfg), make_run("resumed", **cfg)
@@ -169,9 +191,15 @@ def test_routed_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch
 def test_route_validation_names_the_fix(tiny_cfg):
     with pytest.raises(ValueError, match=r"routing.start 3 must be below routing.end 3"):
         TREADConfig(start=3, end=3)
-    with pytest.raises(ValueError, match=r"routing blocks \[2, 13\) exceed the model's 4 blocks; set routing.end ≤ 4"):
+    with pytest.raises(
+        ValueError, match=r"routing blocks \[2, 13\) exceed the model's 4 blocks; set routing.end ≤ 4"
+    ):
         TrainConfig.model_validate(merge(tiny_cfg, {"routing": {"kind": "tread"}}))
-    cfg = TrainConfig.model_validate(merge(tiny_cfg, {"model": {"preset": "prx-1.2b"}, "routing": {"kind": "sprint"}}))
-    assert list(cfg.routing.blocks) == list(range(2, 13)) and cfg.routing.keep == 0.25  # the study's blocks 2..12
+    cfg = TrainConfig.model_validate(
+        merge(tiny_cfg, {"model": {"preset": "prx-1.2b"}, "routing": {"kind": "sprint"}})
+    )
+    assert (
+        list(cfg.routing.blocks) == list(range(2, 13)) and cfg.routing.keep == 0.25
+    )  # the study's blocks 2..12
     with pytest.raises(ValueError, match="keep"):
         SPRINTConfig(keep=1.0)

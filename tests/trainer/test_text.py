@@ -4,6 +4,7 @@ The real `google/t5gemma-2b-2b-ul2` is a `T5GemmaForConditionalGeneration` check
 under `model.encoder.*` / `model.decoder.*`); the tiny one is saved the same way, with the
 byte-level `ByT5Tokenizer` standing in for the Gemma tokenizer (both load via AutoTokenizer).
 """
+
 import pytest
 import torch
 from tiny_weights import tiny_t5gemma
@@ -33,15 +34,21 @@ def build(weights, **fields):
 
 def reference(weights, ids, mask, dtype=torch.bfloat16):
     """The encoder half of the full encoder-decoder model, as PRX loads it."""
-    full = T5GemmaForConditionalGeneration.from_pretrained(REPO, cache_dir=str(weights), local_files_only=True,
-                                                           dtype=dtype)
+    full = T5GemmaForConditionalGeneration.from_pretrained(
+        REPO, cache_dir=str(weights), local_files_only=True, dtype=dtype
+    )
     with torch.no_grad():
         return full.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 def test_defaults_are_the_study_encoder():
     cfg = T5GemmaConfig()
-    assert (cfg.repo, cfg.dim, cfg.max_length, cfg.dtype) == ("google/t5gemma-2b-2b-ul2", 2304, 256, "bfloat16")
+    assert (cfg.repo, cfg.dim, cfg.max_length, cfg.dtype) == (
+        "google/t5gemma-2b-2b-ul2",
+        2304,
+        256,
+        "bfloat16",
+    )
     assert cfg.weights() == [("google/t5gemma-2b-2b-ul2", None)]
 
 
@@ -56,7 +63,9 @@ def test_encodes_padded_with_mask_equal_to_the_encoder_decoder_encoder(weights):
     assert torch.equal(emb, reference(weights, tok.input_ids, tok.attention_mask).float())
     # the encoder is frozen, in bf16
     enc = text.encoder
-    assert not any(p.requires_grad for p in enc.parameters()) and next(enc.parameters()).dtype == torch.bfloat16
+    assert (
+        not any(p.requires_grad for p in enc.parameters()) and next(enc.parameters()).dtype == torch.bfloat16
+    )
     assert not hasattr(enc, "decoder") and text.dtype == torch.bfloat16
 
 
@@ -82,5 +91,7 @@ def test_wrong_dim_names_the_fix(weights):
 
 
 def test_missing_weights_is_one_line_naming_the_repo(tmp_path):
-    with pytest.raises(MissingWeightsError, match=f"^{REPO} not in weights folder .*ablate weights download SWEEP --dir"):
+    with pytest.raises(
+        MissingWeightsError, match=f"^{REPO} not in weights folder .*ablate weights download SWEEP --dir"
+    ):
         build(tmp_path)

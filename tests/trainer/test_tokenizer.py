@@ -3,6 +3,7 @@
 Each model is saved with `save_pretrained` and installed into a weights folder in the HF cache
 layout, so the tokenizers load it through the same path as the real weights.
 """
+
 import pytest
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
@@ -35,7 +36,9 @@ def config(kind: str, **fields):
 
 
 def build(kind: str, weights_dir, **fields):
-    return TOKENIZERS.build(config(kind, dtype="float32", **fields), torch.device("cpu"), weights_dir=str(weights_dir))
+    return TOKENIZERS.build(
+        config(kind, dtype="float32", **fields), torch.device("cpu"), weights_dir=str(weights_dir)
+    )
 
 
 def images(b=2, side=32):
@@ -44,15 +47,26 @@ def images(b=2, side=32):
 
 def test_configs_state_their_grid_and_weights_without_loading():
     grid = {k: (config(k).channels, config(k).downsample) for k in TOKENIZERS.kinds}
-    assert grid == {"pixel": (3, 1), "flux-vae": (16, 8), "repa-e-vae": (16, 8), "flux2-ae": (32, 8),
-                    "dc-ae": (32, 32)}
+    assert grid == {
+        "pixel": (3, 1),
+        "flux-vae": (16, 8),
+        "repa-e-vae": (16, 8),
+        "flux2-ae": (32, 8),
+        "dc-ae": (32, 32),
+    }
     assert config("flux2-ae").weights() == [("black-forest-labs/FLUX.2-dev", "vae")]
     assert config("pixel").weights() == []
-    base = dict(data={"kind": "synthetic"}, text_encoder={"kind": "tiny-t5"}, optimizer={"kind": "adamw"},
-                precision={"kind": "fp32"})
+    base = dict(
+        data={"kind": "synthetic"},
+        text_encoder={"kind": "tiny-t5"},
+        optimizer={"kind": "adamw"},
+        precision={"kind": "fp32"},
+    )
     cfg = TrainConfig.model_validate({**base, "tokenizer": {"kind": "flux2-ae"}})  # no weights needed
     assert required(cfg) == [("black-forest-labs/FLUX.2-dev", "vae")]
-    with pytest.raises(ValueError, match="in_channels=16 disagrees with tokenizer 'flux2-ae' \\(32 channels\\)"):
+    with pytest.raises(
+        ValueError, match="in_channels=16 disagrees with tokenizer 'flux2-ae' \\(32 channels\\)"
+    ):
         TrainConfig.model_validate({**base, "tokenizer": {"kind": "flux2-ae"}, "model": {"in_channels": 16}})
 
 
@@ -71,7 +85,9 @@ def test_kl_vae_normalisation_matches_the_formula(kind, weights):
         torch.testing.assert_close(z, scale * (dist.sample(torch.Generator().manual_seed(7)) - shift))
         assert z.shape == (2, 16, 4, 4)
         # decode inverts the normalisation exactly, then decodes
-        torch.testing.assert_close(tok.decode(z), ((vae.decode(z / scale + shift).sample + 1) / 2).clamp(0, 1))
+        torch.testing.assert_close(
+            tok.decode(z), ((vae.decode(z / scale + shift).sample + 1) / 2).clamp(0, 1)
+        )
     assert (scale, shift) != (0.18215, 0.0)
 
 
@@ -95,11 +111,15 @@ def test_flux2_normalises_with_the_batchnorm_statistics(weights, tmp_path):
     x = images()
     with torch.no_grad():
         raw = vae.encode(x * 2 - 1).latent_dist
-    expected = unpatchify((patchify(raw.mean) - BN_MEAN.view(1, -1, 1, 1)) / torch.sqrt(BN_VAR + eps).view(1, -1, 1, 1))
+    expected = unpatchify(
+        (patchify(raw.mean) - BN_MEAN.view(1, -1, 1, 1)) / torch.sqrt(BN_VAR + eps).view(1, -1, 1, 1)
+    )
     lat = tok.moments(x)
     assert lat.mean.shape == (2, 32, 4, 4)
     torch.testing.assert_close(lat.mean, expected)
-    torch.testing.assert_close(lat.std, unpatchify(patchify(raw.std) / torch.sqrt(BN_VAR + eps).view(1, -1, 1, 1)))
+    torch.testing.assert_close(
+        lat.std, unpatchify(patchify(raw.std) / torch.sqrt(BN_VAR + eps).view(1, -1, 1, 1))
+    )
 
     # other statistics in the checkpoint → the output moves exactly as the formula says
     other = tiny("flux2-ae")
@@ -136,7 +156,9 @@ def test_dc_ae_is_deterministic_and_scaled(weights):
 @pytest.mark.parametrize("kind", ["flux-vae", "repa-e-vae", "flux2-ae", "dc-ae"])
 def test_decode_inverts_the_normalisation(kind, weights):
     norm = build(kind, weights).norm
-    latent = torch.randn(3, 32 if kind in ("flux2-ae", "dc-ae") else 16, 4, 6, generator=torch.Generator().manual_seed(2))
+    latent = torch.randn(
+        3, 32 if kind in ("flux2-ae", "dc-ae") else 16, 4, 6, generator=torch.Generator().manual_seed(2)
+    )
     torch.testing.assert_close(norm.inverse(norm(latent)), latent, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(norm(norm.inverse(latent)), latent, rtol=1e-6, atol=1e-6)
 
@@ -167,5 +189,7 @@ def test_missing_weights_is_one_line_naming_the_model_and_the_command(tmp_path):
 
 def test_a_model_with_other_latent_channels_is_rejected(tmp_path):
     put(tiny("flux-vae", latent_channels=4), config("flux-vae"), tmp_path / "w", tmp_path)
-    with pytest.raises(ValueError, match="4 latent channels at 8x downsampling, but the config states 16 at 8x"):
+    with pytest.raises(
+        ValueError, match="4 latent channels at 8x downsampling, but the config states 16 at 8x"
+    ):
         build("flux-vae", tmp_path / "w")

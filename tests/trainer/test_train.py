@@ -110,7 +110,9 @@ def test_wandb_run_is_named_grouped_and_resumed_under_one_id(make_run, monkeypat
     real_init = wandb.init
     monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw) or real_init(**kw))
     d = make_run(log={"every": 2, "wandb": {"mode": "offline", "project": "ablate-test"}})
-    (d / "spec.json").write_text(json.dumps({"name": "muon-s0", "sweep": "demo", "delta": "muon", "hash": "abc"}))
+    (d / "spec.json").write_text(
+        json.dumps({"name": "muon-s0", "sweep": "demo", "delta": "muon", "hash": "abc"})
+    )
     job.run(d)
     (d / "result.json").unlink()
     import shutil
@@ -130,7 +132,9 @@ def test_time_limit_signal_saves_a_checkpoint_then_hands_over_to_submitit(make_r
     import os
     import signal
 
-    straight = make_run("straight", train={"steps": 10}, checkpoint={"every": 100, "keep": 5}, log={"every": 2})
+    straight = make_run(
+        "straight", train={"steps": 10}, checkpoint={"every": 100, "keep": 5}, log={"every": 2}
+    )
     job.run(straight)
 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")

@@ -1,4 +1,5 @@
 """Helpers shared by the trainer tests (a unique module name: test files import it directly)."""
+
 import json
 
 from ablate import sweep
