@@ -28,8 +28,11 @@ bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/eval_bench.py
 
+PY_SOURCES := ablate core trainer eval tests bench
+
 lint: setup
-	$(BIN)/ruff check ablate trainer eval tests bench
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
 
 clean:
 	rm -rf runs .pytest_cache
