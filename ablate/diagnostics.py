@@ -130,7 +130,7 @@ def _nullable(model: type[BaseModel], path: KeyPath, data: Any) -> bool:
     parent = _model_at(model, path[:-1], data)
     if parent is None or not path or path[-1] not in parent.model_fields:
         return False
-    return type(None) in _flatten(parent.model_fields[path[-1]].annotation)
+    return type(None) in union_members(parent.model_fields[path[-1]].annotation)
 
 
 def _model_at(model: type[BaseModel], path: KeyPath, data: Any) -> type[BaseModel] | None:
@@ -143,7 +143,7 @@ def _model_at(model: type[BaseModel], path: KeyPath, data: Any) -> type[BaseMode
                 return None
             annotation = target.model_fields[seg].annotation
         else:
-            members = [a for a in _flatten(annotation) if typing.get_origin(a) in (dict, list)]
+            members = [a for a in union_members(annotation) if typing.get_origin(a) in (dict, list)]
             if not members:
                 return None
             annotation = typing.get_args(members[0])[-1] if typing.get_args(members[0]) else Any
@@ -154,19 +154,19 @@ def _model_at(model: type[BaseModel], path: KeyPath, data: Any) -> type[BaseMode
     return _as_model(annotation, node)
 
 
-def _flatten(annotation: Any) -> list[Any]:
+def union_members(annotation: Any) -> list[Any]:
     """Union members, with Annotated/Optional unwrapped."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _flatten(typing.get_args(annotation)[0])
+        return union_members(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
-        return [m for a in typing.get_args(annotation) for m in _flatten(a)]
+        return [m for a in typing.get_args(annotation) for m in union_members(a)]
     return [annotation]
 
 
 def _as_model(annotation: Any, node: Any) -> type[BaseModel] | None:
     """The model class `annotation` stands for, choosing a tagged-union member by node['kind']."""
-    models = [a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    models = [a for a in union_members(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
     if len(models) <= 1:
         return models[0] if models else None
     kind = node.get("kind") if isinstance(node, Mapping) else None

@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from ablate.diagnostics import union_members
+
 SURFACE = Path(__file__).with_name("surface.json")
-
-
-def _members(annotation: Any) -> list[Any]:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _members(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return [m for a in typing.get_args(annotation) for m in _members(a)]
-    return [annotation]
 
 
 def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -35,7 +26,9 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         path = f"{prefix}.{name}" if prefix else name
         keys.append(path)
-        models = [m for m in _members(field.annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+        models = [
+            m for m in union_members(field.annotation) if isinstance(m, type) and issubclass(m, BaseModel)
+        ]
         for m in models:
             kind = m.model_fields.get("kind")
             tag = f"<{kind.default}>" if kind is not None and len(models) > 1 else ""
