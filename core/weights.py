@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from core.atomic import atomic_path
+from core.atomic import atomic_path, atomic_write
 
 DOWNLOAD_COMMAND = "ablate weights download SWEEP"  # SWEEP: the sweep file whose arms need the weights
 LOCAL_REVISION = "0" * 40  # the snapshot name `install` uses (the cache layout wants a commit-like name)
@@ -231,5 +231,5 @@ def install(spec: HFWeights, source: str | Path, weights_dir: str | Path) -> Pat
         target = target / spec.subfolder
     shutil.copytree(source, target, dirs_exist_ok=True)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(LOCAL_REVISION)
+    atomic_write(repo / "refs" / "main", LOCAL_REVISION)
     return target
