@@ -24,7 +24,7 @@ from ablate.launch import Launcher, resolve_wait
 from ablate.store import ArmView, Decision, eval_note, observe
 from ablate.sweep import Sweep, changes, load_sweep, show_value
 from core.atomic import Unreadable
-from core.rundir import DONE, FAILED, IN_FLIGHT, RUNNING, STALE, RunDir
+from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, RUNNING, STALE, RunDir
 
 if TYPE_CHECKING:
     from ablate.rescore import Target
@@ -51,6 +51,7 @@ WeightsDir = Annotated[
     ),
 ]
 POLL_S = 1.0  # how often `ablate run --wait` looks at the run directories
+LOG_TAIL = 8  # lines of a failed arm's log `ablate status` shows
 weights_app = typer.Typer(
     no_args_is_help=True, help="The pretrained weights a sweep needs: check them, download them."
 )
@@ -117,7 +118,8 @@ def run(
                     console.print("nothing to submit: every arm is done or in flight")
                     return
                 launched = [d.name for d in run_dirs]
-                executor = launch.build_executor(launcher, sweep.root, sweep.name)
+                setup = _code_for(run_dirs, sweep, console)
+                executor = launch.build_executor(launcher, sweep.root, sweep.name, setup)
                 if wait:
                     display.enter_context(_live_progress(console, sweep, launched))
                 jobs = launch.submit(
@@ -151,13 +153,53 @@ def status(sweep_file: SweepFile) -> None:
     table = Table()
     for column in ("arm", "state", "step", "loss", "updated", "log", "note"):
         table.add_column(column, overflow="fold")
+    failed = []
     for name in sweep.arm_names():
         view = observe(sweep.root / name)
         cells = _arm_cells(view, with_log=True)
-        if evaluation := eval_note(view.run_dir):
-            cells[-1].append(("; " if cells[-1].plain else "") + evaluation)
+        for extra in (_requeue_note(view), view.scheduler, eval_note(view.run_dir)):
+            if extra:
+                cells[-1].append(("; " if cells[-1].plain else "") + extra)
         table.add_row(*cells)
+        failed += [view] if view.state == FAILED else []
     console.print(table)
+    for view in failed:  # what went wrong, where a person looks first
+        console.print(f"\n{view.name} failed: {view.note or 'no error recorded'}", style="red", markup=False)
+        log = view.job.get("stderr") if view.job else None
+        for line in _tail(Path(log) if log else None, LOG_TAIL):
+            console.print(f"  │ {line}", markup=False)
+        if log:
+            console.print(f"  (last {LOG_TAIL} lines of {log})", style="dim", markup=False)
+
+
+@app.command()
+def cancel(
+    sweep_file: SweepFile,
+    arm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arm", metavar="NAME", help="Cancel this arm (repeatable) \\[default: every arm in flight]."
+        ),
+    ] = None,
+) -> None:
+    """Cancel arms' jobs through their scheduler; they show as cancelled, and `ablate run` resubmits them."""
+    from ablate.store import cancel as cancel_arm
+    from ablate.store import check_names, sweep_lock
+
+    console = _console()
+    sweep = load_sweep(sweep_file)
+    check_names(sweep.arm_names(), arm or (), "--arm")
+    not_cancelled = 0
+    with sweep_lock(sweep.root):  # not while `ablate run` submits
+        for name in arm or sweep.arm_names():
+            ok, what = cancel_arm(sweep.root / name)
+            not_cancelled += not ok
+            console.print(f"{name}: {what}", style="" if ok else "red", markup=False)
+    console.print(
+        f"next: ablate status {sweep_file}; `ablate run {sweep_file}` resubmits cancelled arms", markup=False
+    )
+    if not_cancelled:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -170,6 +212,9 @@ def rank(
         ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | csv | markdown | json")] = "table",
+    to_wandb: Annotated[
+        bool, typer.Option("--wandb", help="Also log the table as a W&B Table in the sweep's group.")
+    ] = False,
 ) -> None:
     """Every delta's change against the baseline, paired by seed, most improving first."""
     from ablate import rank as ranking
@@ -188,6 +233,48 @@ def rank(
         where = f"at step {used}" if used is not None else "(no arm has evaluated yet)"
         title = f"{sweep.name}: change vs baseline {where}, paired by seed"
         _console().print(ranking.to_rich(df, sweep.metrics, title))
+    if to_wandb:
+        from ablate.wandb_runs import log_table
+
+        try:
+            where = log_table(sweep, df, used)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        print(f"impact table logged to {where}", file=sys.stderr)
+
+
+@app.command()
+def sync(
+    sweep_file: SweepFile,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the runs to upload; upload nothing.")
+    ] = False,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout", min=1, help="Give up on `wandb sync` after this many seconds.")
+    ] = 900,
+) -> None:
+    """Upload the W&B runs the sweep's arms logged offline (on nodes without internet) with `wandb sync`."""
+    from ablate.wandb_runs import offline_runs
+    from ablate.wandb_runs import sync as upload
+
+    console = _console()
+    sweep = load_sweep(sweep_file)
+    runs = offline_runs(sweep)
+    todo = [r for r in runs if not r.synced]
+    console.print(
+        f"sweep {sweep.name}: {len(runs)} offline W&B run(s), {len(todo)} not synced yet", markup=False
+    )
+    for r in runs:
+        console.print(f"  {r.arm}: {r.folder.name}{' (synced)' if r.synced else ''}", markup=False)
+    if dry_run or not todo:
+        console.print("dry run: nothing uploaded" if dry_run else "nothing to upload", markup=False)
+        return
+    problem = upload(todo, timeout_s)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise typer.Exit(1)
+    console.print(f"{len(todo)} run(s) synced", markup=False)
 
 
 @app.command("eval")
@@ -229,7 +316,8 @@ def eval_checkpoints(
             _print_eval_plan(console, sweep, targets, skipped, hashes)
             for target in targets:
                 mark_eval_queued(target.run_dir, target.step, launcher.executor)
-            executor = launch.build_executor(launcher, sweep.root, f"{sweep.name}-eval")
+            setup = _code_for([t.run_dir for t in targets], sweep, console)
+            executor = launch.build_executor(launcher, sweep.root, f"{sweep.name}-eval", setup)
             job = launch.EvalArm({str(t.run_dir): t.step for t in targets})
             run_dirs = [t.run_dir for t in targets]
             jobs = launch.submit(
@@ -374,6 +462,19 @@ def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, de
     console.print(resources(sweep.launcher), markup=False)
 
 
+def _code_for(run_dirs: list[Path], sweep: Sweep, console: Console) -> list[str]:
+    """Snapshot the code for the jobs about to be submitted, record it in their run folders, and return
+    the job set-up lines that make them import it."""
+    from ablate import snapshot
+
+    code = snapshot.take(sweep.root)
+    for run_dir in run_dirs:
+        RunDir(run_dir).write_code(code.record, code.diff)
+    if code.folder is not None and (warning := snapshot.shadowing_warning()):
+        console.print(f"warning: {warning}", style="yellow", markup=False)
+    return code.job_setup()
+
+
 def _interrupted(console: Console, launcher: Launcher, local_note: str, again: str) -> None:
     """Ctrl-C while following jobs: say what keeps running and how to pick up, exit 130."""
     note = "jobs already submitted keep running" if launcher.kind.outlives_cli else local_note
@@ -462,8 +563,31 @@ def _arm_cells(view: ArmView, *, with_log: bool) -> list[Text]:
     if with_log:
         cells.append(view.log_path or (str(view.run_dir) if view.run_dir.exists() else ""))
     cells.append(view.note)
-    style = {DONE: "green", FAILED: "red", STALE: "yellow"}.get(view.state, "")
+    style = {DONE: "green", FAILED: "red", STALE: "yellow", CANCELLED: "yellow"}.get(view.state, "")
     return [Text(c, style=style if i == 1 else "") for i, c in enumerate(cells)]
+
+
+def _requeue_note(view: ArmView) -> str:
+    status = view.status or {}
+    n = status.get("requeues")
+    if not n:
+        return ""
+    last = status.get("last_requeue") or {}
+    return f"requeued {n}× (last: {last.get('reason', '?')}, saved at step {last.get('step', '?')})"
+
+
+def _tail(path: Path | None, n: int) -> list[str]:
+    """The last `n` lines of a log file (reading only its end); [] when there is none."""
+    if path is None:
+        return []
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return [line.rstrip() for line in lines if line.strip()][-n:]
 
 
 def _progress_table(sweep: Sweep, names: list[str]) -> Table:

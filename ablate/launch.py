@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,24 +63,43 @@ def pid_alive(pid: int | None, must_contain: bytes = b"") -> bool:
     return True
 
 
-def _owner_alive(job: dict[str, Any]) -> bool | None:
+def _owner_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
     """Jobs not yet submitted, and debug jobs, live as long as the `ablate` process that owns them."""
     if job.get("host") != socket.gethostname():
-        return None
-    return pid_alive(job.get("submitter_pid"))
+        return None, ""
+    return pid_alive(job.get("submitter_pid")), ""
 
 
-def _local_alive(job: dict[str, Any]) -> bool | None:
+def _local_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
     if job.get("host") != socket.gethostname():
-        return None
-    return pid_alive(int(job["job_id"]), must_contain=b"submitit")  # the local job's controller process
+        return None, ""
+    return pid_alive(int(job["job_id"]), must_contain=b"submitit"), ""  # the local job's controller process
 
 
-def _slurm_alive(job: dict[str, Any]) -> bool | None:
+def _cannot_cancel(job: dict[str, Any]) -> str | None:
+    return "its job runs inside the `ablate` process that submitted it: stop that one (Ctrl-C)"
+
+
+def _cancel_local(job: dict[str, Any]) -> str | None:
+    if job.get("host") != socket.gethostname():
+        return f"its job runs on {job.get('host')}: cancel it there"
+    if _local_alive(job)[0]:
+        os.kill(
+            int(job["job_id"]), signal.SIGINT
+        )  # the controller stops its tasks, as submitit's cancel does
+    return None
+
+
+def _cancel_slurm(job: dict[str, Any]) -> str | None:
+    done = subprocess.run(["scancel", str(job["job_id"])], capture_output=True, text=True)
+    return None if done.returncode == 0 else f"scancel {job['job_id']} failed: {done.stderr.strip()[:200]}"
+
+
+def _slurm_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
     info = submitit.SlurmJob(folder=job.get("folder", "."), job_id=str(job["job_id"])).get_info(mode="force")
     state = info.get("State", "")
     state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 123"
-    return None if state == "UNKNOWN" else state in _SLURM_ALIVE
+    return (None if state == "UNKNOWN" else state in _SLURM_ALIVE), f"slurm: {state}"
 
 
 # --- building executors --------------------------------------------------------------------------------
@@ -89,13 +110,13 @@ def _build_debug(launcher: Launcher, folder: Path, job_name: str) -> submitit.Ex
 
 
 def _build_local(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
-    executor = submitit.LocalExecutor(folder)
+    executor = submitit.LocalExecutor(folder, max_num_timeout=launcher.max_requeues)
     executor.update_parameters(**local_parameters(launcher))
     return executor
 
 
 def _build_slurm(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
-    executor = SlurmExecutor(folder)
+    executor = SlurmExecutor(folder, max_num_timeout=launcher.max_requeues)
     executor.update_parameters(**slurm_parameters(launcher, job_name))
     return executor
 
@@ -119,8 +140,11 @@ class ExecutorKind:
     build: Callable[[Launcher, Path, str], submitit.Executor]
     fields: frozenset[str]
     """launcher fields it uses; the others must keep their defaults (a silently ignored setting is an error)"""
-    job_alive: Callable[[dict[str, Any]], bool | None]
-    """whether a job it runs, recorded in job.json, still runs: True, False, or None (cannot tell from here)"""
+    job_state: Callable[[dict[str, Any]], tuple[bool | None, str]]
+    """whether a job it runs, recorded in job.json, still runs (True, False, or None: cannot tell from here),
+    and what its scheduler says of it ('' when nothing more)"""
+    cancel: Callable[[dict[str, Any]], str | None]
+    """cancel a job recorded in job.json; None, or one line saying why it could not"""
     in_process: bool = False
     """jobs run inside `ablate` itself: it must wait for them (no --no-wait)"""
     waits: bool = True
@@ -137,21 +161,31 @@ class ExecutorKind:
     hands the scheduler, for `ablate run --dry-run`"""
 
 
-_LOCAL_FIELDS = frozenset({"gpus_per_node", "tasks_per_node", "time_limit_min", "array_parallelism", "setup"})
+_LOCAL_FIELDS = frozenset(
+    {
+        "gpus_per_node",
+        "tasks_per_node",
+        "time_limit_min",
+        "signal_delay_s",
+        "max_requeues",
+        "array_parallelism",
+        "setup",
+    }
+)
 EXECUTORS: dict[str, ExecutorKind] = {
     "debug": ExecutorKind(
         "debug", "in this process, one arm after another (breakpoints work)", submitit.DebugExecutor,
-        _build_debug, frozenset(), _owner_alive, in_process=True,
+        _build_debug, frozenset(), _owner_alive, _cannot_cancel, in_process=True,
     ),
     "local": ExecutorKind(
         "local", "subprocesses on this machine", submitit.LocalExecutor, _build_local, _LOCAL_FIELDS,
-        _local_alive, throttle_here=True,
+        _local_alive, _cancel_local, throttle_here=True,
     ),
     "slurm": ExecutorKind(
         "slurm", "one sbatch job array", SlurmExecutor, _build_slurm,
         _LOCAL_FIELDS | {"nodes", "cpus_per_task", "mem_gb", "partition", "account", "qos", "constraint",
                          "additional_parameters"},
-        _slurm_alive, waits=False, outlives_cli=True, check=_check_slurm, where="{nodes} node(s)",
+        _slurm_alive, _cancel_slurm, waits=False, outlives_cli=True, check=_check_slurm, where="{nodes} node(s)",
         submission_file=("sbatch file", lambda *args: sbatch_text(*args)),
     ),
 }  # fmt: skip
@@ -172,6 +206,10 @@ class Launcher(BaseModel):
     mem_gb: PositiveFloat | None = None
     time_limit_min: PositiveInt = 60
     """Per job; a job that reaches it is requeued and resumes from its newest checkpoint."""
+    signal_delay_s: PositiveInt = 90
+    """The stop signal comes this long before the time limit: time to reach a log point and save."""
+    max_requeues: int = Field(3, ge=0)
+    """Time-limit requeues before an arm ends as failed (submitit's max_num_timeout); preemptions always requeue."""
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -235,9 +273,16 @@ def check_available(launcher: Launcher) -> None:
     launcher.kind.check(launcher)
 
 
-def build_executor(launcher: Launcher, root: Path, job_name: str) -> submitit.Executor:
-    """The submitit executor for the sweep's `launcher` section; jobs keep their files under `root`."""
+def build_executor(
+    launcher: Launcher, root: Path, job_name: str, setup: Sequence[str] = ()
+) -> submitit.Executor:
+    """The submitit executor for the sweep's `launcher` section; jobs keep their files under `root`.
+
+    `setup`: shell lines run before each job, ahead of the launcher's own (the code snapshot's).
+    """
     check_available(launcher)
+    if setup and not launcher.kind.in_process:
+        launcher = launcher.model_copy(update={"setup": [*setup, *launcher.setup]})
     return launcher.kind.build(launcher, SweepDir(root).job_folder, job_name)
 
 
@@ -245,12 +290,25 @@ def kind_of(executor: submitit.Executor) -> ExecutorKind:
     return next(k for k in EXECUTORS.values() if isinstance(executor, k.executor_type))
 
 
-def job_alive(job: dict[str, Any]) -> bool | None:
-    """Whether the job recorded in job.json (or eval_job.json) still runs: True, False, or None (cannot tell)."""
+def job_state(job: dict[str, Any]) -> tuple[bool | None, str]:
+    """Whether the job recorded in job.json (or eval_job.json) still runs (True, False, or None: cannot
+    tell), and what its scheduler says of it."""
     kind = EXECUTORS.get(job.get("executor"))
     if kind is None or not job.get("job_id"):
         return _owner_alive(job)  # queued for a slot: owned by the `ablate` process that will submit it
-    return kind.job_alive(job)
+    return kind.job_state(job)
+
+
+def job_alive(job: dict[str, Any]) -> bool | None:
+    return job_state(job)[0]
+
+
+def cancel(job: dict[str, Any]) -> str | None:
+    """Cancel the job recorded in job.json (or eval_job.json) through its executor; None, or why it could not."""
+    kind = EXECUTORS.get(job.get("executor"))
+    if kind is None or not job.get("job_id"):
+        return "no job submitted yet (the `ablate` process that queued it still owns it)"
+    return kind.cancel(job)
 
 
 def resolve_wait(launcher: Launcher, wait: bool | None) -> bool:
@@ -273,6 +331,8 @@ def local_parameters(launcher: Launcher) -> dict[str, Any]:
         "tasks_per_node": launcher.tasks_per_node,
         "gpus_per_node": launcher.gpus_per_node,
     }
+    if launcher.signal_delay_s != Launcher.model_fields["signal_delay_s"].default:
+        params["signal_delay_s"] = launcher.signal_delay_s
     if launcher.setup:
         params["setup"] = list(launcher.setup)
     return params
@@ -283,6 +343,7 @@ def slurm_parameters(launcher: Launcher, job_name: str) -> dict[str, Any]:
     params: dict[str, Any] = {
         "job_name": job_name,
         "time": launcher.time_limit_min,
+        "signal_delay_s": launcher.signal_delay_s,
         "nodes": launcher.nodes,
         "ntasks_per_node": launcher.tasks_per_node,
     }
@@ -362,9 +423,12 @@ class RunArm(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, run_dir: str) -> None:
+        from trainer.preempt import Preemption
+
+        stops = Preemption()  # before the heavy imports: a stop signal from now on waits for a checkpoint
         from trainer.job import run  # lazy: the orchestrator does not import torch
 
-        run(run_dir)
+        run(run_dir, preemption=stops)
 
 
 class EvalArm(submitit.helpers.Checkpointable):

@@ -18,9 +18,9 @@ from ablate.errors import UserError
 from ablate.store import describe_eval_job, eval_in_flight, observe
 from ablate.sweep import Sweep
 from core.atomic import Unreadable
-from core.rundir import DONE, FAILED, IN_FLIGHT, MISSING, STALE, RunDir
+from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, MISSING, STALE, RunDir
 
-ENDED = (DONE, FAILED, STALE)
+ENDED = (DONE, FAILED, CANCELLED, STALE)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Target:
     run_dir: Path
     step: int
     state: str
-    """the arm's state: done | failed | stale"""
+    """the arm's state: done | failed | cancelled | stale"""
 
 
 def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target], list[tuple[str, str]]]:

@@ -20,11 +20,13 @@ from typing import Any
 
 import yaml
 
+from ablate import launch
 from ablate.errors import UserError
-from ablate.launch import job_alive, pid_alive
-from ablate.sweep import RunSpec
+from ablate.launch import job_alive, job_state, pid_alive
+from ablate.sweep import RunSpec, recorded_hash
 from core.atomic import Unreadable
 from core.rundir import (
+    CANCELLED,
     DONE,
     FAILED,
     IN_FLIGHT,
@@ -45,12 +47,14 @@ class ArmView:
     name: str
     run_dir: Path
     state: str
-    """missing | queued | submitted | running | done | failed | stale (was in flight, its job is gone)
-    | unreadable (a record is corrupt; the note names it)"""
+    """missing | queued | submitted | running | done | failed | cancelled | stale (was in flight, its job
+    is gone) | unreadable (a record is corrupt; the note names it)"""
     note: str = ""
     spec: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
     job: dict[str, Any] | None = None
+    scheduler: str = ""
+    """what the scheduler says of its job, when it was asked ('slurm: PENDING')"""
 
     @property
     def hash(self) -> str | None:
@@ -70,6 +74,7 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
         spec = run.read_spec()
         if spec is None:
             return ArmView(run.name, run.path, MISSING)
+        spec = {**spec, "hash": recorded_hash(spec, run.config)}
         status, job = run.read_status(), run.read_job()
     except Unreadable as e:
         return ArmView(run.name, run.path, UNREADABLE, str(e))
@@ -82,8 +87,10 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
             view.state, view.note = FAILED, "status is done but result.json is missing"
     elif state == FAILED:
         view.state, view.note = FAILED, str(status.get("error") or "")
+    elif state == CANCELLED:
+        view.state, view.note = CANCELLED, f"cancelled at {status.get('cancelled_at', '?')}"
     elif state in IN_FLIGHT:
-        alive = None if job is None or not check_jobs else job_alive(job)
+        alive, view.scheduler = (None, "") if job is None or not check_jobs else job_state(job)
         if check_jobs and alive is None and status.get("pid") and status.get("host") == socket.gethostname():
             alive = pid_alive(int(status["pid"]))  # the trainer's own process, e.g. run by hand
         if alive is False:
@@ -232,6 +239,25 @@ def prepare(decisions: list[Decision], root: Path, sweep_name: str, executor: st
         run.set_status(QUEUED, fresh=True, job_id=None)
         run_dirs.append(run.path)
     return run_dirs
+
+
+def cancel(run_dir: Path) -> tuple[bool, str]:
+    """Cancel an arm's jobs in flight (training, and an `ablate eval` job) through their scheduler; the
+    arm is then `cancelled` until `ablate run` resubmits it. Returns (whether all went, what happened)."""
+    run, view = RunDir(run_dir), observe(run_dir)
+    done: list[str] = []
+    if view.state in IN_FLIGHT:
+        job = view.job or {}
+        if (problem := launch.cancel(job)) is not None:
+            return False, f"not cancelled: {problem}"
+        run.set_status(CANCELLED, only_from=IN_FLIGHT, cancelled_at=now())
+        done.append(f"job {job.get('job_id')} cancelled")
+    if (record := eval_in_flight(run_dir)) is not None:
+        if (problem := launch.cancel(record)) is not None:
+            return False, "; ".join([*done, f"its `ablate eval` job not cancelled: {problem}"])
+        run.set_eval_job(CANCELLED, only_from=IN_FLIGHT)
+        done.append(f"`ablate eval` job {record.get('job_id')} cancelled")
+    return True, "; ".join(done) or f"nothing in flight ({view.state})"
 
 
 # --- `ablate eval` jobs ---------------------------------------------------------------------------

@@ -225,15 +225,40 @@ class RunSpec:
             "delta": self.delta,
             "seed": self.seed,
             "hash": self.hash,
+            "hash_version": HASH_VERSION,
             "overrides": self.overrides,
             "sweep": sweep_name,
         }
 
 
+# 2: the `log` section (how an arm reports — log lines, W&B — not what it trains) is not part of
+# its identity, so a logging change never makes a finished arm look changed. Run folders whose
+# spec.json predates it are hashed again from their config.yaml (`recorded_hash`).
+HASH_VERSION = 2
+NOT_IDENTITY = ("log",)
+
+
 def config_hash(config: dict[str, Any]) -> str:
-    """First 12 hex digits of sha256 over the canonical JSON of a resolved config."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """An arm's identity: first 12 hex digits of sha256 over the canonical JSON of its resolved config,
+    the `log` section left out."""
+    identity = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def recorded_hash(spec: dict[str, Any], config_file: Path) -> str | None:
+    """The identity of the config an arm ran with, in today's hash (older spec.json files hashed it
+    another way: their config.yaml is hashed again). Raises `Unreadable` for a corrupt config.yaml."""
+    if spec.get("hash_version") == HASH_VERSION or not config_file.exists():
+        return spec.get("hash")
+    import yaml
+
+    from core.atomic import Unreadable
+
+    try:
+        return config_hash(yaml.safe_load(config_file.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+        raise Unreadable(config_file, f"not the YAML of a config: {type(e).__name__}") from None
 
 
 def expand(sweep: Sweep) -> list[RunSpec]:
@@ -316,6 +341,12 @@ def _normalize(
     def put(config_path: KeyPath, file_path: KeyPath, value: Any) -> None:
         if config_path[0] == "seed":
             raise sweep.error(file_path, "a delta cannot set the seed", "seeds: [...] at the top level")
+        if config_path[:2] == ("log", "wandb"):
+            raise sweep.error(
+                file_path,
+                "W&B settings are the sweep's, not a delta's (every arm logs to one project)",
+                "them under baseline.log.wandb",
+            )
         node = tree
         for end in range(1, len(config_path)):
             if config_path[:end] in leaves:

@@ -9,6 +9,8 @@
         config.yaml       the resolved trainer config             `ablate run`, before submission
         spec.json         name, delta, seed, hash, overrides      `ablate run`, before submission
         job.json          executor, job id, host, log paths       `ablate run`
+        code.json         the commit and code snapshot its job runs   `ablate run`
+        code.diff         uncommitted changes at submission, if any   `ablate run`
         status.json       state, step, loss, error (STATES)       `ablate run`, then the trainer
         log.jsonl         one JSON line per log step              trainer
         checkpoints/step_00000100/   a complete checkpoint        trainer (contents: trainer/checkpoint.py)
@@ -46,6 +48,7 @@ CONFIG, SPEC, JOB, STATUS, RESULT, LOG = (
     "log.jsonl",
 )
 EVAL_JOB, EVAL, CHECKPOINTS, LAUNCHER = "eval_job.json", "eval", "checkpoints", "launcher"
+CODE, CODE_DIFF = "code.json", "code.diff"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 CHECKPOINT_PREFIX = "step_"
 
@@ -57,8 +60,12 @@ SUBMITTED = "submitted"  # `ablate run` once the executor has the job; the train
 RUNNING = "running"  # the trainer, at start and at every log step
 DONE = "done"  # the trainer, after result.json
 FAILED = "failed"  # the trainer (or the job around it) with the error
-STATES = (QUEUED, SUBMITTED, RUNNING, DONE, FAILED)
+CANCELLED = (
+    "cancelled"  # `ablate cancel`, once the scheduler has the cancellation; only `ablate run` moves on
+)
+STATES = (QUEUED, SUBMITTED, RUNNING, DONE, FAILED, CANCELLED)
 IN_FLIGHT = (QUEUED, SUBMITTED, RUNNING)
+TRAINER_OVERWRITES = (None, QUEUED, SUBMITTED, RUNNING, DONE, FAILED)  # the states a trainer may write over
 # What the orchestrator may conclude from a folder besides a written state (never written):
 MISSING = "missing"  # no spec.json: never prepared
 STALE = "stale"  # written in flight, but the job or process that owned it is gone
@@ -68,11 +75,12 @@ UNREADABLE = "unreadable"  # a record is corrupt; the note names the file
 # from `done` (it resumes at the end); `ablate run` re-queues anything that is not in flight.
 TRANSITIONS: dict[str | None, frozenset[str]] = {
     None: frozenset({QUEUED, RUNNING, FAILED}),
-    QUEUED: frozenset({QUEUED, SUBMITTED, RUNNING, FAILED}),
-    SUBMITTED: frozenset({QUEUED, SUBMITTED, RUNNING, FAILED}),
-    RUNNING: frozenset({QUEUED, SUBMITTED, RUNNING, DONE, FAILED}),
+    QUEUED: frozenset({QUEUED, SUBMITTED, RUNNING, FAILED, CANCELLED}),
+    SUBMITTED: frozenset({QUEUED, SUBMITTED, RUNNING, FAILED, CANCELLED}),
+    RUNNING: frozenset({QUEUED, SUBMITTED, RUNNING, DONE, FAILED, CANCELLED}),
     DONE: frozenset({QUEUED, RUNNING, FAILED}),
     FAILED: frozenset({QUEUED, RUNNING, FAILED}),
+    CANCELLED: frozenset({QUEUED}),
 }
 
 _EVAL_RECORD = re.compile(r"^step_(\d+)\.json$")
@@ -199,6 +207,14 @@ class RunDir:
 
     def write_spec(self, spec: dict[str, Any]) -> None:
         atomic_write_json(self.spec, spec)
+
+    def write_code(self, record: dict[str, Any], diff: str) -> None:
+        """The code the arm's job runs (ablate.snapshot): code.json, and code.diff when the tree was dirty."""
+        atomic_write_json(self.path / CODE, record)
+        if diff:
+            atomic_write(self.path / CODE_DIFF, diff)
+        else:
+            (self.path / CODE_DIFF).unlink(missing_ok=True)
 
     def write_job(self, job: dict[str, Any]) -> None:
         atomic_write_json(self.job, job)

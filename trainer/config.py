@@ -46,9 +46,14 @@ class CheckpointConfig(Config):
 
 
 class WandbConfig(Config):
-    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="W&B mode")
-    project: str = Field("ablate", description="W&B project")
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto",
+        description="W&B mode; auto = WANDB_MODE if set, else online with credentials, offline without "
+        "(`ablate sync SWEEP` uploads offline runs)",
+    )
+    project: str = Field("ablate", description="W&B project (the same for every arm of a sweep)")
     entity: str | None = Field(None, description="W&B entity (team or user)")
+    init_timeout_s: float = Field(60.0, gt=0, description="give up starting W&B after this; training goes on")
 
 
 class LogConfig(Config):

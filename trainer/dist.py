@@ -45,12 +45,17 @@ def _export_submitit_env() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def gpu_of(local_rank: int, gpus: int) -> int:
+    """The GPU a task uses: every task of a node sees all its GPUs; task LOCAL_RANK takes that one."""
+    return local_rank % gpus
+
+
 def init() -> Dist:
     _export_submitit_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", gpu_of(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -18,20 +18,23 @@ from core.rundir import FAILED, RunDir
 
 from . import dist as distributed
 from .config import load
+from .preempt import Preemption
 from .train import Trainer
 
 
-def run(run_dir: str | Path) -> dict:
+def run(run_dir: str | Path, preemption: Preemption | None = None) -> dict:
+    """Train the arm in `run_dir`. `preemption`: stop signals caught since the job started (installed
+    by the job before its heavy imports); by default installed here."""
     run = RunDir(run_dir)
+    preemption = preemption if preemption is not None else Preemption()  # a signal during set-up waits
     cfg = load(run.config)
     d = distributed.init()
     trainer = None
     try:
-        trainer = Trainer(cfg, run.path, d)
+        trainer = Trainer(cfg, run.path, d, preemption=preemption)
         return trainer.run()
     except BaseException as e:
-        preemption = getattr(trainer, "preemption", None)
-        if isinstance(e, SystemExit) and preemption is not None and preemption.caught is not None:
+        if isinstance(e, SystemExit) and preemption.caught is not None:
             raise  # saved and requeued: the status already says so
         if trainer is not None:
             trainer.write_status(FAILED, error=f"{type(e).__name__}: {e}")
@@ -41,6 +44,7 @@ def run(run_dir: str | Path) -> dict:
             traceback.print_exc()
         raise
     finally:
+        preemption.restore()
         distributed.shutdown()
 
 

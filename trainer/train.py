@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from core.atomic import Unreadable
-from core.rundir import DONE, RUNNING, SUBMITTED, RunDir, now
+from core.rundir import DONE, RUNNING, SUBMITTED, TRAINER_OVERWRITES, RunDir, now
 
-from . import cache, checkpoint, ema, flow, generation
+from . import cache, checkpoint, ema, flow, generation, tracking
 from .config import DENOISER_FACTORS, TrainConfig
 from .contrastive import CONTRASTIVE
 from .data import StepBatchSampler
@@ -56,9 +56,19 @@ class StepTimes:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: Dist, inputs: tuple | None = None):
-        """`inputs` = (inputs, train set, val set) replaces the configured encoders and data (benchmarks)."""
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        dist: Dist,
+        inputs: tuple | None = None,
+        preemption: Preemption | None = None,
+    ):
+        """`inputs` = (inputs, train set, val set) replaces the configured encoders and data (benchmarks);
+        `preemption` holds the stop signals caught so far (job.run installs it before this set-up)."""
         t0 = time.perf_counter()
+        self.preemption = preemption if preemption is not None else Preemption()
+        self.wandb = tracking.Tracker()
         self.cfg, self.rundir, self.dist, self.device = cfg, RunDir(run_dir), dist, dist.device
         self.spec = read_spec(self.rundir)
         if cfg.train.threads and self.device.type == "cpu":
@@ -149,10 +159,20 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg = self.cfg
+        """Train from the newest checkpoint to the last step, evaluating and saving on the way."""
         self.resume()
-        self.write_status(RUNNING)
-        self.wandb = self.start_wandb()
+        self.write_status(RUNNING, restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        self.wandb = self.start_tracking("train")
+        try:
+            self.train_loop()
+            result = self.write_result()
+        finally:
+            self.wandb.finish()
+        self.write_status(DONE)
+        return result
+
+    def train_loop(self) -> None:
+        cfg = self.cfg
         sampler = StepBatchSampler(
             len(self.train_set),
             cfg.train.batch_size,
@@ -172,7 +192,6 @@ class Trainer:
         window, run_times, losses = StepTimes(), StepTimes(), []
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, no sync
         self.denoiser.train()
-        self.preemption = Preemption()
         tick = time.perf_counter()
         for batch in loader:
             got = time.perf_counter()
@@ -205,22 +224,17 @@ class Trainer:
                 )  # over all processes
                 self.log_step(mean_loss.item(), grad_norm.item(), window, run_times)
                 losses, window = [], StepTimes()
-                if self.preemption.pending(self.dist) and not last:  # time is almost up: save, then requeue
+                if self.preemption.pending(self.dist) and not last:  # the job is stopping: save first
                     self.timed("checkpoint_s", self.save)
-                    self.write_status(SUBMITTED)  # requeued: in flight again, not failed
+                    self.record_requeue(self.preemption.reason)
+                    self.wandb.finish()  # flushed now: SIGKILL may follow within the cluster's KillWait
                     self.preemption.hand_over(self.dist)
             if evaluate:
                 self.timed("eval_s", self.run_eval)
             if save:
                 self.timed("checkpoint_s", self.save)
             tick = time.perf_counter()
-        self.preemption.restore()
         self.times["train_s"] = run_times.total
-        result = self.write_result()
-        if self.wandb is not None:
-            self.wandb.finish()
-        self.write_status(DONE)
-        return result
 
     def check_finite(self, first_bad: torch.Tensor) -> None:
         bad = int(first_bad.item())
@@ -283,8 +297,8 @@ class Trainer:
                 + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()),
                 flush=True,
             )
-            if self.wandb is not None:
-                self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
+            self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
+            self.wandb.image("eval/samples", self.rundir.eval_grid(self.step), self.step)
         return metrics
 
     def rescore(self, step: int | None = None) -> dict:
@@ -301,8 +315,12 @@ class Trainer:
             )
         state = checkpoint.load(path, self.denoiser)
         self.ema.load_state_dict(state["ema"])
-        self.step, self.wandb = state["step"], None
-        metrics = self.run_eval()
+        self.step = state["step"]
+        self.wandb = self.start_tracking("eval")
+        try:
+            metrics = self.run_eval()
+        finally:
+            self.wandb.finish()
         if self.dist.main:
             self.rundir.refresh_result()
         return metrics
@@ -336,12 +354,22 @@ class Trainer:
     def name(self) -> str:
         return self.spec.get("name", self.rundir.name)
 
-    def write_status(self, state: str, error: str | None = None, loss: float | None = None) -> None:
+    def record_requeue(self, reason: str) -> None:
+        """Saved because the job is stopping: in flight again (`submitted`), one more requeue on record."""
+        if not self.dist.main:
+            return
+        requeues = int((self.rundir.read_status() or {}).get("requeues", 0)) + 1
+        last = {"step": self.step, "reason": reason, "at": now()}
+        self.write_status(SUBMITTED, requeues=requeues, last_requeue=last)
+        print(f"[{self.name}] {reason}: saved step {self.step}, requeue {requeues}", flush=True)
+
+    def write_status(self, state: str, error: str | None = None, loss: float | None = None, **extra) -> None:
         if not self.dist.main:
             return
         fields = {"loss": loss} if loss is not None else {}  # else the last logged loss stays
         self.rundir.set_status(
             state,
+            only_from=TRAINER_OVERWRITES,  # a cancelled arm stays cancelled while its job dies
             step=self.step,
             total_steps=self.cfg.train.steps,
             error=error,
@@ -349,6 +377,7 @@ class Trainer:
             host=socket.gethostname(),
             world_size=self.dist.world,
             **fields,
+            **extra,
         )
 
     def log_step(self, loss: float, grad_norm: float, window: StepTimes, run_times: StepTimes) -> None:
@@ -385,10 +414,7 @@ class Trainer:
             f"(data {100 * window.data / window.total:.0f}%) | ETA {eta}",
             flush=True,
         )
-        if self.wandb is not None:
-            self.wandb.log(
-                {f"train/{k}": v for k, v in row.items() if k not in ("step", "time")}, step=self.step
-            )
+        self.wandb.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "time")}, step=self.step)
 
     def summary_throughput(self) -> dict:
         data, total, steps = self.throughput.get("_acc", [0.0, 0.0, 0])
@@ -418,26 +444,17 @@ class Trainer:
             return self.rundir.write_result(result)
         return result
 
-    def start_wandb(self):
-        w = self.cfg.log.wandb
-        if w.mode == "disabled" or not self.dist.main:
-            return None
-        import wandb
-
-        run_id = hashlib.sha1(
-            f"{self.rundir.path.resolve()}:{self.spec.get('hash', '')}".encode()
-        ).hexdigest()[:16]
-        return wandb.init(
-            project=w.project,
-            entity=w.entity,
-            mode=w.mode,
-            id=run_id,
-            resume="allow",
-            name=self.name,
-            group=self.spec.get("sweep"),
-            job_type="baseline" if self.spec.get("delta") == "baseline" else "ablation",
-            config=self.cfg.model_dump(mode="json"),
-            dir=str(self.rundir.path),
+    def start_tracking(self, job: str) -> tracking.Tracker:
+        """The arm's W&B run (main process only): job `train`, or `eval` for re-scoring this step."""
+        if not self.dist.main:
+            return tracking.Tracker()
+        return tracking.start(
+            self.cfg.log.wandb,
+            self.rundir.path,
+            {"name": self.name, **self.spec},
+            self.cfg.model_dump(mode="json"),
+            job=job,
+            step=self.step,
         )
 
 
@@ -451,6 +468,7 @@ def versions(device: torch.device) -> dict:
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
+        "code": str(Path(__file__).resolve().parent.parent),  # the snapshot this job imported
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 

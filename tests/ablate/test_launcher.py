@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,7 +42,7 @@ def test_job_calls_the_trainer_entry_point(monkeypatch):
     import trainer.job
 
     calls = []
-    monkeypatch.setattr(trainer.job, "run", calls.append)
+    monkeypatch.setattr(trainer.job, "run", lambda run_dir, preemption=None: calls.append(run_dir))
     launch.RunArm()("/runs/t/x-s0")
     assert calls == ["/runs/t/x-s0"]
 
@@ -170,3 +172,43 @@ def test_local_executor_keeps_at_most_parallelism_arms_running(tmp_path):
     ids = [json.loads((d / "job.json").read_text())["job_id"] for d in dirs]
     assert ids == [job.job_id for job in jobs] and len(set(ids)) == 3
     assert all(observe(d).state == "stale" for d in dirs)  # the stand-in writes no status; its job is over
+
+
+def test_two_nodes_of_eight_gpus_one_sbatch_file_and_what_each_task_sees(tmp_path):
+    """The study's arm shape: one job of 2 nodes x 8 GPUs, 16 ranks, one log per rank."""
+    launcher = Launcher(executor="slurm", nodes=2, gpus_per_node=8, tasks_per_node=8, cpus_per_task=12)
+    text = launch.sbatch_text(launcher, tmp_path, "prx", n_arms=1)
+    flags = sbatch_flags(text)
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"], flags["cpus-per-task"]) == (
+        "2",
+        "8",
+        "8",
+        "12",
+    )
+    assert f"--output {tmp_path}/.submitit/%j/%j_%t_log.out" in text  # %t: one log file per rank
+
+    def task(procid: int, localid: int, node: int) -> dict[str, str]:
+        env = {
+            "PATH": os.environ["PATH"], "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242",
+            "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[017-018]",
+            "SLURM_NODEID": str(node), "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
+        }  # fmt: skip
+        code = (
+            "import json, os\nfrom trainer import dist\ndist._export_submitit_env()\n"
+            "print(json.dumps({k: os.environ[k] for k in "
+            "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout)
+
+    first, eleventh = task(0, 0, 0), task(11, 3, 1)
+    assert {k: eleventh[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")} == {
+        "RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
+    }  # fmt: skip
+    assert eleventh["MASTER_ADDR"] == first["MASTER_ADDR"] == "gpu017"  # rendezvous on the first node
+    assert eleventh["MASTER_PORT"] == first["MASTER_PORT"]  # from the job id: the same for every task
+    from trainer.dist import gpu_of
+
+    assert gpu_of(3, 8) == 3  # rank 11 drives GPU 3 of its node

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import filelock
 import pytest
+import yaml
 from ablate_testing import SWEEP, write_json
 
 from ablate.errors import UserError
@@ -201,3 +202,15 @@ def test_a_corrupt_record_marks_only_its_arm_unreadable_until_rerun(tmp_path):
     (kept,) = (tmp_path / ".replaced").iterdir()
     assert (kept / "status.json").read_bytes() == b"\x00" * 16  # kept, never deleted
     assert observe(run_dir).state == "queued"
+
+
+def test_a_run_folder_from_before_the_log_section_left_the_hash_is_still_recognised(tmp_path):
+    config = {"seed": 0, "optimizer": {"kind": "adamw", "lr": 1e-3}, "log": {"wandb": {"mode": "disabled"}}}
+    old = RunSpec("x-s0", "x", 0, {}, config, "0123456789ab")  # hashed the old way, log included
+    run_dir = finished(tmp_path, old)
+    legacy = {k: v for k, v in old.spec_json("t").items() if k != "hash_version"}
+    write_json(run_dir / "spec.json", legacy)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    now_config = {**config, "log": {"wandb": {"mode": "auto"}}}  # a new logging default
+    (d,) = plan([RunSpec("x-s0", "x", 0, {}, now_config, config_hash(now_config))], tmp_path)
+    assert d.action == "skip" and d.reason == "done"  # not "config changed"

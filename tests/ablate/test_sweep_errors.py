@@ -237,3 +237,12 @@ def test_status_and_rank_report_the_same_errors(write_sweep, cli):
     for command in ("status", "rank"):
         result = cli(command, path)
         assert result.code == 2 and "did you mean 'seeds'?" in result.err
+
+
+def test_a_delta_cannot_move_its_arm_to_another_wandb_project(write_sweep, cli):
+    line = run_bad(
+        write_sweep,
+        cli,
+        replace("    optimizer.lr: 3e-3\n", "    optimizer.lr: 3e-3\n    log.wandb.project: x\n"),
+    )
+    expect(line, 16, "deltas.lr-high.log.wandb.project", "W&B settings are the sweep's", "baseline.log.wandb")

@@ -118,9 +118,11 @@ def test_wandb_run_is_named_grouped_and_resumed_under_one_id(make_run, monkeypat
     import shutil
 
     shutil.rmtree(checkpoint.latest(d))
+    (first,) = (d / "wandb").glob("offline-run-*")  # resumed in the same second: keep the folders apart
+    first.rename(first.with_name(first.name.replace("offline-run-", "offline-run-0-")))
     job.run(d)  # resumes from step 4
     assert [s["id"] for s in seen] == [seen[0]["id"]] * 2 and seen[0]["resume"] == "allow"
-    assert (seen[0]["name"], seen[0]["group"], seen[0]["job_type"]) == ("muon-s0", "demo", "ablation")
+    assert (seen[0]["name"], seen[0]["group"], seen[0]["job_type"]) == ("muon-s0", "demo", "train")
     assert seen[0]["config"]["optimizer"]["kind"] == "adamw"  # the resolved config
     runs = sorted((d / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(seen[0]["id"]) for r in runs)

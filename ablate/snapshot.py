@@ -1,0 +1,103 @@
+"""Code snapshots: a job runs the code as it was when `ablate run` submitted it, not the working tree
+as it is when the job starts (a queued job may wait hours while someone edits the trainer).
+
+Running from a git checkout (an editable install), `ablate run` copies the packages' files as they
+are at submission — tracked and untracked-but-not-ignored, uncommitted edits included — into
+`<sweep>/.code/<commit>[-<hash of the changes>]/` (once per distinct state), and each job imports
+from there: its environment puts the snapshot first on PYTHONPATH, with PYTHONSAFEPATH=1 so the
+job's working folder (often the checkout itself) does not shadow it; the working folder is kept, so
+relative data paths still mean what they meant. Every run folder records the commit and, when the
+tree was dirty, the diff (`code.json`, `code.diff`). Installed from a wheel, the code cannot change
+under a queued job; only the version is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.atomic import commit_dir
+
+PACKAGES = ("ablate", "core", "trainer", "eval")
+CODE_FOLDER = ".code"
+
+
+@dataclass(frozen=True)
+class Code:
+    record: dict[str, Any]
+    """what code.json says: commit, dirty, untracked files, snapshot folder (or the installed version)"""
+    diff: str
+    """`git diff HEAD` of the packages at submission ('' when clean)"""
+    folder: Path | None
+    """the snapshot jobs import from; None when the code is installed, not a checkout"""
+
+    def job_setup(self) -> list[str]:
+        """Shell lines that make a job import the snapshot (submitit's `setup`, run before the job)."""
+        if self.folder is None:
+            return []
+        folder = shlex.quote(str(self.folder))
+        return ["export PYTHONSAFEPATH=1", f"export PYTHONPATH={folder}${{PYTHONPATH:+:$PYTHONPATH}}"]
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+
+def source_root() -> Path | None:
+    """The git checkout the packages are imported from, or None (installed, or no git)."""
+    import ablate
+
+    root = Path(ablate.__file__).resolve().parent.parent
+    try:
+        top = Path(_git(root, "rev-parse", "--show-toplevel").strip()).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return root if top == root else None
+
+
+def take(sweep_root: Path) -> Code:
+    """Snapshot the packages as they are now (reusing an identical earlier snapshot)."""
+    root = source_root()
+    if root is None:
+        from importlib.metadata import version
+
+        return Code({"installed": version("ablate")}, "", None)
+    commit = _git(root, "rev-parse", "HEAD").strip()
+    diff = _git(root, "diff", "HEAD", "--binary", "--", *PACKAGES)
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *PACKAGES).splitlines()
+    files = [f for f in _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *PACKAGES)
+             .split("\0") if f and (root / f).is_file()]  # fmt: skip
+    changes = hashlib.sha256(diff.encode())
+    for name in sorted(untracked):
+        changes.update(name.encode() + b"\0" + (root / name).read_bytes())
+    dirty = bool(diff or untracked)
+    folder = sweep_root / CODE_FOLDER / (commit[:12] + (f"-{changes.hexdigest()[:8]}" if dirty else ""))
+    if not folder.exists():
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name in files:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, tmp / name)
+        commit_dir(tmp, folder)
+    record = {
+        "commit": commit,
+        "dirty": dirty,
+        "untracked": untracked,
+        "snapshot": str(folder),
+        "source": str(root),
+    }
+    return Code(record, diff, folder)
+
+
+def shadowing_warning() -> str | None:
+    """Python < 3.11 has no PYTHONSAFEPATH: a job started in the checkout imports the checkout, not the snapshot."""
+    if sys.version_info >= (3, 11) or not any((Path.cwd() / p).is_dir() for p in PACKAGES):
+        return None
+    return ("Python < 3.11: jobs started in this folder import its code, not the snapshot; "
+            "submit from another folder to freeze the code")  # fmt: skip
