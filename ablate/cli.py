@@ -211,7 +211,11 @@ def rank(
             "--step", help="Rank at this step \\[default: the last step all finished arms reached]."
         ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | markdown | json")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | markdown | json | html")] = "table",
+    by: Annotated[
+        str | None,
+        typer.Option("--by", metavar="METRIC", help="Order by this rank_by metric \\[default: the first]."),
+    ] = None,
     to_wandb: Annotated[
         bool, typer.Option("--wandb", help="Also log the table as a W&B Table in the sweep's group.")
     ] = False,
@@ -222,16 +226,21 @@ def rank(
     if fmt not in ranking.FORMATS:
         raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(ranking.FORMATS)}", path="--format")
     sweep = load_sweep(sweep_file)
-    df, used = ranking.rank(sweep, step)
-    if fmt == "csv":
+    df, used = ranking.rank(sweep, step, by)
+    where = f"at step {used}" if used is not None else "(no arm has evaluated yet)"
+    title = f"{sweep.name}: change vs baseline {where}, paired by seed"
+    if fmt == "html":
+        page = ranking.HTML_PAGE.format(
+            title=title, style=ranking.TABLE_STYLE, body=ranking.to_html(df, sweep.metrics, title)
+        )
+        sys.stdout.write(page)
+    elif fmt == "csv":
         sys.stdout.write(df.to_csv(index=False))
     elif fmt == "json":
         print(ranking.to_json(df, sweep, used))
     elif fmt == "markdown":
         print(ranking.to_markdown(df, sweep.metrics))
     else:
-        where = f"at step {used}" if used is not None else "(no arm has evaluated yet)"
-        title = f"{sweep.name}: change vs baseline {where}, paired by seed"
         _console().print(ranking.to_rich(df, sweep.metrics, title))
     if to_wandb:
         from ablate.wandb_runs import log_table

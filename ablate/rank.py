@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ablate import stats
 from ablate.errors import UserError
 from ablate.store import observe
 from ablate.sweep import BASELINE, Sweep, arm_name
@@ -24,7 +25,7 @@ from core.rundir import DONE, UNREADABLE, RunDir
 if TYPE_CHECKING:
     import pandas as pd
 
-FORMATS = ("table", "csv", "markdown", "json")
+FORMATS = ("table", "csv", "markdown", "json", "html")
 
 
 @dataclass
@@ -35,6 +36,8 @@ class ArmResult:
     state: str
     metrics_by_step: dict[int, dict[str, float]] = field(default_factory=dict)
     batches_per_s: float | None = None
+    steps: int | None = None
+    """steps trained (for GPU-hours)"""
 
 
 def collect(sweep: Sweep) -> list[ArmResult]:
@@ -54,6 +57,7 @@ def collect(sweep: Sweep) -> list[ArmResult]:
                 arm.state, arm.metrics_by_step, result = UNREADABLE, {}, None
             if result is not None:
                 arm.batches_per_s = result.get("throughput", {}).get("batches_per_s")
+                arm.steps = result.get("step")
             arms.append(arm)
     return arms
 
@@ -68,13 +72,23 @@ def default_step(arms: list[ArmResult]) -> int | None:
     return max(common) if common else None
 
 
-def rank_table(arms: list[ArmResult], metrics: list[tuple[str, str]], step: int | None) -> pd.DataFrame:
-    """One row per delta (baseline first), sorted by the first metric's improvement.
+def rank_table(
+    arms: list[ArmResult],
+    metrics: list[tuple[str, str]],
+    step: int | None,
+    *,
+    by: str | None = None,
+    devices: int = 1,
+) -> pd.DataFrame:
+    """One row per delta (baseline first), sorted by the improvement in `by` (default: the first metric).
 
-    Columns: delta, state, seeds ("paired/total"), then per metric m: `m` (mean value at
-    `step`), `m_change` (mean of delta − baseline over paired seeds), `m_change_std` (NaN for
-    one seed), `m_change_pct` (mean of 100·(delta − baseline)/|baseline|); then
-    `batches_per_s` (mean) and `throughput_ratio` (mean of delta/baseline batches/s).
+    Columns: delta, state, seeds ("paired/total"); per metric m: `m` (mean value at `step`),
+    `m_change` (mean of delta − baseline over the paired seeds), `m_change_std`, `m_change_pct`
+    (mean of 100·(delta − baseline)/|baseline|), `m_ci_low`/`m_ci_high` (stats.INTERVAL; NaN
+    below two pairs), `m_pairs`, `m_significant` (the interval excludes zero), `m_noise_floor`
+    (the baseline's spread over seeds, on every row); then `batches_per_s`, `throughput_ratio`
+    (mean of delta/baseline batches/s), `gpu_hours` (steps ÷ batches/s × `devices`, mean over
+    seeds), `cost_ratio` (mean of delta/baseline GPU-hours) and `{first}_change_per_gpu_hour`.
     """
     import pandas as pd
 
@@ -89,6 +103,12 @@ def rank_table(arms: list[ArmResult], metrics: list[tuple[str, str]], step: int 
         v = arm.metrics_by_step.get(step, {}).get(metric)
         return math.nan if v is None else float(v)
 
+    def hours(arm: ArmResult | None) -> float:
+        if arm is None or not arm.batches_per_s or not arm.steps:
+            return math.nan
+        return arm.steps / arm.batches_per_s / 3600 * devices
+
+    noise = {m: stats.std([value(a, m) for a in baseline.values()]) for m, _ in metrics}
     rows = []
     for delta, group in by_delta.items():
         row: dict[str, Any] = {"delta": delta, "state": _state_summary(group, step)}
@@ -104,27 +124,40 @@ def rank_table(arms: list[ArmResult], metrics: list[tuple[str, str]], step: int 
                 row["seeds"] = (
                     f"{len(changes) if delta != BASELINE else sum(not math.isnan(v) for v in values)}/{len(group)}"
                 )
-            row[metric] = _mean([v for v in values if not math.isnan(v)])
-            row[f"{metric}_change"] = _mean(changes)
-            row[f"{metric}_change_std"] = _std(changes)
-            row[f"{metric}_change_pct"] = _mean(pcts)
-        speeds = [a.batches_per_s for a in group if a.batches_per_s]
-        ratios = [
-            a.batches_per_s / baseline[a.seed].batches_per_s
-            for a in group
-            if delta != BASELINE and a.batches_per_s and a.seed in baseline and baseline[a.seed].batches_per_s
-        ]
-        row["batches_per_s"] = _mean(speeds)
-        row["throughput_ratio"] = _mean(ratios)
+            change = stats.paired(changes)
+            row[metric] = stats.mean(values)
+            row[f"{metric}_change"] = change.mean
+            row[f"{metric}_change_std"] = change.std
+            row[f"{metric}_change_pct"] = stats.mean(pcts)
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = change.low, change.high
+            row[f"{metric}_pairs"] = change.n
+            row[f"{metric}_significant"] = change.significant
+            row[f"{metric}_noise_floor"] = noise[metric]
+        paired = [(a, baseline.get(a.seed)) for a in group] if delta != BASELINE else []
+        row["batches_per_s"] = stats.mean([a.batches_per_s for a in group if a.batches_per_s])
+        row["throughput_ratio"] = stats.mean(
+            [
+                a.batches_per_s / b.batches_per_s
+                for a, b in paired
+                if b and a.batches_per_s and b.batches_per_s
+            ]
+        )
+        row["gpu_hours"] = stats.mean([hours(a) for a in group])
+        row["cost_ratio"] = stats.mean([hours(a) / hours(b) for a, b in paired if b and hours(b) > 0])
+        first = metrics[0][0]
+        row[f"{first}_change_per_gpu_hour"] = (
+            row[f"{first}_change"] / row["gpu_hours"] if row["gpu_hours"] > 0 else math.nan
+        )
         rows.append(row)
 
-    first, direction = metrics[0]
+    key = by or metrics[0][0]
+    direction = dict(metrics)[key]
     sign = -1.0 if direction == "lower" else 1.0
 
     def order(row: dict[str, Any]) -> tuple[int, float]:
         if row["delta"] == BASELINE:
             return (0, 0.0)
-        improvement = sign * row[f"{first}_change"]
+        improvement = sign * row[f"{key}_change"]
         return (2, 0.0) if math.isnan(improvement) else (1, -improvement)
 
     rows.sort(key=order)  # stable: deltas without numbers keep the sweep's order, at the end
@@ -146,24 +179,16 @@ def _state_summary(group: list[ArmResult], step: int | None) -> str:
     return ", ".join(f"{n} {label}" for label, n in counts.items())
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-def _std(xs: list[float]) -> float:
-    """Sample standard deviation (n − 1); NaN below two values."""
-    if len(xs) < 2:
-        return math.nan
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 # --- output --------------------------------------------------------------------------------------
 
 
-def rank(sweep: Sweep, step: int | None = None) -> tuple[pd.DataFrame, int | None]:
-    """The ranking table of a sweep at `step` (default: `default_step`), and the step used."""
+def rank(sweep: Sweep, step: int | None = None, by: str | None = None) -> tuple[pd.DataFrame, int | None]:
+    """The ranking table of a sweep at `step` (default: `default_step`) ordered by `by`, and the step used."""
+    names = [m for m, _ in sweep.metrics]
+    if by is not None and by not in names:
+        raise UserError(
+            f"'{by}' is not one of the sweep's rank_by metrics", f"one of: {', '.join(names)}", path="--by"
+        )
     arms = collect(sweep)
     if step is None:
         step = default_step(arms)
@@ -176,7 +201,9 @@ def rank(sweep: Sweep, step: int | None = None) -> tuple[pd.DataFrame, int | Non
             else "a step once arms have evaluated",
             path="--step",
         )
-    return rank_table(arms, sweep.metrics, step), step
+    launcher = sweep.launcher
+    devices = launcher.nodes * (launcher.gpus_per_node or launcher.tasks_per_node)
+    return rank_table(arms, sweep.metrics, step, by=by, devices=devices), step
 
 
 def to_json(df: pd.DataFrame, sweep: Sweep, step: int | None) -> str:
@@ -187,34 +214,73 @@ def to_json(df: pd.DataFrame, sweep: Sweep, step: int | None) -> str:
     return json.dumps({"sweep": sweep.name, "step": step, "rank_by": sweep.rank_by, "rows": rows}, indent=2)
 
 
+NOISE_FLOOR = "noise floor"
+
+
 def cells(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> tuple[list[str], list[list[tuple[str, int]]]]:
-    """Human-readable header and cells; each cell with its sign: +1 better, −1 worse, 0 neutral."""
+    """Human-readable header and cells; each cell with its sign: +1 better, −1 worse, 0 neutral.
+
+    Per metric: the value, the change (mean over paired seeds, its interval, * when significant), the
+    change in %. After the baseline, the noise-floor row: the baseline's spread over seeds.
+    """
     header = ["delta", "state", "seeds"]
     for metric, direction in metrics:
-        header += [f"{metric} {'↓' if direction == 'lower' else '↑'}", "Δ", "Δ%"]
-    header += ["batches/s", "speed"]
+        header += [f"{metric} {'↓' if direction == 'lower' else '↑'}", "Δ [95% CI]", "Δ%"]
+    header += ["batches/s", "speed", "GPU-h", "cost"]
     out = []
     for r in df.to_dict("records"):
         row = [(str(r["delta"]), 0), (str(r["state"]), 0), (str(r["seeds"]), 0)]
         for metric, direction in metrics:
-            change, std, pct = r[f"{metric}_change"], r[f"{metric}_change_std"], r[f"{metric}_change_pct"]
+            change, pct = r[f"{metric}_change"], r[f"{metric}_change_pct"]
             good = (
                 0
                 if math.isnan(change) or change == 0
                 else (1 if (change < 0) == (direction == "lower") else -1)
             )
-            text = _num(change, "{:+.4g}") + ("" if math.isnan(std) else f" ± {std:.2g}")
-            row += [(_num(r[metric], "{:.4g}"), 0), (text, good), (_num(pct, "{:+.1f}%"), good)]
-        ratio = r["throughput_ratio"]
+            row += [
+                (_num(r[metric], "{:.4g}"), 0),
+                (_change_text(r, metric), good),
+                (_num(pct, "{:+.1f}%"), good),
+            ]
+        ratio, cost = r["throughput_ratio"], r["cost_ratio"]
         row += [
             (_num(r["batches_per_s"], "{:.3g}"), 0),
             (
                 _num(ratio, "{:.2f}x"),
                 0 if math.isnan(ratio) else (1 if ratio > 1 else -1 if ratio < 1 else 0),
             ),
+            (_num(r["gpu_hours"], "{:.3g}"), 0),
+            (_num(cost, "{:.2f}x"), 0 if math.isnan(cost) else (1 if cost < 1 else -1 if cost > 1 else 0)),
         ]
         out.append(row)
+        if r["delta"] == BASELINE:
+            noise = [(NOISE_FLOOR, 0), ("baseline spread", 0), ("", 0)]
+            for metric, _ in metrics:
+                floor = r[f"{metric}_noise_floor"]
+                noise += [
+                    ("", 0),
+                    (_num(floor, "±{:.3g}") if not math.isnan(floor) else "1 seed: none", 0),
+                    ("", 0),
+                ]
+            out.append(noise + [("", 0)] * 4)
     return header, out
+
+
+def _change_text(r: dict[str, Any], metric: str) -> str:
+    change, low, high, n = (
+        r[f"{metric}_change"],
+        r[f"{metric}_ci_low"],
+        r[f"{metric}_ci_high"],
+        r[f"{metric}_pairs"],
+    )
+    if math.isnan(change):
+        return "—"
+    text = f"{change:+.4g}"
+    if n >= 2 and not math.isnan(low):
+        text += f" [{low:+.3g}, {high:+.3g}]" + ("*" if r[f"{metric}_significant"] else "")
+    else:
+        text += " (1 seed)"
+    return text
 
 
 def _num(x: float, fmt: str) -> str:
@@ -222,15 +288,18 @@ def _num(x: float, fmt: str) -> str:
 
 
 LEGEND = (
-    "↓ lower is better, ↑ higher is better. Δ = delta − baseline at the same seed, mean ± std over seeds "
-    "(Δ% relative to the baseline). speed = batches/s relative to the baseline."
+    f"↓ lower is better, ↑ higher is better. Δ = delta − baseline at the same seed, mean over seeds with its "
+    f"{stats.INTERVAL}; * = the interval excludes zero; one seed gives no interval. Δ% relative to the "
+    "baseline. noise floor = the baseline's standard deviation over seeds. speed = batches/s relative to the "
+    "baseline; GPU-h = steps ÷ batches/s × devices per arm; cost = GPU-hours relative to the baseline."
 )
 
 
 LEGEND_TERMINAL = (
     "↓ lower is better, ↑ higher is better; green = better than the baseline. Each metric: the value at the "
-    "step, below it the change against the baseline at the same seed (mean ± std over seeds, and in %). "
-    "speed = batches/s relative to the baseline. --format csv|markdown|json for every column."
+    f"step, below it the change against the baseline at the same seed (mean, {stats.INTERVAL}, * when it "
+    "excludes zero; in %). noise floor: the baseline's spread over seeds. speed = batches/s and cost = "
+    "GPU-hours relative to the baseline. --format csv|markdown|json|html for every column."
 )
 
 
@@ -251,20 +320,61 @@ def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
     header, rows = cells(df, metrics)
     # On a terminal each metric is one column, the value above "Δ (Δ%)", so four metrics fit 120 columns;
     # csv/markdown/json keep value, Δ and Δ% apart.
-    merged_header = header[:3] + [header[3 + 3 * i] for i in range(len(metrics))] + header[-2:]
+    merged_header = header[:3] + [header[3 + 3 * i] for i in range(len(metrics))] + header[-4:]
     table = Table(title=title, title_justify="left", caption=LEGEND_TERMINAL, caption_justify="left")
     for i, name in enumerate(merged_header):
         table.add_column(name, justify="left" if i < 3 else "right", no_wrap=True)
     for row in rows:
         out = [Text(t) for t, _ in row[:3]]
+        if row[0][0] == NOISE_FLOOR:
+            out = [Text(t, style="dim") for t, _ in row[:3]]
+            out += [Text(row[4 + 3 * i][0], style="dim") for i in range(len(metrics))] + [Text("")] * 4
+            table.add_row(*out)
+            continue
         for i in range(len(metrics)):
             (value, _), (change, good), (pct, _) = row[3 + 3 * i : 6 + 3 * i]
             out.append(
                 Text(
-                    value if pct == "—" else f"{value}\n{change} ({pct})",
+                    value if pct in ("—", "") else f"{value}\n{change} ({pct})",
                     style="green" if good > 0 else "red" if good < 0 else "",
                 )
             )
-        out += [Text(t, style="green" if g > 0 else "red" if g < 0 else "") for t, g in row[-2:]]
+        out += [Text(t, style="green" if g > 0 else "red" if g < 0 else "") for t, g in row[-4:]]
         table.add_row(*out)
     return table
+
+
+def to_html(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str) -> str:
+    """The table as an HTML fragment (a `<table class="impact">` and its legend), for `--format html`
+    and the report; better/worse cells carry the classes `better`/`worse`, significant ones `significant`."""
+    from html import escape
+
+    header, rows = cells(df, metrics)
+    out = [f'<table class="impact"><caption>{escape(title)}</caption><thead><tr>']
+    out += [f"<th>{escape(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
+    for row in rows:
+        kind = ' class="noise"' if row[0][0] == NOISE_FLOOR else ""
+        out.append(f"<tr{kind}>")
+        for i, (text, good) in enumerate(row):
+            classes = ["better" if good > 0 else "worse" if good < 0 else ""]
+            classes.append("significant" if text.endswith("*") else "")
+            classes.append("num" if i >= 3 else "")
+            cls = " ".join(c for c in classes if c)
+            out.append(f'<td class="{cls}">{escape(text)}</td>' if cls else f"<td>{escape(text)}</td>")
+        out.append("</tr>")
+    out.append(f'</tbody></table><p class="legend">{escape(LEGEND)}</p>')
+    return "".join(out)
+
+
+HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>
+<body>{body}</body></html>
+"""
+TABLE_STYLE = (
+    "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}"
+    "table.impact{border-collapse:collapse;margin:1em 0}table.impact caption{text-align:left;font-weight:600;"
+    "padding:.4em 0}table.impact th,table.impact td{border-bottom:1px solid #ddd;padding:.3em .6em;"
+    "white-space:nowrap}table.impact td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    ".better{color:#11772d}.worse{color:#b3261e}.significant{font-weight:700}tr.noise td{color:#777;"
+    "font-style:italic}.legend{color:#555;max-width:60em}"
+)

@@ -142,7 +142,8 @@ def test_cli_formats(sweep, cli):
         for d in ("baseline", "a", "c", "b", "d")
     ]
     assert order == sorted(order)
-    assert "-0.15 ± 0.071" in table.out and "-17.5%" in table.out and "0.50x" in table.out
+    assert "-0.15 [-0.785, +0.485] (-17.5%)" in table.out and "0.50x" in table.out  # 95% paired-t, two seeds
+    assert "noise floor" in table.out and "±0.141" in table.out  # the baseline's spread over seeds
 
     as_json = json.loads(cli("rank", sweep_file, "--format", "json").out)
     assert as_json["step"] == 200 and as_json["rank_by"] == [{"val_loss": "lower"}, {"acc": "higher"}]
@@ -157,9 +158,12 @@ def test_cli_formats(sweep, cli):
 
     markdown = cli("rank", sweep_file, "--format", "markdown", "--step", "100").out.splitlines()
     assert (
-        markdown[0] == "| delta | state | seeds | val_loss ↓ | Δ | Δ% | acc ↑ | Δ | Δ% | batches/s | speed |"
+        markdown[0]
+        == "| delta | state | seeds | val_loss ↓ | Δ [95% CI] | Δ% | acc ↑ | Δ [95% CI] | Δ% | batches/s | speed | GPU-h | cost |"
     )
-    assert markdown[3].startswith("| c | 1 done, no step 100, 1 running | 1/2 | 1.1 | -0.1 | -8.3% |")
+    assert markdown[4].startswith(
+        "| c | 1 done, no step 100, 1 running | 1/2 | 1.1 | -0.1 (1 seed) | -8.3% |"
+    )
 
 
 def test_cli_rejects_unknown_step_and_format(sweep, cli):
@@ -169,3 +173,31 @@ def test_cli_rejects_unknown_step_and_format(sweep, cli):
     )
     result = cli("rank", sweep.file, "--format", "xml")
     assert result.code == 2 and "expected one of: table, csv, markdown, json" in result.err
+
+
+def test_intervals_significance_noise_floor_and_cost_on_known_numbers():
+    def arm(delta, seed, loss, bps=10.0):
+        return ArmResult(f"{delta}-s{seed}", delta, seed, "done", {10: {"loss": loss}}, bps, steps=3600)
+
+    arms = [arm("baseline", s, v) for s, v in enumerate((1.0, 1.1, 0.9))]
+    arms += [arm("clear", s, v - 0.5, bps=20.0) for s, v in enumerate((1.0, 1.1, 0.9))]  # -0.5 at every seed
+    arms += [arm("noise", s, v + d) for s, (v, d) in enumerate(((1.0, 0.1), (1.1, -0.1), (0.9, 0.05)))]
+    df = rank_table(arms, [("loss", "lower")], 10, devices=8).set_index("delta")
+    clear, noise = df.loc["clear"], df.loc["noise"]
+    assert clear["loss_change"] == pytest.approx(-0.5) and clear["loss_significant"]
+    assert clear["loss_ci_low"] == pytest.approx(-0.5) == pytest.approx(clear["loss_ci_high"])  # no spread
+    assert not noise["loss_significant"] and noise["loss_ci_low"] < 0 < noise["loss_ci_high"]
+    assert noise["loss_pairs"] == 3 and df.loc["baseline"]["loss_noise_floor"] == pytest.approx(0.1)
+    assert df.loc["baseline"]["gpu_hours"] == pytest.approx(
+        3600 / 10 / 3600 * 8
+    )  # steps / (batches/s) x devices
+    assert clear["cost_ratio"] == pytest.approx(0.5) and clear["throughput_ratio"] == pytest.approx(2.0)
+
+
+def test_order_by_another_metric_and_the_html_table(sweep, cli):
+    by_acc = cli("rank", sweep.file, "--by", "acc", "--format", "csv")
+    assert list(pd.read_csv(io.StringIO(by_acc.out))["delta"]) == ["baseline", "a", "b", "c", "d"]
+    wrong = cli("rank", sweep.file, "--by", "fid")
+    assert wrong.code == 2 and "--by: 'fid' is not one of the sweep's rank_by metrics" in wrong.err
+    html = cli("rank", sweep.file, "--format", "html").out
+    assert html.startswith("<!doctype html>") and '<table class="impact">' in html and "noise floor" in html
