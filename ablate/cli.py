@@ -253,6 +253,37 @@ def rank(
         print(f"impact table logged to {where}", file=sys.stderr)
 
 
+StepOption = Annotated[
+    int | None,
+    typer.Option("--step", help="At this step \\[default: the last step all finished arms reached]."),
+]
+ByOption = Annotated[
+    str | None,
+    typer.Option("--by", metavar="METRIC", help="Order by this rank_by metric \\[default: the first]."),
+]
+
+
+@app.command()
+def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
+    """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
+    from ablate import plots
+    from ablate import rank as ranking
+
+    sweep = load_sweep(sweep_file)
+    df, used = ranking.rank(sweep, step, by)
+    for name, path in plots.write(sweep, df, ranking.collect(sweep)).items():
+        print(f"{name}: {path}")
+
+
+@app.command()
+def report(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
+    """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
+    from ablate.report import build
+
+    path = build(load_sweep(sweep_file), step, by)
+    print(f"report: {path}")
+
+
 @app.command()
 def sync(
     sweep_file: SweepFile,

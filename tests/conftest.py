@@ -33,3 +33,25 @@ def slurm_cluster():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt when missing (as root); skips where it cannot be."""
+    import shutil
+
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("no chromium here, and cannot install it (not root, or no apt)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0:  # stale package lists on a fresh machine
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=900)
+        done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0 or not shutil.which("chromium"):
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        pytest.fail(f"could not install chromium: {lines[-1] if lines else 'apt-get failed'}")
+    return shutil.which("chromium")
