@@ -285,6 +285,32 @@ def report(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) 
 
 
 @app.command()
+def stack(
+    sweep_file: SweepFile,
+    top: Annotated[int, typer.Option("--top", min=1, metavar="K", help="Stack the K best deltas.")] = 3,
+    by: ByOption = None,
+    any_change: Annotated[
+        bool, typer.Option("--any", help="Take the best means even where the interval includes zero.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="FILE", help="The new sweep file \\[default: SWEEP-stack.yaml]."),
+    ] = None,
+    step: StepOption = None,
+) -> None:
+    """Write a sweep whose baseline stacks the K deltas that improved most, with one leave-one-out delta each."""
+    from ablate import rank as ranking
+    from ablate import stacking
+
+    sweep = load_sweep(sweep_file)
+    df, used = ranking.rank(sweep, step, by)
+    chosen = stacking.winners(df, sweep, top, by, any_change)
+    path = stacking.write(sweep, chosen, df, by, out or sweep_file.with_name(f"{sweep_file.stem}-stack.yaml"))
+    print(f"stacked {', '.join(chosen)} (step {used}) into {path}; every arm validates")
+    print(f"next: ablate run {path}")
+
+
+@app.command()
 def sync(
     sweep_file: SweepFile,
     dry_run: Annotated[

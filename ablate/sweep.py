@@ -198,7 +198,7 @@ def _problems(sweep: Sweep) -> Iterator[UserError]:
         )
     for delta, overrides in sweep.deltas.items():
         try:
-            _normalize(sweep, delta, overrides)
+            delta_tree(sweep, delta, overrides)
         except UserError as e:
             yield e
 
@@ -290,7 +290,7 @@ def expand(sweep: Sweep) -> list[RunSpec]:
         specs.append(RunSpec(arm_name(BASELINE, seed), BASELINE, seed, {}, config, config_hash(config)))
 
     for delta, overrides in sweep.deltas.items():
-        tree, sources = _normalize(sweep, delta, overrides)
+        tree, sources = delta_tree(sweep, delta, overrides)
         for seed in sweep.seeds:
             merged, replaced = merge({**copy.deepcopy(sweep.baseline), "seed": seed}, tree)
             owned = dict(sources)
@@ -326,7 +326,7 @@ def _delta_locator(sweep: Sweep, delta: str, owned: dict[KeyPath, KeyPath]):
     return locate
 
 
-def _normalize(
+def delta_tree(
     sweep: Sweep, delta: str, overrides: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[KeyPath, KeyPath]]:
     """A delta's overrides as one nested tree (dotted keys expanded, nested maps merged).
