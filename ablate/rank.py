@@ -318,28 +318,36 @@ def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
     from rich.text import Text
 
     header, rows = cells(df, metrics)
-    # On a terminal each metric is one column, the value above "Δ (Δ%)", so four metrics fit 120 columns;
-    # csv/markdown/json keep value, Δ and Δ% apart.
-    merged_header = header[:3] + [header[3 + 3 * i] for i in range(len(metrics))] + header[-4:]
+    # On a terminal each metric is one column — its value, then the change (and %), then the interval —
+    # and speed and cost share two columns, so a sweep with four metrics fits 120 columns;
+    # csv/markdown/json/html keep every number apart.
+    merged = header[:3] + [header[3 + 3 * i] for i in range(len(metrics))] + ["speed", "cost"]
     table = Table(title=title, title_justify="left", caption=LEGEND_TERMINAL, caption_justify="left")
-    for i, name in enumerate(merged_header):
+    for i, name in enumerate(merged):
         table.add_column(name, justify="left" if i < 3 else "right", no_wrap=True)
+
+    def style(good: int) -> str:
+        return "green" if good > 0 else "red" if good < 0 else ""
+
     for row in rows:
-        out = [Text(t) for t, _ in row[:3]]
         if row[0][0] == NOISE_FLOOR:
             out = [Text(t, style="dim") for t, _ in row[:3]]
-            out += [Text(row[4 + 3 * i][0], style="dim") for i in range(len(metrics))] + [Text("")] * 4
+            out += [Text(row[4 + 3 * i][0], style="dim") for i in range(len(metrics))] + [Text("")] * 2
             table.add_row(*out)
             continue
+        out = [Text(t) for t, _ in row[:3]]
         for i in range(len(metrics)):
             (value, _), (change, good), (pct, _) = row[3 + 3 * i : 6 + 3 * i]
-            out.append(
-                Text(
-                    value if pct in ("—", "") else f"{value}\n{change} ({pct})",
-                    style="green" if good > 0 else "red" if good < 0 else "",
-                )
-            )
-        out += [Text(t, style="green" if g > 0 else "red" if g < 0 else "") for t, g in row[-4:]]
+            if pct in ("—", ""):
+                out.append(Text(value))
+                continue
+            delta, _, interval = change.partition(" ")
+            lines = f"{value}\n{delta} ({pct})" + (f"\n{interval}" if interval else "")
+            out.append(Text(lines, style=style(good)))
+        (bps, _), (speed, fast), (hours, _), (cost, cheap) = row[-4:]
+        for number, unit, ratio, good in ((bps, "b/s", speed, fast), (hours, "GPU-h", cost, cheap)):
+            text = "—" if number == "—" else f"{number} {unit}" + ("" if ratio == "—" else f"\n{ratio}")
+            out.append(Text(text, style=style(good)))
         table.add_row(*out)
     return table
 
