@@ -129,12 +129,15 @@ now_us() { printf '%s' "${EPOCHREALTIME/./}"; }
 # pid_alive PID COMM: the process exists, is not a zombie (PID 1 here may reap late)
 # and is named COMM (guards against a recycled pid).
 pid_alive() {
-  local pid=$1 comm=$2 stat rest
+  local pid=$1 comm=$2 stat rest name
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || return 1
+  # `read`, not `$(<file)`: bash 5.2 under `set -e` exits the whole script, silently, when
+  # the file of a `$(<file)` cannot be opened (a stale pid file after a reboot).
+  { read -r stat <"/proc/$pid/stat"; } 2>/dev/null || return 1
   rest=${stat##*) }
   [[ ${rest%% *} != Z ]] || return 1
-  { [[ $(<"/proc/$pid/comm") == "$comm" ]]; } 2>/dev/null
+  { read -r name <"/proc/$pid/comm"; } 2>/dev/null || return 1
+  [[ $name == "$comm" ]]
 }
 
 # pidfile_alive FILE COMM: the pid in FILE is a live COMM.

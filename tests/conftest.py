@@ -24,7 +24,8 @@ def slurm_cluster():
         pytest.skip(check.stdout.strip() or check.stderr.strip())
     up = subprocess.run([str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
     if up.returncode != 0:
-        pytest.fail(f"local SLURM did not come up: {up.stderr.strip() or up.stdout.strip()}")
+        said = up.stderr.strip() or up.stdout.strip() or "it printed nothing"
+        pytest.fail(f"local SLURM did not come up ({SCRIPT.name} up exited {up.returncode}): {said}")
     env = subprocess.run([str(SCRIPT), "env"], capture_output=True, text=True, check=True).stdout
     saved = dict(os.environ)
     for line in env.splitlines():  # `export NAME=value` lines, when clients need them
