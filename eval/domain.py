@@ -35,7 +35,12 @@ from eval.images import to_uint8_nhwc
 SYNTHETIC_SHAPES = (
     "synthetic-shapes"  # the domain the trainer renders (trainer/data.py) and these metrics score
 )
-ARCH_VERSION = "attrnet-v2"  # bump when the architecture or training recipe changes: retrains cached nets
+ARCH_VERSION = "attrnet-v2"
+WIDTH = 16  # the attribute net's base width (grid features have 4·WIDTH channels)
+GRID_STRIDE, GRID_LAYERS = (
+    4,
+    8,
+)  # `grid_features`: two stride-2 convs; body[:8] ends at the last conv's ReLU  # bump when the architecture or training recipe changes: retrains cached nets
 FILE_PREFIX = "domain-attr-"
 _LOGIT_SCALE = 10.0  # heads see the unit-norm embedding times this, so softmax can get sharp
 
@@ -79,6 +84,10 @@ class AttributeNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.body(x), dim=-1)  # (N, E), unit norm
 
+    def grid_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv block's map, before pooling: (N, 3, H, W) → (N, 4·width, H/4, W/4) (GRID_STRIDE)."""
+        return self.body[:GRID_LAYERS](x)
+
     def classify(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
         return {attr: head(emb * _LOGIT_SCALE) for attr, head in self.heads.items()}  # attr -> (N, k)
 
@@ -118,7 +127,7 @@ def train_attribute_net(
     epochs: int = 15,
     batch_size: int = 32,
     lr: float = 3e-3,
-    width: int = 16,
+    width: int = WIDTH,
 ) -> AttributeNet:
     """Trains the attribute net on labelled renders (uint8 NHWC or float NCHW in [0, 1]): sum of
     per-attribute cross-entropies, AdamW, one-cycle schedule. Runs on one CPU thread, so the weights

@@ -114,9 +114,15 @@ def make_grid(images, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarr
     return grid
 
 
-def save_grid(images, path: str | Path, nrow: int = 8, pad: int = 2) -> Path:
-    """Writes `images` as one PNG grid, atomically (a reader never sees a half-written file)."""
-    grid = Image.fromarray(make_grid(images, nrow=nrow, pad=pad))
+def save_grid(images, path: str | Path, nrow: int = 8, pad: int = 2, min_tile: int = 0) -> Path:
+    """Writes `images` as one PNG grid, atomically (a reader never sees a half-written file). Images
+    smaller than `min_tile` pixels are enlarged by a whole factor, nearest neighbour, so small
+    samples stay visible and every pixel stays a true sample pixel."""
+    imgs = to_uint8_nhwc(images)
+    factor = max(1, -(-min_tile // max(1, min(imgs.shape[1:3])))) if len(imgs) else 1
+    if factor > 1:
+        imgs = imgs.repeat(factor, axis=1).repeat(factor, axis=2)
+    grid = Image.fromarray(make_grid(imgs, nrow=nrow, pad=pad))
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
     return Path(path)

@@ -47,7 +47,7 @@ from core.atomic import atomic_path, atomic_write_json, read_json
 from .data import DATA
 from .registry import Config
 from .text import TEXT
-from .tokenizer import TOKENIZERS, Latents
+from .tokenizer import Latents, build_tokenizer
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -127,7 +127,7 @@ def precompute(
         log(f"cache {root}: complete, nothing to do")
         return root
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = TOKENIZERS.build(cfg.tokenizer, device, weights_dir=weights_dir)
+    tokenizer = build_tokenizer(cfg, device, weights_dir, cfg.eval.cache_dir or Path(out_dir) / ".tokenizers")
     text = TEXT.build(cfg.text_encoder, device, weights_dir=weights_dir)
     datasets = dict(zip(SPLITS, DATA.build(cfg.data, val_caption=cfg.eval.caption), strict=True))
     root.mkdir(parents=True, exist_ok=True)
@@ -282,10 +282,18 @@ class CachedInputs:
     """Reads them from the batch (a `CachedSplit`'s fields). The tokenizer and text encoder are only
     built when something asks for them (decoding samples, encoding new prompts)."""
 
-    def __init__(self, cfg: TrainConfig, root: Path, device: torch.device, weights_dir: str | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        root: Path,
+        device: torch.device,
+        weights_dir: str | None = None,
+        tokenizer_cache: str | Path | None = None,
+    ):
         from safetensors.torch import load_file
 
         self.cfg, self.device, self.weights_dir = cfg, device, weights_dir
+        self.tokenizer_cache = tokenizer_cache
         empty = load_file(str(root / "empty.safetensors"))
         txt = empty["text"].new_zeros(*empty["mask"].shape, empty["text"].shape[-1])  # (1, L, D)
         txt[empty["mask"]] = empty["text"]
@@ -306,7 +314,7 @@ class CachedInputs:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = TOKENIZERS.build(self.cfg.tokenizer, self.device, weights_dir=self.weights_dir)
+            self._tokenizer = build_tokenizer(self.cfg, self.device, self.weights_dir, self.tokenizer_cache)
         return self._tokenizer
 
     @property
@@ -316,7 +324,12 @@ class CachedInputs:
         return self._text
 
 
-def build_inputs(cfg: TrainConfig, device: torch.device, weights_dir: str | None = None):
+def build_inputs(
+    cfg: TrainConfig,
+    device: torch.device,
+    weights_dir: str | None = None,
+    tokenizer_cache: str | Path | None = None,
+):
     """(inputs, train set, val set): live encoders over the datasets, or the cache when cfg.cache is set.
 
     Building leaves the caller's RNG untouched, so the denoiser's initial weights do not depend on
@@ -325,7 +338,7 @@ def build_inputs(cfg: TrainConfig, device: torch.device, weights_dir: str | None
     train, val = DATA.build(cfg.data, val_caption=cfg.eval.caption)
     with torch.random.fork_rng(devices=[]):
         if cfg.cache is None:
-            tokenizer = TOKENIZERS.build(cfg.tokenizer, device, weights_dir=weights_dir)
+            tokenizer = build_tokenizer(cfg, device, weights_dir, tokenizer_cache)
             return (
                 LiveInputs(tokenizer, TEXT.build(cfg.text_encoder, device, weights_dir=weights_dir)),
                 train,
@@ -334,7 +347,7 @@ def build_inputs(cfg: TrainConfig, device: torch.device, weights_dir: str | None
         root, manifest = open_cache(cfg)
         length = manifest["text"]["length"]
         return (
-            CachedInputs(cfg, root, device, weights_dir),
+            CachedInputs(cfg, root, device, weights_dir, tokenizer_cache),
             CachedSplit(train, root, manifest["splits"]["train"], length),
             CachedSplit(val, root, manifest["splits"]["val"], length),
         )

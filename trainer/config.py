@@ -207,6 +207,19 @@ class TrainConfig(Config):
             )
         return self
 
+    def _trained_on_the_data(self, key: str, component, instead: str) -> None:
+        domain = component.needs_domain
+        if domain not in (None, self.data.domain):
+            raise ValueError(
+                f"{key} {component.kind!r} is trained on the {domain} domain, but data.kind "
+                f"{self.data.kind!r} is not of it; use {instead}"
+            )
+
+    @model_validator(mode="after")
+    def _domain_tokenizer_needs_the_domain(self):
+        self._trained_on_the_data("tokenizer", self.tokenizer, "a pretrained tokenizer (pixel, flux-vae, …)")
+        return self
+
     @model_validator(mode="after")
     def _check_routing_and_repa(self):
         depth = self.model.sizes()["depth"]
@@ -219,6 +232,7 @@ class TrainConfig(Config):
         repa = self.repa
         if repa is None:
             return self
+        self._trained_on_the_data("repa.teacher", repa.teacher, "a pretrained teacher (dinov2-*, dinov3-*)")
         if repa.block >= depth:
             raise ValueError(
                 f"repa.block {repa.block} is outside the model's blocks 0..{depth - 1}; "

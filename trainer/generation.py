@@ -16,45 +16,16 @@ import torch
 import torch.distributed as tdist
 
 from . import flow
-from .data import ATTRIBUTES, SyntheticConfig, SyntheticShapes
+from .data import ATTRIBUTES, SyntheticConfig, attribute_net
 
+GRID_TILE = 96  # px: small samples are enlarged (nearest) in the saved grid so a person can see them
 PROMPT_SEED = 4321  # noise of the eval prompts: fixed, equal across arms, seeds and steps
-ATTR_NET_TRAIN_IMAGES = 6000  # renders the demo domain's attribute net trains on
 
 
 def requested_attributes(caption_column: str, attrs: np.ndarray) -> dict[str, np.ndarray]:
     """Which attributes each synthetic prompt asks for: all in long captions, the shape in short ones."""
     named = set(ATTRIBUTES) if caption_column == "long" else {"shape"}
     return {a: np.where(a in named, attrs[:, i], -1) for i, a in enumerate(ATTRIBUTES)}
-
-
-def _domain_extractor(data_cfg: SyntheticConfig, cache_dir: Path, device: torch.device):
-    """The demo domain's attribute net, trained once per domain and cached beside the runs."""
-    from eval.domain import DomainAttrExtractor, DomainData, get_or_train_attribute_net
-
-    def make_data() -> DomainData:
-        # renders from a range of indices that training and held-out data never use
-        ds = SyntheticShapes(data_cfg, offset=10**9, length=ATTR_NET_TRAIN_IMAGES)
-        items = [ds[i] for i in range(len(ds))]
-        images = np.stack(
-            [(it["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for it in items]
-        )
-        attrs = np.stack([it["attrs"].numpy() for it in items])
-        return DomainData(
-            images,
-            {a: attrs[:, i] for i, a in enumerate(ATTRIBUTES)},
-            {a: len(v) for a, v in ATTRIBUTES.items()},
-        )
-
-    key = {
-        "domain": "synthetic-shapes",
-        "resolution": data_cfg.resolution,
-        "domain_seed": data_cfg.domain_seed,
-        "jitter": data_cfg.jitter,
-        "images": ATTR_NET_TRAIN_IMAGES,
-        "attributes": ATTRIBUTES,
-    }
-    return DomainAttrExtractor(get_or_train_attribute_net(cache_dir, key, make_data), device)
 
 
 class GenerationEval:
@@ -71,7 +42,10 @@ class GenerationEval:
         if isinstance(trainer.cfg.data, SyntheticConfig) and any(
             m.startswith(("domain_", "prompt_")) for m in cfg.metrics
         ):
-            extractors["domain-attr"] = _domain_extractor(trainer.cfg.data, self.cache_dir, trainer.device)
+            from eval.domain import DomainAttrExtractor
+
+            net = attribute_net(trainer.cfg.data, self.cache_dir)
+            extractors["domain-attr"] = DomainAttrExtractor(net, trainer.device)
         reference = Reference(
             dataset=self._dataset_id(), num_samples=self.n, images=self._real_images, cache_dir=self.cache_dir
         )
@@ -144,7 +118,9 @@ class GenerationEval:
         if len(shown):  # people look at samples before any number
             from eval.images import save_grid
 
-            save_grid(shown, tr.rundir.eval_grid(step), nrow=int(np.ceil(np.sqrt(len(shown)))))
+            save_grid(
+                shown, tr.rundir.eval_grid(step), nrow=int(np.ceil(np.sqrt(len(shown)))), min_tile=GRID_TILE
+            )
         return metrics
 
     def _gather(self, feats: dict, images: np.ndarray) -> tuple[dict, np.ndarray]:

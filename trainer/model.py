@@ -10,6 +10,7 @@ diffusers model (`save_pretrained` / `from_pretrained`); factor parameters live 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
@@ -133,6 +134,8 @@ class FactorContext:
     device: torch.device
     weights_dir: str | None = None
     seed: int = 0  # the arm's seed, for factors that draw random numbers per step
+    data: Any = None  # the data config (a domain's own teacher renders the domain)
+    cache_dir: str | None = None  # where networks trained on first use are kept (the eval cache)
 
     @property
     def grid(self) -> int:

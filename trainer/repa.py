@@ -39,13 +39,16 @@ from pydantic import Field, create_model, model_validator
 from torch import nn
 
 from core.weights import HFWeights, load_pretrained
+from eval.domain import GRID_STRIDE, SYNTHETIC_SHAPES
+from eval.domain import WIDTH as ATTR_NET_WIDTH
 
 from .model import Factor, FactorContext, TokenState
 from .registry import Config, Registry
 from .routing import gather_tokens
 
 REPA = Registry("repa", facts=("needs_full_grid",))
-TEACHERS = Registry("teacher")
+# `needs_domain`: the data domain a teacher is trained on (None: any images).
+TEACHERS = Registry("teacher", facts=("needs_domain",))
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,6 +82,8 @@ HF_TEACHERS: dict[str, TeacherSpec] = {
 class HFTeacherConfig(Config):
     """A pretrained teacher from the Hugging Face Hub; sizes are known without loading it."""
 
+    needs_domain: ClassVar[str | None] = None
+
     @property
     def spec(self) -> TeacherSpec:
         return HF_TEACHERS[self.kind]  # type: ignore[attr-defined]
@@ -96,6 +101,7 @@ class HFTeacherConfig(Config):
 
 
 class TinyTeacherConfig(Config):
+    needs_domain: ClassVar[str | None] = None
     kind: Literal["tiny"] = "tiny"
     width: int = Field(32, ge=8, description="token width")
     layers: int = Field(2, ge=1, description="transformer layers")
@@ -175,6 +181,49 @@ def build_tiny_teacher(cfg: TinyTeacherConfig, ctx: FactorContext) -> Teacher:
         torch.manual_seed(cfg.seed)
         model = Dinov2WithRegistersModel(config)
     return Teacher(model, cfg.patch_size, 1 + cfg.registers).to(ctx.device)
+
+
+class DomainTeacherConfig(Config):
+    """The synthetic domain's own attribute net as the teacher (its stride-4 conv features): the demo's
+    DINOv2, trained on the domain once and cached, as the demo metrics' extractor is."""
+
+    needs_domain: ClassVar[str | None] = SYNTHETIC_SHAPES
+    kind: Literal["domain"] = "domain"
+
+    @property
+    def patch_size(self) -> int:
+        return GRID_STRIDE
+
+    @property
+    def width(self) -> int:
+        return 4 * ATTR_NET_WIDTH
+
+
+class DomainTeacher(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] → the attribute net's grid features (B, h·w, C) on the token grid."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> DomainTeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        size = (grid[0] * GRID_STRIDE, grid[1] * GRID_STRIDE)
+        x = images.float()
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        features = self.net.grid_features(x * 2 - 1)  # the net's input range [-1, 1]; (B, C, h, w)
+        return features.flatten(2).transpose(1, 2)  # (B, h·w, C)
+
+
+@TEACHERS.register(DomainTeacherConfig)
+def build_domain_teacher(cfg: DomainTeacherConfig, ctx: FactorContext) -> DomainTeacher:
+    from .data import attribute_net
+
+    return DomainTeacher(attribute_net(ctx.data, ctx.cache_dir)).to(ctx.device)
 
 
 # -- REPA / iREPA ----------------------------------------------------------------------------------

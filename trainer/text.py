@@ -8,6 +8,9 @@ captions padded to 256 tokens with the mask kept, bf16 weights, autocast off ins
 
 from __future__ import annotations
 
+import hashlib
+import re
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -87,6 +90,61 @@ def build_tiny_t5(cfg: TinyT5Config, device: torch.device, weights_dir: str | No
         torch.manual_seed(cfg.seed)
         encoder = T5EncoderModel(config)
     return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.d_model)
+
+
+class HashedWordsConfig(Config):
+    kind: Literal["hashed-words"] = "hashed-words"
+    dim: int = Field(64, ge=8, description="embedding width = the denoiser's context_in_dim")
+    max_length: int = Field(16, ge=1, description="words per caption, padded, mask kept")
+    buckets: int = Field(4096, ge=16, description="hash buckets (word ids); collisions are rare below it")
+    seed: int = Field(0, description="init seed; keep it equal across arms")
+
+    def weights(self) -> list[HFWeights]:
+        return []
+
+
+class HashedWordTokenizer:
+    """Lower-cased words → bucket ids by a stable hash (1..buckets; 0 pads), with the HF call interface."""
+
+    def __init__(self, buckets: int):
+        self.buckets = buckets
+
+    def word_id(self, word: str) -> int:
+        return (
+            1
+            + int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little") % self.buckets
+        )
+
+    def __call__(self, captions: list[str], max_length: int, **_: object):
+        from transformers import BatchEncoding
+
+        ids = torch.zeros(len(captions), max_length, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            words = [self.word_id(w) for w in re.findall(r"[a-z0-9]+", caption.lower())][:max_length]
+            ids[row, : len(words)] = torch.tensor(words, dtype=torch.long)
+        return BatchEncoding({"input_ids": ids, "attention_mask": (ids > 0).long()})
+
+
+class WordEmbedding(torch.nn.Module):
+    """A frozen random embedding per word: the text encoder of the CPU demo, where every caption word
+    names one attribute value (a byte-level encoder spends most of its tokens spelling them)."""
+
+    def __init__(self, buckets: int, dim: int):
+        super().__init__()
+        self.table = torch.nn.Embedding(buckets + 1, dim, padding_idx=0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return SimpleNamespace(last_hidden_state=self.table(input_ids))  # (B, L, D)
+
+
+@TEXT.register(HashedWordsConfig)
+def build_hashed_words(
+    cfg: HashedWordsConfig, device: torch.device, weights_dir: str | None = None
+) -> TextEncoder:
+    with torch.random.fork_rng(devices=[]):  # the same table in every arm, the trainer's RNG untouched
+        torch.manual_seed(cfg.seed)
+        encoder = WordEmbedding(cfg.buckets, cfg.dim)
+    return TextEncoder(HashedWordTokenizer(cfg.buckets), encoder.to(device), cfg.max_length, cfg.dim)
 
 
 class T5GemmaConfig(Config):

@@ -76,8 +76,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights
         self.precision = PRECISION.build(cfg.precision, self.device)
         # latents and caption embeddings: encoded live each step, or read from the cache (cfg.cache)
+        tokenizer_cache = cfg.eval.cache_dir or self.rundir.default_eval_cache  # domain-trained tokenizers
         self.inputs, self.train_set, self.val_set = inputs or cache.build_inputs(
-            cfg, self.device, cfg.weights_dir
+            cfg, self.device, cfg.weights_dir, tokenizer_cache
         )
         prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
         sizes = cfg.model.sizes()
@@ -90,6 +91,8 @@ class Trainer:
             device=self.device,
             seed=cfg.seed,
             weights_dir=cfg.weights_dir,
+            data=cfg.data,
+            cache_dir=str(cfg.eval.cache_dir or self.rundir.default_eval_cache),
         )
         factors = [
             reg.build(getattr(cfg, name), ctx)

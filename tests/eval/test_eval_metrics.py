@@ -127,3 +127,15 @@ def test_mmd_properties(rng):
     assert mmd(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(mmd(x, y), rel=1e-12)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         mmd(x, y[:, :8])
+
+
+def test_a_grid_of_small_images_is_enlarged_pixel_for_pixel(tmp_path):
+    from PIL import Image
+
+    from eval.images import save_grid
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    path = save_grid(images, tmp_path / "g.png", nrow=2, pad=2, min_tile=96)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 + 2 * (96 + 2), 2 + 2 * (96 + 2), 3)  # 16 px tiles shown at 96 px
+    assert np.array_equal(grid[2 : 2 + 96 : 6, 2 : 2 + 96 : 6], images[0])  # every sample pixel kept as is

@@ -25,6 +25,7 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
     ("data", "parquet"): {"data": "PARQUET"},
     ("data", "folder"): {"data": "FOLDER"},
     ("text_encoder", "tiny-t5"): {},
+    ("text_encoder", "hashed-words"): {"text_encoder": {"kind": "hashed-words", "dim": 32, "max_length": 8}},
     ("text_encoder", "t5gemma"): {"text_encoder": {"kind": "t5gemma", "dim": T5GEMMA_DIM, "max_length": 16}},
     ("tokenizer", "pixel"): {},
     ("tokenizer", "flux-vae"): {
@@ -42,6 +43,10 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
     ("tokenizer", "dc-ae"): {
         "tokenizer": {"kind": "dc-ae", "dtype": "float32"},
         "data": {"resolution": 64},
+        "model": {"preset": "tiny", "patch_size": 1},
+    },
+    ("tokenizer", "domain-ae"): {
+        "tokenizer": {"kind": "domain-ae", "steps": 20},
         "model": {"preset": "tiny", "patch_size": 1},
     },
     ("optimizer", "adamw"): {},

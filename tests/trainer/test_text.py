@@ -95,3 +95,21 @@ def test_missing_weights_is_one_line_naming_the_repo(tmp_path):
         MissingWeightsError, match=f"^{REPO} not in weights folder .*ablate weights download SWEEP --dir"
     ):
         build(tmp_path)
+
+
+def test_hashed_words_gives_each_word_one_fixed_vector_and_masks_padding():
+    from trainer.text import HashedWordsConfig
+
+    words = TEXT.build(HashedWordsConfig(dim=16, max_length=6), torch.device("cpu"))
+    emb, mask = words(["large red circle, top left", "RED", ""])
+    assert emb.shape == (3, 6, 16) and mask.tolist() == [
+        [True] * 5 + [False],
+        [True] + [False] * 5,
+        [False] * 6,
+    ]
+    assert torch.equal(emb[0, 1], emb[1, 0])  # "red" is "red" wherever it stands, whatever its case
+    assert torch.equal(emb[2], torch.zeros(6, 16))  # padding embeds to zero; the empty caption is all padding
+    again = TEXT.build(HashedWordsConfig(dim=16, max_length=6), torch.device("cpu"))
+    assert torch.equal(
+        again(["large red circle"])[0], words(["large red circle"])[0]
+    )  # same table in every arm

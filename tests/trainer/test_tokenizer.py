@@ -53,6 +53,7 @@ def test_configs_state_their_grid_and_weights_without_loading():
         "repa-e-vae": (16, 8),
         "flux2-ae": (32, 8),
         "dc-ae": (32, 32),
+        "domain-ae": (4, 2),
     }
     assert config("flux2-ae").weights() == [("black-forest-labs/FLUX.2-dev", "vae")]
     assert config("pixel").weights() == []
@@ -193,3 +194,30 @@ def test_a_model_with_other_latent_channels_is_rejected(tmp_path):
         ValueError, match="4 latent channels at 8x downsampling, but the config states 16 at 8x"
     ):
         build("flux-vae", tmp_path / "w")
+
+
+def test_the_domain_autoencoder_is_trained_once_and_reconstructs_the_domain(tmp_path, tiny_cfg):
+    from trainer.config import TrainConfig
+    from trainer.data import SyntheticShapes
+    from trainer.tokenizer import build_tokenizer
+
+    over = {"tokenizer": {"kind": "domain-ae", "steps": 300}, "model": {"preset": "tiny", "patch_size": 1}}
+    cfg = TrainConfig.model_validate({**tiny_cfg, **over})
+    tok = build_tokenizer(cfg, torch.device("cpu"), None, tmp_path)
+    (saved,) = tmp_path.glob("domain-ae-*.pt")
+    renders = SyntheticShapes(cfg.data, 0, 16)
+    x = torch.stack([renders[i]["image"] for i in range(16)])  # held-in renders it never trained on
+    lat = tok.moments(x)
+    assert lat.std is None and lat.mean.shape == (16, 4, 8, 8)  # deterministic, 2x down, 4 channels
+    assert 0.5 < lat.mean.std().item() < 2.0  # normalised for the denoiser
+    assert torch.mean((tok.decode(lat.mean) - x) ** 2).item() < 0.01  # it reconstructs the domain
+    again = build_tokenizer(cfg, torch.device("cpu"), None, tmp_path)  # loaded, not trained again
+    assert list(tmp_path.glob("domain-ae-*.pt")) == [saved] and torch.equal(again.moments(x).mean, lat.mean)
+    with pytest.raises(ValueError, match="tokenizer 'domain-ae' is trained on the synthetic-shapes domain"):
+        TrainConfig.model_validate(
+            {
+                **tiny_cfg,
+                **over,
+                "data": {"kind": "parquet", "path": "x.parquet", "caption": "c", "resolution": 16},
+            }
+        )
