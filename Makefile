@@ -23,6 +23,7 @@ test: setup
 demo: setup
 	$(BIN)/ablate run sweeps/demo.yaml
 	$(BIN)/ablate rank sweeps/demo.yaml
+	$(BIN)/ablate report sweeps/demo.yaml
 
 bench: setup
 	$(BIN)/python bench/run.py

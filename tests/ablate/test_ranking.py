@@ -142,7 +142,9 @@ def test_cli_formats(sweep, cli):
         for d in ("baseline", "a", "c", "b", "d")
     ]
     assert order == sorted(order)
-    assert "-0.15 (-17.5%)" in table.out and "[-0.785, +0.485]" in table.out and "0.50x" in table.out  # 95% paired-t
+    assert (
+        "-0.15 (-17.5%)" in table.out and "[-0.785, +0.485]" in table.out and "0.50x" in table.out
+    )  # 95% paired-t
     assert "noise floor" in table.out and "±0.141" in table.out  # the baseline's spread over seeds
 
     as_json = json.loads(cli("rank", sweep_file, "--format", "json").out)
