@@ -1,6 +1,7 @@
 """The run directory: one folder per arm, the only interface between the orchestrator and its jobs.
 
     <sweep root>/                      SweepDir
+      .ablate-sweep                    marks the folder as made by ablate for this sweep (SweepDir.mark)
       .ablate.lock                     held by `ablate run` / `ablate eval` while they plan and submit
       .submitit/<job id>/              submitit's pickles and each job's stdout/stderr
       .replaced/<arm>-<hash>-<time>/   run folders moved aside by `--rerun` / `--force`
@@ -14,12 +15,15 @@
         status.json       state, step, loss, error (STATES)       `ablate run`, then the trainer
         log.jsonl         one JSON line per log step              trainer
         checkpoints/step_00000100/   a complete checkpoint        trainer (contents: trainer/checkpoint.py)
+        checkpoints/.set-aside/      checkpoints that failed verification (kept, never deleted)   trainer
         eval/step_N.json  metrics at step N: THE source of per-step metrics   trainer, `ablate eval` jobs
         eval/step_N.png   the sample grid at step N               trainer, `ablate eval` jobs
         result.json       final step, throughput, timings, versions, and a copy of
                           the per-step metrics for readers of the folder alone     trainer, `ablate eval` jobs
         eval_job.json     the latest `ablate eval` job (state, step, metrics or error)   `ablate eval`, its job
         launcher          symlink to the job's submitit folder    `ablate run`
+        .writer.lock      flock held by the one live trainer (or eval job) writing the folder
+        writer.json       who holds it: host, pid, started_at     that trainer
 
 Every record is written through `core.atomic` (a reader never sees a torn file) and read back
 with `read_json`, which names the file when it is corrupt. This module is the only place that
@@ -30,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +55,10 @@ CONFIG, SPEC, JOB, STATUS, RESULT, LOG = (
 )
 EVAL_JOB, EVAL, CHECKPOINTS, LAUNCHER = "eval_job.json", "eval", "checkpoints", "launcher"
 CODE, CODE_DIFF = "code.json", "code.diff"
+WRITER_LOCK, WRITER = ".writer.lock", "writer.json"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
-CHECKPOINT_PREFIX = "step_"
+SWEEP_MARK = ".ablate-sweep"  # in the sweep root: {"sweep": name}; the folder is ablate's
+CHECKPOINT_PREFIX, SET_ASIDE = "step_", ".set-aside"
 
 # The states written to status.json (and, for an `ablate eval` job, to eval_job.json), and who writes them:
 QUEUED = (
@@ -143,6 +151,36 @@ class RunDir:
     def checkpoint_tmp(self, step: int) -> Path:
         """Where checkpoint `step` is written before it is renamed into place."""
         return self.checkpoints / f".{CHECKPOINT_PREFIX}{step:08d}.tmp"
+
+    def partial_checkpoints(self) -> list[Path]:
+        """Temporary checkpoint folders a killed writer left behind (never complete, safe to delete)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(self.checkpoints.glob(f".{CHECKPOINT_PREFIX}*.tmp"))
+
+    def set_aside(self, checkpoint: Path) -> Path:
+        """Move a checkpoint that failed verification to checkpoints/.set-aside/ (kept for a post-mortem)."""
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        target = self.checkpoints / SET_ASIDE / f"{checkpoint.name}-{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(checkpoint, target)
+        return target
+
+    def planted_links(self) -> list[str]:
+        """Entries of the folder (and of eval/, checkpoints/) that are symbolic links, `launcher` aside:
+        ablate makes no others, and writes nothing through one."""
+        found = []
+        for folder in (self.path, self.eval_dir, self.checkpoints):
+            if folder.is_dir() and not folder.is_symlink():
+                found += [p for p in folder.iterdir() if p.is_symlink() and p != self.launcher]
+        return sorted(p.relative_to(self.path).as_posix() for p in found)
+
+    def refuse_planted_links(self) -> None:
+        if links := self.planted_links():
+            raise PlantedLink(
+                f"{self.path}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; "
+                f"ablate writes nothing through a link in a run folder (remove {'it' if len(links) == 1 else 'them'})"
+            )
 
     # -- reading -----------------------------------------------------------------------------------
     def read_spec(self) -> dict[str, Any] | None:
@@ -278,14 +316,22 @@ class RunDir:
 
     # -- writing: the trainer -----------------------------------------------------------------------
     def append_log(self, row: dict[str, Any]) -> None:
-        with self.log.open("a", encoding="utf-8") as f:
+        """One line more in log.jsonl; a symlink planted in its place is not followed."""
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def truncate_log(self, step: int) -> None:
-        """Keep only the log lines up to `step` (a resumed run redoes the steps after its checkpoint)."""
-        if self.log.exists():
-            rows = [r for r in self.log_rows() if r.get("step", 0) <= step]
-            atomic_write(self.log, "".join(json.dumps(r) + "\n" for r in rows))
+    def truncate_log(self, step: int) -> int:
+        """Keep only the log lines up to `step` (a resumed run redoes the steps after its checkpoint;
+        one restarted before its first checkpoint, `step` 0, starts an empty log). A torn or garbled
+        line (a kill mid-write) is dropped too. Returns how many such lines were dropped."""
+        if not self.log.exists():
+            return 0
+        lines = [line for line in self.log.read_bytes().splitlines() if line.strip()]
+        rows = self.log_rows()
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        atomic_write(self.log, "".join(json.dumps(r) + "\n" for r in kept))
+        return len(lines) - len(rows)
 
     def write_eval(self, step: int, metrics: dict[str, float], **extra: Any) -> None:
         atomic_write_json(self.eval_record(step), {"step": step, "metrics": metrics, **extra})
@@ -310,6 +356,81 @@ class RunDir:
         }
 
 
+class PlantedLink(RuntimeError):
+    """A record or folder in a run folder is a symbolic link (see RunDir.planted_links)."""
+
+
+class Busy(RuntimeError):
+    """Another live process writes this run folder; the message names it."""
+
+
+class WriterLock:
+    """One live writer per run folder: an exclusive flock on .writer.lock, held for the writer's life.
+
+    The kernel drops it when the process dies however it dies (kill -9 included), so a lock that
+    cannot be taken means a live owner, whichever way it was started (`ablate run`'s job or
+    `python -m trainer.job` by hand). writer.json says who. Over NFS, Linux maps flock onto
+    POSIX locks, which the server arbitrates between hosts.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run, self._fd = run, None
+
+    def acquire(self) -> WriterLock:
+        path = self.run.path / WRITER_LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(
+                f"{self.run.path}: {describe_writer(read_writer(self.run))} is writing this run folder"
+            ) from None
+        self._fd = fd
+        atomic_write_json(
+            self.run.path / WRITER, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now()}
+        )
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_writer(run: RunDir) -> dict[str, Any]:
+    with contextlib.suppress(ValueError):
+        return read_json(run.path / WRITER, {}) or {}
+    return {}
+
+
+def describe_writer(writer: dict[str, Any]) -> str:
+    if not writer:
+        return "another process"
+    return f"process {writer.get('pid', '?')} on {writer.get('host', '?')} (since {writer.get('started_at', '?')})"
+
+
+def live_writer(run: RunDir) -> dict[str, Any] | None:
+    """Who holds the run folder's writer lock now (writer.json), or None when nobody does."""
+    try:
+        fd = os.open(run.path / WRITER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # never locked (or not a plain file): no live writer
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_writer(run) or {"pid": None, "host": None}
+    finally:
+        os.close(fd)
+    return None
+
+
 class SweepDir:
     """A sweep's output folder: its arms' run folders and the sweep-wide files."""
 
@@ -321,6 +442,15 @@ class SweepDir:
 
     lock = property(lambda self: self.root / LOCK)
     eval_cache = property(lambda self: self.root / EVAL_CACHE)
+    mark = property(lambda self: self.root / SWEEP_MARK)
+    """Written by `ablate run` in the folder it made (or adopted) for a sweep: only there does it write."""
+
+    def read_mark(self) -> dict[str, Any] | None:
+        """The marker's content ({"sweep": name, ...}), None when the folder has none."""
+        return read_json(self.mark)
+
+    def write_mark(self, sweep: str) -> None:
+        atomic_write_json(self.mark, {"sweep": sweep, "marked_at": now()})
 
     @property
     def job_folder(self) -> Path:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
-from conftest import SCRIPT
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "local-slurm.sh"
 
 
 def test_local_slurm_status_names_a_daemon_whose_pid_file_outlived_it(tmp_path):

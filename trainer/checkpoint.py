@@ -3,20 +3,31 @@
 checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
     transformer/          diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
     factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
-    state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position
+    state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position,
+                          throughput and timings so far
+    manifest.json         size and SHA-256 of every other file, written last
+
+A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
+and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`); one that
+does not is moved to checkpoints/.set-aside/ with a one-line warning and the next older one is used.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.atomic import commit_dir
+from core.atomic import atomic_write_json, commit_dir
 from core.rundir import RunDir
 
 
@@ -35,15 +46,108 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint's files do not match its manifest; the message names it and says how."""
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file in `folder` but the manifest itself."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be trusted, or None when every file matches its manifest."""
+    try:
+        recorded = json.loads((path / MANIFEST).read_bytes())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for name, want in recorded.items():
+        file = path / name
+        try:
+            if file.is_symlink() or not file.is_file():
+                return f"{name} missing"
+            if file.stat().st_size != want["size"]:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {want['size']}"
+            if _sha256(file) != want["sha256"]:
+                return f"{name} does not match its checksum"
+        except OSError as e:
+            return f"{name} unreadable ({e.strerror})"
+    extra = set(manifest_names(path)) - set(recorded)
+    return f"{sorted(extra)[0]} is not in the manifest" if extra else None
+
+
+def manifest_names(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
+
+
+def newest_verified(run: RunDir | Path, *, set_aside: bool = True) -> Path | None:
+    """The newest checkpoint whose files match their manifest. Each newer one that fails is moved to
+    checkpoints/.set-aside/ (with `set_aside`) and named in a one-line warning on stderr."""
+    run = RunDir(run)
+    for path in reversed(complete(run)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        where = run.set_aside(path) if set_aside else path
+        print(
+            f"warning: {path}: fails verification ({problem}); set aside as {where}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return None
+
+
+def clean_partial(run: RunDir | Path) -> list[Path]:
+    """Delete the temporary folders of checkpoints whose writer died (they hold no complete state)."""
+    found = RunDir(run).partial_checkpoints()
+    for tmp in found:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return found
+
+
 def save(run: RunDir, step: int, denoiser: torch.nn.Module, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` of `run` atomically and keep the newest `keep`."""
-    final, tmp = run.checkpoint(step), run.checkpoint_tmp(step)
+    """Write checkpoint `step` of `run` atomically and keep the newest `keep`. If writing fails (a full
+    disk), the partial folder is removed at once, so the space is free for the error to be recorded."""
+    tmp = run.checkpoint_tmp(step)
+    try:
+        return _save(run, step, tmp, denoiser, state, keep)
+    except BaseException as e:
+        full = _nearly_full(tmp.parent)  # looked at before the partial folder frees its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename:
+            raise
+        if full or (isinstance(e, OSError) and e.errno == errno.ENOSPC):  # torch.save says RuntimeError
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run.checkpoint(step))) from e
+        raise
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _save(run: RunDir, step: int, tmp: Path, denoiser: torch.nn.Module, state: dict, keep: int) -> Path:
+    final = run.checkpoint(step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     denoiser.prx.save_pretrained(tmp / "transformer", safe_serialization=True)
     factors = {k: v.detach().contiguous() for k, v in denoiser.factors.state_dict().items()}
     save_file(factors, tmp / "factors.safetensors")
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+    atomic_write_json(tmp / MANIFEST, {"step": step, "files": manifest(tmp)})
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
     commit_dir(tmp, final)

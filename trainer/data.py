@@ -194,11 +194,19 @@ class FolderConfig(ImageTextConfig):
     kind: Literal["folder"] = "folder"
 
 
-class ImageTextDataset(Dataset):
-    """Rows of (image, captions); images are decoded, centre-cropped and resized on access."""
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file (and row)."""
 
-    def __init__(self, rows: list[dict], load_image, resolution: int, caption: str):
+
+class ImageTextDataset(Dataset):
+    """Rows of (image, captions); images are decoded, centre-cropped and resized on access.
+
+    `where(row, index)` names a row's source for errors (the file, and the row of a parquet file);
+    `first` is the index of rows[0] in that source."""
+
+    def __init__(self, rows: list[dict], load_image, resolution: int, caption: str, where, first: int = 0):
         self.rows, self.load_image, self.resolution, self.caption = rows, load_image, resolution, caption
+        self.where, self.first = where, first
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -207,7 +215,10 @@ class ImageTextDataset(Dataset):
         from PIL import Image
 
         row = self.rows[i]
-        img = self.load_image(row).convert("RGB")
+        try:
+            img = self.load_image(row).convert("RGB")  # convert() decodes: a truncated file fails here
+        except (OSError, ValueError, SyntaxError, KeyError, TypeError) as e:
+            raise DataError(f"{self.where(row, self.first + i)}: cannot read the image ({e})") from None
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize(
@@ -222,17 +233,18 @@ class ImageTextDataset(Dataset):
 
 
 def _split(
-    rows: list[dict], cfg: ImageTextConfig, val_caption: str | None, loader
+    rows: list[dict], cfg: ImageTextConfig, val_caption: str | None, loader, where, columns: list[str]
 ) -> tuple[Dataset, Dataset]:
-    for col in {cfg.caption, val_caption or cfg.caption}:
+    """Train and held-out rows (the last num_val); `columns` must be present in every row."""
+    for col in dict.fromkeys([*columns, cfg.caption, val_caption or cfg.caption]):
         if rows and col not in rows[0]:
-            raise ValueError(f"{cfg.path}: no caption column {col!r}; columns: {', '.join(sorted(rows[0]))}")
+            raise DataError(f"{cfg.path}: no column {col!r}; columns: {', '.join(map(str, sorted(rows[0])))}")
     if len(rows) <= cfg.num_val:
-        raise ValueError(f"{cfg.path}: {len(rows)} rows, need more than data.num_val={cfg.num_val}")
+        raise DataError(f"{cfg.path}: {len(rows)} rows, need more than data.num_val={cfg.num_val}")
     train, val = rows[: -cfg.num_val], rows[-cfg.num_val :]
     return (
-        ImageTextDataset(train, loader, cfg.resolution, cfg.caption),
-        ImageTextDataset(val, loader, cfg.resolution, val_caption or cfg.caption),
+        ImageTextDataset(train, loader, cfg.resolution, cfg.caption, where),
+        ImageTextDataset(val, loader, cfg.resolution, val_caption or cfg.caption, where, len(train)),
     )
 
 
@@ -241,14 +253,19 @@ def build_parquet(cfg: ParquetConfig, val_caption: str | None = None) -> tuple[D
     import pandas as pd
     from PIL import Image
 
-    rows = pd.read_parquet(cfg.path).to_dict("records")
+    try:
+        rows = pd.read_parquet(cfg.path).to_dict("records")
+    except FileNotFoundError:
+        raise DataError(f"{cfg.path}: no such parquet file (data.path)") from None
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        raise DataError(f"{cfg.path}: not a readable parquet file ({e})") from None
 
     def load(row):
         value = row[cfg.image_column]
         data = value["bytes"] if isinstance(value, dict) else value  # HF datasets store {"bytes", "path"}
         return Image.open(io.BytesIO(data))
 
-    return _split(rows, cfg, val_caption, load)
+    return _split(rows, cfg, val_caption, load, lambda row, i: f"{cfg.path} row {i}", [cfg.image_column])
 
 
 @DATA.register(FolderConfig)
@@ -261,8 +278,16 @@ def build_folder(cfg: FolderConfig, val_caption: str | None = None) -> tuple[Dat
         raise FileNotFoundError(
             f"{meta}: missing; a folder dataset needs one JSON line per image with file_name"
         )
-    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-    return _split(rows, cfg, val_caption, lambda row: Image.open(root / row["file_name"]))
+    rows = []
+    for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise DataError(f"{meta}:{n}: not a JSON line") from None
+    return _split(rows, cfg, val_caption, lambda row: Image.open(root / row["file_name"]),
+                  lambda row, i: f"{root / str(row.get('file_name', '?'))} ({meta.name} row {i})",
+                  ["file_name"])  # fmt: skip
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -28,6 +28,14 @@ class Dist:
         if self.world > 1:
             tdist.barrier()
 
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (a decision only the main process may take, e.g. which checkpoint)."""
+        if self.world > 1:
+            box = [obj]
+            tdist.broadcast_object_list(box, src=0)
+            return box[0]
+        return obj
+
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             tdist.all_reduce(x, op=tdist.ReduceOp.SUM)

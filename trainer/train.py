@@ -192,7 +192,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.train.num_workers > 0,
         )
-        window, run_times, losses = StepTimes(), StepTimes(), []
+        window, losses = StepTimes(), []
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, no sync
         self.denoiser.train()
         tick = time.perf_counter()
@@ -225,7 +225,7 @@ class Trainer:
                 mean_loss = (
                     self.dist.all_sum(torch.stack(losses).mean()) / self.dist.world
                 )  # over all processes
-                self.log_step(mean_loss.item(), grad_norm.item(), window, run_times)
+                self.log_step(mean_loss.item(), grad_norm.item(), window)
                 losses, window = [], StepTimes()
                 if self.preemption.pending(self.dist) and not last:  # the job is stopping: save first
                     self.timed("checkpoint_s", self.save)
@@ -237,12 +237,11 @@ class Trainer:
             if save:
                 self.timed("checkpoint_s", self.save)
             tick = time.perf_counter()
-        self.times["train_s"] = run_times.total
 
     def check_finite(self, first_bad: torch.Tensor) -> None:
         bad = int(first_bad.item())
         if bad >= 0:
-            kept = checkpoint.latest(self.rundir)
+            kept = checkpoint.newest_verified(self.rundir, set_aside=False)
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {bad}; "
                 f"last good checkpoint: {kept.name if kept else 'none'}"
@@ -309,13 +308,15 @@ class Trainer:
 
         Writes eval/step_N.json and its grid; result.json's copy of the metrics follows.
         """
-        path = checkpoint.latest(self.rundir) if step is None else self.rundir.checkpoint(step)
+        path = checkpoint.newest_verified(self.rundir) if step is None else self.rundir.checkpoint(step)
         if path is None or not path.exists():
             kept = ", ".join(map(str, self.rundir.checkpoint_steps())) or "none"
             raise FileNotFoundError(
-                f"{self.rundir.path}: no checkpoint at step {step if step is not None else '(any)'}"
-                f"; checkpoints kept: {kept}"
+                f"{self.rundir.path}: no {'verified ' if step is None else ''}checkpoint at step "
+                f"{step if step is not None else '(any)'}; checkpoints kept: {kept}"
             )
+        if step is not None and (problem := checkpoint.verify(path)) is not None:
+            raise checkpoint.CorruptCheckpoint(f"{path}: fails verification ({problem})")
         state = checkpoint.load(path, self.denoiser)
         self.ema.load_state_dict(state["ema"])
         self.step = state["step"]
@@ -335,22 +336,38 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict(),
                 "data": {"seed": self.cfg.seed, "step": self.step},
+                "timing": {"times": self.times, "throughput": self.throughput},  # a resume keeps counting
             }
             checkpoint.save(self.rundir, self.step, self.denoiser, state, self.cfg.checkpoint.keep)
         self.dist.barrier()
 
     def resume(self) -> None:
-        path = checkpoint.latest(self.rundir)
-        if path is None:
-            return
-        state = checkpoint.load(path, self.denoiser)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
-        checkpoint.set_rng_state(state["rng"])
-        self.step = state["step"]
-        if self.dist.main:  # drop log lines of steps the interrupted run did after this checkpoint
-            self.rundir.truncate_log(self.step)
-            print(f"[{self.name}] resumed from {path.name}", flush=True)
+        """Continue from the newest checkpoint that verifies (or start afresh): temporary folders of a
+        killed save are deleted, checkpoints that fail verification set aside, and log lines of steps
+        after the checkpoint (or a torn last line) dropped, so the log has each step once."""
+        path = None
+        if self.dist.main:
+            for tmp in checkpoint.clean_partial(self.rundir):
+                print(f"[{self.name}] removed the partial checkpoint {tmp.name} of a killed save", flush=True)
+            path = checkpoint.newest_verified(self.rundir)
+        path = self.dist.broadcast_object(path)
+        if path is not None:
+            state = checkpoint.load(path, self.denoiser)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.ema.load_state_dict(state["ema"])
+            checkpoint.set_rng_state(state["rng"])
+            self.step = state["step"]
+            timing = state.get("timing", {})
+            self.times = {k: v + (self.times["setup_s"] if k == "setup_s" else 0.0)
+                          for k, v in timing.get("times", self.times).items()}  # fmt: skip
+            self.throughput = timing.get("throughput", {})
+        if self.dist.main:
+            torn = self.rundir.truncate_log(self.step)
+            if torn:
+                print(f"warning: {self.rundir.log}: dropped {torn} torn line(s) a killed write left",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            if path is not None:
+                print(f"[{self.name}] resumed from {path.name}", flush=True)
 
     # -- the run directory -----------------------------------------------------------------------
     @property
@@ -383,13 +400,9 @@ class Trainer:
             **extra,
         )
 
-    def log_step(self, loss: float, grad_norm: float, window: StepTimes, run_times: StepTimes) -> None:
+    def log_step(self, loss: float, grad_norm: float, window: StepTimes) -> None:
         cfg, per_step = self.cfg, window.total / window.steps
-        run_times.data, run_times.total, run_times.steps = (
-            run_times.data + window.data,
-            run_times.total + window.total,
-            run_times.steps + window.steps,
-        )
+        self.times["train_s"] += window.total
         warm = self.step > min(10, cfg.train.steps // 5)  # throughput excludes the first steps' warm-up
         if warm:
             tp = self.throughput.setdefault("_acc", [0.0, 0.0, 0])

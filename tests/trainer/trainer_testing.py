@@ -4,6 +4,21 @@ import json
 
 from ablate import sweep
 
+# The demo's baseline at test size: real code paths, seconds per run.
+TINY = {
+    "seed": 0,
+    "model": {"preset": "tiny"},
+    "data": {"kind": "synthetic", "resolution": 16, "caption": "long", "num_train": 512, "num_val": 16},
+    "text_encoder": {"kind": "tiny-t5", "d_model": 32, "max_length": 32},
+    "tokenizer": {"kind": "pixel"},
+    "optimizer": {"kind": "adamw", "lr": 1e-3},
+    "precision": {"kind": "fp32"},
+    "train": {"steps": 8, "batch_size": 4, "warmup_steps": 2, "threads": 1},
+    "checkpoint": {"every": 4},
+    "eval": {"every": 4, "caption": "long", "batch_size": 8},
+    "log": {"every": 2},
+}
+
 
 def merge(base: dict, over: dict) -> dict:
     """`base` with `over` applied exactly as a sweep's delta is (a new `kind` replaces the component whole)."""

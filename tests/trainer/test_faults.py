@@ -1,0 +1,306 @@
+"""Fault injection on the trainer: each fault really made (kill -9 of a real trainer process, zeroed
+or truncated files on disk, a full tmpfs), and what the user relies on afterwards: nothing finished
+is lost, a resumed run ends bitwise equal to an uninterrupted one, and the failure is one clear line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from trainer_testing import TINY, crash_at, merge
+
+from core.rundir import Busy, RunDir, WriterLock, live_writer
+from trainer import checkpoint, job
+from trainer.data import DataError
+
+REPO = Path(__file__).resolve().parents[2]
+LONG = {
+    "train": {"steps": 12},
+    "checkpoint": {"every": 4, "keep": 5},
+    "eval": {"every": 12},
+    "log": {"every": 1},
+}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint.latest(run_dir) / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def log_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in RunDir(run_dir).log_rows()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run every resumed one must equal."""
+    d = tmp_path_factory.mktemp("straight") / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text(yaml.safe_dump(merge(TINY, LONG)))
+    torch.set_num_threads(1)
+    job.run(d)
+    return d
+
+
+def finished_copy(straight: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    shutil.copytree(straight, d, symlinks=True)
+    return d
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["zeroed state", "garbled weights", "truncated factors", "manifest removed"],
+)
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    damage, straight, tmp_path, capsys
+):
+    d = finished_copy(straight, tmp_path)
+    newest = checkpoint.latest(d)
+    assert newest.name == "step_00000012"
+    if damage == "zeroed state":  # zeroed bytes in the middle of state.pt: once resumed silently
+        f = newest / "state.pt"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+        f.write_bytes(bytes(data))
+    elif damage == "garbled weights":
+        f = newest / "transformer" / "diffusion_pytorch_model.safetensors"
+        data = bytearray(f.read_bytes())
+        for i in range(len(data) - 512, len(data) - 256):
+            data[i] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "truncated factors":
+        f = newest / "factors.safetensors"
+        f.write_bytes(f.read_bytes()[:-7])
+    else:
+        (newest / checkpoint.MANIFEST).unlink()
+    (d / "result.json").unlink()  # the arm must train its last steps again
+    assert checkpoint.verify(newest) is not None
+
+    job.run(d)
+
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step_00000012: fails verification" in warnings[0]
+    kept = list((d / "checkpoints" / ".set-aside").iterdir())  # moved aside, never deleted
+    assert [p.name.split("-")[0] for p in kept] == ["step_00000012"]
+    assert checkpoint.verify(checkpoint.latest(d)) is None
+    assert_same_weights(straight, d)
+    assert (
+        json.loads((d / "result.json").read_text())["metrics"]
+        == json.loads((straight / "result.json").read_text())["metrics"]
+    )
+    assert log_steps(d) == list(range(1, 13))
+
+
+def test_rescoring_never_uses_a_checkpoint_that_fails_verification(straight, tmp_path):
+    d = finished_copy(straight, tmp_path)
+    f = checkpoint.latest(d) / "state.pt"
+    f.write_bytes(bytes(len(f.read_bytes())))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="step_00000012: fails verification"):
+        job.rescore(d, step=12)
+
+
+def run_in_process(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.job", str(run_dir)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_kill_9_of_a_real_trainer_then_a_hand_run_resumes_bitwise(straight, tmp_path, capsys):
+    """kill -9 mid-training with a half-written checkpoint folder and a torn log line left behind;
+    while it ran, a second trainer on the same folder was refused; the hand-started resume ends
+    bitwise equal to the uninterrupted run, with every step logged once and its throughput kept."""
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(straight / "config.yaml", d / "config.yaml")
+    proc = run_in_process(d)
+    try:
+        deadline = time.monotonic() + 120
+        while not (d / "checkpoints" / "step_00000004").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert live_writer(RunDir(d))["pid"] == proc.pid
+        with pytest.raises(Busy, match=f"process {proc.pid} on .* is writing this run folder"):
+            job.run(d)  # a second trainer, started by hand
+        if proc.poll() is None:  # the usual case; if it already finished, the damage below is still resumed
+            proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert live_writer(RunDir(d)) is None  # the kernel dropped the dead trainer's lock
+    # what a kill -9 during a save and during a log write leaves behind
+    partial = RunDir(d).checkpoint_tmp(8)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "state.pt").write_bytes(b"\x80\x02half a pickle")
+    with (d / "log.jsonl").open("a") as f:
+        f.write('{"step": 99, "loss": 0.1')
+
+    job.run(d)
+
+    assert not partial.exists()
+    assert "dropped 1 torn line" in capsys.readouterr().err
+    assert_same_weights(straight, d)
+    assert log_steps(d) == list(range(1, 13))
+    result = json.loads((d / "result.json").read_text())
+    assert result["throughput"]["steps_measured"] > 0
+
+
+def test_a_trainer_started_by_hand_on_a_folder_in_use_stops_before_writing(straight, tmp_path):
+    d = finished_copy(straight, tmp_path)
+    with WriterLock(RunDir(d)):  # this process is the live writer
+        before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+        second = subprocess.run(
+            [sys.executable, "-m", "trainer.job", str(d)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+        )
+        after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert second.returncode == 1
+    assert second.stderr.strip() == (
+        f"error: {d}: process {os.getpid()} on {os.uname().nodename} "
+        f"(since {json.loads((d / 'writer.json').read_text())['started_at']}) is writing this run folder"
+    )
+    assert after == before
+
+
+def test_a_restart_before_the_first_checkpoint_logs_each_step_once(tmp_path, make_run):
+    d = make_run(train={"steps": 6}, checkpoint={"every": 100}, log={"every": 1})
+    with crash_at(4), pytest.raises(KeyboardInterrupt):
+        job.run(d)
+    assert log_steps(d) == [1, 2, 3, 4]  # killed in step 5, no checkpoint yet
+    job.run(d)
+    assert log_steps(d) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_kill_between_the_final_checkpoint_and_result_json_keeps_the_throughput(straight, tmp_path):
+    d = finished_copy(straight, tmp_path)
+    before = json.loads((d / "result.json").read_text())["throughput"]
+    (d / "result.json").unlink()  # the folder as a kill right after the last save leaves it
+    after = job.run(d)["throughput"]
+    assert after == before  # measured over the same steps, kept in the checkpoint
+
+
+def test_a_symlink_planted_in_a_run_folder_is_not_written_through(straight, tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(straight / "config.yaml", d / "config.yaml")
+    outside, elsewhere = tmp_path / "precious.txt", tmp_path / "elsewhere"
+    outside.write_text("the user's file\n")
+    elsewhere.mkdir()
+    (d / "log.jsonl").symlink_to(outside)
+    (d / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(Exception, match="symbolic link"):
+        job.run(d)
+    assert outside.read_text() == "the user's file\n" and list(elsewhere.iterdir()) == []
+    error = json.loads((d / "status.json").read_text())["error"]
+    assert error == (
+        f"PlantedLink: {d}: checkpoints, log.jsonl are symbolic links; "
+        "ablate writes nothing through a link in a run folder (remove them)"
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: room for a run's records, not for a checkpoint of the tiny model."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_arm_with_disk_full_and_frees_the_partial_checkpoint(straight, small_disk):
+    d = small_disk / "run"
+    d.mkdir()
+    shutil.copy(straight / "config.yaml", d / "config.yaml")
+    with pytest.raises((OSError, RuntimeError)):
+        job.run(d)
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "failed"
+    assert status["error"].startswith("disk full: ") and str(d) in status["error"]
+    assert RunDir(d).partial_checkpoints() == []  # the space is free again
+    assert log_steps(d) == [1, 2, 3, 4]  # what was logged is kept
+
+
+def parquet(tmp_path: Path, rows: int = 12, image_column: str = "image") -> Path:
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), (i * 20 % 255, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    path = tmp_path / "data.parquet"
+    pd.DataFrame({image_column: [png(i) for i in range(rows)], "caption": ["red"] * rows}).to_parquet(path)
+    return path
+
+
+def data_run(tmp_path: Path, path: Path, **data) -> Path:
+    d = tmp_path / "run"
+    d.mkdir(exist_ok=True)
+    cfg = merge(
+        TINY,
+        {
+            "data": {
+                "kind": "parquet",
+                "path": str(path),
+                "caption": "caption",
+                "num_val": 4,
+                "resolution": 16,
+                **data,
+            }
+        },
+    )
+    cfg["eval"]["caption"] = "caption"
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+@pytest.mark.parametrize("fault", ["missing file", "missing image column", "truncated image"])
+def test_data_faults_name_the_file_and_row(fault, tmp_path):
+    path = parquet(tmp_path, image_column="img" if fault == "missing image column" else "image")
+    if fault == "missing file":
+        path.unlink()
+    if fault == "truncated image":
+        df = pd.read_parquet(path)
+        df.loc[5, "image"] = df.loc[5, "image"][:40]
+        df.to_parquet(path)
+    d = data_run(tmp_path, path)
+    with pytest.raises(DataError):
+        job.run(d)
+    error = json.loads((d / "status.json").read_text())["error"]
+    expected = {
+        "missing file": f"DataError: {path}: no such parquet file (data.path)",
+        "missing image column": f"DataError: {path}: no column 'image'; columns: caption, img",
+        "truncated image": f"DataError: {path} row 5: cannot read the image (",
+    }[fault]
+    assert error.startswith(expected) and "\n" not in error
