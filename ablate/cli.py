@@ -24,7 +24,7 @@ from ablate.launch import Launcher, resolve_wait
 from ablate.store import ArmView, Decision, eval_note, observe
 from ablate.sweep import Sweep, changes, load_sweep, show_value
 from core.atomic import Unreadable
-from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, RUNNING, STALE, RunDir
+from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, RUNNING, STALE, UNREADABLE, RunDir
 
 if TYPE_CHECKING:
     from ablate.rescore import Target
@@ -79,17 +79,29 @@ def run(
 ) -> None:
     """Validate the sweep, then submit every arm that has not finished with its current config."""
     from ablate import launch
-    from ablate.store import blocked_error, check_names, plan, prepare, sweep_lock
+    from ablate.datacheck import check_data
+    from ablate.store import (
+        blocked_error,
+        check_names,
+        check_owner,
+        claim,
+        make_root,
+        plan,
+        prepare,
+        sweep_lock,
+    )
     from ablate.sweep import expand
 
     console = _console()
     sweep = load_sweep(sweep_file)
     specs = expand(sweep)  # validates every arm before anything is created
+    needs_mark = check_owner(sweep)  # only in a folder ablate made (or one from before markers)
     launcher = sweep.launcher
     wait = resolve_wait(launcher, wait)
 
     if dry_run:
         decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
+        check_data(sweep, specs, console)
         _print_plan(console, sweep, decisions, detailed=True)
         if launcher.kind.submission_file is not None:  # a scheduler: show what it would be handed
             what, render = launcher.kind.submission_file
@@ -103,28 +115,34 @@ def run(
 
     check_names([s.name for s in specs], rerun or (), "--rerun")
     launch.check_available(launcher)
-    sweep.root.mkdir(parents=True, exist_ok=True)  # everything checked: from here on, things get created
+    check_data(sweep, specs, console)  # where this machine sees the data: files and columns exist
+    make_root(sweep)  # everything checked: from here on, things get created
     jobs: list[Any] = []
     launched: list[str] = []
     try:
         with contextlib.ExitStack() as display:
             with sweep_lock(sweep.root):
+                if needs_mark:
+                    claim(sweep)
                 decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
                 if err := blocked_error(decisions):
                     raise err
                 _print_plan(console, sweep, decisions, detailed=False)
-                run_dirs = prepare(decisions, sweep.root, sweep.name, launcher.executor)
-                if not run_dirs:
+                if not any(d.launches for d in decisions):
                     console.print("nothing to submit: every arm is done or in flight")
                     return
+                code = _snapshot(sweep, console)
+                run_dirs = prepare(decisions, sweep.root, sweep.name, launcher.executor, code=code)
                 launched = [d.name for d in run_dirs]
-                setup = _code_for(run_dirs, sweep, console)
-                executor = launch.build_executor(launcher, sweep.root, sweep.name, setup)
+                executor = launch.build_executor(launcher, sweep.root, sweep.name, code.job_setup())
                 if wait:
                     display.enter_context(_live_progress(console, sweep, launched))
-                jobs = launch.submit(
-                    executor, run_dirs, parallelism=launcher.array_parallelism, poll_s=POLL_S
-                )
+                try:
+                    jobs = launch.submit(
+                        executor, run_dirs, parallelism=launcher.array_parallelism, poll_s=POLL_S
+                    )
+                except OSError as e:
+                    raise _submit_fault(e, sweep, run_dirs) from None
             if not wait:
                 console.print(
                     f"submitted {len(jobs)} arm(s) ({launcher.executor}); follow them with `ablate status {sweep_file}`"
@@ -144,25 +162,53 @@ def run(
         raise typer.Exit(1)
 
 
+def _submit_fault(e: OSError, sweep: Sweep, run_dirs: list[Path]) -> UserError:
+    """An operating fault while handing the arms to the executor: how far it got, and what to do."""
+    from ablate.errors import os_fault
+
+    sent = 0
+    for run_dir in run_dirs:
+        with contextlib.suppress(Exception):
+            sent += bool((RunDir(run_dir).read_job() or {}).get("job_id"))
+    return os_fault(
+        e,
+        f"cannot submit the arms ({sent} of {len(run_dirs)} submitted before it; "
+        f"`ablate run` again submits the rest)",
+        sweep.root,
+    )
+
+
 @app.command()
 def status(sweep_file: SweepFile) -> None:
     """Each arm's state, step, last loss, and where its logs are."""
+    from ablate.drift import drift
+
     console = _console()
     sweep = load_sweep(sweep_file)
     console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
     table = Table()
     for column in ("arm", "state", "step", "loss", "updated", "log", "note"):
         table.add_column(column, overflow="fold")
-    failed = []
+    failed, unreadable = [], []
+    changed = drift(sweep)
     for name in sweep.arm_names():
         view = observe(sweep.root / name)
         cells = _arm_cells(view, with_log=True)
-        for extra in (_requeue_note(view), view.scheduler, eval_note(view.run_dir)):
+        drifted = "config changed since it ran (below)" if name in changed else ""
+        for extra in (drifted, _requeue_note(view), view.scheduler, eval_note(view.run_dir)):
             if extra:
                 cells[-1].append(("; " if cells[-1].plain else "") + extra)
         table.add_row(*cells)
         failed += [view] if view.state == FAILED else []
+        unreadable += [view] if view.state == UNREADABLE else []
     console.print(table)
+    for view in unreadable:  # whole, to be read and copied (the table folds long notes)
+        console.print(
+            f"\n{view.name} is unreadable: {view.note}; `ablate run {sweep_file} --rerun {view.name}` starts it "
+            "afresh (the folder is kept under .replaced/)",
+            style="red",
+            markup=False,
+        )
     for view in failed:  # what went wrong, where a person looks first
         console.print(f"\n{view.name} failed: {view.note or 'no error recorded'}", style="red", markup=False)
         log = view.job.get("stderr") if view.job else None
@@ -170,6 +216,16 @@ def status(sweep_file: SweepFile) -> None:
             console.print(f"  │ {line}", markup=False)
         if log:
             console.print(f"  (last {LOG_TAIL} lines of {log})", style="dim", markup=False)
+    if changed:
+        console.print("", markup=False)
+        for name, note in changed.items():
+            console.print(f"{name}: {note}", style="yellow", markup=False)
+        console.print(
+            f"config changed for {len(changed)} arm(s) since they ran: their results are for the old config; "
+            f"`ablate run {sweep_file} --rerun NAME` (or --force) runs them again",
+            style="yellow",
+            markup=False,
+        )
 
 
 @app.command()
@@ -184,11 +240,15 @@ def cancel(
 ) -> None:
     """Cancel arms' jobs through their scheduler; they show as cancelled, and `ablate run` resubmits them."""
     from ablate.store import cancel as cancel_arm
-    from ablate.store import check_names, sweep_lock
+    from ablate.store import check_names, check_owner, sweep_lock
 
     console = _console()
     sweep = load_sweep(sweep_file)
     check_names(sweep.arm_names(), arm or (), "--arm")
+    if not sweep.root.is_dir():
+        console.print(f"nothing to cancel: {sweep.root} does not exist", markup=False)
+        return
+    check_owner(sweep)
     not_cancelled = 0
     with sweep_lock(sweep.root):  # not while `ablate run` submits
         for name in arm or sweep.arm_names():
@@ -222,11 +282,19 @@ def rank(
 ) -> None:
     """Every delta's change against the baseline, paired by seed, most improving first."""
     from ablate import rank as ranking
+    from ablate.drift import drift
+    from ablate.sweep import arm_name
 
     if fmt not in ranking.FORMATS:
         raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(ranking.FORMATS)}", path="--format")
     sweep = load_sweep(sweep_file)
     df, used = ranking.rank(sweep, step, by)
+    changed = drift(sweep)
+    if changed and len(df):  # still ranked, flagged: † in the state, said under the table
+        flagged = {d for d in (*sweep.deltas, "baseline") for s in sweep.seeds if arm_name(d, s) in changed}
+        df["state"] = [
+            f"{st} †" if d in flagged else st for d, st in zip(df["delta"], df["state"], strict=True)
+        ]
     where = f"at step {used}" if used is not None else "(no arm has evaluated yet)"
     title = f"{sweep.name}: change vs baseline {where}, paired by seed"
     if fmt == "html":
@@ -242,6 +310,7 @@ def rank(
         print(ranking.to_markdown(df, sweep.metrics))
     else:
         _console().print(ranking.to_rich(df, sweep.metrics, title))
+    _rank_footer(sweep, ranking.collect(sweep), changed, fmt)
     if to_wandb:
         from ablate.wandb_runs import log_table
 
@@ -251,6 +320,21 @@ def rank(
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(1) from None
         print(f"impact table logged to {where}", file=sys.stderr)
+
+
+def _rank_footer(sweep: Sweep, arms: list[Any], changed: dict[str, str], fmt: str) -> None:
+    """After the table: arms ranked with results of an older config, and arms that could not be read.
+    On stdout under a table or markdown; on stderr under csv, json and html (machine-read)."""
+    lines = [f"unreadable: {a.name}: {a.note}" for a in arms if a.state == "unreadable"]
+    for name, note in changed.items():
+        lines.append(f"† {name}: {note}")
+    if changed:
+        lines.append(
+            f"† ranked with results of the config it ran with; `ablate run {sweep.file} --rerun NAME` runs it again"
+        )
+    out = sys.stdout if fmt in ("table", "markdown") else sys.stderr
+    for line in lines:
+        print(line, file=out)
 
 
 StepOption = Annotated[
@@ -268,8 +352,10 @@ def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) ->
     """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
     from ablate import plots
     from ablate import rank as ranking
+    from ablate.store import check_owner
 
     sweep = load_sweep(sweep_file)
+    check_owner(sweep)  # figures go into the sweep's folder: only one ablate made
     df, used = ranking.rank(sweep, step, by)
     for name, path in plots.write(sweep, df, ranking.collect(sweep)).items():
         print(f"{name}: {path}")
@@ -279,8 +365,11 @@ def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) ->
 def report(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
     """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
     from ablate.report import build
+    from ablate.store import check_owner
 
-    path = build(load_sweep(sweep_file), step, by)
+    sweep = load_sweep(sweep_file)
+    check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made
+    path = build(sweep, step, by)
     print(f"report: {path}")
 
 
@@ -365,7 +454,7 @@ def eval_checkpoints(
     """Score checkpoints of arms that have ended again, without training, as jobs of the sweep's launcher."""
     from ablate import launch
     from ablate.rescore import select
-    from ablate.store import check_names, mark_eval_queued, sweep_lock
+    from ablate.store import check_names, check_owner, claim, mark_eval_queued, sweep_lock
     from ablate.sweep import expand
 
     console = _console()
@@ -375,13 +464,23 @@ def eval_checkpoints(
     launcher = sweep.launcher
     wait = resolve_wait(launcher, wait)
     select(sweep, arm or [], step)  # every check before anything is written
+    needs_mark = check_owner(sweep)
     launch.check_available(launcher)
     try:
         with sweep_lock(sweep.root):  # not while `ablate run` (or another `ablate eval`) submits
+            if needs_mark:
+                claim(sweep)
             targets, skipped = select(sweep, arm or [], step)
             _print_eval_plan(console, sweep, targets, skipped, hashes)
             for target in targets:
-                mark_eval_queued(target.run_dir, target.step, launcher.executor)
+                try:
+                    mark_eval_queued(target.run_dir, target.step, launcher.executor)
+                except OSError as e:
+                    from ablate.errors import os_fault
+
+                    raise os_fault(
+                        e, "cannot queue the evaluation; nothing submitted", target.run_dir
+                    ) from None
             setup = _code_for([t.run_dir for t in targets], sweep, console)
             executor = launch.build_executor(launcher, sweep.root, f"{sweep.name}-eval", setup)
             job = launch.EvalArm({str(t.run_dir): t.step for t in targets})
@@ -528,16 +627,32 @@ def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, de
     console.print(resources(sweep.launcher), markup=False)
 
 
+def _snapshot(sweep: Sweep, console: Console) -> Any:
+    """Snapshot the code for the jobs about to be submitted (snapshot.Code); an operating fault (disk
+    full ...) is one line naming the path, with nothing submitted."""
+    from ablate import snapshot
+    from ablate.errors import os_fault
+
+    try:
+        code = snapshot.take(sweep.root)
+    except OSError as e:
+        raise os_fault(e, "cannot snapshot the code for the jobs; nothing submitted", sweep.root) from None
+    if code.folder is not None and (warning := snapshot.shadowing_warning()):
+        console.print(f"warning: {warning}", style="yellow", markup=False)
+    return code
+
+
 def _code_for(run_dirs: list[Path], sweep: Sweep, console: Console) -> list[str]:
     """Snapshot the code for the jobs about to be submitted, record it in their run folders, and return
     the job set-up lines that make them import it."""
-    from ablate import snapshot
+    from ablate.errors import os_fault
 
-    code = snapshot.take(sweep.root)
+    code = _snapshot(sweep, console)
     for run_dir in run_dirs:
-        RunDir(run_dir).write_code(code.record, code.diff)
-    if code.folder is not None and (warning := snapshot.shadowing_warning()):
-        console.print(f"warning: {warning}", style="yellow", markup=False)
+        try:
+            RunDir(run_dir).write_code(code.record, code.diff)
+        except OSError as e:
+            raise os_fault(e, "cannot record the code snapshot; nothing submitted", run_dir) from None
     return code.job_setup()
 
 
@@ -758,6 +873,13 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="ablate")
     except UserError as e:
         print(f"error: {e.render()}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # disk full, permission denied, read-only: an operating fault, not a bug
+        from ablate.errors import FAULTS, os_fault
+
+        if e.errno not in FAULTS:
+            raise
+        print(f"error: {os_fault(e, 'stopped').render()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

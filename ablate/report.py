@@ -79,11 +79,14 @@ def _grids(sweep: Sweep, step: int | None) -> list[str]:
         for seed in sweep.seeds:
             name = arm_name(delta, seed)
             grid = RunDir(sweep.root / name).eval_grid(step) if step is not None else None
-            inner = (
-                _img(grid, f"samples of {name}")
-                if grid is not None and grid.exists()
-                else "<p>no samples</p>"
-            )
+            inner = "<p>no samples</p>"
+            if grid is not None and grid.is_file():
+                try:
+                    inner = _img(grid, f"samples of {name}")
+                except OSError as e:
+                    inner = (
+                        f"<p>{escape(str(grid))}: unreadable ({escape(e.strerror or type(e).__name__)})</p>"
+                    )
             out.append(f"<figure>{inner}<figcaption>{escape(name)}</figcaption></figure>")
     return [*out, "</div>"]
 
@@ -107,16 +110,17 @@ def _arms(sweep: Sweep, arms: list[Any]) -> list[str]:
     failed = []
     for arm in arms:
         view = observe(sweep.root / arm.name, check_jobs=False)
+        note = arm.note or view.note
         hours = arm.steps / arm.batches_per_s / 3600 * devices if arm.steps and arm.batches_per_s else None
         bad = arm.state in (FAILED, UNREADABLE, CANCELLED, STALE)
         cls = ' class="failed"' if bad else ""
         out.append(
             f"<tr{cls}><td>{escape(arm.name)}</td><td>{escape(arm.state)}</td><td>{arm.steps or ''}</td>"
             f"<td>{'' if not arm.batches_per_s else f'{arm.batches_per_s:.3g}'}</td>"
-            f"<td>{'' if hours is None else f'{hours:.3g}'}</td><td>{escape(view.note)}</td></tr>"
+            f"<td>{'' if hours is None else f'{hours:.3g}'}</td><td>{escape(note)}</td></tr>"
         )
         if bad:
-            failed.append((arm.name, arm.state, view.note))
+            failed.append((arm.name, arm.state, note))
     out.append("</table>")
     out.append("<h2>Failed arms</h2>")
     if not failed:

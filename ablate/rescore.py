@@ -48,7 +48,9 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
         run = RunDir(sweep.root / name)
         view = observe(run.path)
         reason = None
-        if view.state == MISSING:
+        if view.writer is not None:  # a live trainer or eval job, however started
+            reason = f"in flight ({view.note})"
+        elif view.state == MISSING:
             reason = "not run yet"
         elif view.state in IN_FLIGHT:
             reason = f"{view.state}: it evaluates its checkpoints itself as it trains"
@@ -87,6 +89,12 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
 def outcome(target: Target) -> dict[str, Any]:
     """What the arm's eval job recorded (eval_job.json): state, and metrics or error."""
     try:
-        return RunDir(target.run_dir).read_eval_job() or {}
+        record = RunDir(target.run_dir).read_eval_job() or {}
     except Unreadable as e:
         return {"state": FAILED, "error": str(e)}
+    if not isinstance(record, dict):
+        return {
+            "state": FAILED,
+            "error": f"{RunDir(target.run_dir).eval_job}: unreadable (not a JSON object)",
+        }
+    return record

@@ -81,10 +81,14 @@ def take(sweep_root: Path) -> Code:
     if not folder.exists():
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        for name in files:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / name, tmp / name)
-        commit_dir(tmp, folder)
+        try:
+            for name in files:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / name, tmp / name)
+            commit_dir(tmp, folder)
+        except BaseException:  # a full disk: a half copy must not keep it full
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     record = {
         "commit": commit,
         "dirty": dirty,

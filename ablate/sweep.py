@@ -54,6 +54,8 @@ from ablate.launch import problems as launch_problems
 from ablate.loader import KeyPath, format_path, line_of, load_yaml
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME = 100  # sweep and delta names become folder (and job) names
+SEED_RANGE = (-(2**63), 2**64)  # what torch.manual_seed takes; it also keeps arm names short
 BASELINE = "baseline"
 
 
@@ -62,6 +64,12 @@ def _path_safe(name: str) -> str:
         raise PydanticCustomError(
             "path_safe_name",
             "Input should be a path-safe name: letters, digits, '_', '.', '-', starting with a letter or digit",
+        )
+    if len(name) > MAX_NAME:
+        raise PydanticCustomError(
+            "name_too_long",
+            "Input should be a name of at most {max} characters (it names a folder), not {n}",
+            {"max": MAX_NAME, "n": len(name)},
         )
     return name
 
@@ -152,10 +160,32 @@ def load_sweep(file: str | Path) -> Sweep:
     sweep._file = file
     sweep._lines = lines
     sweep._root = (Path(sweep.output_dir) if sweep.output_dir else Path("runs") / sweep.name).resolve()
+    if (problem := _not_a_folder(sweep._root)) is not None:
+        raise sweep.error(
+            ("output_dir",) if sweep.output_dir else ("name",),
+            problem,
+            "a folder, or a path that does not exist yet",
+        )
     problems = list(_problems(sweep))
     if problems:  # report the one that comes first in the file
         raise min(problems, key=lambda e: e.line if e.line is not None else 1 << 30)
     return sweep
+
+
+def _not_a_folder(root: Path) -> str | None:
+    """Why the sweep's output folder cannot be one (it, or a folder above it, is a file), or None."""
+    for path in (root, *root.parents):
+        try:
+            if path.is_dir():
+                return None
+            if not path.exists():
+                continue
+        except OSError as e:  # a folder above it cannot be searched
+            return f"the output folder {root} cannot be reached: {path}: {e.strerror or type(e).__name__}"
+        if path == root:
+            return f"the output folder {root} is a file, not a folder"
+        return f"the output folder {root} cannot be made: {path} is a file, not a folder"
+    return None
 
 
 def _problems(sweep: Sweep) -> Iterator[UserError]:
@@ -174,7 +204,10 @@ def _problems(sweep: Sweep) -> Iterator[UserError]:
         seen_metrics.update(item)
 
     for i, seed in enumerate(sweep.seeds):
-        if seed in sweep.seeds[:i]:
+        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            shown = str(seed) if len(str(seed)) <= 24 else f"{str(seed)[:20]}... ({len(str(seed))} digits)"
+            yield sweep.error(("seeds", i), f"seed {shown} is out of range", "a 64-bit integer")
+        elif seed in sweep.seeds[:i]:
             yield sweep.error(("seeds", i), f"duplicate seed {seed} (duplicate arm names)", "each seed once")
     folded: dict[str, str] = {}
     for delta in sweep.deltas:
@@ -218,9 +251,12 @@ class RunSpec:
     config: dict[str, Any]
     """The resolved trainer config (TrainConfig(...).model_dump(mode='json')), seed included."""
     hash: str
+    settings_hash: str | None = None
+    """The hash of what the sweep file sets for the arm, before defaults (`ablate.drift`): lets the
+    torch-free `ablate status` and `ablate rank` tell that the sweep file changed since it ran."""
 
     def spec_json(self, sweep_name: str) -> dict[str, Any]:
-        return {
+        spec = {
             "name": self.name,
             "delta": self.delta,
             "seed": self.seed,
@@ -229,6 +265,9 @@ class RunSpec:
             "overrides": self.overrides,
             "sweep": sweep_name,
         }
+        if self.settings_hash is not None:
+            spec["settings_hash"] = self.settings_hash
+        return spec
 
 
 # 2: the `log` section (how an arm reports — log lines, W&B — not what it trains) is not part of
@@ -242,7 +281,7 @@ def config_hash(config: dict[str, Any]) -> str:
     """An arm's identity: first 12 hex digits of sha256 over the canonical JSON of its resolved config,
     the `log` section left out."""
     identity = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
@@ -251,14 +290,16 @@ def recorded_hash(spec: dict[str, Any], config_file: Path) -> str | None:
     another way: their config.yaml is hashed again). Raises `Unreadable` for a corrupt config.yaml."""
     if spec.get("hash_version") == HASH_VERSION or not config_file.exists():
         return spec.get("hash")
-    import yaml
-
+    from ablate.loader import load_plain_yaml
     from core.atomic import Unreadable
 
     try:
-        return config_hash(yaml.safe_load(config_file.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
-        raise Unreadable(config_file, f"not the YAML of a config: {type(e).__name__}") from None
+        config = load_plain_yaml(config_file, "config file")
+    except UserError as e:  # read within the sweep file's bounds: a planted billion laughs stays small
+        raise Unreadable(config_file, (f"line {e.line}: " if e.line else "") + e.problem) from None
+    if not isinstance(config, dict):
+        raise Unreadable(config_file, f"not the YAML of a config: a {type(config).__name__}")
+    return config_hash(config)
 
 
 def expand(sweep: Sweep) -> list[RunSpec]:
@@ -285,14 +326,26 @@ def expand(sweep: Sweep) -> list[RunSpec]:
     specs: list[RunSpec] = []
     baselines: dict[int, dict[str, Any]] = {}
     for seed in sweep.seeds:
-        config = resolve({**copy.deepcopy(sweep.baseline), "seed": seed}, locate_baseline)
+        settings = {**copy.deepcopy(sweep.baseline), "seed": seed}
+        config = resolve(copy.deepcopy(settings), locate_baseline)
         baselines[seed] = config
-        specs.append(RunSpec(arm_name(BASELINE, seed), BASELINE, seed, {}, config, config_hash(config)))
+        specs.append(
+            RunSpec(
+                arm_name(BASELINE, seed),
+                BASELINE,
+                seed,
+                {},
+                config,
+                config_hash(config),
+                config_hash(settings),
+            )
+        )
 
     for delta, overrides in sweep.deltas.items():
         tree, sources = delta_tree(sweep, delta, overrides)
         for seed in sweep.seeds:
             merged, replaced = merge({**copy.deepcopy(sweep.baseline), "seed": seed}, tree)
+            settings_hash = config_hash(merged)
             owned = dict(sources)
             for path in replaced:  # a kind change makes the whole component the delta's
                 owned[path] = sources.get((*path, "kind"), sources.get(path, ("deltas", delta)))
@@ -305,7 +358,13 @@ def expand(sweep: Sweep) -> list[RunSpec]:
                 )
             specs.append(
                 RunSpec(
-                    arm_name(delta, seed), delta, seed, copy.deepcopy(overrides), config, config_hash(config)
+                    arm_name(delta, seed),
+                    delta,
+                    seed,
+                    copy.deepcopy(overrides),
+                    config,
+                    config_hash(config),
+                    settings_hash,
                 )
             )
     return specs

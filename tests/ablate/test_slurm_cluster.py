@@ -29,6 +29,7 @@ from ablate.sweep import Sweep, load_sweep
 from core.rundir import CANCELLED, DONE, FAILED, RunDir
 from trainer import checkpoint, tracking
 
+UNMOUNTED = "/ablate-test-not-mounted/train.parquet"
 BASELINE = {
     "model": {"preset": "tiny"},
     "data": {"kind": "synthetic", "resolution": 16, "caption": "long", "num_train": 256, "num_val": 8},
@@ -94,7 +95,6 @@ class Launched:
 @pytest.fixture(scope="module")
 def launched(slurm_cluster, tmp_path_factory) -> dict[str, Launched]:
     root = tmp_path_factory.mktemp("slurm")
-    (root / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
     long = {"train": {"steps": 3000}}
     paths = {
         "array": scenario(
@@ -117,7 +117,8 @@ def launched(slurm_cluster, tmp_path_factory) -> dict[str, Launched]:
         "failures": scenario(
             root, "failures", deltas={
                 "nan": {"optimizer.lr": 1.0e30, "train.grad_clip": None},
-                "bad-data": {"data": {"kind": "parquet", "path": str(root / "broken.parquet"), "caption": "text"}},
+                # a mount only compute nodes would have: `ablate run` warns and submits; the job fails
+                "bad-data": {"data": {"kind": "parquet", "path": UNMOUNTED, "caption": "text"}},
             },
         ),
         "cancel": scenario(root, "cancel", **long, deltas={"lr-high": {"optimizer.lr": 3e-3}}),
@@ -307,7 +308,7 @@ def test_slurm_a_failing_arm_leaves_the_others_and_run_resubmits_only_it(launche
     shown = ablate("status", item.path).stdout
     assert "nan-s0 failed: NonFiniteError" in shown and "bad-data-s0 failed: " in shown
     assert "  │ trainer.train.NonFiniteError: non-finite loss" in shown  # the last lines of its log
-    assert "  │ pyarrow.lib.ArrowInvalid: Could not open Parquet input source" in shown
+    assert f"  │ trainer.data.DataError: {UNMOUNTED}: no such parquet file (data.path)" in shown
     before = {n: job_id(item.arm(n)) for n in seen}
     again = ablate("run", item.path)
     assert again.returncode == 0 and "submitted 2 arm(s)" in again.stdout
