@@ -128,7 +128,7 @@ def final_weights(run_dir):
 @pytest.mark.parametrize(
     "case", [c for c, over in CASES.items() if over or c[0] == "data"], ids=lambda c: f"{c[0]}={c[1]}"
 )
-def test_entry_trains_and_resumes_exactly(case, make_run, weights, tmp_path):
+def test_entry_trains_and_resumes_exactly(case, make_run, weights, tmp_path, domain_cache):
     over = dict(CASES[case])
     if over.get("data") in ("PARQUET", "FOLDER"):
         over["data"] = dataset(over["data"].lower(), tmp_path / "data")
@@ -136,7 +136,7 @@ def test_entry_trains_and_resumes_exactly(case, make_run, weights, tmp_path):
         "weights_dir": str(weights),
         "train": {"steps": 3, "batch_size": 2, "warmup_steps": 0},
         "checkpoint": {"every": 2, "keep": 3},
-        "eval": {"every": 3, "batch_size": 4},
+        "eval": {"every": 3, "batch_size": 4, "cache_dir": str(domain_cache)},
         "log": {"every": 1},
     }
     d = make_run("arm", **{**common, **over})

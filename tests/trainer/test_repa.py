@@ -327,17 +327,17 @@ def test_projector_without_gradient_after_stop_step_is_fine_under_ddp():
         torch.distributed.destroy_process_group()
 
 
-def test_the_domain_teacher_is_the_attribute_net_on_the_token_grid(tiny_cfg, tmp_path):
+def test_the_domain_teacher_is_the_attribute_net_on_the_token_grid(tiny_cfg, domain_cache):
     """REPA with a domain teacher: the synthetic domain's attribute net, its stride-4 features per token."""
     from trainer.data import SyntheticConfig, attribute_net
     from trainer.repa import DomainTeacherConfig, build_domain_teacher
 
     data = SyntheticConfig(resolution=16)
-    ctx = FactorContext(**{**CTX.__dict__, "data": data, "cache_dir": str(tmp_path), "resolution": 16})
+    ctx = FactorContext(**{**CTX.__dict__, "data": data, "cache_dir": str(domain_cache), "resolution": 16})
     teacher = build_domain_teacher(DomainTeacherConfig(), ctx)
     images = torch.rand(2, 3, 16, 16)
     tokens = teacher(images, (4, 4))  # a 4x4 token grid: the 16 px image as the net sees it
-    net = attribute_net(data, tmp_path)  # trained once: loaded from the cache now
+    net = attribute_net(data, domain_cache)  # trained once: loaded from the cache now
     expected = net.grid_features(images * 2 - 1).flatten(2).transpose(1, 2)
     assert tokens.shape == (2, 16, DomainTeacherConfig().width) and torch.allclose(tokens, expected)
     assert teacher(torch.rand(2, 3, 16, 16), (8, 8)).shape == (2, 64, 64)  # finer grids: the image is resized
