@@ -58,37 +58,40 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _files(folder: Path) -> dict[str, Path]:
+    """{relative path: path} of every file in `folder` but the manifest itself, sorted."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(folder).as_posix(): p for p in files}
+
+
 def manifest(folder: Path) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every file in `folder` but the manifest itself."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    return {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in _files(folder).items()}
 
 
 def verify(path: Path) -> str | None:
     """Why checkpoint `path` cannot be trusted, or None when every file matches its manifest."""
     try:
         recorded = json.loads((path / MANIFEST).read_bytes())["files"]
+        expected = {str(name): (int(want["size"]), str(want["sha256"])) for name, want in recorded.items()}
     except FileNotFoundError:
         return f"no {MANIFEST}"
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} unreadable ({type(e).__name__})"
-    for name, want in recorded.items():
-        file = path / name
+    present = _files(path)
+    for name, (size, digest) in expected.items():
+        file = present.get(name)
         try:
-            if file.is_symlink() or not file.is_file():
+            if file is None or file.is_symlink():
                 return f"{name} missing"
-            if file.stat().st_size != want["size"]:
-                return f"{name} has {file.stat().st_size} bytes, the manifest says {want['size']}"
-            if _sha256(file) != want["sha256"]:
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+            if _sha256(file) != digest:
                 return f"{name} does not match its checksum"
         except OSError as e:
             return f"{name} unreadable ({e.strerror})"
-    extra = set(manifest_names(path)) - set(recorded)
-    return f"{sorted(extra)[0]} is not in the manifest" if extra else None
-
-
-def manifest_names(folder: Path) -> list[str]:
-    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
+    extra = sorted(set(present) - set(expected))
+    return f"{extra[0]} is not in the manifest" if extra else None
 
 
 def newest_verified(run: RunDir | Path, *, set_aside: bool = True) -> Path | None:
