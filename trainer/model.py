@@ -10,7 +10,7 @@ diffusers model (`save_pretrained` / `from_pretrained`); factor parameters live 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -25,8 +25,39 @@ PRESETS: dict[str, dict] = {
     "prx-1.2b": dict(
         hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=2, axes_dim=(32, 32)
     ),
+    # The pixel-space study's model (configs/yamls/model/prx_jit_32_small.yaml: prx_small with
+    # in_channels 3, patch 32, bottleneck 256): each 32×32×3 patch (3072 values) is projected down to
+    # 256 then up to the hidden size (JiT's bottleneck embedding), inside diffusers' own class.
+    "prx-jit-32-small": dict(
+        hidden_size=1792,
+        depth=16,
+        num_heads=28,
+        mlp_ratio=3.5,
+        patch_size=32,
+        axes_dim=(32, 32),
+        bottleneck_size=256,
+    ),
     # CPU tests and the demo: same code path, seconds per hundred steps.
     "tiny": dict(hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0, patch_size=2, axes_dim=(8, 8)),
+}
+
+
+def _zero_final_layer(prx: nn.Module) -> None:
+    """PRX's init (Photoroom/PRX prx/models/prx_layers.py `LastLayer`): the final adaLN modulation and
+    the output linear start at exactly zero, so the untrained net predicts 0 and its first updates
+    come from the output layer alone. Every other layer is initialised the same way in PRX and in
+    diffusers' class (each block's adaLN modulation is zero in both, the rest is PyTorch's default),
+    so this is the whole difference; it draws no random numbers, so the rest stays bit-identical."""
+    final = prx.final_layer
+    for linear in (final.adaLN_modulation[1], final.linear):
+        nn.init.zeros_(linear.weight)  # adaLN (2C, C), output (p²·C_in, C)
+        nn.init.zeros_(linear.bias)
+
+
+# `model.init`: how a fresh denoiser's weights start (a resumed run loads its checkpoint instead).
+INITS = {
+    "prx": _zero_final_layer,  # the study's
+    "diffusers": lambda prx: None,  # PRXTransformer2DModel's own: the final layer is PyTorch-default random
 }
 
 
@@ -42,6 +73,9 @@ class ModelConfig(Config):
     axes_dim: tuple[int, int] | None = Field(None, description="RoPE dims per axis; must sum to the head dim")
     bottleneck_size: int | None = Field(None, ge=1, description="two-layer patch embedding (pixel-space PRX)")
     in_channels: int | None = Field(None, ge=1, description="leave unset: follows the tokenizer")
+    init: Literal[tuple(INITS)] = Field(
+        "prx", description="prx: final layer zero-initialised as PRX does; diffusers: the class's own init"
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self):
@@ -169,7 +203,8 @@ class Denoiser(nn.Module):
 
         prx, p = self.prx, self.prx.patch_size
         b, _, h, w = x.shape
-        img = prx.img_in(img2seq(x, p))  # (B, L, C), L = h·w / p²
+        # (B, L, C), L = h·w / p²; img_in is Linear(p²·C_in → C), or p²·C_in → bottleneck → C (JiT)
+        img = prx.img_in(img2seq(x, p))
         pe = prx.pe_embedder(get_image_ids(b, h, w, patch_size=p, device=x.device))  # (B, 1, L, hd/2, 2, 2)
         vec = prx._compute_timestep_embedding(t, dtype=img.dtype)  # (B, C)
         if prx.resolution_embedder is not None:
@@ -213,4 +248,6 @@ def build_prx(cfg: ModelConfig, in_channels: int, context_in_dim: int) -> nn.Mod
             f"model.in_channels={cfg.in_channels} disagrees with the tokenizer's {in_channels} "
             "channels; remove model.in_channels (it follows the tokenizer)"
         )
-    return PRXTransformer2DModel(**cfg.diffusers_kwargs(in_channels, context_in_dim))
+    prx = PRXTransformer2DModel(**cfg.diffusers_kwargs(in_channels, context_in_dim))
+    INITS[cfg.init](prx)
+    return prx

@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
 from ablate_testing import SWEEP, write_json
 
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 SLURM = "launcher:\n  executor: slurm\n  partition: gpu\n  gpus_per_node: 8\n  array_parallelism: 1\n"
 
 
@@ -43,6 +46,21 @@ def test_slurm_dry_run_shows_the_real_sbatch_file_off_the_cluster(write_sweep, c
     run = cli("run", path)  # the real thing needs srun, and says so before creating anything
     assert run.code == 2 and "needs `srun` on PATH" in run.err
     assert listing(workdir) == ["sweep.yaml"]
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_dry_runs_offline(path, cli, workdir, monkeypatch):
+    """The sweeps users start from (sweeps/*.yaml) validate whole, every arm, with no network or weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # off the cluster: the sbatch file is shown
+    result = cli("run", path, "--dry-run")
+    assert result.code == 0, result.err
+    assert listing(workdir) == []
+    sweep = yaml.safe_load(path.read_text())
+    arms = [f"{arm}-s{seed}" for arm in ["baseline", *sweep["deltas"]] for seed in sweep["seeds"]]
+    shown = {line.split("│")[1].strip() for line in result.out.splitlines() if line.startswith("│")}
+    assert set(arms) <= shown
+    assert "dry run: nothing created, nothing submitted" in result.out
 
 
 def test_dry_run_shows_what_a_real_run_would_skip_or_block(write_sweep, cli, workdir):
