@@ -73,9 +73,12 @@ def loss(
     t: torch.Tensor,
     cfg: FlowConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain MSE in v-space. Returns (loss, predicted velocity, target velocity)."""
+    """Plain MSE in v-space. Returns (loss, predicted velocity, target velocity).
+
+    The target is computed in the dtype of x0 and noise (bf16 in PRX's bf16 run, trainer/precision.py)
+    and compared in fp32, as PRX's mse_loss under bf16 autocast does."""
     v_pred = velocity(pred.float(), xt, t, cfg)
-    v_true = PREDICTIONS[cfg.prediction]["target"](x0, noise, xt, t, cfg)
+    v_true = PREDICTIONS[cfg.prediction]["target"](x0, noise, xt, t, cfg).float()
     return F.mse_loss(v_pred, v_true), v_pred, v_true
 
 
@@ -90,16 +93,20 @@ def euler_sample(
     cfg: FlowConfig,
     steps: int = 50,
     guidance: float = 3.5,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Euler over shift(linspace(1, 0, steps + 1)) with CFG u + s·(c - u), the empty caption as u."""
+    """Euler over shift(linspace(1, 0, steps + 1)) with CFG u + s·(c - u), the empty caption as u.
+
+    `dtype` is the running state's: the state, the net's output and the timesteps the net sees are
+    in it, the step sizes come from the fp32 grid (bf16 is PRX's bf16 run, trainer/precision.py)."""
     b = noise.shape[0]
-    ts = shift_t(torch.linspace(1, 0, steps + 1, device=noise.device), cfg.shift)
+    ts = shift_t(torch.linspace(1, 0, steps + 1, device=noise.device), cfg.shift)  # (steps + 1,) fp32
     ctx = torch.cat([txt, empty_txt.expand(b, -1, -1)])  # (2B, Lt, D): conditional, then unconditional
     ctx_mask = torch.cat([mask, empty_mask.expand(b, -1)])
-    x = noise
+    x = noise.to(dtype)  # (B, C, h, w)
     for i in range(steps):
         t = ts[i].expand(2 * b)
         x2 = torch.cat([x, x])
-        v_c, v_u = velocity(net(x2, t, ctx, ctx_mask).float(), x2, t, cfg).chunk(2)
-        x = x + (ts[i + 1] - ts[i]) * (v_u + guidance * (v_c - v_u))
+        v_c, v_u = velocity(net(x2, t.to(dtype), ctx, ctx_mask).to(dtype), x2, t, cfg).chunk(2)
+        x = (x + (ts[i + 1] - ts[i]) * (v_u + guidance * (v_c - v_u))).to(dtype)
     return x

@@ -6,10 +6,13 @@ denoiser; `decode` inverts that normalisation exactly before decoding:
 
 - `flux-vae`, `repa-e-vae` (`AutoencoderKL`): z = scaling · (latent − shift), both read from the
   VAE's config (Flux: 0.3611, 0.1159).
-- `flux2-ae` (`AutoencoderKLFlux2`): latents are 2×2-patchified (B, 4C, h/2, w/2), normalised by
-  the VAE's latent BatchNorm running statistics, (x − mean) / sqrt(var + eps), as diffusers'
-  Flux2 pipeline does, then unpatchified so the denoiser sees (B, 32, h, w). A checkpoint without
-  those statistics is an error, never a silent default scale.
+- `flux2-ae` (`AutoencoderKLFlux2`), `latent_norm: batchnorm`: latents are 2×2-patchified
+  (B, 4C, h/2, w/2), normalised by the VAE's latent BatchNorm running statistics,
+  (x − mean) / sqrt(var + eps), as diffusers' Flux2 pipeline does, then unpatchified so the
+  denoiser sees (B, 32, h, w). A checkpoint without those statistics is an error, never a silent
+  default scale. `latent_norm: prx-plain` is what PRX ran (configs/yamls/vae/flux2.yaml): the same
+  weights loaded as a plain `AutoencoderKL`, which drops the BatchNorm statistics and falls back
+  to the class default z = 0.18215 · latent (no shift): latents not normalised per channel.
 - `dc-ae` (`AutoencoderDC`): z = scaling · latent, a deterministic encoder.
 
 Each config states `channels` (the denoiser's in_channels) and `downsample` without loading
@@ -243,8 +246,14 @@ class RepaEVAEConfig(GaussianAutoencoderConfig):
 class Flux2AEConfig(GaussianAutoencoderConfig):
     kind: Literal["flux2-ae"] = "flux2-ae"
     MODEL: ClassVar = HFWeights("black-forest-labs/FLUX.2-dev", "vae")
-    CHANNELS: ClassVar = 32
+    CHANNELS: ClassVar = 32  # both normalisations hand the denoiser the unpatchified (B, 32, h, w) grid
     DOWNSAMPLE: ClassVar = 8
+    latent_norm: Literal["batchnorm", "prx-plain"] = Field(
+        "batchnorm",
+        description="batchnorm: the AE's latent BatchNorm running statistics over 2x2 patches (BFL, "
+        "diffusers); prx-plain: PRX's loading as a plain AutoencoderKL, latent · 0.18215 (the class "
+        "default; the statistics are dropped)",
+    )
 
 
 class DCAEConfig(AutoencoderConfig):
@@ -304,6 +313,11 @@ def build_repa_e_vae(cfg: RepaEVAEConfig, device: torch.device, weights_dir: str
 
 @TOKENIZERS.register(Flux2AEConfig)
 def build_flux2_ae(cfg: Flux2AEConfig, device: torch.device, weights_dir: str | None = None) -> Tokenizer:
+    if cfg.latent_norm == "prx-plain":
+        # PRX's VaeTower: `AutoencoderKL.from_pretrained` on the FLUX.2 folder (same encoder, decoder and
+        # quant convs; the bn.* statistics are unexpected keys, dropped) and its config's scaling_factor,
+        # which the FLUX.2 config lacks, so the class default 0.18215 with no shift applies.
+        return build_flux_vae(cfg, device, weights_dir)
     from diffusers import AutoencoderKLFlux2
 
     vae = load_autoencoder(

@@ -138,7 +138,8 @@ class Trainer:
         noise = torch.randn(shape, generator=gen_dev, device=dev)[mine]
         # posterior sample of an autoencoder, drawn after `noise`: the same with or without the cache
         x0 = lat.sample(torch.randn(shape, generator=gen_dev, device=dev)[mine])  # (b, C, h, w)
-        xt = flow.interpolate(x0, noise, t)  # (b, C, h, w)
+        x0, noise = x0.to(self.precision.flow), noise.to(self.precision.flow)  # bf16: PRX's bf16 run
+        xt = flow.interpolate(x0, noise, t)  # (b, C, h, w); fp32 t keeps it fp32 whatever x0's dtype
 
         self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
         with self.precision.context():

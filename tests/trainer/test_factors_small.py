@@ -39,6 +39,8 @@ def test_precision_kinds():
     cpu = torch.device("cpu")
     assert build_fp32(FP32Config(), cpu).weights == torch.float32
     assert build_bf16(BF16Config(), cpu).weights == torch.bfloat16
+    assert build_bf16(BF16Config(), cpu).flow == build_fp32(FP32Config(), cpu).flow == torch.float32
+    assert build_bf16(BF16Config(flow_dtype="bf16"), cpu).flow == torch.bfloat16  # PRX's bf16 run
     assert not build_fp32(FP32Config(), cpu).autocast  # auto: off on CPU
     assert build_fp32(FP32Config(autocast="bf16"), cpu).autocast
 
@@ -55,3 +57,52 @@ def test_bf16_weights_train_and_store_bf16(make_run):
     assert all(v.dtype == torch.bfloat16 for v in w.values())
     state = torch.load(sorted((d / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
     assert state["ema"]["shadow"] and json.loads((d / "status.json").read_text())["state"] == "done"
+
+
+def test_prx_bf16_flow_trains_and_samples_in_bf16(tiny_cfg, tmp_path, monkeypatch):
+    """`flow_dtype: bf16` through the trainer: train_step hands the loss bf16 x0 and noise (x_t and t
+    fp32, as in PRX), generation samples with a bf16 state and bf16 timesteps; the default stays fp32."""
+    from dataclasses import replace
+
+    from trainer import flow, generation
+    from trainer.config import TrainConfig
+    from trainer.data import StepBatchSampler
+    from trainer.dist import Dist
+    from trainer.train import Trainer
+
+    tiny_cfg.update(
+        precision={"kind": "bf16", "flow_dtype": "bf16"}, eval={**tiny_cfg["eval"], "sample_steps": 3}
+    )
+    tr = Trainer(TrainConfig.model_validate(tiny_cfg), tmp_path, Dist(0, 1, 0, torch.device("cpu")))
+    seen, real_loss, real_sample = [], flow.loss, flow.euler_sample
+
+    def loss(pred, x0, noise, xt, t, cfg):  # the real loss, recording the dtypes it is handed
+        seen.append((x0.dtype, noise.dtype, xt.dtype, t.dtype))
+        return real_loss(pred, x0, noise, xt, t, cfg)
+
+    def euler_sample(*args, **kwargs):  # the real sampler, recording its state's dtype
+        out = real_sample(*args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(flow, "loss", loss)
+    monkeypatch.setattr(flow, "euler_sample", euler_sample)
+    tr.denoiser.register_forward_pre_hook(lambda m, args: seen.append(args[1]) if not m.training else None)
+    sampler = StepBatchSampler(len(tr.train_set), 4, 0, 0, 3)
+    batches = list(torch.utils.data.DataLoader(tr.train_set, batch_sampler=sampler))
+    bf16, fp32 = torch.bfloat16, torch.float32
+    grid = flow.shift_t(torch.linspace(1, 0, 4), 1.0)[:-1]  # (3,) fp32 Euler grid
+    gen = object.__new__(generation.GenerationEval)  # sample() without the metrics' feature extractors
+    gen.tr, gen.n = tr, 1
+    for flow_dtype in (bf16, fp32):
+        tr.precision = replace(tr.precision, flow=flow_dtype)
+        seen.clear()
+        losses = [tr.train_step(s, batches[s])[0] for s in range(3)]
+        assert all(torch.isfinite(x) for x in losses)
+        assert seen == [(flow_dtype, flow_dtype, fp32, fp32)] * 3
+        seen.clear()
+        tr.denoiser.eval()
+        assert gen.sample([0]).shape == (1, 16, 16, 3)
+        tr.denoiser.train()
+        assert seen[-1] == flow_dtype and len(seen) == 4  # three net calls, then the sampler's output
+        assert torch.equal(torch.stack([t[0] for t in seen[:3]]), grid.to(flow_dtype))

@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 
 from trainer import flow
 from trainer.flow import FlowConfig
@@ -71,3 +72,50 @@ def test_euler_sampler_with_cfg_follows_the_exact_velocity_field():
         guidance=3.5,
     )
     assert torch.allclose(out, target, atol=1e-5)
+
+
+def test_v_target_is_computed_in_the_dtype_of_x0_and_noise():
+    # PRX's bf16 run: x0 and noise are bf16, so ε − x0 is rounded to bf16; fp32 t keeps x_t fp32
+    # (its add_noise casts t to float); mse_loss under autocast compares in fp32.
+    g = torch.Generator().manual_seed(4)
+    x0, noise, pred = (torch.randn(4, 3, 8, 8, generator=g).bfloat16() for _ in range(3))
+    t = torch.rand(4, generator=g)
+    xt = flow.interpolate(x0, noise, t)
+    assert xt.dtype == torch.float32
+    loss, v_pred, v_true = flow.loss(pred, x0, noise, xt, t, FlowConfig())
+    target = noise - x0  # (4, 3, 8, 8) bf16
+    assert target.dtype == torch.bfloat16 and torch.equal(v_true, target.float())
+    assert torch.equal(loss, F.mse_loss(pred.float(), target.float()))
+    assert not torch.equal(v_true, noise.float() - x0.float())  # the bf16 rounding is really there
+
+
+def test_euler_sampler_in_bf16_is_prx_bf16_loop():
+    g = torch.Generator().manual_seed(3)
+    noise, txt = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 8, generator=g)
+    empty, mask = torch.zeros(1, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    seen = []  # (dtype of x, t) at every call of the net
+
+    def net(x, t, txt, mask):  # like a bf16 net under autocast: the output is in x's dtype
+        seen.append((x.dtype, t))
+        return (0.5 * x - t.view(-1, 1, 1, 1) * txt.mean((1, 2)).view(-1, 1, 1, 1)).to(x.dtype)
+
+    cfg, steps = FlowConfig(shift=3.0), 6
+    grid = flow.shift_t(torch.linspace(1, 0, steps + 1), 3.0)  # (steps + 1,) fp32, as PRX's scheduler
+    out = flow.euler_sample(
+        net, noise, txt, mask, empty, mask[:1], cfg, steps=steps, guidance=3.5, dtype=torch.bfloat16
+    )
+    assert out.dtype == torch.bfloat16 and {d for d, _ in seen} == {torch.bfloat16}
+    assert torch.equal(torch.stack([t[0] for _, t in seen]), grid[:-1].bfloat16())
+    # PRX's bf16 loop: the state starts as bf16 noise, the net sees t cast to bf16, the guided
+    # velocity u + s·(c − u) stays bf16, and each step subtracts dt·v with dt from the fp32 grid.
+    x, ctx = noise.bfloat16(), torch.cat([txt, empty.expand(2, -1, -1)])
+    for i in range(steps):
+        v_c, v_u = net(torch.cat([x, x]), grid[i].repeat(4).bfloat16(), ctx, None).chunk(2)
+        x = x - (grid[i] - grid[i + 1]) * (v_u + 3.5 * (v_c - v_u))
+    assert x.dtype == torch.bfloat16 and torch.equal(out, x)
+
+    seen.clear()  # the default: fp32 state and timesteps
+    out32 = flow.euler_sample(net, noise, txt, mask, empty, mask[:1], cfg, steps=steps, guidance=3.5)
+    assert out32.dtype == torch.float32 and {d for d, _ in seen} == {torch.float32}
+    assert torch.equal(torch.stack([t[0] for _, t in seen]), grid[:-1])
+    assert not torch.equal(out32, out.float())

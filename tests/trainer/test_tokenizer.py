@@ -56,6 +56,9 @@ def test_configs_state_their_grid_and_weights_without_loading():
         "domain-ae": (4, 2),
     }
     assert config("flux2-ae").weights() == [("black-forest-labs/FLUX.2-dev", "vae")]
+    prx = config("flux2-ae", latent_norm="prx-plain")  # PRX's loading: the same weights and latent grid
+    assert config("flux2-ae").latent_norm == "batchnorm"
+    assert (prx.channels, prx.downsample, prx.weights()) == (32, 8, config("flux2-ae").weights())
     assert config("pixel").weights() == []
     base = dict(
         data={"kind": "synthetic"},
@@ -131,6 +134,27 @@ def test_flux2_normalises_with_the_batchnorm_statistics(weights, tmp_path):
     torch.testing.assert_close(build("flux2-ae", d).moments(x).mean, (raw.mean - 0.5) / 3.0)
 
 
+def test_flux2_prx_plain_is_what_a_plain_autoencoderkl_loads(weights, tmp_path):
+    # PRX's vae/flux2.yaml: AutoencoderKL.from_pretrained on the FLUX.2 folder keeps the encoder and
+    # decoder, drops the bn statistics and scales by the class default 0.18215 with no shift
+    from diffusers import AutoencoderKL
+
+    tiny("flux2-ae").save_pretrained(tmp_path / "flux2")
+    plain = AutoencoderKL.from_pretrained(tmp_path / "flux2").eval()
+    assert (plain.config.scaling_factor, plain.config.shift_factor) == (0.18215, None)
+    tok, x = build("flux2-ae", weights, latent_norm="prx-plain"), images()
+    with torch.no_grad():
+        dist = plain.encode(x * 2 - 1).latent_dist
+        lat = tok.moments(x)
+        torch.testing.assert_close(lat.mean, 0.18215 * dist.mean)
+        torch.testing.assert_close(lat.std, 0.18215 * dist.std)
+        z = tok.encode(x, torch.Generator().manual_seed(7))
+        torch.testing.assert_close(z, 0.18215 * dist.sample(torch.Generator().manual_seed(7)))
+        assert z.shape == (2, 32, 4, 4)
+        torch.testing.assert_close(tok.decode(z), ((plain.decode(z / 0.18215).sample + 1) / 2).clamp(0, 1))
+    assert not torch.allclose(lat.mean, build("flux2-ae", weights).moments(x).mean)  # ≠ the BN default
+
+
 def test_flux2_without_batchnorm_statistics_is_an_error(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -154,9 +178,14 @@ def test_dc_ae_is_deterministic_and_scaled(weights):
     assert torch.equal(tok.encode(x), lat.mean)
 
 
-@pytest.mark.parametrize("kind", ["flux-vae", "repa-e-vae", "flux2-ae", "dc-ae"])
-def test_decode_inverts_the_normalisation(kind, weights):
-    norm = build(kind, weights).norm
+@pytest.mark.parametrize(
+    "kind,fields",
+    [("flux-vae", {}), ("repa-e-vae", {}), ("flux2-ae", {}), ("flux2-ae", {"latent_norm": "prx-plain"}),
+     ("dc-ae", {})],
+    ids=["flux-vae", "repa-e-vae", "flux2-ae", "flux2-ae-prx-plain", "dc-ae"],
+)  # fmt: skip
+def test_decode_inverts_the_normalisation(kind, fields, weights):
+    norm = build(kind, weights, **fields).norm
     latent = torch.randn(
         3, 32 if kind in ("flux2-ae", "dc-ae") else 16, 4, 6, generator=torch.Generator().manual_seed(2)
     )
