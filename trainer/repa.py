@@ -12,16 +12,23 @@ for DINOv2 and 256 px for DINOv3 at the study's 256 px with 16 px per token. Ima
 
 - `repa`: projector Linear(C→D)–SiLU–Linear(D→D)–SiLU–Linear(D→Dt), D = `projector_dim`
   (default the teacher width Dt, as PRX).
-- `irepa`: projector Conv2d(C→Dt, 3×3, padding 1) on the token grid; the target is spatially
-  normalised per sample and channel over tokens, y ← (y − α·mean_tokens(y)) / (std_tokens(y) + 1e-6)
-  (unbiased std, as PRX). α = 0.6 for latent models (reference iREPA's LDM setting), 0.8 for
-  pixel-space (its JiT setting).
+- `irepa`: the target is spatially normalised per sample and channel over tokens,
+  y ← y − γ·mean_tokens(y), then y ← y / (std_tokens(y) + 1e-6) (unbiased std, as PRX), and the
+  projector sees the token layout. Two variants of each part, because the iREPA paper (and the
+  study's blog) and PRX's committed code differ:
+  - `projector: conv` (the paper): Conv2d(C→Dt, 3×3, padding 1) on the token grid;
+    `projector: attention` (PRX's `AttentionProjector`, its iREPA default): 4-head self-attention
+    over the tokens with 2-D RoPE of their grid positions, then Linear(C→Dt).
+  - `target_norm: alpha` (the paper): γ = α, a scalar; 0.6 for latent models (reference iREPA's LDM
+    setting), 0.8 for pixel space (its JiT setting). `target_norm: per-token-mean` (PRX's code):
+    γ = each token's mean over channels, (B, L, 1).
 
 Inside a token route (trainer/routing.py) the hidden state holds only the kept tokens
 (`state.kept`); the target is gathered to the same tokens. TREAD's route implies it (as PRX);
 in a SPRINT route, where 75 % of the tokens are gone, it must be asked for with
 `routed_target: gather` (checked in TrainConfig). iREPA's conv needs the whole grid, so its block
-must lie outside any route.
+must lie outside any route; the attention projector takes any subset of tokens (the positions come
+from their indices), which is why PRX added it for TREAD.
 
 The teacher is frozen, in eval mode, run without grad, and kept out of the module tree: it is
 neither a parameter nor in the factors' state dict, so checkpoints hold only the projector.
@@ -52,6 +59,9 @@ TEACHERS = Registry("teacher", facts=("needs_domain",))
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# iREPA's attention projector as PRX builds it (its defaults; no committed config changes them)
+ATTENTION_HEADS = 4
+ROPE_THETA = 10000
 
 
 # -- teachers ------------------------------------------------------------------------------------
@@ -229,8 +239,11 @@ def build_domain_teacher(cfg: DomainTeacherConfig, ctx: FactorContext) -> Domain
 # -- REPA / iREPA ----------------------------------------------------------------------------------
 class AlignConfig(Config):
     # Whether the projector needs every token of the grid, so its block may not lie inside a token
-    # route (trainer/routing.py). Every alignment kind states it.
+    # route (trainer/routing.py). Every alignment kind states it: a class attribute, or a property
+    # where one of its fields decides it.
     needs_full_grid: ClassVar[bool]
+    # The model's hidden_size must be a multiple of this for the projector to split it (TrainConfig).
+    hidden_multiple: ClassVar[int] = 1
     teacher: TEACHERS.union() = Field(description="frozen teacher (kind: " + ", ".join(TEACHERS.kinds) + ")")
     block: int = Field(7, ge=0, description="align the hidden state after this block (0-based; PRX: 7 of 16)")
     weight: float = Field(0.5, gt=0, description="loss = −weight · mean cos(proj(h), y)")
@@ -250,9 +263,36 @@ class REPAConfig(AlignConfig):
 
 
 class IREPAConfig(AlignConfig):
-    needs_full_grid: ClassVar[bool] = True  # a 3×3 conv over the token grid
     kind: Literal["irepa"] = "irepa"
-    alpha: float = Field(0.6, ge=0, le=1, description="spatial-norm mean weight: 0.6 latent, 0.8 pixel space")
+    projector: Literal["conv", "attention"] = Field(
+        "conv",
+        description="conv = 3×3 conv on the token grid (the iREPA paper); attention = PRX's code: "
+        f"{ATTENTION_HEADS}-head self-attention with 2-D RoPE, then Linear; it also runs inside a token route",
+    )
+    target_norm: Literal["alpha", "per-token-mean"] = Field(
+        "alpha",
+        description="teacher tokens y ← (y − γ·mean_tokens(y)) / std_tokens: alpha = γ is the scalar "
+        "`alpha` (the iREPA paper); per-token-mean = γ is each token's channel mean (PRX's code)",
+    )
+    alpha: float = Field(0.6, ge=0, le=1, description="γ of target_norm alpha: 0.6 latent, 0.8 pixel space")
+
+    @property
+    def needs_full_grid(self) -> bool:  # a 3×3 conv reads grid neighbours; attention takes any tokens
+        return self.projector == "conv"
+
+    @property
+    def hidden_multiple(self) -> int:  # attention: heads × (2 axes × an even number of RoPE dims)
+        return ATTENTION_HEADS * 4 if self.projector == "attention" else 1
+
+    @model_validator(mode="after")
+    def _alpha_only_with_alpha_norm(self):
+        # the default passes: a resolved config (every field written out) must validate again
+        if self.target_norm != "alpha" and self.alpha != type(self).model_fields["alpha"].default:
+            raise ValueError(
+                f"repa.alpha is unused with repa.target_norm {self.target_norm!r} (γ is then each "
+                "token's channel mean); remove repa.alpha or set repa.target_norm: alpha"
+            )
+        return self
 
 
 def mlp_projector(width: int, hidden: int, out: int) -> nn.Sequential:
@@ -268,14 +308,55 @@ class ConvProjector(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(width, out, kernel_size=3, padding=1)
 
-    def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, kept: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        assert kept is None, "needs_full_grid: TrainConfig rejects a block inside a route"
         x = h.transpose(1, 2).unflatten(2, grid)  # (B, C, h, w)
         return self.conv(x).flatten(2).transpose(1, 2)  # (B, L, Dt)
 
 
-def spatial_norm(y: torch.Tensor, alpha: float) -> torch.Tensor:
-    """iREPA's target normalisation over tokens, per sample and channel: y (B, L, D) → (B, L, D)."""
-    return (y - alpha * y.mean(dim=1, keepdim=True)) / (y.std(dim=1, keepdim=True) + 1e-6)
+class AttentionProjector(nn.Module):
+    """PRX's iREPA projector: self-attention over the tokens it is given, queries and keys rotated by
+    2-D RoPE of each token's (row, col) on the full grid, then Linear(C→Dt): (B, K, C) → (B, K, Dt).
+
+    The positions come from the token indices (`kept` inside a route, all L tokens outside), so a
+    route's kept subset attends among itself at its true positions. The head dim is split in two
+    halves, rows then columns, as the denoiser's own RoPE with axes_dim (Dh/2, Dh/2): diffusers'
+    PRX helpers compute it. Module names follow PRX's (q_proj, k_proj, v_proj, out_proj, output)."""
+
+    def __init__(self, width: int, out: int, heads: int = ATTENTION_HEADS, theta: int = ROPE_THETA):
+        from diffusers.models.transformers.transformer_prx import PRXEmbedND
+
+        super().__init__()
+        self.heads, head_dim = heads, width // heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        self.output = nn.Linear(width, out)
+        self.rope = PRXEmbedND(dim=head_dim, theta=theta, axes_dim=[head_dim // 2, head_dim // 2])
+
+    def forward(self, h: torch.Tensor, kept: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_prx import apply_rope
+
+        b, k, c = h.shape
+        idx = torch.arange(k, device=h.device).expand(b, k) if kept is None else kept  # (B, K)
+        pe = self.rope(torch.stack([idx // grid[1], idx % grid[1]], dim=-1).float())  # (B, 1, K, Dh/2, 2, 2)
+        q, key, v = (
+            p(h).view(b, k, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        attn = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(key, pe), v)  # (B, H, K, Dh)
+        return self.output(self.out_proj(attn.transpose(1, 2).reshape(b, k, c)))  # (B, K, Dt)
+
+
+PROJECTORS = {"conv": ConvProjector, "attention": AttentionProjector}
+
+
+def spatial_norm(y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+    """iREPA's target normalisation over tokens, per sample and channel: y (B, L, D) → (B, L, D).
+
+    y ← y − γ·mean_tokens(y), then y ← y / (std_tokens(y) + 1e-6). γ is the scalar α (the paper) or
+    (B, L, 1), each token's channel mean (PRX); a γ that varies over tokens changes the std, which
+    PRX takes of the shifted tokens, as here.
+    """
+    y = y - gamma * y.mean(dim=1, keepdim=True)
+    return y / (y.std(dim=1, keepdim=True) + 1e-6)
 
 
 class REPAFactor(Factor):
@@ -314,14 +395,14 @@ class REPAFactor(Factor):
 class IREPAFactor(REPAFactor):
     def __init__(self, cfg: IREPAConfig, teacher: Teacher, projector: nn.Module):
         super().__init__(cfg, teacher, projector)
-        self.alpha = cfg.alpha
+        self.alpha = cfg.alpha if cfg.target_norm == "alpha" else None  # None: PRX's per-token γ
 
     def target(self, y: torch.Tensor) -> torch.Tensor:
-        return spatial_norm(y, self.alpha)
+        gamma = y.mean(dim=2, keepdim=True) if self.alpha is None else self.alpha  # (B, L, 1) or scalar
+        return spatial_norm(y, gamma)
 
     def project(self, h: torch.Tensor, state: TokenState) -> torch.Tensor:
-        assert state.kept is None, "needs_full_grid: TrainConfig rejects a block inside a route"
-        return self.projector(h, state.grid)
+        return self.projector(h, state.kept, state.grid)
 
 
 @REPA.register(REPAConfig)
@@ -333,6 +414,5 @@ def build_repa(cfg: REPAConfig, ctx: FactorContext) -> REPAFactor:
 
 @REPA.register(IREPAConfig)
 def build_irepa(cfg: IREPAConfig, ctx: FactorContext) -> IREPAFactor:
-    return IREPAFactor(
-        cfg, TEACHERS.build(cfg.teacher, ctx), ConvProjector(ctx.hidden_size, cfg.teacher.width)
-    )
+    projector = PROJECTORS[cfg.projector](ctx.hidden_size, cfg.teacher.width)
+    return IREPAFactor(cfg, TEACHERS.build(cfg.teacher, ctx), projector)

@@ -4,6 +4,9 @@
 tokenizer): the same seed gives every arm the same encoder, so arms stay comparable.
 `t5gemma` is the study's encoder: the encoder half of `google/t5gemma-2b-2b-ul2` (2304-d),
 captions padded to 256 tokens with the mask kept, bf16 weights, autocast off inside.
+
+Every caption is cleaned (`clean`, trainer/captions.py) inside `TextEncoder`, the one place captions
+are encoded: training, caption dropout's empty caption, the eval prompts and `ablate cache` alike.
 """
 
 from __future__ import annotations
@@ -18,9 +21,18 @@ from pydantic import Field
 
 from core.weights import HFWeights, load_pretrained
 
+from .captions import CLEANERS, Cleaning
 from .registry import Config, Registry
 
 TEXT = Registry("text_encoder")
+
+
+def clean_option(default: Cleaning):
+    return Field(
+        default,
+        description="caption cleaning before tokenising: prx = PRX's (DeepFloyd IF's: lowercase, no URLs, "
+        "@handles, HTML entities, file names, …), none = captions as written",
+    )
 
 
 class TextEncoder(torch.nn.Module):
@@ -33,15 +45,19 @@ class TextEncoder(torch.nn.Module):
         max_length: int,
         dim: int,
         dtype: torch.dtype = torch.float32,
+        clean: Cleaning = "none",
     ):
         super().__init__()
         self.tokenizer, self.encoder = tokenizer, encoder.eval().requires_grad_(False)
         self.max_length, self.dim = max_length, dim
         self.dtype = dtype  # the encoder's output dtype: embeddings cached in it are stored losslessly
+        self.clean = CLEANERS[clean]
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.clean is not None:
+            captions = [self.clean(c) for c in captions]
         device = next(self.encoder.parameters()).device
         tok = self.tokenizer(
             captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
@@ -64,6 +80,7 @@ class TinyT5Config(Config):
     num_heads: int = Field(4, ge=1, description="attention heads")
     max_length: int = Field(64, ge=4, description="tokens (bytes) per caption, padded, mask kept")
     seed: int = Field(0, description="init seed; keep it equal across arms")
+    clean: Cleaning = clean_option("none")  # a test stand-in: its golden losses predate cleaning
 
     @property
     def dim(self) -> int:
@@ -89,7 +106,7 @@ def build_tiny_t5(cfg: TinyT5Config, device: torch.device, weights_dir: str | No
     with torch.random.fork_rng(devices=[]):  # don't disturb the trainer's RNG stream
         torch.manual_seed(cfg.seed)
         encoder = T5EncoderModel(config)
-    return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.d_model)
+    return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.d_model, clean=cfg.clean)
 
 
 class HashedWordsConfig(Config):
@@ -98,6 +115,7 @@ class HashedWordsConfig(Config):
     max_length: int = Field(16, ge=1, description="words per caption, padded, mask kept")
     buckets: int = Field(4096, ge=16, description="hash buckets (word ids); collisions are rare below it")
     seed: int = Field(0, description="init seed; keep it equal across arms")
+    clean: Cleaning = clean_option("none")  # the demo's words are lower-case attribute names already
 
     def weights(self) -> list[HFWeights]:
         return []
@@ -144,7 +162,9 @@ def build_hashed_words(
     with torch.random.fork_rng(devices=[]):  # the same table in every arm, the trainer's RNG untouched
         torch.manual_seed(cfg.seed)
         encoder = WordEmbedding(cfg.buckets, cfg.dim)
-    return TextEncoder(HashedWordTokenizer(cfg.buckets), encoder.to(device), cfg.max_length, cfg.dim)
+    return TextEncoder(
+        HashedWordTokenizer(cfg.buckets), encoder.to(device), cfg.max_length, cfg.dim, clean=cfg.clean
+    )
 
 
 class T5GemmaConfig(Config):
@@ -158,6 +178,7 @@ class T5GemmaConfig(Config):
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="encoder weights (autocast is off inside)"
     )
+    clean: Cleaning = clean_option("prx")  # as PRX's text tower (its default)
 
     def weights(self) -> list[HFWeights]:
         return [HFWeights(self.repo)]
@@ -199,4 +220,4 @@ def build_t5gemma(cfg: T5GemmaConfig, device: torch.device, weights_dir: str | N
             f"text_encoder 't5gemma': {cfg.repo} is {width}-d but text_encoder.dim={cfg.dim}; "
             f"set text_encoder.dim: {width}"
         )
-    return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.dim, dtype)
+    return TextEncoder(tokenizer, encoder.to(device), cfg.max_length, cfg.dim, dtype, clean=cfg.clean)

@@ -177,8 +177,9 @@ def test_irepa_spatial_norm_formula():
             ]
         ]
     )
-    assert torch.allclose(spatial_norm(y, alpha=0.5), expected, atol=1e-6)
-    assert IREPAConfig(teacher=TINY_TEACHER).alpha == 0.6
+    assert torch.allclose(spatial_norm(y, 0.5), expected, atol=1e-6)
+    cfg = IREPAConfig(teacher=TINY_TEACHER)  # the paper's variant by default
+    assert (cfg.alpha, cfg.target_norm, cfg.projector, cfg.needs_full_grid) == (0.6, "alpha", "conv", True)
 
 
 def test_irepa_conv_projector_runs_on_the_row_major_token_grid():
@@ -186,17 +187,90 @@ def test_irepa_conv_projector_runs_on_the_row_major_token_grid():
     conv = irepa.projector.conv
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (64, 32, (3, 3), (1, 1))
     h = torch.randn(2, 6, 64)  # a 2×3 grid, token index = row·3 + col
-    out = irepa.projector(h, (2, 3))
+    out = irepa.projector(h, None, (2, 3))
     ref = conv(h.view(2, 2, 3, 64).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(2, 6, 32)
     assert out.shape == (2, 6, 32) and torch.allclose(out, ref, atol=1e-6)
 
     spy = Spy(1)
     out, images = forward([irepa, spy])
     y = spatial_norm(irepa.teacher(images, (8, 8)), 0.6)
-    expected = -0.5 * F.cosine_similarity(irepa.projector(spy.h, (8, 8)), y, dim=-1).mean()
+    expected = -0.5 * F.cosine_similarity(irepa.projector(spy.h, None, (8, 8)), y, dim=-1).mean()
     assert isinstance(irepa, IREPAFactor) and out.losses["repa"].item() == pytest.approx(
         expected.item(), rel=1e-6
     )
+
+
+def test_irepa_prx_target_norm_subtracts_the_per_token_channel_mean_times_the_token_mean():
+    y = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]]])  # (B=1, L=3, D=2)
+    # PRX: γ = per-token channel means (1.5, 3.5, 7); token means per channel (3, 5); y − γ·mean:
+    shifted = torch.tensor([[[1 - 4.5, 2 - 7.5], [3 - 10.5, 4 - 17.5], [5 - 21.0, 9 - 35.0]]])
+    # then divided by the unbiased std over tokens of the shifted values (not of y): √40.75, √106.75
+    expected = shifted / (torch.tensor([math.sqrt(40.75), math.sqrt(106.75)]) + 1e-6)
+    cfg = IREPAConfig(teacher=TINY_TEACHER, target_norm="per-token-mean")
+    factor = IREPAFactor(cfg, teacher=None, projector=torch.nn.Identity())
+    assert torch.allclose(factor.target(y), expected, atol=1e-6)
+    assert torch.allclose(spatial_norm(y, y.mean(dim=2, keepdim=True)), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="repa.alpha is unused with repa.target_norm 'per-token-mean'"):
+        IREPAConfig(teacher=TINY_TEACHER, target_norm="per-token-mean", alpha=0.8)
+    assert IREPAConfig.model_validate(cfg.model_dump()) == cfg  # a resolved config validates again
+
+
+def rope_attention(proj, h, rows, cols):
+    """PRX's attention projector written out: 4 heads, pairs of head dims rotated by pos·θ^(−j/(Dh/4)),
+    rows on the first half of the pairs and columns on the second, softmax(qkᵀ/√Dh)·v, out_proj, output."""
+    b, k, c = h.shape
+    dh = c // 4
+    freqs = 10000.0 ** (-torch.arange(dh // 4) / (dh // 4))  # (Dh/4,)
+    angle = torch.cat([rows[..., None] * freqs, cols[..., None] * freqs], dim=-1)  # (B, K, Dh/2)
+    rot = torch.polar(torch.ones_like(angle), angle)[:, None]  # (B, 1, K, Dh/2)
+
+    def heads(x):  # (B, K, C) → (B, 4, K, Dh)
+        return x.view(b, k, 4, dh).transpose(1, 2)
+
+    def rope(x):  # each (even, odd) pair as a complex number, turned by its angle
+        return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * rot).flatten(-2)
+
+    q, key, v = rope(heads(proj.q_proj(h))), rope(heads(proj.k_proj(h))), heads(proj.v_proj(h))
+    attn = torch.softmax(q @ key.transpose(-1, -2) / math.sqrt(dh), dim=-1) @ v  # (B, 4, K, Dh)
+    return proj.output(proj.out_proj(attn.transpose(1, 2).reshape(b, k, c)))
+
+
+def test_irepa_attention_projector_is_rope_attention_over_the_tokens_it_is_given():
+    cfg = IREPAConfig(teacher=TINY_TEACHER, block=1, projector="attention")
+    assert not cfg.needs_full_grid and cfg.hidden_multiple == 16
+    proj = build_irepa(cfg, CTX).projector
+    shapes = {n: tuple(p.shape) for n, p in proj.named_parameters() if n.endswith("weight")}
+    assert shapes == {
+        **{f"{n}.weight": (64, 64) for n in ("q_proj", "k_proj", "v_proj", "out_proj")},
+        "output.weight": (32, 64),
+    }  # PRX's module names: C → C four times, then C → teacher width
+    h = torch.randn(2, 6, 64)  # a 2×3 grid, token index = row·3 + col
+    rows, cols = (
+        torch.tensor([0, 0, 0, 1, 1, 1.0]).expand(2, 6),
+        torch.tensor([0, 1, 2, 0, 1, 2.0]).expand(2, 6),
+    )
+    out = proj(h, None, (2, 3))
+    assert out.shape == (2, 6, 32) and torch.allclose(out, rope_attention(proj, h, rows, cols), atol=1e-5)
+
+    kept = torch.tensor([[0, 2, 5], [1, 3, 4]])  # a route's kept tokens: they attend among themselves
+    part = gather_tokens(h, kept)  # (2, 3, 64)
+    out = proj(part, kept, (2, 3))
+    assert out.shape == (2, 3, 32)
+    assert torch.allclose(out, rope_attention(proj, part, kept // 3, kept % 3), atol=1e-5)
+    assert not torch.allclose(out, proj(part, None, (2, 3)), atol=1e-3)  # at their own grid positions
+
+
+def test_irepa_attention_inside_a_tread_route_aligns_the_kept_tokens():
+    route = TREAD(TREADConfig(start=1, end=3), CTX)
+    cfg = IREPAConfig(teacher=TINY_TEACHER, block=1, projector="attention", target_norm="per-token-mean")
+    irepa, spy = build_irepa(cfg, CTX), Spy(1)
+    out, images = forward([route, irepa, spy])
+    assert spy.h.shape == (3, 32, 64) and spy.kept.shape == (3, 32)
+    y = irepa.teacher(images, (8, 8))  # normalised on the full grid, then gathered to the kept tokens
+    y = gather_tokens(spatial_norm(y, y.mean(dim=2, keepdim=True)), spy.kept)
+    pred = rope_attention(irepa.projector, spy.h, spy.kept // 8, spy.kept % 8)
+    expected = -0.5 * F.cosine_similarity(pred, y, dim=-1).mean()
+    assert out.losses["repa"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_after_stop_step_no_teacher_no_projector_no_loss():
@@ -252,6 +326,12 @@ def test_repa_validation_names_the_fix(tiny_cfg):
     check({"repa": repa, "routing": {"kind": "tread", "start": 1, "end": 4}})  # TREAD implies gather
     with pytest.raises(ValueError, match="conv projector needs the full token grid"):
         check({"repa": {**repa, "kind": "irepa"}, "routing": {"kind": "tread", "start": 0, "end": 4}})
+    attention = {**repa, "kind": "irepa", "projector": "attention"}  # the fact follows the option
+    check({"repa": attention, "routing": {"kind": "tread", "start": 0, "end": 4}})
+    with pytest.raises(ValueError, match=r"set repa.routed_target: gather"):
+        check({"repa": attention, "routing": {"kind": "sprint", "start": 1, "end": 4}})
+    with pytest.raises(ValueError, match=r"model.hidden_size 40 is not a multiple of 16, which the irepa"):
+        check({"repa": attention, "model": {"hidden_size": 40, "num_heads": 2, "axes_dim": [10, 10]}})
     with pytest.raises(ValueError, match="remove repa.routed_target"):
         check({"repa": {**repa, "routed_target": "gather"}})
     with pytest.raises(
@@ -282,8 +362,18 @@ def test_repa_validation_names_the_fix(tiny_cfg):
             "repa": {"kind": "repa", "teacher": TINY_TEACHER, "block": 1, "routed_target": "gather"},
             "routing": {"kind": "sprint", "start": 1, "end": 4},
         },
+        {
+            "repa": {
+                "kind": "irepa",
+                "teacher": TINY_TEACHER,
+                "block": 1,
+                "projector": "attention",
+                "target_norm": "per-token-mean",
+            },
+            "routing": {"kind": "tread", "start": 1, "end": 4},
+        },
     ],
-    ids=["repa", "irepa-stop4", "repa-in-sprint"],
+    ids=["repa", "irepa-stop4", "repa-in-sprint", "irepa-prx-in-tread"],
 )
 def test_repa_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch, over):
     cfg = dict(over, train={"steps": 8}, checkpoint={"every": 4, "keep": 3})
