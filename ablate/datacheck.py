@@ -1,4 +1,5 @@
-"""Data checks before submission: every arm's data files exist and hold the columns it names.
+"""Data checks before submission: every arm's data files (and eval reference set) exist and hold the
+columns it names.
 
 `ablate run` (and `--dry-run`) calls `check_data` after the arms validate and before anything is
 created, so a wrong path or column costs a second on the login node instead of a queued job. The
@@ -6,7 +7,8 @@ checks read only what is cheap: a parquet file's schema (its footer), a folder's
 first row and that row's image. A path whose top folder this machine does not have (a file system
 mounted only on the compute nodes) is not checked: a warning says so.
 
-The data kinds are the trainer's (`trainer.data`: `parquet`, `folder`; `synthetic` has no files).
+The data kinds are the trainer's (`trainer.data`: `parquet`, `folder`; `synthetic` has no files);
+so are `eval.reference`'s (`trainer.data.ReferenceSet`: a parquet file or a folder of images).
 """
 
 from __future__ import annotations
@@ -31,6 +33,23 @@ def check_data(sweep: Sweep, specs: list[RunSpec], console: Console | None = Non
     seen: dict[str, tuple[str, str | None] | None] = {}
     unseen: set[str] = set()
     for spec in specs:
+        ref = (spec.config.get("eval") or {}).get("reference")
+        if ref:
+            column = ref.get("image_column", "image")
+            key = json.dumps(["eval.reference", ref["kind"], ref["path"], column])
+            if key not in seen:
+                seen[key] = _reference_problem(ref["kind"], Path(ref["path"]), column)
+            if (found := seen[key]) is not None and found[0] == "unseen":
+                unseen.add(str(ref["path"]))
+            elif found is not None:
+                file, line, shown = _locate(sweep, spec, ("eval", "reference", found[1]))
+                raise UserError(
+                    f"arm {spec.name}: {found[0]}; nothing submitted",
+                    _EXPECTED_REFERENCE[found[1]],
+                    file=file,
+                    line=line,
+                    path=shown,
+                )
         data = spec.config.get("data") or {}
         if data.get("kind") not in ("parquet", "folder"):
             continue
@@ -72,6 +91,11 @@ _EXPECTED = {
     "image_column": "data.image_column set to the column of encoded images",
     "file_name": f"a {META} whose rows name their image in file_name",
 }
+_EXPECTED_REFERENCE = {
+    "path": "eval.reference.path naming a parquet file or a folder of images that exists "
+    "(relative paths are from the folder you submit from)",
+    "image_column": "eval.reference.image_column set to the column of encoded images",
+}
 
 
 def _columns(spec: RunSpec) -> dict[str, str]:
@@ -91,10 +115,7 @@ def _columns(spec: RunSpec) -> dict[str, str]:
 def _problem(kind: str, path: Path, columns: dict[str, str]) -> tuple[str, str | None] | None:
     """(what is wrong, the field that names it; None: the path) or ("unseen", None), or None when fine."""
     if not path.exists():
-        parts = path.absolute().parts
-        if len(parts) > 1 and not Path(parts[0], parts[1]).exists():
-            return "unseen", None
-        return f"data file {path} does not exist", None
+        return _missing(path, "data file"), None
     try:
         if kind == "parquet":
             have = _parquet_columns(path)
@@ -107,12 +128,51 @@ def _problem(kind: str, path: Path, columns: dict[str, str]) -> tuple[str, str |
         return f"cannot read {e.filename or path}: {e.strerror or type(e).__name__}", None
     for column, field in columns.items():
         if column not in have:
-            listed = ", ".join(sorted(have)[:12]) + (" ..." if len(have) > 12 else "")
             where = path / META if kind == "folder" else path
-            return f"column '{column}' ({_name(field)}) is not in {where} (columns: {listed})", field
+            return f"column '{column}' ({_name(field)}) is not in {where} (columns: {_listed(have)})", field
     if image_of is not None and not image_of.exists():
         return f"image {image_of} (first row of {path / META}) does not exist", None
     return None
+
+
+def _reference_problem(kind: str, path: Path, image_column: str) -> tuple[str, str] | None:
+    """(what is wrong with eval.reference, its field that names it) or ("unseen", "path"), or None when fine."""
+    if not path.exists():
+        return _missing(path, "reference file" if kind == "parquet" else "reference folder"), "path"
+    try:
+        if kind == "parquet":
+            have = _parquet_columns(path)
+            if image_column not in have:
+                return (
+                    f"column '{image_column}' (eval.reference.image_column) is not in {path} "
+                    f"(columns: {_listed(have)})",
+                    "image_column",
+                )
+        elif not path.is_dir():
+            return f"{path} is not a folder (eval.reference kind: folder needs one holding images)", "path"
+        else:
+            from eval.images import IMAGE_SUFFIXES, image_files  # torch: already imported by expand
+
+            if not image_files(path):
+                return f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}", "path"
+    except UserError as e:
+        return e.problem, "path"
+    except OSError as e:
+        return f"cannot read {e.filename or path}: {e.strerror or type(e).__name__}", "path"
+    return None
+
+
+def _missing(path: Path, what: str) -> str:
+    """The problem with a path that does not exist, or "unseen" when its top folder is not on this
+    machine (a file system mounted only on the compute nodes)."""
+    parts = path.absolute().parts
+    if len(parts) > 1 and not Path(parts[0], parts[1]).exists():
+        return "unseen"
+    return f"{what} {path} does not exist"
+
+
+def _listed(columns: set[str]) -> str:
+    return ", ".join(sorted(columns)[:12]) + (" ..." if len(columns) > 12 else "")
 
 
 def _name(field: str) -> str:

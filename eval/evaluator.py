@@ -3,11 +3,16 @@
 | metric            | extractor          | distance                                             |
 |-------------------|--------------------|------------------------------------------------------|
 | fid               | inception          | Fréchet (clean-fid, mode "clean")                    |
+| fid_prx           | inception-prx      | Fréchet, PRX's own FID (wrapped uint8: see below)    |
 | cmmd              | clip-vit-l14-336   | MMD, RBF σ=10, biased, ×1000                         |
 | dino_mmd          | dinov2-vitl14-reg  | MMD, RBF σ=10, biased, ×1000                         |
 | domain_fd         | domain-attr        | Fréchet on attribute-net features (demo domain)      |
 | domain_mmd        | domain-attr        | MMD, RBF σ=10, biased, ×1000 (demo domain)           |
 | prompt_adherence  | domain-attr        | fraction of requested attributes found (no reference)|
+
+`fid_prx` reproduces PRX's FID, torchmetrics' `FrechetInceptionDistance(normalize=True)` fed uint8
+images: `(imgs * 255).byte()` wraps each value to (256 − x) mod 256, colour-inverting the images
+before Inception. Its values are comparable only with PRX's published numbers; `fid` is standard.
 
 Typical use in the trainer (build once at setup, so a missing weight fails before training):
 
@@ -76,6 +81,12 @@ class Metric:
 
 METRICS: dict[str, Metric] = {
     "fid": Metric("inception", _frechet, doc="clean-fid FID (Inception 2048-d, mode clean)"),
+    "fid_prx": Metric(
+        "inception-prx",
+        _frechet,  # torchmetrics' formula (eigenvalues of Σ1Σ2) to round-off: a test checks
+        doc="PRX's FID on colour-inverted uint8 images (torchmetrics FID, normalize=True, fed uint8); "
+        "comparable only with PRX's published numbers",
+    ),
     "cmmd": Metric("clip-vit-l14-336", _mmd, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"),
     "dino_mmd": Metric("dinov2-vitl14-reg", _mmd, doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD"),
     "domain_fd": Metric(

@@ -7,6 +7,7 @@ documented resize and normalisation; `embed` runs the network and the final norm
 | name               | network                                              | preprocessing                                          | features |
 |--------------------|------------------------------------------------------|--------------------------------------------------------|----------|
 | inception          | clean-fid's Inception-2015-12-05 TorchScript (`InceptionV3W`) | clean-fid mode "clean": `build_resizer("clean")`, PIL bicubic per channel in float32 to 299, [0, 255]; the net applies (x−128)/128 | 2048-d pool, raw |
+| inception-prx      | torch-fidelity's `FeatureExtractorInceptionV3` (the network of torchmetrics' FID) | PRX's FID input: uint8 wrapped by `(x * 255).byte()` (x ↦ (256 − x) mod 256, near colour inversion); the net resizes to 299 (TF1-compatible bilinear) and applies (x−128)/128 | 2048-d pool, raw |
 | clip-vit-l14-336   | transformers `CLIPVisionModelWithProjection`, `openai/clip-vit-large-patch14-336` | centre-crop to the shorter side, PIL bicubic on uint8 to 336 (antialiased, as google-research `cmmd`), /255, CLIP mean/std | `image_embeds`, L2-normalised, 768-d |
 | dinov2-vitl14-reg  | transformers `Dinov2WithRegistersModel`, `facebook/dinov2-with-registers-large` | /255, `F.interpolate(bicubic, 518, align_corners=False)` (no antialias, no crop, as PRX), ImageNet mean/std | CLS after the final norm (`pooler_output`), L2-normalised, 1024-d |
 | domain-attr        | `eval.domain.AttributeNet`, trained on the demo domain | /255 at native size | penultimate layer, L2-normalised |
@@ -86,6 +87,81 @@ class InceptionExtractor(Extractor):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels)  # (N, 2048)
+
+
+# ------------------------------------------------------------------------------------- inception-prx
+
+PRX_INCEPTION_WEIGHTS = URLWeights(
+    filename="weights-inception-2015-12-05-6726825d.pth",
+    # = torch_fidelity's URL_INCEPTION_V3 (a test checks); importing torch-fidelity here would import
+    # torchvision for every user of this module
+    url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+    default_dir=str(Path(torch.hub.get_dir()) / "checkpoints"),  # where torchmetrics' FID keeps it itself
+)
+
+
+def prx_wrap(images: torch.Tensor) -> torch.Tensor:
+    """What PRX's FID hands Inception: its uint8 images through torchmetrics' `(imgs * 255).byte()`.
+
+    `FrechetInceptionDistance(normalize=True)` expects floats in [0, 1]; PRX's callback passes uint8,
+    and uint8 arithmetic wraps: x ↦ 255·x mod 256 = (256 − x) mod 256. 0 and 128 stay, every other
+    value is mirrored (1 ↔ 255, 2 ↔ 254): the images are (nearly) colour-inverted."""
+    return (images * 255).byte()
+
+
+class InceptionPRXExtractor(Extractor):
+    """PRX's own FID features (metric `fid_prx`): what torchmetrics' `FrechetInceptionDistance(normalize=True)`
+    extracts from the uint8 images PRX's eval callback feeds it, in torchmetrics 1.7.4 (PRX's uv.lock).
+
+    `preprocess` applies the wrap (`prx_wrap`) and returns uint8 (N, 3, H, W) at the images' own size:
+    the network resizes. `model` maps that to (N, 2048): torch-fidelity's `FeatureExtractorInceptionV3`
+    with its TF1-compatible bilinear resize to 299 (torchmetrics' FID before 1.8; `antialias=False`
+    since), or any module with the contract of torchmetrics' `feature=` argument."""
+
+    name = "inception-prx"
+
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", version: str | None = None
+    ):
+        from importlib.metadata import version as package_version
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.version = version or (
+            f"inception-2015-12-05-6726825d/torch-fidelity-{package_version('torch-fidelity')}"
+            "-tf1bilinear299/prx-uint8-wrap"
+        )
+
+    @classmethod
+    def load(
+        cls, weights_dir: str | Path | None, device: str | torch.device = "cpu"
+    ) -> InceptionPRXExtractor:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        require(PRX_INCEPTION_WEIGHTS, weights_dir, needed_by=f"extractor '{cls.name}' (metric fid_prx)")
+        path = str(PRX_INCEPTION_WEIGHTS.path(weights_dir))
+        net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=path
+        )
+        return cls(_FirstFeature(net), device)
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        return prx_wrap(x)  # uint8
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)  # (N, 2048)
+
+
+class _FirstFeature(torch.nn.Module):
+    """torch-fidelity returns a tuple of the requested features; torchmetrics' FID keeps the first as (N, D)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0].reshape(x.shape[0], -1)
 
 
 # ------------------------------------------------------------------------------------------------ clip
@@ -192,6 +268,7 @@ class ExtractorEntry:
 
 EXTRACTORS: dict[str, ExtractorEntry] = {
     "inception": ExtractorEntry(INCEPTION_WEIGHTS, InceptionExtractor.load),
+    "inception-prx": ExtractorEntry(PRX_INCEPTION_WEIGHTS, InceptionPRXExtractor.load),
     "clip-vit-l14-336": ExtractorEntry(CLIP_WEIGHTS, ClipExtractor.load),
     "dinov2-vitl14-reg": ExtractorEntry(DINOV2_WEIGHTS, DinoV2Extractor.load),
     "domain-attr": ExtractorEntry(DOMAIN_WEIGHTS, DomainAttrExtractor.load),
@@ -221,6 +298,7 @@ __all__ = [
     "DinoV2Extractor",
     "Extractor",
     "InceptionExtractor",
+    "InceptionPRXExtractor",
     "MissingWeightsError",
     "load_extractor",
     "weights_for",

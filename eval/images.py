@@ -81,11 +81,16 @@ def take(batches: Iterable[np.ndarray], num: int) -> Iterator[np.ndarray]:
         raise ValueError(f"expected {num} images, the source produced only {seen}")
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under `folder` (recursive, by suffix), sorted by path: the order a folder is read in."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def read_image_folder(
     folder: str | Path, batch_size: int = 64, num: int | None = None
 ) -> Iterator[np.ndarray]:
     """uint8 NHWC batches of the images in `folder` (recursive, sorted by path, converted to RGB)."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     files = files[:num] if num is not None else files

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from .cache import CacheConfig
 from .contrastive import CONTRASTIVE
-from .data import DATA
+from .data import DATA, ReferenceConfig
 from .ema import EMA
 from .flow import FlowConfig
 from .model import ModelConfig
@@ -71,8 +71,9 @@ class EvalConfig(Config):
     batch_size: int = Field(64, ge=1, description="held-out / sampling batch size per process")
     metrics: list[str] = Field(
         [],
-        description="generation metrics (fid, cmmd, dino_mmd, domain_fd, domain_mmd, "
-        "prompt_adherence); empty = held-out loss only",
+        description="generation metrics (fid, fid_prx, cmmd, dino_mmd, domain_fd, domain_mmd, "
+        "prompt_adherence); empty = held-out loss only. fid_prx is PRX's FID on colour-inverted uint8 "
+        "images, comparable only with PRX's published numbers; fid is standard clean-fid",
     )
     samples: int = Field(
         1000,
@@ -85,6 +86,11 @@ class EvalConfig(Config):
     grid: int = Field(16, ge=0, description="samples saved as eval/step_N.png")
     cache_dir: str | None = Field(
         None, description="reference features and the demo's attribute net (default: <sweep dir>/.eval-cache)"
+    )
+    reference: ReferenceConfig | None = Field(
+        None,
+        description="real images the metrics compare against: {kind: parquet|folder, path}, the first "
+        "`samples` of them, prepared like training images (PRX: an Unsplash set); null = the held-out rows",
     )
 
     @model_validator(mode="after")
@@ -237,6 +243,12 @@ class TrainConfig(Config):
             raise ValueError(
                 f"repa.block {repa.block} is outside the model's blocks 0..{depth - 1}; "
                 f"set repa.block < {depth}"
+            )
+        hidden = self.model.sizes()["hidden_size"]
+        if hidden % repa.hidden_multiple:
+            raise ValueError(
+                f"model.hidden_size {hidden} is not a multiple of {repa.hidden_multiple}, which the "
+                f"{repa.kind} projector needs (heads × 2-D RoPE dims); use a hidden_size divisible by it"
             )
         per_token = self.tokenizer.downsample * self.model.sizes()["patch_size"]
         if self.data.resolution % per_token:

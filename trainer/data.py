@@ -2,13 +2,17 @@
 
 Every dataset yields `{"image": (3, H, W) float in [0, 1], "caption": str, "attrs": (A,) long}`
 (`attrs` is -1 for datasets without known attributes). The caption column is chosen by
-config: that is how the study's long- vs short-caption factor is expressed.
+config: that is how the study's long- vs short-caption factor is expressed. The eval reference
+set (`eval.reference`, real images the metrics compare against) is read here too, with the same
+image preparation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -202,9 +206,12 @@ class ImageTextDataset(Dataset):
     """Rows of (image, captions); images are decoded, centre-cropped and resized on access.
 
     `where(row, index)` names a row's source for errors (the file, and the row of a parquet file);
-    `first` is the index of rows[0] in that source."""
+    `first` is the index of rows[0] in that source. `caption` None: images only (the eval reference
+    set), every caption is ""."""
 
-    def __init__(self, rows: list[dict], load_image, resolution: int, caption: str, where, first: int = 0):
+    def __init__(
+        self, rows: list[dict], load_image, resolution: int, caption: str | None, where, first: int = 0
+    ):
         self.rows, self.load_image, self.resolution, self.caption = rows, load_image, resolution, caption
         self.where, self.first = where, first
 
@@ -227,7 +234,7 @@ class ImageTextDataset(Dataset):
         arr = np.asarray(img, dtype=np.float32) / 255.0
         return {
             "image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),
-            "caption": str(row[self.caption]),
+            "caption": "" if self.caption is None else str(row[self.caption]),
             "attrs": torch.full((len(ATTRIBUTES),), -1, dtype=torch.long),
         }
 
@@ -251,7 +258,6 @@ def _split(
 @DATA.register(ParquetConfig)
 def build_parquet(cfg: ParquetConfig, val_caption: str | None = None) -> tuple[Dataset, Dataset]:
     import pandas as pd
-    from PIL import Image
 
     try:
         rows = pd.read_parquet(cfg.path).to_dict("records")
@@ -260,12 +266,16 @@ def build_parquet(cfg: ParquetConfig, val_caption: str | None = None) -> tuple[D
     except (OSError, ValueError) as e:  # pyarrow's errors derive from these
         raise DataError(f"{cfg.path}: not a readable parquet file ({e})") from None
 
-    def load(row):
-        value = row[cfg.image_column]
-        data = value["bytes"] if isinstance(value, dict) else value  # HF datasets store {"bytes", "path"}
-        return Image.open(io.BytesIO(data))
+    return _split(rows, cfg, val_caption, lambda row: open_encoded(row[cfg.image_column]),
+                  lambda row, i: f"{cfg.path} row {i}", [cfg.image_column])  # fmt: skip
 
-    return _split(rows, cfg, val_caption, load, lambda row, i: f"{cfg.path} row {i}", [cfg.image_column])
+
+def open_encoded(value):
+    """A parquet cell of encoded image bytes as a (lazy) PIL image."""
+    from PIL import Image
+
+    data = value["bytes"] if isinstance(value, dict) else value  # HF datasets store {"bytes", "path"}
+    return Image.open(io.BytesIO(data))
 
 
 @DATA.register(FolderConfig)
@@ -288,6 +298,98 @@ def build_folder(cfg: FolderConfig, val_caption: str | None = None) -> tuple[Dat
     return _split(rows, cfg, val_caption, lambda row: Image.open(root / row["file_name"]),
                   lambda row, i: f"{root / str(row.get('file_name', '?'))} ({meta.name} row {i})",
                   ["file_name"])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval reference set: real images the metrics compare against (PRX scores on Unsplash photos).
+# ---------------------------------------------------------------------------------------------
+class ReferenceConfig(Config):
+    """`eval.reference`: a separate set of real images, instead of the held-out rows' images."""
+
+    kind: Literal["parquet", "folder"] = Field(
+        description="parquet: a file (or folder of parquet files) with a column of encoded images; "
+        "folder: image files (png, jpg, webp, ...), recursive, read in path order"
+    )
+    path: str = Field(description="the parquet file or the image folder")
+    image_column: str = Field("image", description="parquet: column of encoded image bytes")
+
+    @model_validator(mode="after")
+    def _folder_has_no_image_column(self):
+        if self.kind == "folder" and self.image_column != "image":
+            raise ValueError(
+                "image_column applies to a parquet reference set; a folder's images are its files"
+            )
+        return self
+
+
+class ReferenceSet:
+    """The images of `eval.reference`, prepared exactly like training images (centre crop, bicubic
+    resize to the data resolution), in order: parquet rows, or files sorted by path.
+
+    Listed at construction, so a missing, empty or unreadable set fails at set-up, before training;
+    decoded only when the metrics' reference features are not cached yet."""
+
+    def __init__(self, cfg: ReferenceConfig, resolution: int):
+        self.cfg, self.resolution, self.root = cfg, resolution, Path(cfg.path)
+        if cfg.kind == "parquet":
+            self._parquet = _reference_parquet(cfg)
+            self.files = [Path(f) for f in self._parquet.files]
+            self.size = self._parquet.count_rows()
+        else:
+            from eval.images import IMAGE_SUFFIXES, image_files
+
+            if not self.root.is_dir():
+                raise DataError(f"{cfg.path}: no such image folder (eval.reference.path)")
+            self.files = image_files(self.root)
+            self.size = len(self.files)
+            if not self.files:
+                raise DataError(
+                    f"{cfg.path}: no images ({', '.join(IMAGE_SUFFIXES)}) under it (eval.reference.path)"
+                )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def identity(self) -> str:
+        """The set's name in the reference-feature cache key: kind, path, image column, resolution and
+        a digest of each file's name, size and modification time. Every arm reading the same files
+        shares one entry; a changed, added or removed file makes a new one (never a stale reuse)."""
+        stats = [(os.path.relpath(f, self.root), (s := f.stat()).st_size, s.st_mtime_ns) for f in self.files]
+        digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:12]
+        column = f"[{self.cfg.image_column}]" if self.cfg.kind == "parquet" else ""
+        return f"reference:{self.cfg.kind}:{self.root.resolve()}{column}@{self.resolution}px#{digest}"
+
+    def images(self, n: int) -> ImageTextDataset:
+        """The first `n` images as a dataset of training-style items (decoded on access)."""
+        if self.cfg.kind == "parquet":
+            cells = self._parquet.head(n, columns=[self.cfg.image_column]).column(0).to_pylist()
+            return ImageTextDataset([{"image": c} for c in cells], lambda row: open_encoded(row["image"]),
+                                    self.resolution, None, lambda row, i: f"{self.cfg.path} row {i}")  # fmt: skip
+        from PIL import Image
+
+        return ImageTextDataset([{"file": f} for f in self.files[:n]], lambda row: Image.open(row["file"]),
+                                self.resolution, None, lambda row, i: str(row["file"]))  # fmt: skip
+
+
+def _reference_parquet(cfg: ReferenceConfig):
+    """The reference parquet file(s) as a pyarrow dataset (footers read, no rows), with the image column."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        dataset = ds.dataset(cfg.path, format="parquet")
+        names = dataset.schema.names
+    except FileNotFoundError:
+        raise DataError(f"{cfg.path}: no such parquet file (eval.reference.path)") from None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{cfg.path}: not a readable parquet file ({first[:160]})") from None
+    if cfg.image_column not in names:
+        raise DataError(
+            f"{cfg.path}: no column {cfg.image_column!r} (eval.reference.image_column); "
+            f"columns: {', '.join(sorted(names))}"
+        )
+    return dataset
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

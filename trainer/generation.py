@@ -4,7 +4,8 @@ The prompt set is the first `eval.samples` images of the held-out split, with th
 in the eval caption column; prompt j always starts from the same noise (seeded by j), so every
 arm and every step is scored on the same prompts and noises. Sampling is sharded over processes
 (prompt j on rank j mod world) and the features are gathered; the number of samples never
-depends on the number of processes.
+depends on the number of processes. The real images the metrics compare against are those
+held-out images, or the first `eval.samples` of `eval.reference` when it is set.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as tdist
 
 from . import flow
-from .data import ATTRIBUTES, SyntheticConfig, attribute_net
+from .data import ATTRIBUTES, ReferenceSet, SyntheticConfig, attribute_net
 
 GRID_TILE = 96  # px: small samples are enlarged (nearest) in the saved grid so a person can see them
 PROMPT_SEED = 4321  # noise of the eval prompts: fixed, equal across arms, seeds and steps
@@ -32,7 +33,7 @@ class GenerationEval:
     """Built at set-up (a missing weight fails before training starts), called at every eval step."""
 
     def __init__(self, trainer):
-        from eval.evaluator import Evaluator, Reference
+        from eval.evaluator import Evaluator
 
         self.tr, cfg = trainer, trainer.cfg.eval
         self.n = min(cfg.samples, len(trainer.val_set))
@@ -46,30 +47,36 @@ class GenerationEval:
 
             net = attribute_net(trainer.cfg.data, self.cache_dir)
             extractors["domain-attr"] = DomainAttrExtractor(net, trainer.device)
-        reference = Reference(
-            dataset=self._dataset_id(), num_samples=self.n, images=self._real_images, cache_dir=self.cache_dir
-        )
         self.evaluator = Evaluator(
             cfg.metrics,
-            reference,
+            self._reference(),
             extractors=extractors,
             weights_dir=trainer.cfg.weights_dir,
             device=trainer.device,
             batch_size=cfg.batch_size,
         )
 
+    def _reference(self):
+        """The real images: `eval.reference` (listed now: a missing set fails at set-up), else the held-out rows."""
+        from eval.evaluator import Reference
+
+        cfg, batch, val = self.tr.cfg, self.tr.cfg.eval.batch_size, self.tr.val_set
+        if cfg.eval.reference is None:
+            return Reference(
+                self._dataset_id(), self.n, lambda: _uint8_batches(val, self.n, batch), self.cache_dir
+            )
+        real = ReferenceSet(cfg.eval.reference, cfg.data.resolution)
+        n = min(cfg.eval.samples, len(real))
+        return Reference(real.identity(), n, lambda: _uint8_batches(real.images(n), n, batch), self.cache_dir)
+
     def _dataset_id(self) -> str:
         d = self.tr.cfg.data.model_dump(mode="json")
         d.pop("caption", None)  # the training caption column does not change the real images
         return "heldout:" + ",".join(f"{k}={v}" for k, v in sorted(d.items()))
 
-    def _real_images(self) -> np.ndarray:
-        items = [self.tr.val_set[j]["image"] for j in range(self.n)]
-        return (torch.stack(items).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (N, H, W, 3)
-
     @torch.no_grad()
     def sample(self, indices: list[int]) -> np.ndarray:
-        """Images for prompts `indices` as uint8 (N, H, W, 3)."""
+        """Images for prompts `indices` (this process's share of the n prompts) as uint8 (N, H, W, 3)."""
         tr, cfg = self.tr, self.tr.cfg
         out = []
         empty_txt, empty_mask = tr.text.empty()
@@ -97,6 +104,7 @@ class GenerationEval:
                 cfg.flow,
                 steps=cfg.eval.sample_steps,
                 guidance=cfg.eval.guidance,
+                dtype=tr.precision.flow,
             )
             images = tr.tokenizer.decode(x0.float())  # (b, 3, H, W) in [0, 1]
             out.append((images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
@@ -135,6 +143,14 @@ class GenerationEval:
         grid = [(j, img) for p in parts for j, img in zip(p[0], p[2], strict=True)]
         grid.sort(key=lambda x: x[0])
         return feats, np.stack([img for _, img in grid])
+
+
+def _uint8_batches(dataset, n: int, batch_size: int):
+    """The first `n` images of a dataset of training items as uint8 (b, H, W, 3) batches, decoded one
+    batch at a time (10k images at 256 px never sit in memory as floats)."""
+    for lo in range(0, n, batch_size):
+        items = [dataset[j]["image"] for j in range(lo, min(n, lo + batch_size))]  # each (3, H, W) in [0, 1]
+        yield (torch.stack(items).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
 class NoGeneration:

@@ -584,3 +584,36 @@ def test_a_folder_dataset_without_its_index_or_caption_column_is_refused(write_s
     line = one_line(cli("run", "--dry-run", path), path)
     assert "image images/0.png (first row of images/metadata.jsonl) does not exist" in line
     assert listing(workdir) == ["images", "images/metadata.jsonl", "sweep.yaml"]
+
+
+def test_a_missing_or_empty_eval_reference_set_is_refused(write_sweep, cli, workdir, submitted):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def sweep_with(ref: str) -> Path:
+        return write_sweep(replace("  eval: {every: 2, batch_size: 8}\n", f"  eval: {{reference: {ref}}}\n"))
+
+    path = sweep_with("{kind: parquet, path: real/eval.parquet}")
+    line = one_line(cli("run", path), path)
+    assert line == (
+        f"error: {path}:11: baseline.eval.reference.path: arm baseline-s0: reference file real/eval.parquet "
+        "does not exist; nothing submitted; expected eval.reference.path naming a parquet file or a folder "
+        "of images that exists (relative paths are from the folder you submit from)"
+    )
+    (workdir / "real").mkdir()
+    pq.write_table(pa.table({"caption": ["a"]}), workdir / "real" / "eval.parquet")
+    line = one_line(cli("run", "--dry-run", path), path)
+    assert line.startswith(f"error: {path}:11: baseline.eval.reference.image_column: arm baseline-s0: ")
+    assert "'image' (eval.reference.image_column) is not in real/eval.parquet (columns: caption)" in line
+    path = sweep_with("{kind: folder, path: real}")
+    (workdir / "real" / "eval.parquet").unlink()
+    line = one_line(cli("run", "--dry-run", path), path)
+    assert line.endswith(
+        "eval.reference.path: arm baseline-s0: no images (.png, .jpg, .jpeg, .bmp, .webp) "
+        "under real; nothing submitted; expected eval.reference.path naming a parquet file "
+        "or a folder of images that exists (relative paths are from the folder you submit from)"
+    )
+    assert submitted == [] and not (workdir / "runs").exists()
+    Image.new("RGB", (8, 8)).save(workdir / "real" / "0.webp")
+    assert cli("run", "--dry-run", path).code == 0

@@ -1,0 +1,92 @@
+"""`fid_prx`: PRX's own FID, torchmetrics' `FrechetInceptionDistance(normalize=True)` fed uint8 images.
+
+The network and its weights (torch-fidelity's Inception) are checked against torchmetrics through the
+trainer in tests/trainer/test_eval_reference.py; here: the uint8 wrap, the Fréchet value against
+torchmetrics' own on a tiny feature module, and the missing-weights error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.weights import MissingWeightsError
+from eval.evaluator import Evaluator, Reference, score
+from eval.extractors import PRX_INCEPTION_WEIGHTS, InceptionPRXExtractor, load_extractor, prx_wrap
+
+
+def reference_wrap(images: np.ndarray) -> np.ndarray:
+    """x·255 in 8-bit arithmetic, i.e. modulo 256: (256 − x) mod 256."""
+    return ((256 - images.astype(np.int64)) % 256).astype(np.uint8)
+
+
+def test_the_wrap_is_torchmetrics_uint8_arithmetic():
+    x = torch.tensor([0, 1, 2, 3, 64, 127, 128, 129, 200, 254, 255], dtype=torch.uint8)
+    wrapped = prx_wrap(x)
+    assert wrapped.dtype == torch.uint8
+    assert wrapped.tolist() == [0, 255, 254, 253, 192, 129, 128, 127, 56, 2, 1]
+    assert torch.equal(wrapped, (x * 255).byte())  # torchmetrics' update(): `(imgs * 255).byte()`
+    np.testing.assert_array_equal(wrapped.numpy(), reference_wrap(x.numpy()))
+
+
+class TinyFeature(nn.Module):
+    """A feature module with torchmetrics' `feature=` contract: uint8 (N, 3, H, W) → (N, 16)."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 5, stride=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv((x.float() - 128.0) / 128.0))  # (N, 16, h, w)
+        return h.mean(dim=(2, 3)) + h.amax(dim=(2, 3))  # (N, 16)
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    return np.clip(base + rng.normal(0, 40, (n, 20, 20, 3)), 0, 255).astype(np.uint8)  # (n, 20, 20, 3)
+
+
+def test_fid_prx_is_torchmetrics_fid_on_the_wrapped_images(tmp_path):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    net = TinyFeature()
+    ext = InceptionPRXExtractor(net)
+    real, gen = images(24, seed=0), images(20, seed=1)
+    ref = Reference("toy-real", 24, lambda: real, tmp_path)
+    ours = score(gen, ref, ["fid_prx"], extractors={"inception-prx": ext}, batch_size=7)["fid_prx"]
+
+    def nchw(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+    # a custom feature module skips torchmetrics' byte conversion: hand it the wrapped images
+    fid = FrechetInceptionDistance(feature=net, normalize=True)
+    fid.update(nchw(reference_wrap(real)), real=True)
+    fid.update(nchw(reference_wrap(gen)), real=False)
+    assert ours == pytest.approx(float(fid.compute()), rel=1e-5)
+
+    # the wrap is applied: the same network on the unwrapped images scores otherwise
+    plain = FrechetInceptionDistance(feature=net, normalize=True)
+    plain.update(nchw(real), real=True)
+    plain.update(nchw(gen), real=False)
+    assert abs(float(plain.compute()) - ours) > 0.05 * ours
+
+    same = Evaluator(["fid_prx"], ref, extractors={"inception-prx": ext})(real)["fid_prx"]
+    assert abs(same) < 1e-6 * ours  # identical sets
+
+
+def test_fid_prx_weights_are_torchmetrics_and_a_missing_file_names_the_command(tmp_path):
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    assert PRX_INCEPTION_WEIGHTS.url == URL_INCEPTION_V3
+    assert PRX_INCEPTION_WEIGHTS.filename == URL_INCEPTION_V3.rsplit("/", 1)[1]
+    with pytest.raises(MissingWeightsError) as e:
+        load_extractor("inception-prx", tmp_path / "weights")
+    line = str(e.value)
+    assert "\n" not in line and "weights-inception-2015-12-05-6726825d.pth" in line
+    assert f"ablate weights download SWEEP --dir {tmp_path / 'weights'}" in line
