@@ -47,6 +47,7 @@ def set_rng_state(state: dict) -> None:
 
 
 MANIFEST = "manifest.json"
+SINGLE_FILE = 2**50  # bytes: save_pretrained's max_shard_size that never splits the transformer's weights
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -119,12 +120,15 @@ def clean_partial(run: RunDir | Path) -> list[Path]:
     return found
 
 
-def save(run: RunDir, step: int, denoiser: torch.nn.Module, state: dict, keep: int) -> Path:
+def save(run: RunDir, step: int, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int) -> Path:
     """Write checkpoint `step` of `run` atomically and keep the newest `keep`. If writing fails (a full
-    disk), the partial folder is removed at once, so the space is free for the error to be recorded."""
+    disk), the partial folder is removed at once, so the space is free for the error to be recorded.
+
+    `weights`: the denoiser's whole state dict (prx.…, factors.…), gathered from every process when its
+    parameters are sharded (trainer/parallel.py); `denoiser` gives the transformer's config."""
     tmp = run.checkpoint_tmp(step)
     try:
-        return _save(run, step, tmp, denoiser, state, keep)
+        return _save(run, step, tmp, denoiser, weights, state, keep)
     except BaseException as e:
         full = _nearly_full(tmp.parent)  # looked at before the partial folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,12 +146,32 @@ def _nearly_full(folder: Path) -> bool:
         return False
 
 
-def _save(run: RunDir, step: int, tmp: Path, denoiser: torch.nn.Module, state: dict, keep: int) -> Path:
+def _part(weights: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def _plain_prx(prx: torch.nn.Module, weights: dict) -> torch.nn.Module:
+    """A plain diffusers PRX holding `weights` (a sharded model cannot save_pretrained itself): built on
+    the meta device, so no memory is allocated before the given tensors are assigned."""
+    from diffusers import PRXTransformer2DModel
+
+    with torch.device("meta"):
+        plain = PRXTransformer2DModel.from_config(prx.config)
+    plain.load_state_dict(weights, strict=True, assign=True)
+    return plain
+
+
+def _save(
+    run: RunDir, step: int, tmp: Path, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int
+) -> Path:
     final = run.checkpoint(step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    denoiser.prx.save_pretrained(tmp / "transformer", safe_serialization=True)
-    factors = {k: v.detach().contiguous() for k, v in denoiser.factors.state_dict().items()}
+    # one file whatever the size (diffusers would split past 10 GB): `load` reads that file
+    _plain_prx(denoiser.prx, _part(weights, "prx.")).save_pretrained(
+        tmp / "transformer", safe_serialization=True, max_shard_size=SINGLE_FILE
+    )
+    factors = {k: v.detach().contiguous() for k, v in _part(weights, "factors.").items()}
     save_file(factors, tmp / "factors.safetensors")
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
     atomic_write_json(tmp / MANIFEST, {"step": step, "files": manifest(tmp)})
@@ -170,9 +194,9 @@ def latest(run: RunDir | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, denoiser: torch.nn.Module) -> dict:
-    """Load weights into `denoiser` in place (dtype kept) and return the training state."""
-    weights = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
-    denoiser.prx.load_state_dict(weights, strict=True)
-    denoiser.factors.load_state_dict(load_file(path / "factors.safetensors"), strict=True)
-    return torch.load(path / "state.pt", weights_only=False)
+def load(path: Path) -> tuple[dict, dict]:
+    """(the denoiser's whole state dict, the training state); trainer/parallel.py puts them in place."""
+    prx = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+    factors = load_file(path / "factors.safetensors")
+    weights = {**{f"prx.{k}": v for k, v in prx.items()}, **{f"factors.{k}": v for k, v in factors.items()}}
+    return weights, torch.load(path / "state.pt", weights_only=False)

@@ -1,0 +1,171 @@
+"""FSDP2 (`parallel: {kind: fsdp}`) on two CPU processes (gloo), each running the real trainer job."""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+from diffusers import PRXTransformer2DModel
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from trainer_testing import TINY, logged_losses, merge
+
+from ablate.diagnostics import to_user_error
+from core.rundir import RunDir
+from trainer import checkpoint, job
+from trainer.config import TrainConfig, describe_registries
+from trainer.parallel import lockstep
+
+# EMA on, clipping active (grad norms here are 0.6-2), and 9 held-out items in chunks of 4: rank 0
+# runs two forwards, rank 1 one and a throw-away one (under FSDP every forward needs both ranks).
+TWO_RANKS = dict(
+    train={"steps": 8, "batch_size": 8, "grad_clip": 0.5},
+    data={"num_val": 9},
+    eval={"every": 2, "batch_size": 4},  # between checkpoints too: a save reshards anyway
+    ema={"kind": "ema", "decay": 0.9},
+)
+# PRX's setting: every block stays gathered after an eval forward, with the EMA's weights in it, until
+# the trainer drops them (Sharded.evaluation); a stale gather would show in the losses after step 2
+FSDP = {"kind": "fsdp", "reshard_after_forward": False}
+
+
+def log(run_dir, key):
+    return [json.loads(line)[key] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir):
+    ckpt = checkpoint.latest(run_dir)
+    weights = load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors")
+    return weights, torch.load(ckpt / "state.pt", weights_only=False)
+
+
+def _task(rank: int, world: int, port: int, run_dir: str) -> None:
+    """One process of a job, given the env:// variables torchrun (or submitit, trainer.dist) exports."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    job.run(run_dir)
+
+
+def run_two_processes(run_dir) -> None:
+    """job.run in two processes. Forked: they start with torch, diffusers and transformers imported
+    (a submitit task imports them again, ~10 s a process on two cores). Raises a task's error."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_task, args=(2, port, str(run_dir)), nprocs=2, start_method="fork")
+
+
+def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_diffusers_model(make_run):
+    """Three two-process jobs: DDP, FSDP, and FSDP again from the FSDP run's checkpoint 4."""
+    ddp = make_run("ddp", **TWO_RANKS)
+    fsdp = make_run("fsdp", **TWO_RANKS, parallel=FSDP)
+    resumed = make_run("resumed", **TWO_RANKS, parallel=FSDP)
+
+    run_two_processes(ddp)
+    run_two_processes(fsdp)
+    # a job killed after checkpoint 4: its folder holds that checkpoint; the job starts again
+    shutil.copytree(checkpoint.complete(fsdp)[0], RunDir(resumed).checkpoint(4))
+    run_two_processes(resumed)
+    for run in (ddp, fsdp, resumed):
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "done" and status["world_size"] == 2
+
+    # FSDP = DDP: the same losses, clipped grad norms and held-out losses (EMA weights), fp32 on both
+    assert logged_losses(fsdp) == pytest.approx(logged_losses(ddp), rel=1e-4)
+    assert log(fsdp, "grad_norm") == pytest.approx(log(ddp, "grad_norm"), rel=1e-4)
+    assert min(log(ddp, "grad_norm")) > 0.5  # clipping acted at every logged step
+    va, vb = (json.loads((r / "result.json").read_text())["metrics_by_step"] for r in (ddp, fsdp))
+    for step in ("2", "4", "6", "8"):
+        assert vb[step]["val_loss"] == pytest.approx(va[step]["val_loss"], rel=1e-4)
+    (wa, _), (wb, sb) = final_state(ddp), final_state(fsdp)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+    assert set(sb["optimizer"]["adamw"]["state"]) == {f"prx.{k}" for k in wa}  # FSDP keys it by name
+
+    # resumed from checkpoint 4 = uninterrupted: weights, optimizer state, EMA and the later losses
+    wc, sc = final_state(resumed)
+    assert all(torch.equal(wc[k], wb[k]) for k in wb)
+    for name, moments in sb["optimizer"]["adamw"]["state"].items():
+        for k, v in moments.items():
+            assert torch.equal(sc["optimizer"]["adamw"]["state"][name][k], v), (name, k)
+    for name, v in sb["ema"]["shadow"].items():
+        assert torch.equal(sc["ema"]["shadow"][name], v) and v.shape == wb[name.removeprefix("prx.")].shape
+    assert logged_losses(resumed) == logged_losses(fsdp)[2:]  # steps 6, 8
+
+    # the final checkpoint is a plain diffusers model with fp32 (master) weights
+    model = PRXTransformer2DModel.from_pretrained(checkpoint.latest(fsdp) / "transformer")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(model.state_dict()["final_layer.linear.weight"], wb["final_layer.linear.weight"])
+
+
+def test_lockstep_pads_every_process_to_the_busiest_ones_chunk_count():
+    # 9 items over 2 processes in chunks of 4: rank 0 holds 5 (2 chunks), rank 1 holds 4 (1 + padding)
+    assert list(lockstep([0, 2, 4, 6, 8], 4, 9, 2)) == [([0, 2, 4, 6], True), ([8], True)]
+    assert list(lockstep([1, 3, 5, 7], 4, 9, 2)) == [([1, 3, 5, 7], True), ([0], False)]
+    assert list(lockstep([], 4, 1, 2)) == [([0], False)]  # fewer items than processes
+    assert list(lockstep(list(range(5)), 4, 5, 1)) == [([0, 1, 2, 3], True), ([4], True)]
+
+
+def config_error(over: dict) -> str:
+    """The one line `ablate run` prints for a baseline with `over` applied."""
+    data = merge(TINY, over)
+    with pytest.raises(ValidationError) as e:
+        TrainConfig.model_validate(data)
+    where = lambda path: (None, None, ".".join(map(str, path)))  # noqa: E731
+    return str(to_user_error(e.value, data, TrainConfig, where, describe_registries()))
+
+
+def test_fsdp_config_refuses_muon_and_bad_hybrid_values_in_one_line():
+    assert config_error({"optimizer": {"kind": "muon"}, "parallel": FSDP}) == (
+        "optimizer muon needs whole matrices per rank (optimizer.muon_params); "
+        "parallel fsdp shards them over the ranks: use parallel: {kind: ddp}"
+    )
+    line = config_error({"parallel": {"kind": "fsdp", "hybrid": 0}})
+    assert line == "parallel.hybrid: got 0; expected a valid boolean or greater than 0"
+    hsdp = TrainConfig.model_validate(merge(TINY, {"parallel": {"kind": "fsdp", "hybrid": 2}}))
+    assert hsdp.parallel.hybrid == 2
+    assert TrainConfig.model_validate(TINY).parallel.kind == "ddp"  # the default: today's behaviour
+
+
+def test_bf16_gathers_keep_fp32_shards_and_a_ddp_checkpoint_is_refused_in_one_line(tmp_path):
+    """One process, one-rank gloo group: the real fully_shard and mixed-precision policy (the CUDA
+    default under autocast), which CPU runs of the trainer leave off."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from trainer.model import Denoiser, ModelConfig, build_prx
+    from trainer.optim import Optimizers
+    from trainer.parallel import FSDPConfig, Sharded, shard
+    from trainer.precision import Precision
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
+    try:
+        den = Denoiser(build_prx(ModelConfig(preset="tiny"), 3, 32))
+        shard(den, init_device_mesh("cpu", (1,)), FSDPConfig(), Precision(torch.float32, True, "cpu"))
+        seen = []
+        qkv = den.prx.blocks[0].attention.img_qkv_proj
+        qkv.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = den(torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 5, 32), None)
+        out.pred.float().square().mean().backward()
+        assert seen == [torch.bfloat16]  # gathered for compute in bf16; shards and their gradients fp32
+        assert {p.dtype for p in den.parameters()} == {p.grad.dtype for p in den.parameters()}
+        assert {p.dtype for p in den.parameters()} == {torch.float32}
+
+        sharded = Sharded(den, main=True)
+        adamw = Optimizers(adamw=torch.optim.AdamW(den.parameters()))
+        ddp_state = {"adamw": {"state": {0: {}}, "param_groups": [{"params": [0]}]}}
+        with pytest.raises(ValueError, match=r"saved under parallel ddp; .*set parallel: \{kind: ddp\}"):
+            sharded.load_optimizer_state(adamw, ddp_state)
+    finally:
+        torch.distributed.destroy_process_group()
