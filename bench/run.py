@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 import yaml
+from fsdp_memory import memory_rows  # bench/ is the script's folder
 
 from ablate.sweep import merge
 from trainer import flow
 from trainer.config import TrainConfig
 from trainer.data import StepBatchSampler
 from trainer.dist import Dist
+from trainer.model import Denoiser, ModelConfig, build_prx
+from trainer.optim import MuonConfig, muon_groups, ns_flops_per_rank
 from trainer.train import Trainer
 
 BASE = {
@@ -110,6 +113,23 @@ DELTAS = {
 }
 
 
+def muon_shares(worlds=(1, 2, 4, 8, 16)) -> list[dict]:
+    """Newton–Schulz FLOPs per rank of PRX-1.2B's Muon matrices (the model built on the meta device,
+    grouped as build_muon groups them) when the ranks split them, and the busiest rank / mean."""
+    cfg = MuonConfig()
+    with torch.device("meta"):
+        model = Denoiser(build_prx(ModelConfig(preset="prx-1.2b"), 16, 2304))  # Flux VAE, T5Gemma
+    shapes = [tuple(p.shape) for p in muon_groups(cfg, model)["muon"]]
+    rows = []
+    for world in worlds:
+        load = ns_flops_per_rank(shapes, world, cfg.ns_steps)
+        rows.append(
+            {"bench": "muon_ns_flops", "model": "prx-1.2b", "matrices": len(shapes), "world": world,
+             "rank_tflop": max(load) / 1e12, "balance": max(load) / (sum(load) / world)}
+        )  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30, help="measured steps per arm, split over rounds")
@@ -167,6 +187,13 @@ def main() -> None:
         f"trainer step / bare step: {rows[0]['ratio']:.2f}x "
         f"({1000 * rows[0]['trainer_step_s']:.1f} ms vs {1000 * rows[0]['bare_step_s']:.1f} ms)"
     )
+    shares = muon_shares()
+    rows += shares
+    print(f"\nMuon Newton–Schulz per rank, PRX-1.2B ({shares[0]['matrices']} matrices, one step)")
+    print(f"{'ranks':<8}{'TFLOP/rank':>12}{'max/mean':>10}")
+    for r in shares:
+        print(f"{r['world']:<8}{r['rank_tflop']:>12.2f}{r['balance']:>10.3f}")
+    rows += memory_rows(BASE)  # DDP vs FSDP bytes per process: measured at 2 on CPU, PRX-1.2B at 8 and 16
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         yaml.safe_dump(rows) if args.out.endswith(".yaml") else json.dumps(rows, indent=2)

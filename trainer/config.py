@@ -22,6 +22,7 @@ from .ema import EMA
 from .flow import FlowConfig
 from .model import ModelConfig
 from .optim import OPTIMIZERS
+from .parallel import PARALLEL, DDPConfig
 from .precision import PRECISION
 from .registry import Config, Registry
 from .repa import REPA, TEACHERS
@@ -38,6 +39,11 @@ class TrainSection(Config):
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the empty one")
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
     threads: int | None = Field(None, ge=1, description="CPU threads per process (torch.set_num_threads)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile each PRX block and prefer cuDNN attention in the train step "
+        "(trainer/compile.py); auto = on for CUDA, off on CPU",
+    )
 
 
 class CheckpointConfig(Config):
@@ -118,6 +124,7 @@ REGISTRIES: dict[str, Registry] = {
     "tokenizer": TOKENIZERS,
     "optimizer": OPTIMIZERS,
     "precision": PRECISION,
+    "parallel": PARALLEL,
     "ema": EMA,
     "contrastive": CONTRASTIVE,
     "routing": ROUTING,
@@ -142,6 +149,10 @@ class TrainConfig(Config):
     optimizer: OPTIMIZERS.union() = Field(description="optimizer (kind: " + ", ".join(OPTIMIZERS.kinds) + ")")
     precision: PRECISION.union() = Field(
         description="weight precision (kind: " + ", ".join(PRECISION.kinds) + ")"
+    )
+    parallel: PARALLEL.union() = Field(
+        DDPConfig(),
+        description="how the denoiser is spread over processes (kind: " + ", ".join(PARALLEL.kinds) + ")",
     )
     flow: FlowConfig = FlowConfig()
     train: TrainSection = TrainSection()
@@ -189,6 +200,19 @@ class TrainConfig(Config):
                     f"optimizer.{key} {dead} match no 2-D parameter of the model; names look like "
                     f"{example!r}, e.g. use 'prx.blocks.*'"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sharded_parameters_fit_the_optimizer(self):
+        """An optimizer's name-pattern groups are 2-D weights it treats as whole matrices (Muon
+        orthogonalises each, its Newton–Schulz split over ranks by matrix); a parallel kind that shards
+        parameters leaves each rank a slice of every matrix."""
+        whole = [key for key, patterns in self.optimizer.name_patterns().items() if patterns]
+        if whole and self.parallel.shards_parameters:
+            raise ValueError(
+                f"optimizer {self.optimizer.kind} needs whole matrices per rank (optimizer.{whole[0]}); "
+                f"parallel {self.parallel.kind} shards them over the ranks: use parallel: {{kind: ddp}}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from . import flow
+from . import flow, parallel
 from .data import ATTRIBUTES, ReferenceSet, SyntheticConfig, attribute_net
 
 GRID_TILE = 96  # px: small samples are enlarged (nearest) in the saved grid so a person can see them
@@ -86,8 +86,7 @@ class GenerationEval:
             with tr.precision.context():
                 return tr.denoiser(x.to(wdtype), t, txt.to(wdtype), mask).pred
 
-        for start in range(0, len(indices), cfg.eval.batch_size):
-            chunk = indices[start : start + cfg.eval.batch_size]
+        for chunk, counts in parallel.lockstep(indices, cfg.eval.batch_size, self.n, tr.dist.world):
             items = [tr.val_set[j] for j in chunk]
             txt, mask = tr.text([it["caption"] for it in items])
             shape = tr.tokenizer.encode(items[0]["image"][None].to(tr.device)).shape[1:]  # (C, h, w)
@@ -107,7 +106,8 @@ class GenerationEval:
                 dtype=tr.precision.flow,
             )
             images = tr.tokenizer.decode(x0.float())  # (b, 3, H, W) in [0, 1]
-            out.append((images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
+            if counts:  # else a throw-away chunk that keeps this process in step with the others
+                out.append((images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
         return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
     def __call__(self, step: int) -> dict[str, float]:

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from core.atomic import Unreadable
 from core.rundir import DONE, RUNNING, SUBMITTED, TRAINER_OVERWRITES, RunDir, now
 
-from . import cache, checkpoint, ema, flow, generation, tracking
+from . import cache, checkpoint, ema, flow, generation, parallel, tracking
+from .compile import compiled
 from .config import DENOISER_FACTORS, TrainConfig
 from .contrastive import CONTRASTIVE
 from .data import StepBatchSampler
@@ -100,9 +100,10 @@ class Trainer:
             if getattr(cfg, name) is not None
         ]
         self.denoiser = Denoiser(prx, factors).to(self.device, self.precision.weights)
-        unused = any(f.skips_params for f in factors)  # e.g. REPA's projector after its stop_step
-        self.net = DDP(self.denoiser, find_unused_parameters=unused) if dist.world > 1 else self.denoiser
-        self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser)
+        self.compiled = compiled(cfg.train.compile, self.denoiser, self.device)  # blocks, before FSDP
+        self.parallel = parallel.wrap(cfg.parallel, self.denoiser, dist, self.precision)  # DDP or FSDP
+        self.net = self.parallel.net
+        self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser, dist)
         self.ema = ema.build(cfg.ema, self.denoiser)
         self.loss_terms = [CONTRASTIVE.build(c) for c in [cfg.contrastive] if c is not None]
         self.generation = generation.build(self)  # loads eval extractors now: a missing weight fails early
@@ -142,7 +143,7 @@ class Trainer:
         xt = flow.interpolate(x0, noise, t)  # (b, C, h, w); fp32 t keeps it fp32 whatever x0's dtype
 
         self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
-        with self.precision.context():
+        with self.precision.context(), self.compiled.step():
             out = self.net(
                 xt.to(self.precision.weights),
                 t,
@@ -153,9 +154,7 @@ class Trainer:
         loss, v_pred, v_true = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
         total = loss + sum(out.losses.values()) + sum(term(v_pred, v_true) for term in self.loss_terms)
         total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.denoiser.parameters(), cfg.train.grad_clip or math.inf
-        )
+        grad_norm = self.parallel.clip_grad_norm_(cfg.train.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.ema.update(step)
@@ -265,8 +264,7 @@ class Trainer:
         idx = list(range(self.dist.rank, n, self.dist.world))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.denoiser.eval()
-        for start in range(0, len(idx), cfg.eval.batch_size):
-            chunk = idx[start : start + cfg.eval.batch_size]
+        for chunk, counts in parallel.lockstep(idx, cfg.eval.batch_size, n, self.dist.world):
             items = [self.val_set[j] for j in chunk]
             batch = torch.utils.data.default_collate(items)
             lat, txt, mask = self.inputs(batch, self.device)
@@ -283,13 +281,15 @@ class Trainer:
                 ).pred
             v_pred = flow.velocity(pred.float(), xt, t, cfg.flow)
             v_true = flow.PREDICTIONS[cfg.flow.prediction]["target"](x0, noise, xt, t, cfg.flow)
-            total += ((v_pred - v_true) ** 2).flatten(1).mean(1).double().sum()
+            if counts:  # else a throw-away chunk that keeps this process in step with the others
+                total += ((v_pred - v_true) ** 2).flatten(1).mean(1).double().sum()
         self.denoiser.train()
         return float(self.dist.all_sum(total).item() / n)
 
     def run_eval(self) -> dict:
         """The metrics at the current step, written to eval/step_N.json (and its grid) by the main process."""
-        with self.ema.swapped():
+        # eval shapes vary: not compiled; FSDP drops the weights eval gathered (the EMA's) at the end
+        with self.ema.swapped(), self.compiled.eager(), self.parallel.evaluation():
             metrics = {"val_loss": self.validation_loss(), **self.generation(self.step)}
         if self.dist.main:
             self.rundir.write_eval(
@@ -318,8 +318,9 @@ class Trainer:
             )
         if step is not None and (problem := checkpoint.verify(path)) is not None:
             raise checkpoint.CorruptCheckpoint(f"{path}: fails verification ({problem})")
-        state = checkpoint.load(path, self.denoiser)
-        self.ema.load_state_dict(state["ema"])
+        weights, state = checkpoint.load(path)
+        self.parallel.load_weights(weights)
+        self.parallel.load_ema_state(self.ema, state["ema"])
         self.step = state["step"]
         self.wandb = self.start_tracking("eval")
         try:
@@ -332,14 +333,18 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> None:
+        # every process takes part in gathering sharded state (FSDP); the main process writes it
+        weights = self.parallel.weights()
+        optimizer = self.parallel.optimizer_state(self.optimizer)
+        ema_state = self.parallel.ema_state(self.ema)
         if self.dist.main:
             state = {
-                "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict(),
+                "optimizer": optimizer,
+                "ema": ema_state,
                 "data": {"seed": self.cfg.seed, "step": self.step},
                 "timing": {"times": self.times, "throughput": self.throughput},  # a resume keeps counting
             }
-            checkpoint.save(self.rundir, self.step, self.denoiser, state, self.cfg.checkpoint.keep)
+            checkpoint.save(self.rundir, self.step, self.denoiser, weights, state, self.cfg.checkpoint.keep)
         self.dist.barrier()
 
     def resume(self) -> None:
@@ -353,9 +358,10 @@ class Trainer:
             path = checkpoint.newest_verified(self.rundir)
         path = self.dist.broadcast_object(path)
         if path is not None:
-            state = checkpoint.load(path, self.denoiser)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.ema.load_state_dict(state["ema"])
+            weights, state = checkpoint.load(path)
+            self.parallel.load_weights(weights)
+            self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
+            self.parallel.load_ema_state(self.ema, state["ema"])
             checkpoint.set_rng_state(state["rng"])
             self.step = state["step"]
             timing = state.get("timing", {})

@@ -1,8 +1,24 @@
 import pytest
 import torch
 
+from trainer.dist import Dist
 from trainer.model import Denoiser, ModelConfig, build_prx
-from trainer.optim import AdamWConfig, MuonConfig, build_adamw, build_muon, group_by_pattern, lr_factor
+from trainer.optim import (
+    AdamWConfig,
+    MuonConfig,
+    ShardedMuon,
+    assign_shares,
+    build_adamw,
+    build_muon,
+    group_by_pattern,
+    lr_factor,
+    muon_step_parts,
+    ns_flops,
+    ns_flops_per_rank,
+    project_muon_step,
+)
+
+ONE = Dist(0, 1, 0, torch.device("cpu"))  # one process
 
 
 def tiny_denoiser():
@@ -33,7 +49,7 @@ def test_muon_groups_are_the_2d_block_weights():
 def test_muon_step_equals_torch_muon_used_directly():
     ours, ref = tiny_denoiser(), tiny_denoiser()
     cfg = MuonConfig(lr=0.02, adam_lr=1e-3)
-    opt = build_muon(cfg, ours)
+    opt = build_muon(cfg, ours, ONE)
     muon_names = [n for n, p in ref.named_parameters() if n.startswith("prx.blocks.") and p.ndim == 2]
     params = dict(ref.named_parameters())
     ref_muon = torch.optim.Muon(
@@ -64,12 +80,12 @@ def test_muon_step_equals_torch_muon_used_directly():
 
 def test_muon_and_adamw_state_round_trip_exactly():
     model = tiny_denoiser()
-    opt = build_muon(MuonConfig(), model)
+    opt = build_muon(MuonConfig(), model, ONE)
     fake_grads(model)
     opt.step()
     state = opt.state_dict()
     assert set(state) == {"muon", "adamw"}
-    other = build_muon(MuonConfig(), tiny_denoiser())
+    other = build_muon(MuonConfig(), tiny_denoiser(), ONE)
     other.load_state_dict(state)
     for name in ("muon", "adamw"):
         a, b = opt.optimizers[name].state_dict()["state"], other.optimizers[name].state_dict()["state"]
@@ -79,11 +95,11 @@ def test_muon_and_adamw_state_round_trip_exactly():
 
 def test_muon_pattern_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match="matches no parameter"):
-        build_muon(MuonConfig(muon_params=("transformer.layers.*",)), tiny_denoiser())
+        build_muon(MuonConfig(muon_params=("transformer.layers.*",)), tiny_denoiser(), ONE)
 
 
 def test_adamw_uses_the_studys_hyperparameters():
-    opt = build_adamw(AdamWConfig(), tiny_denoiser()).optimizers["adamw"]
+    opt = build_adamw(AdamWConfig(), tiny_denoiser(), ONE).optimizers["adamw"]
     g = opt.param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (1e-4, (0.9, 0.95), 1e-15, 0.0)
 
@@ -101,3 +117,75 @@ def test_muon_pattern_matching_nothing_is_a_validation_error(tiny_cfg):
         TrainConfig.model_validate(tiny_cfg)
     tiny_cfg["optimizer"] = {"kind": "muon"}
     TrainConfig.model_validate(tiny_cfg)  # the default pattern matches the PRX blocks
+
+
+# PRX-1.2B's Muon matrices: 16 blocks of qkv, txt kv, out, gate, up, down, modulation
+PRX_MUON_SHAPES = 16 * [
+    (5376, 1792),
+    (3584, 1792),
+    (1792, 1792),
+    (6272, 1792),
+    (6272, 1792),
+    (1792, 6272),
+    (10752, 1792),
+]
+
+
+def test_muon_shares_balance_newton_schulz_flops():
+    assert ns_flops((16, 24), ns_steps=1) == ns_flops((24, 16), ns_steps=1) == 4 * 16 * 16 * 24 + 2 * 16**3
+    # the largest first, each to the lightest rank
+    assert assign_shares([(8, 8), (32, 8), (16, 16), (8, 8)], 2) == [1, 1, 0, 1]
+    for world in (2, 3, 8, 16):
+        load = ns_flops_per_rank(PRX_MUON_SHAPES, world)
+        assert max(load) / (sum(load) / world) < 1.01, (world, load)  # the busiest rank sets the pace
+    assert assign_shares([(8, 8)] * 2, 3) == [0, 1]  # more ranks than matrices: the last one idles
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_muon_on_gloo_processes_equals_one_process_torch_muon(world, tmp_path):
+    import muon_worker
+
+    # fork: the children start with torch already imported (spawn would pay its import per rank)
+    args = (world, str(tmp_path / "init"), str(tmp_path))
+    torch.multiprocessing.start_processes(muon_worker.run, args=args, nprocs=world, start_method="fork")
+    ref = muon_worker.matrices()
+    ref_opt = torch.optim.Muon(ref, **muon_worker.HYPER)
+    for step in range(muon_worker.STEPS):
+        muon_worker.set_grads(ref, step)
+        ref_opt.step()
+    ref_state = ref_opt.state_dict()["state"]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    owner = ranks[0]["owner"]
+    assert sorted(set(owner)) == list(range(world))  # each matrix has one owner; every rank has a share
+    for rank, got in enumerate(ranks):
+        mine = [shape for shape, r in zip(muon_worker.SHAPES, owner, strict=True) if r == rank]
+        # Newton–Schulz on its share only, once a step
+        assert sorted(got["calls"]) == sorted(mine * muon_worker.STEPS), rank
+        for i, (a, b) in enumerate(zip(got["params"], ref, strict=True)):
+            torch.testing.assert_close(a, b.detach(), msg=f"rank {rank} matrix {i}")
+            assert torch.equal(a, ranks[0]["params"][i])  # the ranks' weights agree bit for bit
+        # every rank holds every momentum buffer, as torch.optim.Muon's state dict: the main process saves it
+        assert got["state"]["state"].keys() == ref_state.keys()
+        for i in ref_state:
+            torch.testing.assert_close(
+                got["state"]["state"][i]["momentum_buffer"], ref_state[i]["momentum_buffer"]
+            )
+
+
+def test_muon_step_parts_project_to_more_ranks():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(32, 16), (16, 16), (16, 48), (8, 8)]]
+    opt = ShardedMuon(params, ONE, lr=0.02)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    parts = muon_step_parts(opt, repeats=1)
+    assert None not in parts["ns_s"] and parts["row_bytes"] == 2 * sum(p.numel() for p in params)
+    one = project_muon_step(parts, 1, gather_gbps=100.0)
+    assert one["ns_s"] == pytest.approx(sum(parts["ns_s"])) and one["gather_s"] == 0.0
+    two = project_muon_step(parts, 2, gather_gbps=100.0)
+    owner = assign_shares(parts["shapes"], 2)
+    assert two["ns_s"] == max(
+        sum(t for t, r in zip(parts["ns_s"], owner, strict=True) if r == k) for k in range(2)
+    )
+    widest = max(sum(p.numel() for p, r in zip(params, owner, strict=True) if r == k) for k in range(2))
+    assert two["gather_s"] == pytest.approx(2 * widest / 100e9)
