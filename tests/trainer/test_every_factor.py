@@ -53,6 +53,9 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
     ("optimizer", "muon"): {"optimizer": {"kind": "muon", "lr": 1e-3}},
     ("precision", "fp32"): {},
     ("precision", "bf16"): {"precision": {"kind": "bf16"}},
+    ("parallel", "ddp"): {},
+    # one process runs unwrapped; tests/trainer/test_fsdp.py shards over two
+    ("parallel", "fsdp"): {"parallel": {"kind": "fsdp"}},
     ("ema", "ema"): {"ema": {"kind": "ema", "decay": 0.9}},
     ("contrastive", "contrastive"): {"contrastive": {"kind": "contrastive"}},
     ("routing", "tread"): {"routing": {"kind": "tread", "start": 1, "end": 3}},
