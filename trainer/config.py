@@ -204,13 +204,11 @@ class TrainConfig(Config):
 
     @model_validator(mode="after")
     def _sharded_parameters_fit_the_optimizer(self):
-        """An optimizer's name-pattern groups are 2-D weights it treats as whole matrices (Muon
-        orthogonalises each, its Newton–Schulz split over ranks by matrix); a parallel kind that shards
-        parameters leaves each rank a slice of every matrix."""
-        whole = [key for key, patterns in self.optimizer.name_patterns().items() if patterns]
-        if whole and self.parallel.shards_parameters:
+        """An optimizer that transforms each weight matrix whole (Muon orthogonalises it) cannot run where
+        a parallel kind shards parameters, leaving each process a slice of every matrix."""
+        if self.optimizer.needs_whole_matrices and self.parallel.shards_parameters:
             raise ValueError(
-                f"optimizer {self.optimizer.kind} needs whole matrices per rank (optimizer.{whole[0]}); "
+                f"optimizer {self.optimizer.kind} needs whole weight matrices per rank; "
                 f"parallel {self.parallel.kind} shards them over the ranks: use parallel: {{kind: ddp}}"
             )
         return self

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import statistics
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as tdist
@@ -25,10 +25,13 @@ from .dist import Dist
 from .registry import Config, Registry
 
 # `name_patterns()`: the parameter-name patterns a config groups by, checked against the model's real names.
-OPTIMIZERS = Registry("optimizer", facts=("name_patterns",))
+# `needs_whole_matrices`: it transforms each weight matrix as a whole (Muon orthogonalises it), so it
+# cannot run where a process holds a slice of every matrix (parallel: fsdp).
+OPTIMIZERS = Registry("optimizer", facts=("name_patterns", "needs_whole_matrices"))
 
 
 class AdamWConfig(Config):
+    needs_whole_matrices: ClassVar[bool] = False
     kind: Literal["adamw"] = "adamw"
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
@@ -40,6 +43,7 @@ class AdamWConfig(Config):
 
 
 class MuonConfig(Config):
+    needs_whole_matrices: ClassVar[bool] = True
     kind: Literal["muon"] = "muon"
     lr: float = Field(1e-4, gt=0, description="Muon learning rate (RMS-matched to AdamW, see adjust_lr_fn)")
     momentum: float = Field(0.95, ge=0, lt=1, description="Nesterov momentum")

@@ -126,7 +126,7 @@ def config_error(over: dict) -> str:
 
 def test_fsdp_config_refuses_muon_and_bad_hybrid_values_in_one_line():
     assert config_error({"optimizer": {"kind": "muon"}, "parallel": FSDP}) == (
-        "optimizer muon needs whole matrices per rank (optimizer.muon_params); "
+        "optimizer muon needs whole weight matrices per rank; "
         "parallel fsdp shards them over the ranks: use parallel: {kind: ddp}"
     )
     line = config_error({"parallel": {"kind": "fsdp", "hybrid": 0}})
