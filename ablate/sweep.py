@@ -311,12 +311,19 @@ def expand(sweep: Sweep) -> list[RunSpec]:
     from trainer.config import TrainConfig, describe_registries  # lazy: imports torch
 
     registries = describe_registries()
+    launcher = sweep.launcher
+    per_node, world = launcher.tasks_per_node, launcher.nodes * launcher.tasks_per_node
 
     def resolve(config: dict[str, Any], locate) -> dict[str, Any]:
         try:
-            return TrainConfig.model_validate(config).model_dump(mode="json")
+            resolved = TrainConfig.model_validate(config)
         except ValidationError as e:
             raise to_user_error(e, config, TrainConfig, locate, registries) from None
+        for path, problem, expected in resolved.world_problems(world, per_node):
+            file, line, shown = locate(path)
+            raise UserError(f"{problem} (launcher: {launcher.nodes} node(s) × {per_node} task(s))",
+                            expected, file=file, line=line, path=shown)  # fmt: skip
+        return resolved.model_dump(mode="json")
 
     def locate_baseline(path: KeyPath) -> tuple[str, int | None, str]:
         if path[:1] == ("seed",):

@@ -202,6 +202,19 @@ class TrainConfig(Config):
                 )
         return self
 
+    def world_problems(self, world: int, per_node: int) -> list[tuple[tuple[str, ...], str, str]]:
+        """What this config cannot do on `world` processes, `per_node` to a node (the launcher's
+        nodes × tasks_per_node): (key path, problem, expected). `ablate run` checks it before it
+        submits; the trainer checks the same at start-up for jobs started another way."""
+        out = []
+        if self.train.batch_size % world:
+            out.append((("train", "batch_size"),
+                        f"train.batch_size {self.train.batch_size} does not split evenly over {world} processes",
+                        f"a multiple of {world}"))  # fmt: skip
+        out += [(("parallel", key), problem, expected)
+                for key, problem, expected in self.parallel.world_problems(world, per_node)]  # fmt: skip
+        return out
+
     @model_validator(mode="after")
     def _sharded_parameters_fit_the_optimizer(self):
         """An optimizer that transforms each weight matrix whole (Muon orthogonalises it) cannot run where

@@ -42,6 +42,10 @@ class DDPConfig(Config):
     shards_parameters: ClassVar[bool] = False
     kind: Literal["ddp"] = "ddp"
 
+    def world_problems(self, world: int, per_node: int) -> list[tuple[str, str, str]]:
+        """What stops this kind on `world` processes, `per_node` to a node: (field, problem, expected)."""
+        return []
+
 
 class FSDPConfig(Config):
     shards_parameters: ClassVar[bool] = True
@@ -62,6 +66,19 @@ class FSDPConfig(Config):
         "(precision.autocast; CUDA by default), fp32 otherwise (CPU); the shards the optimizer "
         "updates keep the precision's weight dtype (fp32 master weights); off = always gather fp32",
     )
+
+    def replica_groups(self, world: int, per_node: int) -> int:
+        """HSDP's replica groups on `world` processes, `per_node` to a node (1 = plain FSDP)."""
+        if self.hybrid is False:
+            return 1
+        return world // per_node if self.hybrid is True else self.hybrid
+
+    def world_problems(self, world: int, per_node: int) -> list[tuple[str, str, str]]:
+        groups = self.replica_groups(world, per_node)
+        if groups >= 1 and world % groups == 0:
+            return []
+        return [("hybrid", f"parallel.hybrid {self.hybrid} asks for {groups} replica groups, which do not "
+                 f"divide the {world} processes", f"a divisor of {world}, true or false")]  # fmt: skip
 
 
 class Replicated:
@@ -197,18 +214,17 @@ class Sharded(Replicated):
         ema.load_state_dict(tree_map(shard, state, ema.state_dict()))
 
 
-def _mesh(hybrid: bool | int, dist: Dist):
-    """1-D mesh over all processes, or 2-D (replicate, shard) for HSDP."""
+def _mesh(cfg: FSDPConfig, dist: Dist):
+    """1-D mesh over all processes, or 2-D (replicate, shard) for HSDP. `ablate run` has checked the
+    launcher's processes against `world_problems`; a job started another way is checked here."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if hybrid is False:
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    for _, problem, expected in cfg.world_problems(dist.world, per_node):
+        raise ValueError(f"{problem}; expected {expected}")
+    groups = cfg.replica_groups(dist.world, per_node)
+    if groups == 1:
         return init_device_mesh(dist.device.type, (dist.world,))
-    groups = dist.world // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)) if hybrid is True else hybrid
-    if groups < 1 or dist.world % groups:
-        raise ValueError(
-            f"parallel.hybrid {hybrid} asks for {groups} replica groups, which do not divide the "
-            f"{dist.world} processes; set parallel.hybrid to a divisor of {dist.world}, true or false"
-        )
     return init_device_mesh(
         dist.device.type, (groups, dist.world // groups), mesh_dim_names=("replicate", "shard")
     )
@@ -247,7 +263,7 @@ def shard(denoiser: nn.Module, mesh, cfg: FSDPConfig, precision: Precision) -> N
 def build_fsdp(cfg: FSDPConfig, denoiser: nn.Module, dist: Dist, precision: Precision) -> Replicated:
     if dist.world == 1:
         return Replicated(denoiser, denoiser)
-    shard(denoiser, _mesh(cfg.hybrid, dist), cfg, precision)
+    shard(denoiser, _mesh(cfg, dist), cfg, precision)
     return Sharded(denoiser, dist.main)
 
 

@@ -246,3 +246,22 @@ def test_a_delta_cannot_move_its_arm_to_another_wandb_project(write_sweep, cli):
         replace("    optimizer.lr: 3e-3\n", "    optimizer.lr: 3e-3\n    log.wandb.project: x\n"),
     )
     expect(line, 16, "deltas.lr-high.log.wandb.project", "W&B settings are the sweep's", "baseline.log.wandb")
+
+
+def test_a_batch_the_launchers_processes_cannot_split_is_refused_before_submission(write_sweep, cli):
+    text = replace("launcher: {executor: debug}", "launcher: {executor: local, tasks_per_node: 3}")
+    line = run_bad(write_sweep, cli, text)
+    expect(line, 9, "baseline.train.batch_size", "does not split evenly over 3 processes",
+           "1 node(s) × 3 task(s)", "expected a multiple of 3")  # fmt: skip
+
+
+def test_hsdp_replica_groups_must_divide_the_launchers_processes(write_sweep, cli):
+    text = replace("launcher: {executor: debug}", "launcher: {executor: local, tasks_per_node: 2}")
+    text = replace(
+        "    optimizer.lr: 3e-3\n",
+        "    optimizer.lr: 3e-3\n  hsdp:\n    parallel: {kind: fsdp, hybrid: 3}\n",
+        text,
+    )
+    line = run_bad(write_sweep, cli, text)
+    expect(line, 17, "deltas.hsdp.parallel.hybrid", "3 replica groups, which do not divide the 2 processes",
+           "expected a divisor of 2, true or false")  # fmt: skip
