@@ -20,15 +20,16 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.errors import UserError
-from ablate.launch import Launcher, resolve_wait
-from ablate.store import ArmView, Decision, eval_note, observe
-from ablate.sweep import Sweep, changes, load_sweep, show_value
+from ablate.running.launch import Launcher, resolve_wait
+from ablate.running.store import ArmView, Decision, eval_note, observe
+from ablate.sweep.expand import changes, show_value
+from ablate.sweep.schema import Sweep, load_sweep
 from core.atomic import Unreadable
 from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, RUNNING, STALE, UNREADABLE, RunDir
 
 if TYPE_CHECKING:
-    from ablate.rescore import Target
-    from ablate.sweep_weights import Weight
+    from ablate.running.rescore import Target
+    from ablate.running.weights import Weight
 
 app = typer.Typer(
     add_completion=False,
@@ -78,9 +79,9 @@ def run(
     wait: Wait = None,
 ) -> None:
     """Validate the sweep, then submit every arm that has not finished with its current config."""
-    from ablate import launch
-    from ablate.datacheck import check_data
-    from ablate.store import (
+    from ablate.running import launch
+    from ablate.running.datacheck import check_data
+    from ablate.running.store import (
         blocked_error,
         check_names,
         check_owner,
@@ -90,7 +91,7 @@ def run(
         prepare,
         sweep_lock,
     )
-    from ablate.sweep import expand
+    from ablate.sweep.expand import expand
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -181,7 +182,7 @@ def _submit_fault(e: OSError, sweep: Sweep, run_dirs: list[Path]) -> UserError:
 @app.command()
 def status(sweep_file: SweepFile) -> None:
     """Each arm's state, step, last loss, and where its logs are."""
-    from ablate.drift import drift
+    from ablate.sweep.drift import drift
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -239,8 +240,8 @@ def cancel(
     ] = None,
 ) -> None:
     """Cancel arms' jobs through their scheduler; they show as cancelled, and `ablate run` resubmits them."""
-    from ablate.store import cancel as cancel_arm
-    from ablate.store import check_names, check_owner, sweep_lock
+    from ablate.running.store import cancel as cancel_arm
+    from ablate.running.store import check_names, check_owner, sweep_lock
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -281,9 +282,9 @@ def rank(
     ] = False,
 ) -> None:
     """Every delta's change against the baseline, paired by seed, most improving first."""
-    from ablate import rank as ranking
-    from ablate.drift import drift
-    from ablate.sweep import arm_name
+    from ablate.results import rank as ranking
+    from ablate.sweep.drift import drift
+    from ablate.sweep.schema import arm_name
 
     if fmt not in ranking.FORMATS:
         raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(ranking.FORMATS)}", path="--format")
@@ -312,7 +313,7 @@ def rank(
         _console().print(ranking.to_rich(df, sweep.metrics, title))
     _rank_footer(sweep, ranking.collect(sweep), changed, fmt)
     if to_wandb:
-        from ablate.wandb_runs import log_table
+        from ablate.running.wandb_runs import log_table
 
         try:
             where = log_table(sweep, df, used)
@@ -350,9 +351,9 @@ ByOption = Annotated[
 @app.command()
 def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
     """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
-    from ablate import plots
-    from ablate import rank as ranking
-    from ablate.store import check_owner
+    from ablate.results import plots
+    from ablate.results import rank as ranking
+    from ablate.running.store import check_owner
 
     sweep = load_sweep(sweep_file)
     check_owner(sweep)  # figures go into the sweep's folder: only one ablate made
@@ -364,8 +365,8 @@ def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) ->
 @app.command()
 def report(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
     """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
-    from ablate.report import build
-    from ablate.store import check_owner
+    from ablate.results.report import build
+    from ablate.running.store import check_owner
 
     sweep = load_sweep(sweep_file)
     check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made
@@ -388,8 +389,8 @@ def stack(
     step: StepOption = None,
 ) -> None:
     """Write a sweep whose baseline stacks the K deltas that improved most, with one leave-one-out delta each."""
-    from ablate import rank as ranking
-    from ablate import stacking
+    from ablate.results import rank as ranking
+    from ablate.sweep import stack as stacking
 
     sweep = load_sweep(sweep_file)
     df, used = ranking.rank(sweep, step, by)
@@ -410,8 +411,8 @@ def sync(
     ] = 900,
 ) -> None:
     """Upload the W&B runs the sweep's arms logged offline (on nodes without internet) with `wandb sync`."""
-    from ablate.wandb_runs import offline_runs
-    from ablate.wandb_runs import sync as upload
+    from ablate.running.wandb_runs import offline_runs
+    from ablate.running.wandb_runs import sync as upload
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -452,10 +453,10 @@ def eval_checkpoints(
     wait: Wait = None,
 ) -> None:
     """Score checkpoints of arms that have ended again, without training, as jobs of the sweep's launcher."""
-    from ablate import launch
-    from ablate.rescore import select
-    from ablate.store import check_names, check_owner, claim, mark_eval_queued, sweep_lock
-    from ablate.sweep import expand
+    from ablate.running import launch
+    from ablate.running.rescore import select
+    from ablate.running.store import check_names, check_owner, claim, mark_eval_queued, sweep_lock
+    from ablate.sweep.expand import expand
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -515,7 +516,7 @@ def weights_check(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
 
     Exit code 0 when all are present, 1 when any is missing.
     """
-    from ablate import sweep_weights as weights
+    from ablate.running import weights as weights
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -539,7 +540,7 @@ def weights_check(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
 @weights_app.command("download")
 def weights_download(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
     """Fetch every pretrained weight the sweep needs that is not here yet (needs network)."""
-    from ablate import sweep_weights as weights
+    from ablate.running import weights as weights
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -575,7 +576,7 @@ def cache(
 
     Arms whose data, captions, tokenizer and text encoder agree share one cache; complete caches are kept.
     """
-    from ablate import sweep_caches as caches
+    from ablate.running import caches as caches
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -604,7 +605,7 @@ def cache(
 
 
 def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, detailed: bool) -> None:
-    from ablate.launch import resources
+    from ablate.running.launch import resources
 
     baseline = {d.spec.seed: d.spec.config for d in decisions if d.spec.delta == "baseline"}
     console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
@@ -630,8 +631,8 @@ def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, de
 def _snapshot(sweep: Sweep, console: Console) -> Any:
     """Snapshot the code for the jobs about to be submitted (snapshot.Code); an operating fault (disk
     full ...) is one line naming the path, with nothing submitted."""
-    from ablate import snapshot
     from ablate.errors import os_fault
+    from ablate.running import snapshot
 
     try:
         code = snapshot.take(sweep.root)
@@ -670,7 +671,7 @@ def _print_eval_plan(
     skipped: list[tuple[str, str]],
     hashes: dict[str, str],
 ) -> None:
-    from ablate.launch import resources
+    from ablate.running.launch import resources
 
     console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
     table = Table()
@@ -692,7 +693,7 @@ def _print_eval_plan(
 
 def _eval_summary(console: Console, targets: list[Target]) -> int:
     """Print how each evaluation ended (from eval_job.json); returns how many did not finish."""
-    from ablate.rescore import outcome
+    from ablate.running.rescore import outcome
 
     bad = 0
     for t in targets:

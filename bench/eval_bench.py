@@ -30,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.extractors import (  # noqa: E402
+from eval.extractors import (
     ClipExtractor,
     DinoV2Extractor,
     Extractor,

@@ -78,9 +78,9 @@ def _task(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     """One process: the trainer for `cfg`, two steps on its share of each batch, its bytes to `out`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from trainer import dist as distributed
     from trainer.config import TrainConfig
-    from trainer.data import StepBatchSampler
+    from trainer.data.datasets import StepBatchSampler
+    from trainer.runtime import dist as distributed
     from trainer.train import Trainer
 
     d = distributed.init()
@@ -101,7 +101,7 @@ def _task(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 
 def measured(base: dict, world: int = 2) -> list[dict]:
     """DDP and FSDP at `world` CPU processes: the busiest process's bytes, and the projection of them."""
-    from ablate.sweep import merge
+    from ablate.sweep.expand import merge
     from trainer.config import TrainConfig
     from trainer.model import Denoiser, build_prx
 

@@ -14,7 +14,7 @@ For a sweep (default sweeps/prx.yaml: PRX-1.2B, 256 px; batch 32 per GPU) it run
    state) that FSDP would shard, with per-rank projections for DDP and FSDP (the lent machine has one
    GPU; with one process `parallel: fsdp` runs unsharded, so there is no sharded run to measure);
 6. last, the compiled baseline with torch's own attention-kernel order instead of cuDNN first
-   (`trainer/compile.py` ATTENTION): whether preferring cuDNN pays.
+   (`trainer/runtime/compile.py` ATTENTION): whether preferring cuDNN pays.
 
 Inputs are random tensors of each arm's shapes: latents (B, C, h, w) of its tokenizer, text embeddings
 (B, Lt, D) of its text encoder (half padding), raw images for REPA's teacher. A pretrained (or
@@ -55,14 +55,15 @@ import torch
 from fsdp_memory import held_bytes, projected_bytes  # bench/ is the script's folder
 from torch.utils.flop_counter import FlopCounterMode
 
-from ablate.sweep import BASELINE, expand, load_sweep
-from trainer import compile as compile_mod
+from ablate.sweep.expand import expand
+from ablate.sweep.schema import BASELINE, load_sweep
 from trainer.config import TrainConfig
-from trainer.data import StepBatchSampler
-from trainer.dist import Dist
+from trainer.data.datasets import StepBatchSampler
+from trainer.factors.optimizer import muon_step_parts, project_muon_step
+from trainer.factors.tokenizer import Latents
 from trainer.model import PRESETS
-from trainer.optim import muon_step_parts, project_muon_step
-from trainer.tokenizer import Latents
+from trainer.runtime import compile as compile_mod
+from trainer.runtime.dist import Dist
 from trainer.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,13 +21,13 @@ import torch
 import yaml
 from fsdp_memory import memory_rows  # bench/ is the script's folder
 
-from ablate.sweep import merge
+from ablate.sweep.expand import merge
 from trainer import flow
 from trainer.config import TrainConfig
-from trainer.data import StepBatchSampler
-from trainer.dist import Dist
+from trainer.data.datasets import StepBatchSampler
+from trainer.factors.optimizer import MuonConfig, muon_groups, ns_flops_per_rank
 from trainer.model import Denoiser, ModelConfig, build_prx
-from trainer.optim import MuonConfig, muon_groups, ns_flops_per_rank
+from trainer.runtime.dist import Dist
 from trainer.train import Trainer
 
 BASE = {

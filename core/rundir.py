@@ -14,7 +14,7 @@
         code.diff         uncommitted changes at submission, if any   `ablate run`
         status.json       state, step, loss, error (STATES)       `ablate run`, then the trainer
         log.jsonl         one JSON line per log step              trainer
-        checkpoints/step_00000100/   a complete checkpoint        trainer (contents: trainer/checkpoint.py)
+        checkpoints/step_00000100/   a complete checkpoint        trainer (contents: trainer/runtime/checkpoint.py)
         checkpoints/.set-aside/      checkpoints that failed verification (kept, never deleted)   trainer
         eval/step_N.json  metrics at step N: THE source of per-step metrics   trainer, `ablate eval` jobs
         eval/step_N.png   the sample grid at step N               trainer, `ablate eval` jobs
@@ -247,7 +247,7 @@ class RunDir:
         atomic_write_json(self.spec, spec)
 
     def write_code(self, record: dict[str, Any], diff: str) -> None:
-        """The code the arm's job runs (ablate.snapshot): code.json, and code.diff when the tree was dirty."""
+        """The code the arm's job runs (ablate.running.snapshot): code.json, and code.diff when the tree was dirty."""
         atomic_write_json(self.path / CODE, record)
         if diff:
             atomic_write(self.path / CODE_DIFF, diff)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ablate.diagnostics import union_members
+from ablate.sweep.diagnostics import union_members
 
 SURFACE = Path(__file__).with_name("surface.json")
 
@@ -57,7 +57,7 @@ def cli_surface() -> dict[str, list[str]]:
 
 
 def current() -> dict[str, Any]:
-    from ablate.sweep import Sweep
+    from ablate.sweep.schema import Sweep
     from eval.evaluator import METRICS
     from trainer.config import TrainConfig, describe_registries
 

@@ -15,20 +15,20 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .cache import CacheConfig
-from .contrastive import CONTRASTIVE
-from .data import DATA, ReferenceConfig
-from .ema import EMA
-from .flow import FlowConfig
-from .model import ModelConfig
-from .optim import OPTIMIZERS
-from .parallel import PARALLEL, DDPConfig
-from .precision import PRECISION
-from .registry import Config, Registry
-from .repa import REPA, TEACHERS
-from .routing import ROUTING
-from .text import TEXT
-from .tokenizer import TOKENIZERS
+from trainer.data.cache import CacheConfig
+from trainer.data.datasets import DATA, ReferenceConfig
+from trainer.factors.contrastive import CONTRASTIVE
+from trainer.factors.ema import EMA
+from trainer.factors.optimizer import OPTIMIZERS
+from trainer.factors.precision import PRECISION
+from trainer.factors.repa import REPA, TEACHERS
+from trainer.factors.routing import ROUTING
+from trainer.factors.text import TEXT
+from trainer.factors.tokenizer import TOKENIZERS
+from trainer.flow import FlowConfig
+from trainer.model import ModelConfig
+from trainer.registry import Config, Registry
+from trainer.runtime.parallel import PARALLEL, DDPConfig
 
 
 class TrainSection(Config):
@@ -42,7 +42,7 @@ class TrainSection(Config):
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="torch.compile each PRX block and prefer cuDNN attention in the train step "
-        "(trainer/compile.py); auto = on for CUDA, off on CPU",
+        "(trainer/runtime/compile.py); auto = on for CUDA, off on CPU",
     )
 
 

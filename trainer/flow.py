@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .registry import Config
+from trainer.registry import Config
 
 
 class FlowConfig(Config):
@@ -75,7 +75,7 @@ def loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain MSE in v-space. Returns (loss, predicted velocity, target velocity).
 
-    The target is computed in the dtype of x0 and noise (bf16 in PRX's bf16 run, trainer/precision.py)
+    The target is computed in the dtype of x0 and noise (bf16 in PRX's bf16 run, trainer/factors/precision.py)
     and compared in fp32, as PRX's mse_loss under bf16 autocast does."""
     v_pred = velocity(pred.float(), xt, t, cfg)
     v_true = PREDICTIONS[cfg.prediction]["target"](x0, noise, xt, t, cfg).float()
@@ -98,7 +98,7 @@ def euler_sample(
     """Euler over shift(linspace(1, 0, steps + 1)) with CFG u + s·(c - u), the empty caption as u.
 
     `dtype` is the running state's: the state, the net's output and the timesteps the net sees are
-    in it, the step sizes come from the fp32 grid (bf16 is PRX's bf16 run, trainer/precision.py)."""
+    in it, the step sizes come from the fp32 grid (bf16 is PRX's bf16 run, trainer/factors/precision.py)."""
     b = noise.shape[0]
     ts = shift_t(torch.linspace(1, 0, steps + 1, device=noise.device), cfg.shift)  # (steps + 1,) fp32
     ctx = torch.cat([txt, empty_txt.expand(b, -1, -1)])  # (2B, Lt, D): conditional, then unconditional

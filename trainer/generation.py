@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from . import flow, parallel
-from .data import ATTRIBUTES, ReferenceSet, SyntheticConfig, attribute_net
+from trainer import flow
+from trainer.data.datasets import ATTRIBUTES, ReferenceSet, SyntheticConfig, attribute_net
+from trainer.runtime import parallel
 
 GRID_TILE = 96  # px: small samples are enlarged (nearest) in the saved grid so a person can see them
 PROMPT_SEED = 4321  # noise of the eval prompts: fixed, equal across arms, seeds and steps

@@ -16,11 +16,10 @@ import traceback
 from pathlib import Path
 
 from core.rundir import FAILED, Busy, RunDir, WriterLock
-
-from . import dist as distributed
-from .config import load
-from .preempt import Preemption
-from .train import Trainer
+from trainer.config import load
+from trainer.runtime import dist as distributed
+from trainer.runtime.preempt import Preemption
+from trainer.train import Trainer
 
 OPERATING_FAULTS = {
     errno.ENOSPC: "disk full",

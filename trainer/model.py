@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from .registry import Config
+from trainer.registry import Config
 
 # One-line factories of the sizes we train; `context_in_dim` and `in_channels` come from the
 # text encoder and the tokenizer.

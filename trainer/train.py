@@ -21,17 +21,19 @@ from torch.utils.data import DataLoader
 
 from core.atomic import Unreadable
 from core.rundir import DONE, RUNNING, SUBMITTED, TRAINER_OVERWRITES, RunDir, now
-
-from . import cache, checkpoint, ema, flow, generation, parallel, tracking
-from .compile import compiled
-from .config import DENOISER_FACTORS, TrainConfig
-from .contrastive import CONTRASTIVE
-from .data import StepBatchSampler
-from .dist import Dist
-from .model import Denoiser, FactorContext, build_prx
-from .optim import OPTIMIZERS, lr_factor
-from .precision import PRECISION
-from .preempt import Preemption
+from trainer import flow, generation, tracking
+from trainer.config import DENOISER_FACTORS, TrainConfig
+from trainer.data import cache
+from trainer.data.datasets import StepBatchSampler
+from trainer.factors import ema
+from trainer.factors.contrastive import CONTRASTIVE
+from trainer.factors.optimizer import OPTIMIZERS, lr_factor
+from trainer.factors.precision import PRECISION
+from trainer.model import Denoiser, FactorContext, build_prx
+from trainer.runtime import checkpoint, parallel
+from trainer.runtime.compile import compiled
+from trainer.runtime.dist import Dist
+from trainer.runtime.preempt import Preemption
 
 VAL_SEED = 1234  # noise of the held-out set: fixed, equal across arms and seeds
 

@@ -6,9 +6,10 @@ import json
 
 from ablate_testing import SWEEP
 
-from ablate.sweep import expand, load_sweep
-from trainer.cache import cache_key
+from ablate.sweep.expand import expand
+from ablate.sweep.schema import load_sweep
 from trainer.config import TrainConfig
+from trainer.data.cache import cache_key
 
 # baseline and lr-high share a cache (they differ in the optimizer only); short captions need
 # their own; `live` encodes every step (no cache).

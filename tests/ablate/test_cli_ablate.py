@@ -144,7 +144,7 @@ def test_console_script_exit_code_and_single_line(write_sweep, workdir):
 
 
 def test_ctrl_c_while_following_arms_exits_cleanly(write_sweep, cli, workdir, monkeypatch):
-    from ablate import launch
+    from ablate.running import launch
 
     def interrupted(jobs, poll_s):
         raise KeyboardInterrupt

@@ -7,8 +7,8 @@ import os
 
 from ablate_testing import SWEEP
 
-from ablate.store import observe
-from ablate.sweep import load_sweep
+from ablate.running.store import observe
+from ablate.sweep.schema import load_sweep
 
 LOCAL = "launcher: {executor: local, time_limit_min: 5, array_parallelism: 2}"
 

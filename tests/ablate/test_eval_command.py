@@ -12,10 +12,10 @@ import pytest
 import submitit
 from ablate_testing import SWEEP, write_json
 
-from ablate import launch
 from ablate.cli import main
-from ablate.store import eval_note, mark_eval_queued, observe, plan, prepare
-from ablate.sweep import RunSpec, config_hash
+from ablate.running import launch
+from ablate.running.store import eval_note, mark_eval_queued, observe, plan, prepare
+from ablate.sweep.expand import RunSpec, config_hash
 from core.rundir import EVAL_JOB
 
 # checkpoints kept at steps 2, 3 and 4; evaluated (while training) at steps 2 and 4

@@ -8,8 +8,9 @@ import pytest
 from ablate_testing import SWEEP
 
 from ablate.errors import UserError
-from ablate.loader import load_yaml
-from ablate.sweep import changes, config_hash, expand, load_sweep, merge
+from ablate.sweep.expand import changes, config_hash, expand, merge
+from ablate.sweep.loader import load_yaml
+from ablate.sweep.schema import load_sweep
 
 
 def sweep_from(write_sweep, deltas: str = "", seeds: str = "[0]"):

@@ -27,7 +27,8 @@ import pytest
 import yaml
 from ablate_testing import SWEEP, write_json
 
-from ablate.sweep import expand, load_sweep
+from ablate.sweep.expand import expand
+from ablate.sweep.schema import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 DEAD_PID = 2**30  # above any pid_max: never a live process
@@ -61,7 +62,7 @@ def listing(folder: Path) -> list[str]:
 @pytest.fixture
 def submitted(monkeypatch):
     """Replace submission by a recorder: the run folders `ablate run` would have handed the executor."""
-    from ablate import launch
+    from ablate.running import launch
 
     sent: list[str] = []
 

@@ -14,10 +14,11 @@ import pytest
 import standin
 import submitit
 
-from ablate import launch
 from ablate.errors import UserError
-from ablate.store import observe, plan, prepare
-from ablate.sweep import Launcher, RunSpec, config_hash
+from ablate.running import launch
+from ablate.running.store import observe, plan, prepare
+from ablate.sweep.expand import RunSpec, config_hash
+from ablate.sweep.schema import Launcher
 
 cloudpickle.register_pickle_by_value(standin)  # local-executor jobs cannot import the tests folder
 
@@ -194,7 +195,7 @@ def test_two_nodes_of_eight_gpus_one_sbatch_file_and_what_each_task_sees(tmp_pat
             "SLURM_NODEID": str(node), "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
         }  # fmt: skip
         code = (
-            "import json, os\nfrom trainer import dist\ndist._export_submitit_env()\n"
+            "import json, os\nfrom trainer.runtime import dist\ndist._export_submitit_env()\n"
             "print(json.dumps({k: os.environ[k] for k in "
             "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}))"
         )
@@ -209,6 +210,6 @@ def test_two_nodes_of_eight_gpus_one_sbatch_file_and_what_each_task_sees(tmp_pat
     }  # fmt: skip
     assert eleventh["MASTER_ADDR"] == first["MASTER_ADDR"] == "gpu017"  # rendezvous on the first node
     assert eleventh["MASTER_PORT"] == first["MASTER_PORT"]  # from the job id: the same for every task
-    from trainer.dist import gpu_of
+    from trainer.runtime.dist import gpu_of
 
     assert gpu_of(3, 8) == 3  # rank 11 drives GPU 3 of its node

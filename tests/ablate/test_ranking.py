@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from ablate_testing import write_json
 
-from ablate.rank import ArmResult, default_step, rank, rank_table
-from ablate.sweep import load_sweep
+from ablate.results.rank import ArmResult, default_step, rank, rank_table
+from ablate.sweep.schema import load_sweep
 
 SWEEP = """\
 name: r

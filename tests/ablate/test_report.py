@@ -13,9 +13,9 @@ from ablate_testing import write_json
 from matplotlib.container import BarContainer
 from PIL import Image
 
-from ablate import plots
-from ablate import rank as ranking
-from ablate.sweep import load_sweep
+from ablate.results import plots
+from ablate.results import rank as ranking
+from ablate.sweep.schema import load_sweep
 
 SWEEP = """\
 name: rep

@@ -12,14 +12,8 @@ import yaml
 from ablate_testing import SWEEP, write_json
 
 from ablate.errors import UserError
-from ablate.store import (
-    blocked_error,
-    observe,
-    plan,
-    prepare,
-    sweep_lock,
-)
-from ablate.sweep import RunSpec, config_hash
+from ablate.running.store import blocked_error, observe, plan, prepare, sweep_lock
+from ablate.sweep.expand import RunSpec, config_hash
 from core.rundir import RunDir
 
 DEAD_PID = 2**30  # above any pid_max: never a live process

@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 from wandb_records import read_run
 
 from ablate.cli import main
-from ablate.store import ArmView, observe
-from ablate.sweep import Sweep, load_sweep
+from ablate.running.store import ArmView, observe
+from ablate.sweep.schema import Sweep, load_sweep
 from core.rundir import CANCELLED, DONE, FAILED, STALE, RunDir
-from trainer import checkpoint, tracking
+from trainer import tracking
+from trainer.runtime import checkpoint
 
 UNMOUNTED = "/ablate-test-not-mounted/train.parquet"
 BASELINE = {

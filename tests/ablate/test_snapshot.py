@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from ablate import snapshot
+from ablate.running import snapshot
 
 
 def git(repo, *args):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import yaml
 from ablate_testing import SWEEP, write_json
 
-from ablate.sweep import expand, load_sweep
+from ablate.sweep.expand import expand
+from ablate.sweep.schema import load_sweep
 
 DELTAS = """\
 deltas:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ablate import stats
+from ablate.results import stats
 
 
 def test_paired_t_interval_matches_the_textbook():

@@ -27,8 +27,8 @@ def set_grads(params: list[torch.nn.Parameter], step: int) -> None:
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Steps ShardedMuon STEPS times; saves its weights, state dict, split and Newton–Schulz calls."""
     torch.set_num_threads(1)
-    from trainer import optim
-    from trainer.dist import Dist
+    from trainer.factors import optimizer as optim
+    from trainer.runtime.dist import Dist
 
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     calls, newton_schulz = [], optim._zeropower_via_newtonschulz

@@ -11,9 +11,11 @@ from trainer_testing import logged_losses as losses
 from trainer_testing import merge
 
 from core.weights import install
-from trainer import cache, checkpoint, job
+from trainer import job
 from trainer.config import TrainConfig, load
-from trainer.tokenizer import FluxVAEConfig
+from trainer.data import cache
+from trainer.factors.tokenizer import FluxVAEConfig
+from trainer.runtime import checkpoint
 
 SMALL = {"data": {"num_train": 64, "num_val": 8}, "eval": {"batch_size": 4}}
 
@@ -86,7 +88,7 @@ def test_layout_shards_and_resume(config, tmp_path):
     kept = (root / "train-00000.safetensors").stat().st_mtime_ns
     (root / "manifest.json").unlink()
     (root / "train-00001.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete .*`python -m trainer.cache precompute"):
+    with pytest.raises(FileNotFoundError, match="incomplete .*`python -m trainer.data.cache precompute"):
         cache.open_cache(config(cache={"dir": str(tmp_path)}))
     cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, device="cpu", log=lambda *_: None)
     assert (root / "train-00000.safetensors").stat().st_mtime_ns == kept

@@ -4,9 +4,9 @@ import pytest
 import torch
 from trainer_testing import merge
 
-from trainer.captions import clean_prx
 from trainer.config import TrainConfig
-from trainer.text import TEXT, HashedWordsConfig, T5GemmaConfig, TinyT5Config
+from trainer.factors.captions import clean_prx
+from trainer.factors.text import TEXT, HashedWordsConfig, T5GemmaConfig, TinyT5Config
 
 # (caption, what PRX's TextTower.clean_text returns for it: Photoroom/PRX 1a052fd with ftfy 6.3.1)
 PRX_OUTPUTS = [
@@ -37,7 +37,7 @@ PRX_OUTPUTS = [
 
 def test_clean_prx_gives_what_prx_gives():
     assert [clean_prx(caption) for caption, _ in PRX_OUTPUTS] == [out for _, out in PRX_OUTPUTS]
-    # the one part left out: ftfy's mojibake repair (PRX: "quoted"), see trainer/captions.py
+    # the one part left out: ftfy's mojibake repair (PRX: "quoted"), see trainer/factors/captions.py
     assert clean_prx("â€œquotedâ€\x9d") == "â€œquotedâ€\x9d"
 
 

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 from torch._dynamo.utils import counters
 from trainer_testing import TINY, merge
 
-from trainer import compile as compile_mod
 from trainer.config import TrainConfig
-from trainer.data import StepBatchSampler
-from trainer.dist import Dist
+from trainer.data.datasets import StepBatchSampler
 from trainer.model import ModelConfig, build_prx
+from trainer.runtime import compile as compile_mod
+from trainer.runtime.dist import Dist
 from trainer.train import Trainer
 
 # Every hook kind around compiled blocks: a token route through blocks 1-2 (a second block shape),

@@ -20,8 +20,8 @@ from trainer_testing import TINY, merge
 
 from eval.extractors import PRX_INCEPTION_WEIGHTS
 from trainer.config import TrainConfig
-from trainer.data import ReferenceConfig, ReferenceSet
-from trainer.dist import Dist
+from trainer.data.datasets import ReferenceConfig, ReferenceSet
+from trainer.runtime.dist import Dist
 from trainer.train import Trainer
 
 SIZES = [(28, 20), (20, 24), (24, 24)]  # (W, H): non-square files, centre-cropped like training images

@@ -15,9 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_weights import T5GEMMA_DIM, install_everything
 
-from trainer import checkpoint, job
+from trainer import job
 from trainer.config import REGISTRIES
-from trainer.data import SyntheticConfig, SyntheticShapes, long_caption, short_caption
+from trainer.data.datasets import SyntheticConfig, SyntheticShapes, long_caption, short_caption
+from trainer.runtime import checkpoint
 
 TEACHER = {"kind": "tiny", "width": 16, "layers": 1, "heads": 2, "patch_size": 2}
 CASES = {  # (config path, kind) → overrides of the tiny base config

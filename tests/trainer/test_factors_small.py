@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer import job
-from trainer.contrastive import ContrastiveConfig, build_contrastive
-from trainer.ema import EMAConfig, ModelEMA
-from trainer.precision import BF16Config, FP32Config, build_bf16, build_fp32
+from trainer.factors.contrastive import ContrastiveConfig, build_contrastive
+from trainer.factors.ema import EMAConfig, ModelEMA
+from trainer.factors.precision import BF16Config, FP32Config, build_bf16, build_fp32
 
 
 def test_contrastive_term_is_minus_lambda_mse_to_rolled_targets():
@@ -66,8 +66,8 @@ def test_prx_bf16_flow_trains_and_samples_in_bf16(tiny_cfg, tmp_path, monkeypatc
 
     from trainer import flow, generation
     from trainer.config import TrainConfig
-    from trainer.data import StepBatchSampler
-    from trainer.dist import Dist
+    from trainer.data.datasets import StepBatchSampler
+    from trainer.runtime.dist import Dist
     from trainer.train import Trainer
 
     tiny_cfg.update(

@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from trainer_testing import TINY, crash_at, merge
 
 from core.rundir import Busy, RunDir, WriterLock, live_writer
-from trainer import checkpoint, job
-from trainer.data import DataError
+from trainer import job
+from trainer.data.datasets import DataError
+from trainer.runtime import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 LONG = {

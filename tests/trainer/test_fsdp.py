@@ -12,11 +12,12 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from trainer_testing import TINY, logged_losses, merge
 
-from ablate.diagnostics import to_user_error
+from ablate.sweep.diagnostics import to_user_error
 from core.rundir import RunDir
-from trainer import checkpoint, job
+from trainer import job
 from trainer.config import TrainConfig, describe_registries
-from trainer.parallel import lockstep
+from trainer.runtime import checkpoint
+from trainer.runtime.parallel import lockstep
 
 # EMA on, clipping active (grad norms here are 0.6-2), and 9 held-out items in chunks of 4: rank 0
 # runs two forwards, rank 1 one and a throw-away one (under FSDP every forward needs both ranks).
@@ -141,10 +142,10 @@ def test_bf16_gathers_keep_fp32_shards_and_a_ddp_checkpoint_is_refused_in_one_li
     default under autocast), which CPU runs of the trainer leave off."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    from trainer.factors.optimizer import Optimizers
+    from trainer.factors.precision import Precision
     from trainer.model import Denoiser, ModelConfig, build_prx
-    from trainer.optim import Optimizers
-    from trainer.parallel import FSDPConfig, Sharded, shard
-    from trainer.precision import Precision
+    from trainer.runtime.parallel import FSDPConfig, Sharded, shard
 
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1

@@ -1,9 +1,7 @@
 import pytest
 import torch
 
-from trainer.dist import Dist
-from trainer.model import Denoiser, ModelConfig, build_prx
-from trainer.optim import (
+from trainer.factors.optimizer import (
     AdamWConfig,
     MuonConfig,
     ShardedMuon,
@@ -17,6 +15,8 @@ from trainer.optim import (
     ns_flops_per_rank,
     project_muon_step,
 )
+from trainer.model import Denoiser, ModelConfig, build_prx
+from trainer.runtime.dist import Dist
 
 ONE = Dist(0, 1, 0, torch.device("cpu"))  # one process
 

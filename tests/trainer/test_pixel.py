@@ -11,7 +11,8 @@ from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
 from trainer_testing import crash_at, logged_losses
 
-from trainer import checkpoint, job
+from trainer import job
+from trainer.runtime import checkpoint
 
 
 def pixel_run(make_run, name, cache_dir):

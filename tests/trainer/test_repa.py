@@ -11,10 +11,9 @@ from trainer_testing import crash_at, logged_losses, merge
 from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
 
 from core import weights
-from trainer import checkpoint, job
+from trainer import job
 from trainer.config import TrainConfig
-from trainer.model import Denoiser, Factor, FactorContext, ModelConfig, TokenState, build_prx
-from trainer.repa import (
+from trainer.factors.repa import (
     IREPAConfig,
     IREPAFactor,
     REPAConfig,
@@ -25,7 +24,9 @@ from trainer.repa import (
     build_repa,
     spatial_norm,
 )
-from trainer.routing import TREAD, TREADConfig, gather_tokens
+from trainer.factors.routing import TREAD, TREADConfig, gather_tokens
+from trainer.model import Denoiser, Factor, FactorContext, ModelConfig, TokenState, build_prx
+from trainer.runtime import checkpoint
 
 CTX = FactorContext(
     hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu")
@@ -419,8 +420,8 @@ def test_projector_without_gradient_after_stop_step_is_fine_under_ddp():
 
 def test_the_domain_teacher_is_the_attribute_net_on_the_token_grid(tiny_cfg, domain_cache):
     """REPA with a domain teacher: the synthetic domain's attribute net, its stride-4 features per token."""
-    from trainer.data import SyntheticConfig, attribute_net
-    from trainer.repa import DomainTeacherConfig, build_domain_teacher
+    from trainer.data.datasets import SyntheticConfig, attribute_net
+    from trainer.factors.repa import DomainTeacherConfig, build_domain_teacher
 
     data = SyntheticConfig(resolution=16)
     ctx = FactorContext(**{**CTX.__dict__, "data": data, "cache_dir": str(domain_cache), "resolution": 16})

@@ -6,10 +6,9 @@ from diffusers.models.transformers.transformer_prx import get_image_ids
 from safetensors.torch import load_file
 from trainer_testing import crash_at, logged_losses, merge
 
-from trainer import checkpoint, job
+from trainer import job
 from trainer.config import TrainConfig
-from trainer.model import Denoiser, Factor, FactorContext, ModelConfig, build_prx
-from trainer.routing import (
+from trainer.factors.routing import (
     SPRINT,
     TREAD,
     SPRINTConfig,
@@ -19,6 +18,8 @@ from trainer.routing import (
     num_kept,
     route_generator,
 )
+from trainer.model import Denoiser, Factor, FactorContext, ModelConfig, build_prx
+from trainer.runtime import checkpoint
 
 CTX = FactorContext(
     hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu")

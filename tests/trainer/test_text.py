@@ -11,7 +11,7 @@ from tiny_weights import tiny_t5gemma
 from transformers import ByT5Tokenizer, T5GemmaForConditionalGeneration
 
 from core.weights import HFWeights, MissingWeightsError, install
-from trainer.text import TEXT, T5GemmaConfig
+from trainer.factors.text import TEXT, T5GemmaConfig
 
 REPO = "test/tiny-t5gemma"
 
@@ -98,7 +98,7 @@ def test_missing_weights_is_one_line_naming_the_repo(tmp_path):
 
 
 def test_hashed_words_gives_each_word_one_fixed_vector_and_masks_padding():
-    from trainer.text import HashedWordsConfig
+    from trainer.factors.text import HashedWordsConfig
 
     words = TEXT.build(HashedWordsConfig(dim=16, max_length=6), torch.device("cpu"))
     emb, mask = words(["large red circle, top left", "RED", ""])

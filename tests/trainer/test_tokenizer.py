@@ -11,7 +11,7 @@ from tiny_weights import BN_MEAN, BN_VAR, tiny_autoencoder
 
 from core.weights import MissingWeightsError, install, required
 from trainer.config import TrainConfig
-from trainer.tokenizer import TOKENIZERS, patchify, unpatchify
+from trainer.factors.tokenizer import TOKENIZERS, patchify, unpatchify
 
 tiny = tiny_autoencoder
 
@@ -227,8 +227,8 @@ def test_a_model_with_other_latent_channels_is_rejected(tmp_path):
 
 def test_the_domain_autoencoder_is_trained_once_and_reconstructs_the_domain(tmp_path, tiny_cfg):
     from trainer.config import TrainConfig
-    from trainer.data import SyntheticShapes
-    from trainer.tokenizer import build_tokenizer
+    from trainer.data.datasets import SyntheticShapes
+    from trainer.factors.tokenizer import build_tokenizer
 
     over = {"tokenizer": {"kind": "domain-ae", "steps": 300}, "model": {"preset": "tiny", "patch_size": 1}}
     cfg = TrainConfig.model_validate({**tiny_cfg, **over})

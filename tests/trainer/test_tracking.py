@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from wandb_records import read_run
 
-from trainer import checkpoint, job, tracking
+from trainer import job, tracking
 from trainer.config import WandbConfig
+from trainer.runtime import checkpoint
 
 SPEC = {
     "name": "muon-s0",

@@ -7,7 +7,8 @@ from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
 from trainer_testing import crash_at
 
-from trainer import checkpoint, job
+from trainer import job
+from trainer.runtime import checkpoint
 from trainer.train import Trainer
 
 

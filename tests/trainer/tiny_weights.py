@@ -118,9 +118,9 @@ def tiny_teacher(spec):
 def install_everything(weights_dir: Path, scratch: Path) -> Path:
     """A weights folder with a tiny model under every repo id the trainer can load."""
     from core.weights import HFWeights, install
-    from trainer.repa import HF_TEACHERS
-    from trainer.text import T5GemmaConfig
-    from trainer.tokenizer import TOKENIZERS
+    from trainer.factors.repa import HF_TEACHERS
+    from trainer.factors.text import T5GemmaConfig
+    from trainer.factors.tokenizer import TOKENIZERS
 
     def put(model, spec, *extra):
         src = scratch / f"src-{len(list(scratch.iterdir()))}"

@@ -2,7 +2,7 @@
 
 import json
 
-from ablate import sweep
+from ablate.sweep.expand import merge as deep_merge
 
 # The demo's baseline at test size: real code paths, seconds per run.
 TINY = {
@@ -22,7 +22,7 @@ TINY = {
 
 def merge(base: dict, over: dict) -> dict:
     """`base` with `over` applied exactly as a sweep's delta is (a new `kind` replaces the component whole)."""
-    return sweep.merge(base, over)[0]
+    return deep_merge(base, over)[0]
 
 
 def logged_losses(run_dir):

@@ -1,0 +1,445 @@
+"""Ranking: how far each delta moves each `rank_by` metric away from the baseline.
+
+Reads only run directories. For every delta and seed, the arm is paired with the baseline
+arm of the same seed at the same step; the per-seed changes (delta − baseline, and relative
+to the baseline in %) and throughput ratios (batches/s of the delta over the baseline's) are
+averaged over seeds (with their standard deviation when there are several). Deltas are
+sorted by the first metric's improvement, direction-aware (most improving first); arms that
+are missing, running or failed are listed with their state, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ablate.errors import UserError
+from ablate.results import stats
+from ablate.running.store import observe
+from ablate.sweep.schema import BASELINE, Sweep, arm_name
+from core.atomic import Unreadable, read_json
+from core.rundir import DONE, UNREADABLE, RunDir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FORMATS = ("table", "csv", "markdown", "json", "html")
+
+
+@dataclass
+class ArmResult:
+    name: str
+    delta: str
+    seed: int
+    state: str
+    metrics_by_step: dict[int, dict[str, float]] = field(default_factory=dict)
+    batches_per_s: float | None = None
+    steps: int | None = None
+    """steps trained (for GPU-hours)"""
+    note: str = ""
+    """why the arm is unreadable (the file named), from `observe` or its metrics and result"""
+
+
+def collect(sweep: Sweep) -> list[ArmResult]:
+    """Each arm's state, its metrics per step (eval/step_<N>.json, written during training and by
+    `ablate eval`) and, once done, its throughput (result.json). An arm with a corrupt record is
+    listed as unreadable, without numbers, its note naming the file; the other arms are unaffected."""
+    arms = []
+    for delta in (BASELINE, *sweep.deltas):
+        for seed in sweep.seeds:
+            run = RunDir(sweep.root / arm_name(delta, seed))
+            view = observe(run.path, check_jobs=False)
+            arm = ArmResult(
+                view.name, delta, seed, view.state, note=view.note if view.state == UNREADABLE else ""
+            )
+            if view.state == UNREADABLE:
+                arms.append(arm)
+                continue
+            try:
+                arm.metrics_by_step = metrics_by_step(run)
+                result = _result(run) if view.state == DONE else None
+            except Unreadable as e:
+                arm.state, arm.metrics_by_step, result, arm.note = UNREADABLE, {}, None, str(e)
+            except OSError as e:  # eval/ is not a folder it can read
+                arm.state, arm.metrics_by_step, result = UNREADABLE, {}, None
+                arm.note = f"{e.filename or run.eval_dir}: unreadable ({e.strerror or type(e).__name__})"
+            if result is not None:
+                arm.batches_per_s = (result.get("throughput") or {}).get("batches_per_s")
+                arm.steps = result.get("step")
+            arms.append(arm)
+    return arms
+
+
+_EVAL_RECORD = re.compile(r"^step_(\d+)\.json$")
+
+
+def metrics_by_step(run: RunDir) -> dict[int, dict[str, float]]:
+    """{step: metrics} from eval/step_N.json, steps in order; raises `Unreadable` naming the first file
+    that is not an eval record ({"metrics": {name: number}})."""
+    found: dict[int, dict[str, float]] = {}
+    if not run.eval_dir.is_dir():
+        return found
+    for path in run.eval_dir.iterdir():
+        if not (match := _EVAL_RECORD.match(path.name)):
+            continue
+        record = read_json(path)
+        if record is None:
+            continue
+        metrics = record.get("metrics", {}) if isinstance(record, dict) else None
+        if not isinstance(metrics, dict):
+            raise Unreadable(path, "not an eval record: no metrics object")
+        for name, value in metrics.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise Unreadable(path, f"metric '{name}' is not a number")
+        found[int(match.group(1))] = metrics
+    return dict(sorted(found.items()))
+
+
+def _result(run: RunDir) -> dict[str, Any] | None:
+    """result.json with the fields the ranking reads checked; raises `Unreadable` naming it."""
+    result = read_json(run.result)
+    if result is None:
+        return None
+    if not isinstance(result, dict):
+        raise Unreadable(run.result, "not a JSON object")
+    throughput = result.get("throughput") or {}
+    bps, step = (
+        (throughput.get("batches_per_s") if isinstance(throughput, dict) else None),
+        result.get("step"),
+    )
+    if not isinstance(throughput, dict) or not _number(bps) or not (step is None or type(step) is int):
+        raise Unreadable(run.result, "its step or throughput is not a number")
+    return result
+
+
+def _number(x: Any) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0)
+
+
+def default_step(arms: list[ArmResult]) -> int | None:
+    """The last step that every finished arm has metrics for (every arm with metrics, if none finished)."""
+    finished = [a for a in arms if a.state == DONE and a.metrics_by_step]
+    pool = finished or [a for a in arms if a.metrics_by_step]
+    if not pool:
+        return None
+    common = set.intersection(*(set(a.metrics_by_step) for a in pool))
+    return max(common) if common else None
+
+
+def rank_table(
+    arms: list[ArmResult],
+    metrics: list[tuple[str, str]],
+    step: int | None,
+    *,
+    by: str | None = None,
+    devices: int = 1,
+) -> pd.DataFrame:
+    """One row per delta (baseline first), sorted by the improvement in `by` (default: the first metric).
+
+    Columns: delta, state, seeds ("paired/total"); per metric m: `m` (mean value at `step`),
+    `m_change` (mean of delta − baseline over the paired seeds), `m_change_std`, `m_change_pct`
+    (mean of 100·(delta − baseline)/|baseline|), `m_ci_low`/`m_ci_high` (stats.INTERVAL; NaN
+    below two pairs), `m_pairs`, `m_significant` (the interval excludes zero), `m_noise_floor`
+    (the baseline's spread over seeds, on every row); then `batches_per_s`, `throughput_ratio`
+    (mean of delta/baseline batches/s), `gpu_hours` (steps ÷ batches/s × `devices`, mean over
+    seeds), `cost_ratio` (mean of delta/baseline GPU-hours) and `{first}_change_per_gpu_hour`.
+    """
+    import pandas as pd
+
+    by_delta: dict[str, list[ArmResult]] = {}
+    for arm in arms:
+        by_delta.setdefault(arm.delta, []).append(arm)
+    baseline = {a.seed: a for a in by_delta.get(BASELINE, [])}
+
+    def value(arm: ArmResult | None, metric: str) -> float:
+        if arm is None or step is None:
+            return math.nan
+        v = arm.metrics_by_step.get(step, {}).get(metric)
+        return math.nan if v is None else float(v)
+
+    def hours(arm: ArmResult | None) -> float:
+        if arm is None or not arm.batches_per_s or not arm.steps:
+            return math.nan
+        return arm.steps / arm.batches_per_s / 3600 * devices
+
+    noise = {m: stats.std([value(a, m) for a in baseline.values()]) for m, _ in metrics}
+    rows = []
+    for delta, group in by_delta.items():
+        row: dict[str, Any] = {"delta": delta, "state": _state_summary(group, step)}
+        for i, (metric, _) in enumerate(metrics):
+            values = [value(a, metric) for a in group]
+            changes, pcts = [], []
+            for a, v in zip(group, values, strict=True):
+                b = value(baseline.get(a.seed), metric)
+                if delta != BASELINE and not (math.isnan(v) or math.isnan(b)):
+                    changes.append(v - b)
+                    pcts.append(100.0 * (v - b) / abs(b) if b else math.nan)
+            if i == 0:
+                row["seeds"] = (
+                    f"{len(changes) if delta != BASELINE else sum(not math.isnan(v) for v in values)}/{len(group)}"
+                )
+            change = stats.paired(changes)
+            row[metric] = stats.mean(values)
+            row[f"{metric}_change"] = change.mean
+            row[f"{metric}_change_std"] = change.std
+            row[f"{metric}_change_pct"] = stats.mean(pcts)
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = change.low, change.high
+            row[f"{metric}_pairs"] = change.n
+            row[f"{metric}_significant"] = change.significant
+            row[f"{metric}_noise_floor"] = noise[metric]
+        paired = [(a, baseline.get(a.seed)) for a in group] if delta != BASELINE else []
+        row["batches_per_s"] = stats.mean([a.batches_per_s for a in group if a.batches_per_s])
+        row["throughput_ratio"] = stats.mean(
+            [
+                a.batches_per_s / b.batches_per_s
+                for a, b in paired
+                if b and a.batches_per_s and b.batches_per_s
+            ]
+        )
+        row["gpu_hours"] = stats.mean([hours(a) for a in group])
+        row["cost_ratio"] = stats.mean([hours(a) / hours(b) for a, b in paired if b and hours(b) > 0])
+        first = metrics[0][0]
+        row[f"{first}_change_per_gpu_hour"] = (
+            row[f"{first}_change"] / row["gpu_hours"] if row["gpu_hours"] > 0 else math.nan
+        )
+        rows.append(row)
+
+    key = by or metrics[0][0]
+    direction = dict(metrics)[key]
+    sign = -1.0 if direction == "lower" else 1.0
+
+    def order(row: dict[str, Any]) -> tuple[int, float]:
+        if row["delta"] == BASELINE:
+            return (0, 0.0)
+        improvement = sign * row[f"{key}_change"]
+        return (2, 0.0) if math.isnan(improvement) else (1, -improvement)
+
+    rows.sort(key=order)  # stable: deltas without numbers keep the sweep's order, at the end
+    return pd.DataFrame(rows)
+
+
+def _state_summary(group: list[ArmResult], step: int | None) -> str:
+    labels = []
+    for a in group:
+        if a.state == DONE and step is not None and step not in a.metrics_by_step:
+            labels.append(f"done, no step {step}")
+        else:
+            labels.append(a.state)
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    if len(counts) == 1:
+        return labels[0]
+    return ", ".join(f"{n} {label}" for label, n in counts.items())
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def rank(sweep: Sweep, step: int | None = None, by: str | None = None) -> tuple[pd.DataFrame, int | None]:
+    """The ranking table of a sweep at `step` (default: `default_step`) ordered by `by`, and the step used."""
+    names = [m for m, _ in sweep.metrics]
+    if by is not None and by not in names:
+        raise UserError(
+            f"'{by}' is not one of the sweep's rank_by metrics", f"one of: {', '.join(names)}", path="--by"
+        )
+    arms = collect(sweep)
+    if step is None:
+        step = default_step(arms)
+    elif not any(step in a.metrics_by_step for a in arms):
+        available = sorted({s for a in arms for s in a.metrics_by_step})
+        raise UserError(
+            f"no arm has metrics at step {step}",
+            f"one of the evaluated steps: {', '.join(map(str, available))}"
+            if available
+            else "a step once arms have evaluated",
+            path="--step",
+        )
+    launcher = sweep.launcher
+    devices = launcher.nodes * (launcher.gpus_per_node or launcher.tasks_per_node)
+    return rank_table(arms, sweep.metrics, step, by=by, devices=devices), step
+
+
+def to_json(df: pd.DataFrame, sweep: Sweep, step: int | None) -> str:
+    rows = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+        for r in df.to_dict("records")
+    ]
+    return json.dumps({"sweep": sweep.name, "step": step, "rank_by": sweep.rank_by, "rows": rows}, indent=2)
+
+
+NOISE_FLOOR = "noise floor"
+
+
+def cells(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> tuple[list[str], list[list[tuple[str, int]]]]:
+    """Human-readable header and cells; each cell with its sign: +1 better, −1 worse, 0 neutral.
+
+    Per metric: the value, the change (mean over paired seeds, its interval, * when significant), the
+    change in %. After the baseline, the noise-floor row: the baseline's spread over seeds.
+    """
+    header = ["delta", "state", "seeds"]
+    for metric, direction in metrics:
+        header += [f"{metric} {'↓' if direction == 'lower' else '↑'}", "Δ [95% CI]", "Δ%"]
+    header += ["batches/s", "speed", "GPU-h", "cost"]
+    out = []
+    for r in df.to_dict("records"):
+        row = [(str(r["delta"]), 0), (str(r["state"]), 0), (str(r["seeds"]), 0)]
+        for metric, direction in metrics:
+            change, pct = r[f"{metric}_change"], r[f"{metric}_change_pct"]
+            good = (
+                0
+                if math.isnan(change) or change == 0
+                else (1 if (change < 0) == (direction == "lower") else -1)
+            )
+            row += [
+                (_num(r[metric], "{:.4g}"), 0),
+                (_change_text(r, metric), good),
+                (_num(pct, "{:+.1f}%"), good),
+            ]
+        ratio, cost = r["throughput_ratio"], r["cost_ratio"]
+        row += [
+            (_num(r["batches_per_s"], "{:.3g}"), 0),
+            (
+                _num(ratio, "{:.2f}x"),
+                0 if math.isnan(ratio) else (1 if ratio > 1 else -1 if ratio < 1 else 0),
+            ),
+            (_num(r["gpu_hours"], "{:.3g}"), 0),
+            (_num(cost, "{:.2f}x"), 0 if math.isnan(cost) else (1 if cost < 1 else -1 if cost > 1 else 0)),
+        ]
+        out.append(row)
+        if r["delta"] == BASELINE:
+            noise = [(NOISE_FLOOR, 0), ("baseline spread", 0), ("", 0)]
+            for metric, _ in metrics:
+                floor = r[f"{metric}_noise_floor"]
+                noise += [
+                    ("", 0),
+                    (_num(floor, "±{:.3g}") if not math.isnan(floor) else "1 seed: none", 0),
+                    ("", 0),
+                ]
+            out.append(noise + [("", 0)] * 4)
+    return header, out
+
+
+def _change_text(r: dict[str, Any], metric: str) -> str:
+    change, low, high, n = (
+        r[f"{metric}_change"],
+        r[f"{metric}_ci_low"],
+        r[f"{metric}_ci_high"],
+        r[f"{metric}_pairs"],
+    )
+    if math.isnan(change):
+        return "—"
+    text = f"{change:+.4g}"
+    if n >= 2 and not math.isnan(low):
+        text += f" [{low:+.3g}, {high:+.3g}]" + ("*" if r[f"{metric}_significant"] else "")
+    else:
+        text += " (1 seed)"
+    return text
+
+
+def _num(x: float, fmt: str) -> str:
+    return "—" if x is None or math.isnan(x) else fmt.format(x)
+
+
+LEGEND = (
+    f"↓ lower is better, ↑ higher is better. Δ = delta − baseline at the same seed, mean over seeds with its "
+    f"{stats.INTERVAL}; * = the interval excludes zero; one seed gives no interval. Δ% relative to the "
+    "baseline. noise floor = the baseline's standard deviation over seeds. speed = batches/s relative to the "
+    "baseline; GPU-h = steps ÷ batches/s × devices per arm; cost = GPU-hours relative to the baseline."
+)
+
+
+LEGEND_TERMINAL = (
+    "↓ lower is better, ↑ higher is better; green = better than the baseline. Each metric: the value at the "
+    f"step, below it the change against the baseline at the same seed (mean, {stats.INTERVAL}, * when it "
+    "excludes zero; in %). noise floor: the baseline's spread over seeds. speed = batches/s and cost = "
+    "GPU-hours relative to the baseline. --format csv|markdown|json|html for every column."
+)
+
+
+def to_markdown(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> str:
+    header, rows = cells(df, metrics)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
+    ]
+    lines += ["| " + " | ".join(text.replace("|", "\\|") for text, _ in row) + " |" for row in rows]
+    return "\n".join([*lines, "", LEGEND])
+
+
+def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
+    from rich.table import Table
+    from rich.text import Text
+
+    header, rows = cells(df, metrics)
+    # On a terminal each metric is one column — its value, then the change (and %), then the interval —
+    # and speed and cost share two columns, so a sweep with four metrics fits 120 columns;
+    # csv/markdown/json/html keep every number apart.
+    merged = header[:3] + [header[3 + 3 * i] for i in range(len(metrics))] + ["speed", "cost"]
+    table = Table(title=title, title_justify="left", caption=LEGEND_TERMINAL, caption_justify="left")
+    for i, name in enumerate(merged):
+        table.add_column(name, justify="left" if i < 3 else "right", no_wrap=True)
+
+    def style(good: int) -> str:
+        return "green" if good > 0 else "red" if good < 0 else ""
+
+    for row in rows:
+        if row[0][0] == NOISE_FLOOR:
+            out = [Text(t, style="dim") for t, _ in row[:3]]
+            out += [Text(row[4 + 3 * i][0], style="dim") for i in range(len(metrics))] + [Text("")] * 2
+            table.add_row(*out)
+            continue
+        out = [Text(t) for t, _ in row[:3]]
+        for i in range(len(metrics)):
+            (value, _), (change, good), (pct, _) = row[3 + 3 * i : 6 + 3 * i]
+            if pct in ("—", ""):
+                out.append(Text(value))
+                continue
+            delta, _, interval = change.partition(" ")
+            lines = f"{value}\n{delta} ({pct})" + (f"\n{interval}" if interval else "")
+            out.append(Text(lines, style=style(good)))
+        (bps, _), (speed, fast), (hours, _), (cost, cheap) = row[-4:]
+        for number, unit, ratio, good in ((bps, "b/s", speed, fast), (hours, "GPU-h", cost, cheap)):
+            text = "—" if number == "—" else f"{number} {unit}" + ("" if ratio == "—" else f"\n{ratio}")
+            out.append(Text(text, style=style(good)))
+        table.add_row(*out)
+    return table
+
+
+def to_html(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str) -> str:
+    """The table as an HTML fragment (a `<table class="impact">` and its legend), for `--format html`
+    and the report; better/worse cells carry the classes `better`/`worse`, significant ones `significant`."""
+    from html import escape
+
+    header, rows = cells(df, metrics)
+    out = [f'<table class="impact"><caption>{escape(title)}</caption><thead><tr>']
+    out += [f"<th>{escape(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
+    for row in rows:
+        kind = ' class="noise"' if row[0][0] == NOISE_FLOOR else ""
+        out.append(f"<tr{kind}>")
+        for i, (text, good) in enumerate(row):
+            classes = ["better" if good > 0 else "worse" if good < 0 else ""]
+            classes.append("significant" if text.endswith("*") else "")
+            classes.append("num" if i >= 3 else "")
+            cls = " ".join(c for c in classes if c)
+            out.append(f'<td class="{cls}">{escape(text)}</td>' if cls else f"<td>{escape(text)}</td>")
+        out.append("</tr>")
+    out.append(f'</tbody></table><p class="legend">{escape(LEGEND)}</p>')
+    return "".join(out)
+
+
+HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>
+<body>{body}</body></html>
+"""
+TABLE_STYLE = (
+    "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}"
+    "table.impact{border-collapse:collapse;margin:1em 0}table.impact caption{text-align:left;font-weight:600;"
+    "padding:.4em 0}table.impact th,table.impact td{border-bottom:1px solid #ddd;padding:.3em .6em;"
+    "white-space:nowrap}table.impact td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    ".better{color:#11772d}.worse{color:#b3261e}.significant{font-weight:700}tr.noise td{color:#777;"
+    "font-style:italic}.legend{color:#555;max-width:60em}"
+)

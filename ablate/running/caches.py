@@ -1,0 +1,82 @@
+"""`ablate cache`: precompute the latent and caption-embedding caches a sweep's arms read.
+
+An arm with `cache: {dir: D}` reads `D/<key>`, where `trainer.data.cache.cache_key` hashes only
+what produces the cache (data, caption columns, tokenizer, text encoder): arms that differ in
+anything else (optimizer, precision, routing, REPA, seed) share one. `plan` groups the arms by
+that folder; `fill` runs `trainer.data.cache.precompute` for one group, in this process (it resumes
+an interrupted cache; a complete one, marked by its manifest, is never recomputed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ablate.errors import UserError
+from ablate.sweep.expand import expand
+from ablate.sweep.schema import Sweep
+from core.atomic import read_json
+
+
+@dataclass
+class CacheGroup:
+    """One cache folder and the arms that read it."""
+
+    key: str
+    path: Path
+    state: str
+    """complete | missing | incomplete (an interrupted precompute: filling it resumes)"""
+    config: Any
+    """the first arm's TrainConfig: what the cache is computed from"""
+    arms: list[str] = field(default_factory=list)
+
+
+def plan(sweep: Sweep) -> tuple[list[CacheGroup], list[str]]:
+    """(the caches the arms need, in first-use order; the arms that use no cache). Reads only."""
+    from trainer.config import TrainConfig
+    from trainer.data.cache import cache_key, cache_path
+
+    groups: dict[Path, CacheGroup] = {}
+    without: list[str] = []
+    for spec in expand(sweep):
+        cfg = TrainConfig.model_validate(spec.config)
+        if cfg.cache is None:
+            without.append(spec.name)
+            continue
+        path = cache_path(cfg).resolve()
+        if path not in groups:
+            groups[path] = CacheGroup(
+                cache_key(cfg), path, _state(path, cache_key(cfg), sweep, spec.name), cfg
+            )
+        groups[path].arms.append(spec.name)
+    return list(groups.values()), without
+
+
+def _state(path: Path, key: str, sweep: Sweep, arm: str) -> str:
+    from trainer.data.cache import MANIFEST
+
+    if (path / MANIFEST).exists():
+        manifest = read_json(path / MANIFEST) or {}
+        if manifest.get("hash") != key:
+            raise UserError(
+                f"cache {path} (for arm {arm}) holds another config's latents: its manifest hash "
+                f"{manifest.get('hash')} is not the key {key}",
+                "the folder moved aside or deleted, so that `ablate cache` computes it afresh",
+                file=sweep.file,
+            )
+        return "complete"
+    return "incomplete" if path.exists() else "missing"
+
+
+def fill(group: CacheGroup, log: Callable[[str], None] = print) -> Path:
+    """Compute `group`'s cache (resuming an interrupted one); a missing weight is a one-line UserError."""
+    from core.weights import MissingWeightsError
+    from trainer.data.cache import precompute
+
+    cfg = group.config
+    try:
+        return precompute(cfg, group.path.parent, weights_dir=cfg.weights_dir, log=log)
+    except MissingWeightsError as e:
+        raise UserError(f"cache {group.key} (arms {', '.join(group.arms)}): {e}") from None

@@ -1,0 +1,548 @@
+"""Launching arms through submitit: the executor table, the `launcher` schema, submission.
+
+Everything that differs between executor kinds lives in one row of `EXECUTORS`: how to build
+the submitit executor, which `launcher` fields it uses, whether `ablate run` follows its jobs by
+default, whether they outlive `ablate`, who enforces `array_parallelism`, and how to tell whether
+a recorded job still runs. No other module branches on an executor's name.
+
+`submit` receives an executor and sends the arms out (one job array; for the local executor,
+which would start every array element at once, at most `array_parallelism` at a time). Each job
+runs `RunArm()(run_dir)`, which is checkpointable: a job that reaches its time limit or is
+preempted is requeued with the same run directory, and the trainer resumes from its newest
+checkpoint there. `ablate eval` sends `EvalArm(steps)` jobs the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import submitit
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from submitit.slurm.slurm import SlurmExecutor
+
+from ablate.errors import UserError
+from core.rundir import DONE, FAILED, RUNNING, RunDir, SweepDir
+
+# sacct states of a job that still holds (or will again hold) its arm.
+_SLURM_ALIVE = {
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+    "SUSPENDED", "RESIZING", "PREEMPTED", "STOPPED", "SIGNALING", "STAGE_OUT",
+}  # fmt: skip
+
+
+# --- is a recorded job still running? ----------------------------------------------------------------
+
+
+def pid_alive(pid: int | None, must_contain: bytes = b"") -> bool:
+    """Whether process `pid` on this host runs (a zombie is dead; with `must_contain`, a reused pid
+    whose command line lacks it is someone else's)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path(f"/proc/{pid}")
+    if proc.exists():
+        with contextlib.suppress(OSError):
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+            if must_contain and must_contain not in (proc / "cmdline").read_bytes():
+                return False
+    return True
+
+
+def _owner_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
+    """Jobs not yet submitted, and debug jobs, live as long as the `ablate` process that owns them."""
+    if job.get("host") != socket.gethostname():
+        return None, ""
+    return pid_alive(job.get("submitter_pid")), ""
+
+
+def _local_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
+    if job.get("host") != socket.gethostname():
+        return None, ""
+    return pid_alive(int(job["job_id"]), must_contain=b"submitit"), ""  # the local job's controller process
+
+
+def _cannot_cancel(job: dict[str, Any]) -> str | None:
+    return "its job runs inside the `ablate` process that submitted it: stop that one (Ctrl-C)"
+
+
+def _cancel_local(job: dict[str, Any]) -> str | None:
+    if job.get("host") != socket.gethostname():
+        return f"its job runs on {job.get('host')}: cancel it there"
+    if _local_alive(job)[0]:
+        os.kill(
+            int(job["job_id"]), signal.SIGINT
+        )  # the controller stops its tasks, as submitit's cancel does
+    return None
+
+
+def _cancel_slurm(job: dict[str, Any]) -> str | None:
+    done = subprocess.run(["scancel", str(job["job_id"])], capture_output=True, text=True)
+    return None if done.returncode == 0 else f"scancel {job['job_id']} failed: {done.stderr.strip()[:200]}"
+
+
+def _slurm_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
+    info = submitit.SlurmJob(folder=job.get("folder", "."), job_id=str(job["job_id"])).get_info(mode="force")
+    state = info.get("State", "")
+    state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 123"
+    return (None if state == "UNKNOWN" else state in _SLURM_ALIVE), f"slurm: {state}"
+
+
+# --- building executors --------------------------------------------------------------------------------
+
+
+def _build_debug(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
+    return submitit.DebugExecutor(folder)
+
+
+def _build_local(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
+    executor = submitit.LocalExecutor(folder, max_num_timeout=launcher.max_requeues)
+    executor.update_parameters(**local_parameters(launcher))
+    return executor
+
+
+def _build_slurm(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
+    executor = SlurmExecutor(folder, max_num_timeout=launcher.max_requeues)
+    executor.update_parameters(**slurm_parameters(launcher, job_name))
+    return executor
+
+
+def _check_slurm(launcher: Launcher) -> None:
+    if SlurmExecutor.affinity() <= 0:
+        raise UserError(
+            "executor slurm needs `srun` on PATH, and it is not (not on a SLURM login node?)",
+            "to run on a SLURM login node, or launcher.executor: local (or --dry-run to see the sbatch file)",
+            path="launcher.executor",
+        )
+
+
+@dataclass(frozen=True)
+class ExecutorKind:
+    """One executor kind: every way in which `ablate` treats it differently."""
+
+    name: str
+    doc: str
+    executor_type: type[submitit.Executor]
+    build: Callable[[Launcher, Path, str], submitit.Executor]
+    fields: frozenset[str]
+    """launcher fields it uses; the others must keep their defaults (a silently ignored setting is an error)"""
+    job_state: Callable[[dict[str, Any]], tuple[bool | None, str]]
+    """whether a job it runs, recorded in job.json, still runs (True, False, or None: cannot tell from here),
+    and what its scheduler says of it ('' when nothing more)"""
+    cancel: Callable[[dict[str, Any]], str | None]
+    """cancel a job recorded in job.json; None, or one line saying why it could not"""
+    in_process: bool = False
+    """jobs run inside `ablate` itself: it must wait for them (no --no-wait)"""
+    waits: bool = True
+    """`ablate run` / `ablate eval` follow the jobs until they end unless --no-wait"""
+    outlives_cli: bool = False
+    """submitted jobs keep running when `ablate` exits"""
+    throttle_here: bool = False
+    """`ablate` itself enforces array_parallelism (the executor would start every array element at once)"""
+    check: Callable[[Launcher], None] = lambda launcher: None
+    """raises a UserError when it cannot run on this machine"""
+    where: str = "this machine"
+    submission_file: tuple[str, Callable[[Launcher, Path, str, int], str]] | None = None
+    """(what it is called, a renderer (launcher, root, job name, arms) → text) of the file a submission
+    hands the scheduler, for `ablate run --dry-run`"""
+
+
+_LOCAL_FIELDS = frozenset(
+    {
+        "gpus_per_node",
+        "tasks_per_node",
+        "time_limit_min",
+        "signal_delay_s",
+        "max_requeues",
+        "array_parallelism",
+        "setup",
+    }
+)
+EXECUTORS: dict[str, ExecutorKind] = {
+    "debug": ExecutorKind(
+        "debug", "in this process, one arm after another (breakpoints work)", submitit.DebugExecutor,
+        _build_debug, frozenset(), _owner_alive, _cannot_cancel, in_process=True,
+    ),
+    "local": ExecutorKind(
+        "local", "subprocesses on this machine", submitit.LocalExecutor, _build_local, _LOCAL_FIELDS,
+        _local_alive, _cancel_local, throttle_here=True,
+    ),
+    "slurm": ExecutorKind(
+        "slurm", "one sbatch job array", SlurmExecutor, _build_slurm,
+        _LOCAL_FIELDS | {"nodes", "cpus_per_task", "mem_gb", "partition", "account", "qos", "constraint",
+                         "additional_parameters"},
+        _slurm_alive, _cancel_slurm, waits=False, outlives_cli=True, check=_check_slurm, where="{nodes} node(s)",
+        submission_file=("sbatch file", lambda *args: sbatch_text(*args)),
+    ),
+}  # fmt: skip
+
+
+class Launcher(BaseModel):
+    """Where and with what resources the arms run. Every arm gets the same resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal[tuple(EXECUTORS)] = "local"  # type: ignore[valid-type]
+    """debug: in this process, one arm after another (breakpoints work); local: subprocesses
+    on this machine; slurm: one sbatch job array."""
+    nodes: PositiveInt = 1
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: PositiveInt = 1
+    cpus_per_task: PositiveInt | None = None
+    mem_gb: PositiveFloat | None = None
+    time_limit_min: PositiveInt = 60
+    """Per job; a job that reaches it is requeued and resumes from its newest checkpoint."""
+    signal_delay_s: PositiveInt = 90
+    """The stop signal comes this long before the time limit: time to reach a log point and save."""
+    max_requeues: int = Field(3, ge=0)
+    """Time-limit requeues before an arm ends as failed (submitit's max_num_timeout); preemptions always requeue."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: PositiveInt | None = None
+    """At most this many arms run at once (default: all)."""
+    additional_parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra `#SBATCH --key=value` lines, for options that have no field here."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run before the job starts (module load, source venv ...)."""
+
+    @property
+    def kind(self) -> ExecutorKind:
+        return EXECUTORS[self.executor]
+
+
+# sbatch options that typed launcher fields produce; additional_parameters may not repeat them.
+_SBATCH_FROM_FIELDS = {
+    "job_name": "name",
+    "time": "time_limit_min",
+    "nodes": "nodes",
+    "ntasks_per_node": "tasks_per_node",
+    "gpus_per_node": "gpus_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "mem": "mem_gb",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "array": "array_parallelism",
+}
+_SBATCH_OWN = ("signal", "output", "error", "open_mode")  # submitit sets these for requeue and logs
+
+
+def problems(launcher: Launcher) -> Iterator[tuple[tuple[str, ...], str, str]]:
+    """Cross-field checks of a launcher section: (key path, what is wrong, what would be right)."""
+    kind = launcher.kind
+    for name, field in Launcher.model_fields.items():
+        if name == "executor" or name in kind.fields:
+            continue
+        if getattr(launcher, name) != field.get_default(call_default_factory=True):
+            users = " or ".join(k for k, e in EXECUTORS.items() if name in e.fields)
+            yield (
+                ("launcher", name),
+                f"the {kind.name} executor does not use this setting",
+                f"it removed, or executor: {users}",
+            )
+    for key in launcher.additional_parameters:
+        normalised = key.replace("-", "_")
+        if normalised in _SBATCH_FROM_FIELDS or normalised in _SBATCH_OWN:
+            own = _SBATCH_FROM_FIELDS.get(normalised)
+            yield (
+                ("launcher", "additional_parameters", key),
+                f"'{key}' is set by ablate itself",
+                f"launcher.{own} instead" if own and own != "name" else "it removed",
+            )
+
+
+def check_available(launcher: Launcher) -> None:
+    """Fail before anything is created when the chosen executor cannot run here."""
+    launcher.kind.check(launcher)
+
+
+def build_executor(
+    launcher: Launcher, root: Path, job_name: str, setup: Sequence[str] = ()
+) -> submitit.Executor:
+    """The submitit executor for the sweep's `launcher` section; jobs keep their files under `root`.
+
+    `setup`: shell lines run before each job, ahead of the launcher's own (the code snapshot's).
+    """
+    check_available(launcher)
+    if setup and not launcher.kind.in_process:
+        launcher = launcher.model_copy(update={"setup": [*setup, *launcher.setup]})
+    return launcher.kind.build(launcher, SweepDir(root).job_folder, job_name)
+
+
+def kind_of(executor: submitit.Executor) -> ExecutorKind:
+    return next(k for k in EXECUTORS.values() if isinstance(executor, k.executor_type))
+
+
+def job_state(job: dict[str, Any]) -> tuple[bool | None, str]:
+    """Whether the job recorded in job.json (or eval_job.json) still runs (True, False, or None: cannot
+    tell), and what its scheduler says of it."""
+    kind = EXECUTORS.get(job.get("executor"))
+    if kind is None or not job.get("job_id"):
+        return _owner_alive(job)  # queued for a slot: owned by the `ablate` process that will submit it
+    return kind.job_state(job)
+
+
+def job_alive(job: dict[str, Any]) -> bool | None:
+    return job_state(job)[0]
+
+
+def cancel(job: dict[str, Any]) -> str | None:
+    """Cancel the job recorded in job.json (or eval_job.json) through its executor; None, or why it could not."""
+    kind = EXECUTORS.get(job.get("executor"))
+    if kind is None or not job.get("job_id"):
+        return "no job submitted yet (the `ablate` process that queued it still owns it)"
+    return kind.cancel(job)
+
+
+def resolve_wait(launcher: Launcher, wait: bool | None) -> bool:
+    """--wait/--no-wait: the executor's default; an in-process executor always waits."""
+    kind = launcher.kind
+    wait = kind.waits if wait is None else wait
+    if kind.in_process and not wait:
+        raise UserError(
+            f"--no-wait with the {kind.name} executor, which runs the jobs inside this process",
+            "--wait, or launcher.executor: local",
+            path="--no-wait",
+        )
+    return wait
+
+
+def local_parameters(launcher: Launcher) -> dict[str, Any]:
+    # LocalExecutor's own default time limit is 2 minutes: always pass ours.
+    params: dict[str, Any] = {
+        "timeout_min": launcher.time_limit_min,
+        "tasks_per_node": launcher.tasks_per_node,
+        "gpus_per_node": launcher.gpus_per_node,
+    }
+    if launcher.signal_delay_s != Launcher.model_fields["signal_delay_s"].default:
+        params["signal_delay_s"] = launcher.signal_delay_s
+    if launcher.setup:
+        params["setup"] = list(launcher.setup)
+    return params
+
+
+def slurm_parameters(launcher: Launcher, job_name: str) -> dict[str, Any]:
+    """SlurmExecutor.update_parameters keywords (sbatch options) for the launcher section."""
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "time": launcher.time_limit_min,
+        "signal_delay_s": launcher.signal_delay_s,
+        "nodes": launcher.nodes,
+        "ntasks_per_node": launcher.tasks_per_node,
+    }
+    optional = {
+        "gpus_per_node": launcher.gpus_per_node or None,
+        "cpus_per_task": launcher.cpus_per_task,
+        "mem": None if launcher.mem_gb is None else _mem(launcher.mem_gb),
+        "partition": launcher.partition,
+        "account": launcher.account,
+        "qos": launcher.qos,
+        "constraint": launcher.constraint,
+        "array_parallelism": launcher.array_parallelism,
+        "additional_parameters": dict(launcher.additional_parameters) or None,
+        "setup": list(launcher.setup) or None,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def _mem(mem_gb: float) -> str:
+    return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
+
+
+class _PlanningSlurmExecutor(SlurmExecutor):
+    """A SlurmExecutor that only renders its sbatch file, so --dry-run works off the cluster."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+    def _submit_command(self, command: str) -> submitit.Job[Any]:
+        raise RuntimeError("planning executor: never submits")
+
+
+def sbatch_text(launcher: Launcher, root: Path, job_name: str, n_arms: int) -> str:
+    """The sbatch file submitit would submit for `n_arms` arms (an array when n_arms > 1).
+
+    Rendered by submitit itself (`_make_submission_file_text`), the same way its array
+    submission does, so these are the real parameters.
+    """
+    executor = _PlanningSlurmExecutor(SweepDir(root).job_folder)
+    executor.update_parameters(**slurm_parameters(launcher, job_name))
+    if n_arms > 1:
+        executor.parameters["map_count"] = n_arms
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def resources(launcher: Launcher) -> str:
+    """One line describing what each arm gets."""
+    kind = launcher.kind
+    if kind.in_process:
+        return f"{kind.name}: {kind.doc}"
+    parts = [
+        kind.where.format(nodes=launcher.nodes),
+        f"{launcher.tasks_per_node} task(s)/node",
+        f"{launcher.gpus_per_node} GPU(s)/node",
+        f"time limit {launcher.time_limit_min} min",
+    ]
+    if launcher.cpus_per_task:
+        parts.append(f"{launcher.cpus_per_task} CPU(s)/task")
+    if launcher.mem_gb:
+        parts.append(f"{launcher.mem_gb:g} GB")
+    if launcher.partition:
+        parts.append(f"partition {launcher.partition}")
+    parts.append(f"at most {launcher.array_parallelism or 'all'} at once")
+    return f"{kind.name}: " + ", ".join(parts)
+
+
+# --- the jobs ----------------------------------------------------------------------------------------
+
+
+class RunArm(submitit.helpers.Checkpointable):
+    """The job: train and evaluate one arm in its run directory.
+
+    Checkpointable's `checkpoint(run_dir)` resubmits this same call on timeout or
+    preemption; the trainer finds its newest checkpoint in `run_dir` and resumes.
+    """
+
+    def __call__(self, run_dir: str) -> None:
+        from trainer.runtime.preempt import Preemption
+
+        stops = Preemption()  # before the heavy imports: a stop signal from now on waits for a checkpoint
+        from trainer.job import run  # lazy: the orchestrator does not import torch
+
+        run(run_dir, preemption=stops)
+
+
+class EvalArm(submitit.helpers.Checkpointable):
+    """The job of `ablate eval`: score one checkpoint of an arm again, without training.
+
+    `steps` maps each run directory (as submitted) to the checkpoint step to evaluate. The
+    outcome goes to the run directory's eval_job.json (running, then done with the metrics or
+    failed with the error); status.json is the training's and is left alone. On timeout or
+    preemption the job is requeued and evaluates again from the start.
+    """
+
+    def __init__(self, steps: dict[str, int]) -> None:
+        self.steps = dict(steps)
+
+    def __call__(self, run_dir: str) -> dict[str, float]:
+        from trainer.job import rescore  # lazy: the orchestrator does not import torch
+
+        run, step, main = RunDir(run_dir), self.steps[run_dir], _main_process()
+        if main:
+            run.set_eval_job(RUNNING, step=step, error=None, metrics=None)
+        try:
+            metrics = rescore(run_dir, step)
+        except BaseException as e:
+            if main:
+                run.set_eval_job(FAILED, error=f"{type(e).__name__}: {e}")
+            raise
+        if main:
+            run.set_eval_job(DONE, metrics=metrics)
+        return metrics
+
+
+def _main_process() -> bool:
+    """Whether this is the job's first task (the one that writes the run directory's records)."""
+    if "RANK" in os.environ:  # torchrun, or exported by the trainer
+        return os.environ["RANK"] == "0"
+    kind = EXECUTORS.get(os.environ.get("SUBMITIT_EXECUTOR", ""))
+    if kind is not None and not kind.in_process:
+        return submitit.JobEnvironment().global_rank == 0
+    return True
+
+
+def submit(
+    executor: submitit.Executor,
+    run_dirs: Sequence[Path],
+    *,
+    parallelism: int | None = None,
+    fn: Callable[[str], Any] | None = None,
+    poll_s: float = 1.0,
+) -> list[submitit.Job[Any]]:
+    """Submit one job per run directory, recording each job in its run directory.
+
+    One array (`executor.batch()`) for every executor, except where the executor kind leaves the
+    throttle to us (local: it would start each array element at once): at most `parallelism` run
+    at a time, and this call blocks, polling every `poll_s` seconds, until the last arm started.
+    `fn` is the job callable: `RunArm()` (default; recorded in job.json and status.json) or an
+    `EvalArm` (recorded in eval_job.json).
+    """
+    fn = RunArm() if fn is None else fn
+    if not run_dirs:
+        return []
+    if kind_of(executor).throttle_here and parallelism is not None and parallelism < len(run_dirs):
+        return _submit_in_waves(executor, run_dirs, parallelism, fn, poll_s)
+    with executor.batch():
+        jobs = [executor.submit(fn, str(run_dir)) for run_dir in run_dirs]
+    for run_dir, job in zip(run_dirs, jobs, strict=True):
+        _record(fn, run_dir, job, executor)
+    return jobs
+
+
+def _submit_in_waves(
+    executor: submitit.Executor,
+    run_dirs: Sequence[Path],
+    parallelism: int,
+    fn: Callable[[str], Any],
+    poll_s: float,
+) -> list[submitit.Job[Any]]:
+    pending = list(run_dirs)
+    jobs: list[submitit.Job[Any]] = []
+    running: list[submitit.Job[Any]] = []
+    while pending:
+        running = [job for job in running if not job.done()]
+        while pending and len(running) < parallelism:
+            run_dir = pending.pop(0)
+            job = executor.submit(fn, str(run_dir))
+            _record(fn, run_dir, job, executor)
+            jobs.append(job)
+            running.append(job)
+        if pending:
+            time.sleep(poll_s)
+    return jobs
+
+
+def _record(
+    fn: Callable[[str], Any], run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor
+) -> None:
+    """The job's id and logs go to eval_job.json (an `ablate eval` job) or job.json (training), and the
+    state becomes `submitted` unless the job already started."""
+    run = RunDir(run_dir)
+    mark = run.mark_eval_submitted if isinstance(fn, EvalArm) else run.mark_submitted
+    mark(str(job.job_id), Path(executor.folder), Path(job.paths.stdout), Path(job.paths.stderr))
+
+
+def wait(jobs: Sequence[submitit.Job[Any]], *, poll_s: float = 1.0) -> None:
+    """Block until every job has ended. Debug jobs run here, one after another.
+
+    A job's failure is not raised: the trainer records it in the arm's status.json, and the
+    caller reports arm states from the run directories.
+    """
+    for job in jobs:
+        if isinstance(job, submitit.DebugJob):
+            try:
+                job.result()  # runs it; never call done() on a failed DebugJob: that would run it again
+            except Exception:  # noqa: BLE001 - the trainer records the failure; run the other arms
+                pass
+    others = [job for job in jobs if not isinstance(job, submitit.DebugJob)]
+    while not all(job.done() for job in others):
+        time.sleep(poll_s)

@@ -1,0 +1,558 @@
+"""The run store: what the run directories of a sweep say, and what `ablate run` does with each arm.
+
+The layout, the states and their writers are `core.rundir`'s; this module reads them for the
+orchestrator (`observe`), decides per arm (`plan`), and prepares the folders of the arms to launch
+(`prepare`). What is on disk decides: finished with the same hash → skip; failed, stale or missing
+→ (re)submit; in flight (training, or being evaluated by `ablate eval`) → skip; config hash changed
+→ blocked until `--rerun NAME` or `--force`; a corrupt record → left alone until `--rerun NAME`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import shutil
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ablate.errors import UserError, os_fault
+from ablate.running import launch
+from ablate.running.launch import job_alive, job_state, pid_alive
+from ablate.sweep.expand import RunSpec, recorded_hash
+from ablate.sweep.schema import Sweep
+from core.atomic import Unreadable
+from core.rundir import (
+    CANCELLED,
+    DONE,
+    EVAL_CACHE,
+    FAILED,
+    IN_FLIGHT,
+    JOB,
+    LOCK,
+    MISSING,
+    QUEUED,
+    REPLACED,
+    RESULT,
+    RUNNING,
+    SPEC,
+    STALE,
+    STATUS,
+    SUBMITIT,
+    SWEEP_MARK,
+    UNREADABLE,
+    RunDir,
+    SweepDir,
+    describe_writer,
+    live_writer,
+    now,
+)
+
+
+@dataclass
+class ArmView:
+    """What an arm's run directory says about it."""
+
+    name: str
+    run_dir: Path
+    state: str
+    """missing | queued | submitted | running | done | failed | cancelled | stale (was in flight, its job
+    is gone) | unreadable (a record is corrupt; the note names it)"""
+    note: str = ""
+    spec: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
+    job: dict[str, Any] | None = None
+    scheduler: str = ""
+    """what the scheduler says of its job, when it was asked ('slurm: PENDING')"""
+    writer: dict[str, Any] | None = None
+    """who holds the folder's writer lock now (a live trainer or eval job, however started), or None"""
+
+    @property
+    def hash(self) -> str | None:
+        return None if self.spec is None else self.spec.get("hash")
+
+    @property
+    def log_path(self) -> str | None:
+        """Where the job's stdout goes (or went)."""
+        return None if self.job is None else self.job.get("stdout")
+
+
+# The fields of each record that the orchestrator reads, and the types they must have to be read.
+_NUMBER = (int, float, type(None))
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    SPEC: {"hash": (str, type(None)), "hash_version": (int, type(None))},
+    STATUS: {"state": (str, type(None)), "pid": (int, type(None)), "host": (str, type(None)),
+             "step": (int, type(None)), "total_steps": (int, type(None)), "loss": _NUMBER,
+             "requeues": (int, type(None)), "last_requeue": (dict, type(None)), "updated_at": (str, type(None))},
+    JOB: {"executor": (str, type(None)), "job_id": (str, int, type(None)), "submitter_pid": (int, type(None)),
+          "host": (str, type(None)), "folder": (str, type(None)), "stdout": (str, type(None)),
+          "stderr": (str, type(None))},
+    RESULT: {"step": (int, type(None)), "throughput": (dict, type(None))},
+}  # fmt: skip
+
+
+def read_record(path: Path, fields: dict[str, tuple[type, ...]] | None = None) -> dict[str, Any] | None:
+    """A record (JSON object) of a run folder, None when absent. Raises `Unreadable` naming the file when
+    it is not JSON, not an object, or a field the orchestrator reads has the wrong type."""
+    from core.atomic import read_json
+
+    record = read_json(path)
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise Unreadable(path, f"a JSON {type(record).__name__}, not an object")
+    for key, types in (fields or _FIELDS.get(path.name, {})).items():
+        value = record.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise Unreadable(path, f"field '{key}' is {json_type(value)}")
+    return record
+
+
+def json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def not_a_run_folder(path: Path) -> str | None:
+    """Why `path` cannot be an arm's run folder ablate writes (a symbolic link, a file), or None."""
+    if path.is_symlink():
+        return (
+            f"{path}: a symbolic link (to {os.readlink(path)}), not a folder ablate made; "
+            "ablate does not write through links"
+        )
+    if path.exists() and not path.is_dir():
+        return f"{path}: a file, not a run folder"
+    return None
+
+
+_EVAL_FIELDS = {
+    **_FIELDS[JOB],
+    "state": (str, type(None)),
+    "step": (int, type(None)),
+    "error": (str, type(None)),
+}
+
+
+def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
+    """Read an arm's run directory; with `check_jobs`, check in-flight arms' jobs are still alive
+    (a process check, or sacct for slurm); without, their state is taken as written.
+
+    A live writer (a process holding the folder's writer lock: `ablate run`'s job, `ablate eval`'s, or a
+    trainer started by hand) makes the arm in flight whatever its records say. A corrupt or
+    mistyped record makes only this arm `unreadable`, its note naming the file."""
+    run = RunDir(run_dir)
+    if (problem := not_a_run_folder(run.path)) is not None:
+        return ArmView(run.name, run.path, UNREADABLE, problem)
+    writer = live_writer(run)
+    try:
+        spec = read_record(run.spec)
+        if spec is not None:
+            spec = {**spec, "hash": recorded_hash(spec, run.config)}
+        status, job = read_record(run.status), read_record(run.job)
+    except Unreadable as e:
+        if writer is not None:
+            return ArmView(run.name, run.path, RUNNING, f"{_writing(writer)}; {e}", writer=writer)
+        return ArmView(run.name, run.path, UNREADABLE, str(e))
+    if spec is None and writer is None:
+        return ArmView(run.name, run.path, MISSING)
+    view = ArmView(run.name, run.path, STALE, "no status.json", spec, status, job, writer=writer)
+    state = None if status is None else status.get("state")
+    if state == CANCELLED and writer is not None:  # scancel'd; the job dies within the cluster's KillWait
+        view.state, view.note = (
+            CANCELLED,
+            f"cancelled at {status.get('cancelled_at', '?')}; {_writing(writer)} until it stops",
+        )
+        return view
+    if writer is not None and not (state not in IN_FLIGHT and _eval_record_in_flight(run)):
+        # Its trainer is alive (an `ablate eval` job on an arm that has ended keeps the arm's own state).
+        view.state, view.note = RUNNING, _writing(writer)
+        return view
+    if state == DONE:
+        try:
+            result = read_record(run.result)
+        except Unreadable as e:
+            return ArmView(run.name, run.path, UNREADABLE, str(e), spec, status, job)
+        if result is not None:
+            view.state, view.note = DONE, ""
+        else:
+            view.state, view.note = FAILED, "status is done but result.json is missing"
+    elif state == FAILED:
+        view.state, view.note = FAILED, str(status.get("error") or "")
+    elif state == CANCELLED:
+        view.state, view.note = CANCELLED, f"cancelled at {status.get('cancelled_at', '?')}"
+    elif state in IN_FLIGHT:
+        try:
+            alive, view.scheduler = (None, "") if job is None or not check_jobs else job_state(job)
+        except (ValueError, TypeError, OSError) as e:  # a job id no scheduler knows: job.json is garbage
+            return ArmView(run.name, run.path, UNREADABLE, f"{run.job}: unreadable (its job: {e})"[:300])
+        if check_jobs and alive is None and status.get("pid") and status.get("host") == socket.gethostname():
+            alive = pid_alive(int(status["pid"]))  # the trainer's own process, e.g. run by hand
+        if alive is False:
+            owner = f"job {job['job_id']}" if job and job.get("job_id") else f"process {status.get('pid')}"
+            if job and not job.get("job_id"):
+                owner = f"`ablate run` (pid {job.get('submitter_pid')})"
+            view.note = f"was {state}, its {owner} is gone"
+        else:
+            view.state = state
+            view.note = "" if alive or not check_jobs else "cannot check its job from here; assumed alive"
+    elif state is not None:
+        view.state, view.note = FAILED, f"unknown state {state!r} in status.json"
+    if writer is not None:
+        view.note = "; ".join(n for n in (view.note, f"being evaluated: {_writing(writer)}") if n)
+    return view
+
+
+def _writing(writer: dict[str, Any]) -> str:
+    return f"{describe_writer(writer)} is writing it"
+
+
+def _eval_record_in_flight(run: RunDir) -> bool:
+    with contextlib.suppress(Unreadable):
+        record = read_record(run.eval_job, _EVAL_FIELDS)
+        return record is not None and record.get("state") in IN_FLIGHT
+    return False
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    spec: RunSpec
+    view: ArmView
+    action: str
+    """submit (new) | resubmit (resume after failure) | rerun (move old aside, start fresh) | skip | blocked"""
+    reason: str
+
+    @property
+    def launches(self) -> bool:
+        return self.action in ("submit", "resubmit", "rerun")
+
+
+def plan(
+    specs: list[RunSpec], root: Path, *, rerun: Iterable[str] = (), force: bool = False
+) -> list[Decision]:
+    """Decide, from what is on disk, what to do with each arm. Reads only; writes nothing.
+
+    `rerun` names arms to start afresh (finished, failed, changed or unreadable); `force` does so
+    for every arm whose config changed. An in-flight arm is never touched.
+    """
+    rerun = list(rerun)
+    check_names([s.name for s in specs], rerun, "--rerun")
+    decisions = []
+    for spec in specs:
+        view = observe(SweepDir(root).run(spec.name).path)
+        asked = spec.name in rerun
+        changed = view.hash is not None and view.hash != spec.hash
+        if view.writer is not None:  # a live process writes the folder, however it was started
+            reason = f"in flight ({view.state}: {_writing(view.writer)})"
+            if changed or asked:
+                reason += "; stop that process before rerunning it"
+            d = Decision(spec, view, "skip", reason)
+        elif view.state == MISSING:
+            d = Decision(spec, view, "submit", "new")
+        elif view.state == UNREADABLE:
+            d = Decision(
+                spec,
+                view,
+                "rerun" if asked else "skip",
+                view.note
+                if asked
+                else (
+                    f"{view.note}; `--rerun {spec.name}` starts it afresh (the folder is kept under .replaced/)"
+                ),
+            )
+        elif view.state in IN_FLIGHT:
+            reason = f"{view.state}" + (
+                f", job {view.job.get('job_id')}" if view.job and view.job.get("job_id") else ""
+            )
+            if changed or asked:
+                reason += "; cancel its job before rerunning it"
+            d = Decision(spec, view, "skip", f"in flight ({reason})")
+        elif (evaluating := eval_in_flight(view.run_dir)) is not None:
+            d = Decision(spec, view, "skip", f"in flight (being evaluated: {describe_eval_job(evaluating)})")
+        elif changed and not (asked or force):
+            d = Decision(
+                spec, view, "blocked", f"config changed since it ran (hash {view.hash} → {spec.hash})"
+            )
+        elif changed or asked:
+            d = Decision(spec, view, "rerun", "config changed" if changed else "--rerun")
+        elif view.state == DONE:
+            d = Decision(spec, view, "skip", "done")
+        else:
+            d = Decision(spec, view, "resubmit", f"{view.state}" + (f": {view.note}" if view.note else ""))
+        decisions.append(d)
+    return decisions
+
+
+def check_names(arms: list[str], names: Iterable[str], option: str) -> None:
+    """Every name given with `option` must be one of `arms`; else a UserError with the closest match."""
+    for name in names:
+        if name not in arms:
+            close = difflib.get_close_matches(name, arms, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"no arm named '{name}'{hint}", f"one of: {', '.join(arms)}", path=option)
+
+
+def blocked_error(decisions: list[Decision]) -> UserError | None:
+    blocked = [d.spec.name for d in decisions if d.action == "blocked"]
+    if not blocked:
+        return None
+    return UserError(
+        f"config changed for {len(blocked)} arm(s) that already ran: {', '.join(blocked)}; nothing submitted",
+        "`--rerun NAME` for each arm to run afresh (the old run directory is kept under .replaced/), "
+        "or --force for all of them",
+    )
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+# What ablate itself puts in a sweep folder besides run folders (.code: the code snapshot, figures and
+# report.html: `ablate plot` / `ablate report`, wandb: `ablate rank --wandb`).
+SWEEP_FILES = frozenset(
+    {LOCK, SUBMITIT, REPLACED, EVAL_CACHE, SWEEP_MARK, ".code", "figures", "report.html", "wandb"}
+)
+NO_LINKS = (LOCK, SWEEP_MARK, REPLACED)  # written (or moved into) by the orchestrator itself
+
+
+def check_owner(sweep: Sweep) -> bool:
+    """Whether ablate may write in the sweep's output folder; reads only. Returns whether the folder still
+    needs its marker (`claim` writes it): a new or empty folder, or a sweep folder from before markers
+    (its entries are all ablate's: run folders with records, .submitit, ...). Raises a UserError, located
+    at output_dir, for a folder ablate did not make (a user's own files), one marked for another sweep,
+    or a link where ablate writes."""
+    root, folder = sweep.root, SweepDir(sweep.root)
+    key = ("output_dir",) if sweep.output_dir else ("name",)
+    fix = "an output_dir of the sweep's own: a new or empty folder (ablate marks the folders it makes)"
+    try:
+        if not root.exists():
+            return True
+        for name in NO_LINKS:
+            if (root / name).is_symlink():
+                raise sweep.error(
+                    key,
+                    f"{root / name} is a symbolic link; ablate does not write through links",
+                    "it removed",
+                )
+        try:
+            mark = folder.read_mark()
+        except Unreadable as e:
+            raise sweep.error(
+                key, f"the folder's marker is unreadable ({e})", f"{SWEEP_MARK} as ablate wrote it"
+            ) from None
+        if mark is not None:
+            owner = mark.get("sweep") if isinstance(mark, dict) else None
+            if owner != sweep.name:
+                raise sweep.error(
+                    key,
+                    f"the output folder {root} belongs to sweep {owner!r} ({folder.mark}); nothing written",
+                    f"an output_dir of its own, or name: {owner}",
+                )
+            return False
+        arms = set(sweep.arm_names())
+        foreign = sorted(entry.name for entry in root.iterdir() if not _ablates(entry, arms))
+    except OSError as e:
+        raise os_fault(e, "cannot look into the sweep's output folder", root) from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise sweep.error(
+            key, f"the output folder {root} was not made by ablate (it holds {shown}); nothing written", fix
+        )
+    return True
+
+
+def _ablates(entry: Path, arms: set[str]) -> bool:
+    """Whether an entry of a sweep folder without a marker is something ablate puts there."""
+    if entry.name in SWEEP_FILES or _is_run_folder(entry):
+        return True
+    # an arm's name: a link (shown unreadable, never written through) or an empty folder
+    return entry.name in arms and (entry.is_symlink() or (entry.is_dir() and not any(entry.iterdir())))
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A folder (not a link) holding an arm's records: a run folder from before sweep markers."""
+    return path.is_dir() and not path.is_symlink() and any((path / n).is_file() for n in (SPEC, STATUS, JOB))
+
+
+def make_root(sweep: Sweep) -> None:
+    """Create the sweep's output folder (after `check_owner`)."""
+    try:
+        sweep.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_fault(e, "cannot create the sweep's output folder; nothing submitted", sweep.root) from None
+
+
+def claim(sweep: Sweep) -> None:
+    """Mark the sweep's output folder as ablate's (under the sweep lock, where `check_owner` said so)."""
+    try:
+        SweepDir(sweep.root).write_mark(sweep.name)
+    except OSError as e:
+        raise os_fault(
+            e, "cannot mark the sweep's output folder; nothing submitted", SweepDir(sweep.root).mark
+        ) from None
+
+
+@contextlib.contextmanager
+def sweep_lock(root: Path) -> Iterator[None]:
+    """Hold the sweep's lock; a second `ablate run` on the same sweep fails fast instead of double-submitting."""
+    import filelock
+
+    path = SweepDir(root).lock
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UserError(
+            f"another `ablate run` is submitting this sweep (lock {path} is held); nothing submitted",
+            "to run again once it has finished submitting (`ablate status` shows the arms meanwhile)",
+        ) from None
+    except OSError as e:
+        raise os_fault(e, "cannot take the sweep's lock; nothing submitted", path) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def prepare(
+    decisions: list[Decision], root: Path, sweep_name: str, executor: str, code: Any = None
+) -> list[Path]:
+    """Create or refresh the run directories of the arms to launch; returns them in order.
+
+    Each gets status `queued` and a job.json naming this process as its owner until a job is
+    submitted for it (and, with `code`, the snapshot its job runs: snapshot.Code). Arms to rerun are
+    moved aside first, so no stale checkpoint is resumed. Only real folders are written: a run folder
+    that is a link is refused, and a link planted in place of a record is replaced, never followed.
+
+    An operating fault (disk full, permission denied, read-only file system) is a UserError naming the
+    path; the folders this call created are removed again and arms it moved aside are moved back, so a
+    later `ablate run` finds them as they were.
+    """
+    sweep = SweepDir(root)
+    run_dirs: list[Path] = []
+    where = root
+    created: list[Path] = []
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for d in decisions:
+            if not d.launches:
+                continue
+            run = sweep.run(d.spec.name)
+            where = run.path
+            if d.action == "rerun":
+                moved.append((run.path, sweep.move_aside(run, d.view.hash)))
+            if (problem := not_a_run_folder(run.path)) is not None:
+                raise UserError(f"{problem}; nothing submitted", f"`--rerun {d.spec.name}` to move it aside")
+            if d.action in ("submit", "rerun"):
+                if not run.path.exists():
+                    run.path.mkdir(parents=True)
+                    created.append(run.path)
+                run.write_config(yaml.safe_dump(d.spec.config, sort_keys=False))
+                run.write_spec(d.spec.spec_json(sweep_name))
+            run.write_job({"executor": executor, "job_id": None, "host": socket.gethostname(),
+                           "submitter_pid": os.getpid(), "queued_at": now()})  # fmt: skip
+            run.set_status(QUEUED, fresh=True, job_id=None)
+            if code is not None:
+                run.write_code(code.record, code.diff)
+            run_dirs.append(run.path)
+    except UserError:
+        _undo(created, moved)
+        raise
+    except OSError as e:
+        _undo(created, moved)
+        raise os_fault(e, "cannot prepare the run folders; nothing submitted", where) from None
+    return run_dirs
+
+
+def _undo(created: list[Path], moved: list[tuple[Path, Path]]) -> None:
+    """Take back what `prepare` did before a fault: its new folders go, folders it moved aside come back."""
+    for path in created:
+        shutil.rmtree(path, ignore_errors=True)
+    for back, aside in reversed(moved):
+        with contextlib.suppress(OSError):
+            if back.exists():
+                shutil.rmtree(back)
+            os.rename(aside, back)
+
+
+def cancel(run_dir: Path) -> tuple[bool, str]:
+    """Cancel an arm's jobs in flight (training, and an `ablate eval` job) through their scheduler; the
+    arm is then `cancelled` until `ablate run` resubmits it. Returns (whether all went, what happened)."""
+    run, view = RunDir(run_dir), observe(run_dir)
+    done: list[str] = []
+    if view.writer is not None and not _job_alive(view.job) and eval_in_flight(run_dir) is None:
+        pid, host = view.writer.get("pid"), view.writer.get("host")
+        return False, (
+            f"not cancelled: {describe_writer(view.writer)} writes it, not a job ablate submitted; "
+            f"stop that process (kill {pid} on {host})"
+        )
+    if view.state in IN_FLIGHT:
+        job = view.job or {}
+        if (problem := launch.cancel(job)) is not None:
+            return False, f"not cancelled: {problem}"
+        run.set_status(CANCELLED, only_from=IN_FLIGHT, cancelled_at=now())
+        done.append(f"job {job.get('job_id')} cancelled")
+    if (record := eval_in_flight(run_dir)) is not None:
+        if (problem := launch.cancel(record)) is not None:
+            return False, "; ".join([*done, f"its `ablate eval` job not cancelled: {problem}"])
+        run.set_eval_job(CANCELLED, only_from=IN_FLIGHT)
+        done.append(f"`ablate eval` job {record.get('job_id')} cancelled")
+    return True, "; ".join(done) or f"nothing in flight ({view.state})"
+
+
+# --- `ablate eval` jobs ---------------------------------------------------------------------------
+
+
+def eval_in_flight(run_dir: Path) -> dict[str, Any] | None:
+    """The arm's `ablate eval` record (eval_job.json) while its job is queued or running, else None."""
+    try:
+        record = read_record(RunDir(run_dir).eval_job, _EVAL_FIELDS)
+    except Unreadable:
+        return None
+    if record is None or record.get("state") not in IN_FLIGHT:
+        return None
+    try:
+        alive = job_alive(record)
+    except (ValueError, TypeError, OSError):  # a job id no scheduler knows: taken as gone
+        return None
+    return None if alive is False else record
+
+
+def _job_alive(job: dict[str, Any] | None) -> bool:
+    try:
+        return job is not None and job_alive(job) is True
+    except (ValueError, TypeError, OSError):
+        return False
+
+
+def describe_eval_job(record: dict[str, Any]) -> str:
+    owner = f"job {record['job_id']}" if record.get("job_id") else f"pid {record.get('submitter_pid')}"
+    return f"step {record.get('step')}, {record.get('state')}, {owner}"
+
+
+def eval_note(run_dir: Path) -> str:
+    """One line on the arm's latest `ablate eval` job for `ablate status` ('' when there was none)."""
+    try:
+        record = read_record(RunDir(run_dir).eval_job, _EVAL_FIELDS)
+    except Unreadable as e:
+        return str(e)
+    if record is None:
+        return ""
+    state = record.get("state")
+    if state in IN_FLIGHT and eval_in_flight(run_dir) is None:
+        state = f"was {state}, its job is gone"
+    error = f": {record['error']}" if state == FAILED and record.get("error") else ""
+    return f"eval step {record.get('step')}: {state}{error}"
+
+
+def mark_eval_queued(run_dir: Path, step: int, executor: str) -> None:
+    """Before submission: eval_job.json names this process as the owner of the arm's evaluation at `step`."""
+    RunDir(run_dir).new_eval_job(QUEUED, step=step, executor=executor, job_id=None, host=socket.gethostname(),
+                                 submitter_pid=os.getpid(), queued_at=now())  # fmt: skip

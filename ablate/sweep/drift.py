@@ -1,0 +1,107 @@
+"""Config drift: which arms ran with a config the sweep file no longer asks for.
+
+`ablate run` compares each arm's resolved config hash (`expand`, which needs the trainer's schema and
+so torch) with its run folder's and blocks changed arms. `ablate status` and `ablate rank` stay
+torch-free, so they compare what the sweep file says now with what the arm ran with:
+
+- every setting the sweep file gives the arm (the baseline merged with its delta) against the arm's
+  recorded config.yaml, leaf by leaf: a differing value is named with its old and new value;
+- the hash of those settings against the one `ablate run` recorded in spec.json (`settings_hash`):
+  a difference no leaf shows (a setting removed, so a default applies now) is said as such.
+
+A corrupt record is not drift: `observe` reports it as unreadable.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ablate.errors import UserError
+from ablate.sweep.expand import _ABSENT, NOT_IDENTITY, config_hash, merge, show_value
+from ablate.sweep.loader import load_plain_yaml
+from ablate.sweep.schema import BASELINE, Sweep, arm_name, delta_tree
+from core.atomic import Unreadable
+from core.rundir import RunDir
+
+SHOWN = 3  # changed settings named per arm
+
+
+def settings(sweep: Sweep, delta: str, seed: int) -> dict[str, Any]:
+    """What the sweep file sets for one arm, before the trainer's schema fills in defaults."""
+    base = {**copy.deepcopy(sweep.baseline), "seed": seed}
+    if delta == BASELINE:
+        return base
+    tree, _ = delta_tree(sweep, delta, sweep.deltas[delta])
+    return merge(base, tree)[0]
+
+
+def settings_hash(sweep: Sweep, delta: str, seed: int) -> str:
+    return config_hash(settings(sweep, delta, seed))
+
+
+def drift(sweep: Sweep) -> dict[str, str]:
+    """{arm: one line} for every arm whose run folder ran with other settings than the sweep file's now."""
+    from ablate.running.store import read_record  # the store imports the sweep; import here, as the CLI does
+
+    out: dict[str, str] = {}
+    for delta in (BASELINE, *sweep.deltas):
+        for seed in sweep.seeds:
+            name = arm_name(delta, seed)
+            run = RunDir(sweep.root / name)
+            try:
+                spec = read_record(run.spec)
+                if spec is None or run.path.is_symlink():
+                    continue
+                now = settings(sweep, delta, seed)
+                recorded = spec.get("settings_hash")
+                if recorded is not None and recorded == config_hash(now):
+                    continue  # the fast path: the same settings as when it was prepared
+                if not run.config.is_file():
+                    continue
+                config = load_plain_yaml(run.config, "config file")
+            except (Unreadable, UserError, OSError):
+                continue  # unreadable: `observe` says so; this is only about drift
+            if not isinstance(config, dict):
+                continue
+            changed = list(_differs(now, config))
+            if changed:
+                shown = "; ".join(
+                    f"{k}: {show_value(old)} → {show_value(new)}" for k, old, new in changed[:SHOWN]
+                )
+                more = f" (+{len(changed) - SHOWN} more)" if len(changed) > SHOWN else ""
+                out[name] = f"config changed since it ran: {shown}{more}"
+            elif recorded is not None:
+                out[name] = (
+                    "the sweep file's settings for it changed since it ran (a setting removed?); "
+                    "`ablate run --dry-run` says whether its config did"
+                )
+    return out
+
+
+def _differs(now: Any, ran: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value it ran with, value the sweep file sets now) for each setting that differs."""
+    out: list[tuple[str, Any, Any]] = []
+    for key, value in now.items():
+        if not prefix and key in NOT_IDENTITY:
+            continue
+        path = f"{prefix}.{key}" if prefix else str(key)
+        old = ran.get(key, _ABSENT) if isinstance(ran, dict) else _ABSENT
+        if isinstance(value, dict) and isinstance(old, dict):
+            if "kind" in value and value["kind"] != old.get("kind"):
+                out.append((f"{path}.kind", old.get("kind", _ABSENT), value["kind"]))
+            else:
+                out += _differs(value, old, path)
+        elif isinstance(value, dict) and old is None and not value:
+            continue  # `{}` and null both leave an optional component at its default
+        elif not _same(value, old):
+            out.append((path, old, value))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b

@@ -1,0 +1,230 @@
+"""Expanding a sweep into its arms: one run spec per delta × seed, each validated against the trainer's
+schema, named, and identified by the hash of what it trains; the one deep merge of a delta into the
+baseline, and the leaf-by-leaf diff of two configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ablate.errors import UserError
+from ablate.sweep.diagnostics import to_user_error
+from ablate.sweep.loader import KeyPath, format_path
+from ablate.sweep.schema import BASELINE, Sweep, arm_name, delta_tree
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One arm: what to train and its identity (name + hash of the resolved config)."""
+
+    name: str
+    delta: str
+    seed: int
+    overrides: dict[str, Any]
+    """The delta's overrides as written in the sweep file ({} for the baseline)."""
+    config: dict[str, Any]
+    """The resolved trainer config (TrainConfig(...).model_dump(mode='json')), seed included."""
+    hash: str
+    settings_hash: str | None = None
+    """The hash of what the sweep file sets for the arm, before defaults (`ablate.sweep.drift`): lets the
+    torch-free `ablate status` and `ablate rank` tell that the sweep file changed since it ran."""
+
+    def spec_json(self, sweep_name: str) -> dict[str, Any]:
+        spec = {
+            "name": self.name,
+            "delta": self.delta,
+            "seed": self.seed,
+            "hash": self.hash,
+            "hash_version": HASH_VERSION,
+            "overrides": self.overrides,
+            "sweep": sweep_name,
+        }
+        if self.settings_hash is not None:
+            spec["settings_hash"] = self.settings_hash
+        return spec
+
+
+# 2: the `log` section (how an arm reports — log lines, W&B — not what it trains) is not part of
+# its identity, so a logging change never makes a finished arm look changed. Run folders whose
+# spec.json predates it are hashed again from their config.yaml (`recorded_hash`).
+HASH_VERSION = 2
+NOT_IDENTITY = ("log",)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """An arm's identity: first 12 hex digits of sha256 over the canonical JSON of its resolved config,
+    the `log` section left out."""
+    identity = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def recorded_hash(spec: dict[str, Any], config_file: Path) -> str | None:
+    """The identity of the config an arm ran with, in today's hash (older spec.json files hashed it
+    another way: their config.yaml is hashed again). Raises `Unreadable` for a corrupt config.yaml."""
+    if spec.get("hash_version") == HASH_VERSION or not config_file.exists():
+        return spec.get("hash")
+    from ablate.sweep.loader import load_plain_yaml
+    from core.atomic import Unreadable
+
+    try:
+        config = load_plain_yaml(config_file, "config file")
+    except UserError as e:  # read within the sweep file's bounds: a planted billion laughs stays small
+        raise Unreadable(config_file, (f"line {e.line}: " if e.line else "") + e.problem) from None
+    if not isinstance(config, dict):
+        raise Unreadable(config_file, f"not the YAML of a config: a {type(config).__name__}")
+    return config_hash(config)
+
+
+def expand(sweep: Sweep) -> list[RunSpec]:
+    """Every arm of the sweep, baseline arms first, each validated against the trainer's schema.
+
+    Pure: reads nothing but the sweep and the trainer's schema, writes nothing. Raises
+    UserError (located in the sweep file) for the first invalid arm.
+    """
+    from trainer.config import TrainConfig, describe_registries  # lazy: imports torch
+
+    registries = describe_registries()
+    launcher = sweep.launcher
+    per_node, world = launcher.tasks_per_node, launcher.nodes * launcher.tasks_per_node
+
+    def resolve(config: dict[str, Any], locate) -> dict[str, Any]:
+        try:
+            resolved = TrainConfig.model_validate(config)
+        except ValidationError as e:
+            raise to_user_error(e, config, TrainConfig, locate, registries) from None
+        for path, problem, expected in resolved.world_problems(world, per_node):
+            file, line, shown = locate(path)
+            raise UserError(f"{problem} (launcher: {launcher.nodes} node(s) × {per_node} task(s))",
+                            expected, file=file, line=line, path=shown)  # fmt: skip
+        return resolved.model_dump(mode="json")
+
+    def locate_baseline(path: KeyPath) -> tuple[str, int | None, str]:
+        if path[:1] == ("seed",):
+            return sweep.locate(("seeds",))
+        return sweep.locate((BASELINE, *path))
+
+    specs: list[RunSpec] = []
+    baselines: dict[int, dict[str, Any]] = {}
+    for seed in sweep.seeds:
+        settings = {**copy.deepcopy(sweep.baseline), "seed": seed}
+        config = resolve(copy.deepcopy(settings), locate_baseline)
+        baselines[seed] = config
+        specs.append(
+            RunSpec(
+                arm_name(BASELINE, seed),
+                BASELINE,
+                seed,
+                {},
+                config,
+                config_hash(config),
+                config_hash(settings),
+            )
+        )
+
+    for delta, overrides in sweep.deltas.items():
+        tree, sources = delta_tree(sweep, delta, overrides)
+        for seed in sweep.seeds:
+            merged, replaced = merge({**copy.deepcopy(sweep.baseline), "seed": seed}, tree)
+            settings_hash = config_hash(merged)
+            owned = dict(sources)
+            for path in replaced:  # a kind change makes the whole component the delta's
+                owned[path] = sources.get((*path, "kind"), sources.get(path, ("deltas", delta)))
+            config = resolve(merged, _delta_locator(sweep, delta, owned))
+            if config == baselines[seed]:
+                raise sweep.error(
+                    ("deltas", delta),
+                    "this delta changes nothing: its merged config equals the baseline's",
+                    "at least one value that differs from the baseline",
+                )
+            specs.append(
+                RunSpec(
+                    arm_name(delta, seed),
+                    delta,
+                    seed,
+                    copy.deepcopy(overrides),
+                    config,
+                    config_hash(config),
+                    settings_hash,
+                )
+            )
+    return specs
+
+
+def _delta_locator(sweep: Sweep, delta: str, owned: dict[KeyPath, KeyPath]):
+    """Errors in a delta's arm point at the delta's key that set the path (the baseline alone is valid)."""
+
+    def locate(path: KeyPath) -> tuple[str, int | None, str]:
+        file_path: KeyPath = ("deltas", delta)
+        for end in range(len(path), 0, -1):
+            if path[:end] in owned:
+                file_path = owned[path[:end]]
+                break
+        file, line, _ = sweep.locate(file_path)
+        return file, line, format_path(("deltas", delta, *path))
+
+    return locate
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], list[KeyPath]]:
+    """`base` with the override tree applied; also the paths whose component was replaced.
+
+    Maps merge key by key, except when an override map sets a `kind` different from the
+    base's: then it replaces the base map entirely, so no field of the old kind leaks into
+    the new one. Anything else (scalars, lists, null) replaces the base value. Neither input is
+    changed or shared with the result.
+    """
+    replaced: list[KeyPath] = []
+
+    def go(b: dict[str, Any], o: dict[str, Any], prefix: KeyPath) -> dict[str, Any]:
+        out = dict(b)
+        for key, value in o.items():
+            old = out.get(key)
+            if (
+                isinstance(value, dict)
+                and isinstance(old, dict)
+                and value.get("kind", old.get("kind")) == old.get("kind")
+            ):
+                out[key] = go(old, value, (*prefix, key))
+            else:
+                if isinstance(value, dict) and isinstance(old, dict):
+                    replaced.append((*prefix, key))
+                out[key] = copy.deepcopy(value)
+        return out
+
+    return go(copy.deepcopy(base), overrides, ()), replaced
+
+
+_ABSENT = object()
+
+
+def changes(base: Any, arm: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf where `arm` differs from `base`; absent → `_ABSENT`.
+
+    Where a component's `kind` changed, the fields only one kind has are left out: the kind
+    line says it, and listing every default of the new kind would bury the change.
+    """
+    if isinstance(base, dict) and isinstance(arm, dict):
+        kind_changed = "kind" in base and "kind" in arm and base["kind"] != arm["kind"]
+        for key in [*base, *(k for k in arm if k not in base)]:
+            if kind_changed and (key not in base or key not in arm):
+                continue
+            yield from changes(
+                base.get(key, _ABSENT), arm.get(key, _ABSENT), f"{prefix}.{key}" if prefix else key
+            )
+    elif base != arm:
+        yield prefix, base, arm
+
+
+def show_value(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return json.dumps(value, separators=(", ", ": "))

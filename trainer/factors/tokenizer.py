@@ -1,0 +1,467 @@
+"""Image tokenizers: images in [0, 1] ↔ the space the denoiser works in.
+
+`pixel` is the identity up to the [-1, 1] range (the synthetic domain and pixel-space runs).
+The latent tokenizers wrap frozen diffusers autoencoders and normalise their latents for the
+denoiser; `decode` inverts that normalisation exactly before decoding:
+
+- `flux-vae`, `repa-e-vae` (`AutoencoderKL`): z = scaling · (latent − shift), both read from the
+  VAE's config (Flux: 0.3611, 0.1159).
+- `flux2-ae` (`AutoencoderKLFlux2`), `latent_norm: batchnorm`: latents are 2×2-patchified
+  (B, 4C, h/2, w/2), normalised by the VAE's latent BatchNorm running statistics,
+  (x − mean) / sqrt(var + eps), as diffusers' Flux2 pipeline does, then unpatchified so the
+  denoiser sees (B, 32, h, w). A checkpoint without those statistics is an error, never a silent
+  default scale. `latent_norm: prx-plain` is what PRX ran (configs/yamls/vae/flux2.yaml): the same
+  weights loaded as a plain `AutoencoderKL`, which drops the BatchNorm statistics and falls back
+  to the class default z = 0.18215 · latent (no shift): latents not normalised per channel.
+- `dc-ae` (`AutoencoderDC`): z = scaling · latent, a deterministic encoder.
+
+Each config states `channels` (the denoiser's in_channels) and `downsample` without loading
+weights; the builder checks them against the loaded model. Gaussian autoencoders expose their
+posterior as `Latents(mean, std)` in normalised units, so z = mean + std · ε is the same draw
+whether it happens here or from a latent cache (see trainer/data/cache.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from pydantic import Field
+
+from core.weights import HFWeights, load_pretrained
+from eval.domain import SYNTHETIC_SHAPES
+from trainer.registry import Config, Registry
+
+# `needs_domain`: the data domain a tokenizer is trained on (None: any images); such a tokenizer is
+# built with the data config and a folder to keep itself in (`build_tokenizer`).
+TOKENIZERS = Registry("tokenizer", facts=("needs_domain",))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Latents(NamedTuple):
+    """A batch's latent posterior in the denoiser's (normalised) units."""
+
+    mean: torch.Tensor  # (B, C, h, w)
+    std: torch.Tensor | None  # (B, C, h, w); None for a deterministic tokenizer or posterior: mean
+
+    def sample(self, eps: torch.Tensor) -> torch.Tensor:
+        """z = mean + std · ε (ε ~ N(0, I), shape of `mean`); the mean itself when deterministic."""
+        return self.mean if self.std is None else self.mean + self.std * eps
+
+
+class Tokenizer(torch.nn.Module):
+    channels: int
+    downsample: int
+
+    def moments(self, images: torch.Tensor) -> Latents:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] → latents (B, C, H/d, W/d), normalised for the denoiser."""
+        lat = self.moments(images)
+        if lat.std is None:
+            return lat.mean
+        return lat.sample(torch.randn(lat.mean.shape, generator=generator, device=lat.mean.device))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel
+# ---------------------------------------------------------------------------------------------
+class PixelConfig(Config):
+    needs_domain: ClassVar[str | None] = None
+    kind: Literal["pixel"] = "pixel"
+
+    @property
+    def channels(self) -> int:
+        """Channels of the token grid; every tokenizer config says it without loading weights."""
+        return 3
+
+    @property
+    def downsample(self) -> int:
+        return 1
+
+    def weights(self) -> list[HFWeights]:
+        return []
+
+
+class PixelTokenizer(Tokenizer):
+    channels = 3
+    downsample = 1
+
+    def moments(self, images: torch.Tensor) -> Latents:
+        return Latents(images * 2 - 1, None)  # (B, 3, H, W) in [-1, 1]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1) / 2).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+
+
+@TOKENIZERS.register(PixelConfig)
+def build_pixel(cfg: PixelConfig, device: torch.device, weights_dir: str | None = None) -> PixelTokenizer:
+    return PixelTokenizer()
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent normalisations: forward (raw latent → denoiser units), inverse, and how a std scales.
+# ---------------------------------------------------------------------------------------------
+class ScaleShift(torch.nn.Module):
+    """z = scale · (x − shift): diffusers' `scaling_factor` / `shift_factor`."""
+
+    def __init__(self, scale: float, shift: float):
+        super().__init__()
+        self.scale, self.shift = float(scale), float(shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (x - self.shift)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale + self.shift
+
+    def scale_std(self, std: torch.Tensor) -> torch.Tensor:
+        return self.scale * std
+
+
+def patchify(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) → (B, 4C, h/2, w/2), channel order (c, dy, dx) as diffusers' Flux2 pipeline."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unpatchify(x: torch.Tensor) -> torch.Tensor:
+    """(B, 4C, h/2, w/2) → (B, C, h, w), the exact inverse of `patchify`."""
+    b, c4, h, w = x.shape
+    return x.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+class LatentBatchNorm(torch.nn.Module):
+    """Flux2: (patchify(x) − running_mean) / sqrt(running_var + eps), per patchified channel."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone().view(1, -1, 1, 1))  # (1, 4C, 1, 1)
+        self.register_buffer("std", std.detach().float().clone().view(1, -1, 1, 1))  # (1, 4C, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify((patchify(x) - self.mean) / self.std)  # (B, C, h, w)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return unpatchify(patchify(z) * self.std + self.mean)
+
+    def scale_std(self, std: torch.Tensor) -> torch.Tensor:
+        return unpatchify(patchify(std) / self.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoencoders
+# ---------------------------------------------------------------------------------------------
+class AutoencoderTokenizer(Tokenizer):
+    """A frozen diffusers autoencoder plus its latent normalisation; autocast is off inside."""
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        norm: torch.nn.Module,
+        channels: int,
+        downsample: int,
+        dtype: torch.dtype,
+        sample: bool,
+    ):
+        super().__init__()
+        self.vae, self.norm = vae.eval().requires_grad_(False), norm
+        self.channels, self.downsample, self.dtype, self.sample = channels, downsample, dtype, sample
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean, (dist.std if self.sample else None)
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> Latents:
+        x = (images * 2 - 1).to(self.dtype)  # (B, 3, H, W) in [-1, 1]
+        with torch.autocast(images.device.type, enabled=False):
+            mean, std = self.posterior(x)  # (B, C, h, w) raw latent units
+        return Latents(self.norm(mean.float()), None if std is None else self.norm.scale_std(std.float()))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.norm.inverse(z.float()).to(self.dtype)  # (B, C, h, w) raw latent units
+        with torch.autocast(z.device.type, enabled=False):
+            images = self.vae.decode(x).sample  # (B, 3, H, W) in [-1, 1]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class DeterministicAutoencoderTokenizer(AutoencoderTokenizer):
+    """DC-AE: the encoder returns the latent itself, there is no posterior to sample."""
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.vae.encode(x).latent, None
+
+
+class AutoencoderConfig(Config):
+    """Shared by the autoencoder tokenizers; each subclass names its model and its latent grid."""
+
+    needs_domain: ClassVar[str | None] = None
+    MODEL: ClassVar[HFWeights]
+    CHANNELS: ClassVar[int]
+    DOWNSAMPLE: ClassVar[int]
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="weights and compute dtype of the frozen autoencoder"
+    )
+
+    @property
+    def channels(self) -> int:
+        return self.CHANNELS
+
+    @property
+    def downsample(self) -> int:
+        return self.DOWNSAMPLE
+
+    def weights(self) -> list[HFWeights]:
+        return [self.MODEL]
+
+
+class GaussianAutoencoderConfig(AutoencoderConfig):
+    posterior: Literal["sample", "mean"] = Field(
+        "sample", description="latent fed to the denoiser: a posterior sample (PRX) or its mean"
+    )
+
+
+class FluxVAEConfig(GaussianAutoencoderConfig):
+    kind: Literal["flux-vae"] = "flux-vae"
+    MODEL: ClassVar = HFWeights("black-forest-labs/FLUX.1-dev", "vae")
+    CHANNELS: ClassVar = 16
+    DOWNSAMPLE: ClassVar = 8
+
+
+class RepaEVAEConfig(GaussianAutoencoderConfig):
+    kind: Literal["repa-e-vae"] = "repa-e-vae"
+    MODEL: ClassVar = HFWeights("REPA-E/e2e-flux-vae")
+    CHANNELS: ClassVar = 16
+    DOWNSAMPLE: ClassVar = 8
+
+
+class Flux2AEConfig(GaussianAutoencoderConfig):
+    kind: Literal["flux2-ae"] = "flux2-ae"
+    MODEL: ClassVar = HFWeights("black-forest-labs/FLUX.2-dev", "vae")
+    CHANNELS: ClassVar = 32  # both normalisations hand the denoiser the unpatchified (B, 32, h, w) grid
+    DOWNSAMPLE: ClassVar = 8
+    latent_norm: Literal["batchnorm", "prx-plain"] = Field(
+        "batchnorm",
+        description="batchnorm: the AE's latent BatchNorm running statistics over 2x2 patches (BFL, "
+        "diffusers); prx-plain: PRX's loading as a plain AutoencoderKL, latent · 0.18215 (the class "
+        "default; the statistics are dropped)",
+    )
+
+
+class DCAEConfig(AutoencoderConfig):
+    kind: Literal["dc-ae"] = "dc-ae"
+    MODEL: ClassVar = HFWeights("mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers")
+    CHANNELS: ClassVar = 32
+    DOWNSAMPLE: ClassVar = 32
+
+
+def load_autoencoder(cls: Any, cfg: AutoencoderConfig, weights_dir: str | None, downsample_of) -> Any:
+    """Loads `cfg.MODEL` in float32 (normalisation constants are read at full precision), refuses a
+    checkpoint that leaves parameters randomly initialised, and checks the latent grid `cfg` states."""
+    spec = cfg.MODEL
+    vae, info = load_pretrained(cls, spec, weights_dir, torch_dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(
+            f"tokenizer {cfg.kind!r}: {spec} checkpoint lacks {sorted(info['missing_keys'])}; "
+            f"refusing to run with those left at their initial values"
+        )
+    got = (vae.config.latent_channels, downsample_of(vae))
+    if got != (cfg.channels, cfg.downsample):
+        raise ValueError(
+            f"tokenizer {cfg.kind!r}: {spec} has {got[0]} latent channels at {got[1]}x downsampling, "
+            f"but the config states {cfg.channels} at {cfg.downsample}x; the wrong model is in "
+            f"the weights folder, or the config's CHANNELS/DOWNSAMPLE are wrong"
+        )
+    return vae
+
+
+def _kl_downsample(vae: Any) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _scale_shift(vae: Any) -> ScaleShift:
+    return ScaleShift(vae.config.scaling_factor, vae.config.shift_factor or 0.0)
+
+
+@TOKENIZERS.register(FluxVAEConfig)
+def build_flux_vae(cfg: FluxVAEConfig, device: torch.device, weights_dir: str | None = None) -> Tokenizer:
+    from diffusers import AutoencoderKL
+
+    vae = load_autoencoder(AutoencoderKL, cfg, weights_dir, _kl_downsample)
+    return AutoencoderTokenizer(
+        vae.to(device, DTYPES[cfg.dtype]),
+        _scale_shift(vae),
+        cfg.channels,
+        cfg.downsample,
+        DTYPES[cfg.dtype],
+        sample=cfg.posterior == "sample",
+    )
+
+
+@TOKENIZERS.register(RepaEVAEConfig)
+def build_repa_e_vae(cfg: RepaEVAEConfig, device: torch.device, weights_dir: str | None = None) -> Tokenizer:
+    return build_flux_vae(cfg, device, weights_dir)  # same class and normalisation, other weights
+
+
+@TOKENIZERS.register(Flux2AEConfig)
+def build_flux2_ae(cfg: Flux2AEConfig, device: torch.device, weights_dir: str | None = None) -> Tokenizer:
+    if cfg.latent_norm == "prx-plain":
+        # PRX's VaeTower: `AutoencoderKL.from_pretrained` on the FLUX.2 folder (same encoder, decoder and
+        # quant convs; the bn.* statistics are unexpected keys, dropped) and its config's scaling_factor,
+        # which the FLUX.2 config lacks, so the class default 0.18215 with no shift applies.
+        return build_flux_vae(cfg, device, weights_dir)
+    from diffusers import AutoencoderKLFlux2
+
+    vae = load_autoencoder(
+        AutoencoderKLFlux2, cfg, weights_dir, _kl_downsample
+    )  # missing bn stats raise here
+    if tuple(vae.config.patch_size) != (2, 2):
+        raise ValueError(
+            f"tokenizer 'flux2-ae': {cfg.MODEL} has patch_size {vae.config.patch_size}, expected (2, 2)"
+        )
+    bn = vae.bn  # BatchNorm2d(4C, affine=False): only its running statistics are used
+    norm = LatentBatchNorm(bn.running_mean, torch.sqrt(bn.running_var + vae.config.batch_norm_eps))
+    return AutoencoderTokenizer(
+        vae.to(device, DTYPES[cfg.dtype]),
+        norm.to(device),
+        cfg.channels,
+        cfg.downsample,
+        DTYPES[cfg.dtype],
+        sample=cfg.posterior == "sample",
+    )
+
+
+@TOKENIZERS.register(DCAEConfig)
+def build_dc_ae(cfg: DCAEConfig, device: torch.device, weights_dir: str | None = None) -> Tokenizer:
+    from diffusers import AutoencoderDC
+
+    vae = load_autoencoder(AutoencoderDC, cfg, weights_dir, lambda v: v.spatial_compression_ratio)
+    norm = ScaleShift(vae.config.scaling_factor, 0.0)
+    return DeterministicAutoencoderTokenizer(
+        vae.to(device, DTYPES[cfg.dtype]), norm, cfg.channels, cfg.downsample, DTYPES[cfg.dtype], sample=False
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# domain-ae: the demo's VAE, a small conv autoencoder trained on the synthetic domain once
+# ---------------------------------------------------------------------------------------------
+class DomainAEConfig(Config):
+    needs_domain: ClassVar[str | None] = SYNTHETIC_SHAPES
+    kind: Literal["domain-ae"] = "domain-ae"
+    latent_channels: int = Field(
+        4, ge=1, description="channels of the latent grid (the denoiser's in_channels)"
+    )
+    factor: Literal[2, 4] = Field(2, description="image pixels per latent pixel")
+    width: int = Field(32, ge=8, description="conv width of encoder and decoder")
+    steps: int = Field(800, ge=1, description="training steps (Adam, batch 64) on first use; then cached")
+
+    @property
+    def channels(self) -> int:
+        return self.latent_channels
+
+    @property
+    def downsample(self) -> int:
+        return self.factor
+
+    def weights(self) -> list[HFWeights]:
+        return []
+
+
+class ConvAutoencoder(torch.nn.Module):
+    """[-1, 1] images (B, 3, H, W) ↔ latents (B, C, H/f, W/f): stride-2 convs down, transposed convs up."""
+
+    def __init__(self, cfg: DomainAEConfig):
+        super().__init__()
+        w, act, halvings = cfg.width, torch.nn.SiLU, cfg.factor.bit_length() - 1
+        down = [torch.nn.Conv2d(3, w, 3, padding=1), act()]
+        up = [torch.nn.Conv2d(cfg.latent_channels, w, 3, padding=1), act()]
+        for _ in range(halvings):
+            down += [torch.nn.Conv2d(w, w, 4, stride=2, padding=1), act()]
+            up += [torch.nn.ConvTranspose2d(w, w, 4, stride=2, padding=1), act()]
+        self.encoder = torch.nn.Sequential(*down, torch.nn.Conv2d(w, cfg.latent_channels, 3, padding=1))
+        self.decoder = torch.nn.Sequential(*up, torch.nn.Conv2d(w, 3, 3, padding=1))
+
+
+class DomainAETokenizer(Tokenizer):
+    """Deterministic: z = (encoder(x) − mean) / std per channel, the statistics of its training renders."""
+
+    def __init__(self, ae: ConvAutoencoder, mean: torch.Tensor, std: torch.Tensor, cfg: DomainAEConfig):
+        super().__init__()
+        self.ae = ae.eval().requires_grad_(False)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+        self.channels, self.downsample = cfg.channels, cfg.downsample
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> Latents:
+        return Latents((self.ae.encoder(images * 2 - 1) - self.mean) / self.std, None)  # (B, C, h, w)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return ((self.ae.decoder(z * self.std + self.mean) + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
+
+
+def train_domain_ae(cfg: DomainAEConfig, data) -> dict:
+    """Fit the autoencoder on renders the training and held-out sets never use (seeded, CPU)."""
+    from trainer.data.datasets import SyntheticShapes
+
+    renders = SyntheticShapes(data, offset=2 * 10**9, length=4096)
+    images = torch.stack([renders[i]["image"] for i in range(len(renders))]) * 2 - 1  # (N, 3, H, W)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ae = ConvAutoencoder(cfg)
+        opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(cfg.steps):
+            batch = images[torch.randint(len(images), (64,), generator=gen)]
+            loss = torch.nn.functional.mse_loss(ae.decoder(ae.encoder(batch)), batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        z = ae.encoder(images[:1024])  # (n, C, h, w)
+    return {"state": ae.state_dict(), "mean": z.mean((0, 2, 3)), "std": z.std((0, 2, 3)), "loss": loss.item()}
+
+
+@TOKENIZERS.register(DomainAEConfig)
+def build_domain_ae(
+    cfg: DomainAEConfig, device: torch.device, weights_dir: str | None = None, *, data=None, cache_dir=None
+) -> Tokenizer:
+    import hashlib
+    import json
+
+    from filelock import FileLock
+
+    from core.atomic import atomic_path
+
+    if data is None or cache_dir is None:
+        raise ValueError("tokenizer 'domain-ae' is trained on the data domain: build it with build_tokenizer")
+    key = {"ae": cfg.model_dump(mode="json"), "resolution": data.resolution, "domain_seed": data.domain_seed,
+           "jitter": data.jitter, "version": 1}  # fmt: skip
+    path = (
+        Path(cache_dir)
+        / f"domain-ae-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # every arm's first step at once: one of them trains it
+        if not path.exists():
+            with atomic_path(path) as tmp:
+                torch.save({**train_domain_ae(cfg, data), "key": key}, tmp)
+    saved = torch.load(path, weights_only=True)
+    ae = ConvAutoencoder(cfg)
+    ae.load_state_dict(saved["state"])
+    return DomainAETokenizer(ae, saved["mean"], saved["std"], cfg).to(device)
+
+
+def build_tokenizer(cfg, device: torch.device, weights_dir: str | None = None, cache_dir=None) -> Tokenizer:
+    """The config's tokenizer. One trained on the data domain (`needs_domain`) also gets the data config and
+    the folder it keeps itself in (the eval cache, beside the attribute net)."""
+    extra = {"data": cfg.data, "cache_dir": cache_dir} if cfg.tokenizer.needs_domain else {}
+    return TOKENIZERS.build(cfg.tokenizer, device, weights_dir=weights_dir, **extra)

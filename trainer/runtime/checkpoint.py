@@ -1,0 +1,202 @@
+"""Checkpoints: written whole to a temporary folder, flushed, then renamed, so a folder named step_N is complete.
+
+checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
+    transformer/          diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
+    factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
+    state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position,
+                          throughput and timings so far
+    manifest.json         size and SHA-256 of every other file, written last
+
+A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
+and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`); one that
+does not is moved to checkpoints/.set-aside/ with a one-line warning and the next older one is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.atomic import atomic_write_json, commit_dir
+from core.rundir import RunDir
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+MANIFEST = "manifest.json"
+SINGLE_FILE = 2**50  # bytes: save_pretrained's max_shard_size that never splits the transformer's weights
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint's files do not match its manifest; the message names it and says how."""
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """{relative path: path} of every file in `folder` but the manifest itself, sorted."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(folder).as_posix(): p for p in files}
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file in `folder` but the manifest itself."""
+    return {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in _files(folder).items()}
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be trusted, or None when every file matches its manifest."""
+    try:
+        recorded = json.loads((path / MANIFEST).read_bytes())["files"]
+        expected = {str(name): (int(want["size"]), str(want["sha256"])) for name, want in recorded.items()}
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    present = _files(path)
+    for name, (size, digest) in expected.items():
+        file = present.get(name)
+        try:
+            if file is None or file.is_symlink():
+                return f"{name} missing"
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+            if _sha256(file) != digest:
+                return f"{name} does not match its checksum"
+        except OSError as e:
+            return f"{name} unreadable ({e.strerror})"
+    extra = sorted(set(present) - set(expected))
+    return f"{extra[0]} is not in the manifest" if extra else None
+
+
+def newest_verified(run: RunDir | Path, *, set_aside: bool = True) -> Path | None:
+    """The newest checkpoint whose files match their manifest. Each newer one that fails is moved to
+    checkpoints/.set-aside/ (with `set_aside`) and named in a one-line warning on stderr."""
+    run = RunDir(run)
+    for path in reversed(complete(run)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        where = run.set_aside(path) if set_aside else path
+        print(
+            f"warning: {path}: fails verification ({problem}); set aside as {where}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return None
+
+
+def clean_partial(run: RunDir | Path) -> list[Path]:
+    """Delete the temporary folders of checkpoints whose writer died (they hold no complete state)."""
+    found = RunDir(run).partial_checkpoints()
+    for tmp in found:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return found
+
+
+def save(run: RunDir, step: int, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int) -> Path:
+    """Write checkpoint `step` of `run` atomically and keep the newest `keep`. If writing fails (a full
+    disk), the partial folder is removed at once, so the space is free for the error to be recorded.
+
+    `weights`: the denoiser's whole state dict (prx.…, factors.…), gathered from every process when its
+    parameters are sharded (trainer/runtime/parallel.py); `denoiser` gives the transformer's config."""
+    tmp = run.checkpoint_tmp(step)
+    try:
+        return _save(run, step, tmp, denoiser, weights, state, keep)
+    except BaseException as e:
+        full = _nearly_full(tmp.parent)  # looked at before the partial folder frees its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename:
+            raise
+        if full or (isinstance(e, OSError) and e.errno == errno.ENOSPC):  # torch.save says RuntimeError
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run.checkpoint(step))) from e
+        raise
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _part(weights: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def _plain_prx(prx: torch.nn.Module, weights: dict) -> torch.nn.Module:
+    """A plain diffusers PRX holding `weights` (a sharded model cannot save_pretrained itself): built on
+    the meta device, so no memory is allocated before the given tensors are assigned."""
+    from diffusers import PRXTransformer2DModel
+
+    with torch.device("meta"):
+        plain = PRXTransformer2DModel.from_config(prx.config)
+    plain.load_state_dict(weights, strict=True, assign=True)
+    return plain
+
+
+def _save(
+    run: RunDir, step: int, tmp: Path, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int
+) -> Path:
+    final = run.checkpoint(step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # one file whatever the size (diffusers would split past 10 GB): `load` reads that file
+    _plain_prx(denoiser.prx, _part(weights, "prx.")).save_pretrained(
+        tmp / "transformer", safe_serialization=True, max_shard_size=SINGLE_FILE
+    )
+    factors = {k: v.detach().contiguous() for k, v in _part(weights, "factors.").items()}
+    save_file(factors, tmp / "factors.safetensors")
+    torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+    atomic_write_json(tmp / MANIFEST, {"step": step, "files": manifest(tmp)})
+    if final.exists():  # a re-run of the same step after a resume: replace it whole
+        shutil.rmtree(final)
+    commit_dir(tmp, final)
+    for old in complete(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(run: RunDir | Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    run = RunDir(run)
+    return [run.checkpoint(step) for step in run.checkpoint_steps()]
+
+
+def latest(run: RunDir | Path) -> Path | None:
+    found = complete(run)
+    return found[-1] if found else None
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    """(the denoiser's whole state dict, the training state); trainer/runtime/parallel.py puts them in place."""
+    prx = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+    factors = load_file(path / "factors.safetensors")
+    weights = {**{f"prx.{k}": v for k, v in prx.items()}, **{f"factors.{k}": v for k, v in factors.items()}}
+    return weights, torch.load(path / "state.pt", weights_only=False)
