@@ -25,6 +25,7 @@ from ablate.running.store import ArmView, Decision, eval_note, observe
 from ablate.sweep.expand import changes, show_value
 from ablate.sweep.schema import Sweep, load_sweep
 from core.atomic import Unreadable
+from core.records import Job, Requeue, Status
 from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, RUNNING, STALE, UNREADABLE, RunDir
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def _submit_fault(e: OSError, sweep: Sweep, run_dirs: list[Path]) -> UserError:
     sent = 0
     for run_dir in run_dirs:
         with contextlib.suppress(Exception):
-            sent += bool((RunDir(run_dir).read_job() or {}).get("job_id"))
+            sent += bool((RunDir(run_dir).read_job() or Job()).job_id)
     return os_fault(
         e,
         f"cannot submit the arms ({sent} of {len(run_dirs)} submitted before it; "
@@ -212,7 +213,7 @@ def status(sweep_file: SweepFile) -> None:
         )
     for view in failed:  # what went wrong, where a person looks first
         console.print(f"\n{view.name} failed: {view.note or 'no error recorded'}", style="red", markup=False)
-        log = view.job.get("stderr") if view.job else None
+        log = view.job.stderr if view.job else None
         for line in _tail(Path(log) if log else None, LOG_TAIL):
             console.print(f"  │ {line}", markup=False)
         if log:
@@ -698,15 +699,15 @@ def _eval_summary(console: Console, targets: list[Target]) -> int:
     bad = 0
     for t in targets:
         record = outcome(t)
-        if record.get("state") == DONE:
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.get("metrics", {}).items())
+        if record.state == DONE:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in (record.metrics or {}).items() if v is not None)
             console.print(f"  {t.name}: step {t.step}: {metrics}", markup=False)
             continue
         bad += 1
-        log = record.get("stderr")
+        log = record.stderr
         console.print(
-            f"  {t.name}: step {t.step}: {record.get('state', '?')}"
-            + (f" ({record['error']})" if record.get("error") else "")
+            f"  {t.name}: step {t.step}: {record.state or '?'}"
+            + (f" ({record.error})" if record.error else "")
             + (f"; log: {log}" if log and Path(log).exists() else ""),
             style="red",
             markup=False,
@@ -732,15 +733,14 @@ def _weights_table(needed: list[Weight], states: dict[Weight, str | None]) -> Ta
 
 
 def _arm_cells(view: ArmView, *, with_log: bool) -> list[Text]:
-    status = view.status or {}
-    step, total = status.get("step"), status.get("total_steps")
-    loss = status.get("loss")
+    status = view.status or Status()
+    step, total, loss = status.step, status.total_steps, status.loss
     cells = [
         view.name,
         view.state,
         "" if step is None else f"{step}/{total}" if total else str(step),
         "" if loss is None else f"{loss:.4g}",
-        str(status.get("updated_at", "")),
+        status.updated_at or "",
     ]
     if with_log:
         cells.append(view.log_path or (str(view.run_dir) if view.run_dir.exists() else ""))
@@ -750,12 +750,11 @@ def _arm_cells(view: ArmView, *, with_log: bool) -> list[Text]:
 
 
 def _requeue_note(view: ArmView) -> str:
-    status = view.status or {}
-    n = status.get("requeues")
-    if not n:
+    status = view.status or Status()
+    if not status.requeues:
         return ""
-    last = status.get("last_requeue") or {}
-    return f"requeued {n}× (last: {last.get('reason', '?')}, saved at step {last.get('step', '?')})"
+    last = status.last_requeue or Requeue()
+    return f"requeued {status.requeues}× (last: {last.reason or '?'}, saved at step {last.step or '?'})"
 
 
 def _tail(path: Path | None, n: int) -> list[str]:
@@ -778,13 +777,13 @@ def _progress_table(sweep: Sweep, names: list[str]) -> Table:
         table.add_column(column)
     for name in names:
         run = RunDir(sweep.root / name)
-        status = _status(run)
-        last = run.last_log_row() or {}
-        step, total, loss = status.get("step"), status.get("total_steps"), status.get("loss")
-        eta = last.get("eta_s") if status.get("state") == RUNNING else None
+        state, status = _status(run)
+        last = run.last_log_row()
+        step, total, loss = status.step, status.total_steps, status.loss
+        eta = last.eta_s if last is not None and state == RUNNING else None
         table.add_row(
             name,
-            str(status.get("state", "?")),
+            state,
             "" if step is None else f"{step}/{total}",
             "" if loss is None else f"{loss:.4g}",
             "" if eta is None else _duration(eta),
@@ -819,11 +818,10 @@ def _live_progress(console: Console, sweep: Sweep, names: list[str]):
 
     def report() -> None:
         for name in names:
-            status = _status(RunDir(sweep.root / name))
-            state = str(status.get("state", "?"))
+            state, status = _status(RunDir(sweep.root / name))
             if seen.get(name) != state:
                 seen[name] = state
-                step = f" at step {status['step']}/{status.get('total_steps')}" if status.get("step") else ""
+                step = f" at step {status.step}/{status.total_steps}" if status.step else ""
                 console.print(f"{name}: {state}{step}", markup=False)
 
     stop = threading.Event()
@@ -843,12 +841,13 @@ def _live_progress(console: Console, sweep: Sweep, names: list[str]):
         console.print(_progress_table(sweep, names))
 
 
-def _status(run: RunDir) -> dict[str, Any]:
-    """The arm's status for progress lines ({} while absent; a corrupt one says so)."""
+def _status(run: RunDir) -> tuple[str, Status]:
+    """The arm's state and status for progress lines ('?' while absent; a corrupt one says so)."""
     try:
-        return run.read_status() or {}
+        status = run.read_status() or Status()
     except Unreadable as e:
-        return {"state": f"unreadable ({e.reason})"}
+        return f"unreadable ({e.reason})", Status()
+    return status.state or "?", status
 
 
 def _summary(console: Console, sweep: Sweep, names: list[str]) -> int:

@@ -18,32 +18,46 @@
         checkpoints/.set-aside/      checkpoints that failed verification (kept, never deleted)   trainer
         eval/step_N.json  metrics at step N: THE source of per-step metrics   trainer, `ablate eval` jobs
         eval/step_N.png   the sample grid at step N               trainer, `ablate eval` jobs
-        result.json       final step, throughput, timings, versions, and a copy of
-                          the per-step metrics for readers of the folder alone     trainer, `ablate eval` jobs
+        result.json       final step, throughput, timings, versions (no metrics)   trainer
         eval_job.json     the latest `ablate eval` job (state, step, metrics or error)   `ablate eval`, its job
         launcher          symlink to the job's submitit folder    `ablate run`
         .writer.lock      flock held by the one live trainer (or eval job) writing the folder
         writer.json       who holds it: host, pid, started_at     that trainer
 
-Every record is written through `core.atomic` (a reader never sees a torn file) and read back
-with `read_json`, which names the file when it is corrupt. This module is the only place that
-spells these names; it imports neither torch nor the orchestrator.
+What each record holds is a typed model of `core.records`; every record is written through
+`core.atomic` (a reader never sees a torn file) and read back through its model, so a corrupt or
+mistyped record raises `Unreadable` naming the file. This module is the only place that spells
+these names; it imports neither torch nor the orchestrator.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
-from core.atomic import atomic_write, atomic_write_json, read_json
+from pydantic import ValidationError
+
+from core.atomic import Unreadable, atomic_write, atomic_write_json, read_json
+from core.records import (
+    Code,
+    EvalJob,
+    EvalRecord,
+    Job,
+    LogRow,
+    R,
+    Result,
+    Spec,
+    Status,
+    SweepMark,
+    Writer,
+    shape_problem,
+)
 
 CONFIG, SPEC, JOB, STATUS, RESULT, LOG = (
     "config.yaml",
@@ -183,29 +197,40 @@ class RunDir:
             )
 
     # -- reading -----------------------------------------------------------------------------------
-    def read_spec(self) -> dict[str, Any] | None:
-        return read_json(self.spec)
+    def read_spec(self) -> Spec | None:
+        return read_record(self.spec, Spec)
 
-    def read_status(self) -> dict[str, Any] | None:
-        return read_json(self.status)
+    def read_status(self) -> Status | None:
+        return read_record(self.status, Status)
 
-    def read_job(self) -> dict[str, Any] | None:
-        return read_json(self.job)
+    def read_job(self) -> Job | None:
+        return read_record(self.job, Job)
 
-    def read_result(self) -> dict[str, Any] | None:
-        return read_json(self.result)
+    def read_result(self) -> Result | None:
+        return read_record(self.result, Result)
 
-    def read_eval_job(self) -> dict[str, Any] | None:
-        return read_json(self.eval_job)
+    def read_eval_job(self) -> EvalJob | None:
+        return read_record(self.eval_job, EvalJob)
 
-    def metrics_by_step(self) -> dict[int, dict[str, float]]:
-        """{step: metrics} from eval/step_N.json, steps in order: the one source of per-step metrics."""
-        found: dict[int, dict[str, float]] = {}
+    def read_code(self) -> Code | None:
+        return read_record(self.path / CODE, Code)
+
+    def read_writer(self) -> Writer | None:
+        return read_record(self.path / WRITER, Writer)
+
+    def eval_records(self) -> dict[int, EvalRecord]:
+        """{step: eval/step_N.json} in step order: the one source of per-step metrics. Raises `Unreadable`
+        naming the first record that is not an eval record."""
+        found: dict[int, EvalRecord] = {}
         if self.eval_dir.is_dir():
             for path in self.eval_dir.iterdir():
-                if (match := _EVAL_RECORD.match(path.name)) and (record := read_json(path)) is not None:
-                    found[int(match.group(1))] = record.get("metrics", {})
+                if (match := _EVAL_RECORD.match(path.name)) and (record := read_record(path, EvalRecord)):
+                    found[int(match.group(1))] = record
         return dict(sorted(found.items()))
+
+    def metrics_by_step(self) -> dict[int, dict[str, float | None]]:
+        """{step: {metric: value}} from eval/, steps in order."""
+        return {step: record.metrics for step, record in self.eval_records().items()}
 
     def checkpoint_steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first (a folder named step_N is complete)."""
@@ -214,17 +239,13 @@ class RunDir:
         steps = (p.name[len(CHECKPOINT_PREFIX) :] for p in self.checkpoints.iterdir() if p.is_dir())
         return sorted(int(s) for s in steps if s.isdigit())
 
-    def log_rows(self) -> list[dict[str, Any]]:
+    def log_rows(self) -> list[LogRow]:
         """Every complete line of log.jsonl; a torn or garbled line (a kill mid-write) is skipped."""
-        rows = []
         with contextlib.suppress(FileNotFoundError):
-            for line in self.log.read_bytes().splitlines():
-                with contextlib.suppress(ValueError):
-                    if isinstance(row := json.loads(line), dict):
-                        rows.append(row)
-        return rows
+            return [row for line in self.log.read_bytes().splitlines() if (row := _log_row(line))]
+        return []
 
-    def last_log_row(self) -> dict[str, Any] | None:
+    def last_log_row(self) -> LogRow | None:
         """The last complete record of log.jsonl, reading only the file's tail."""
         try:
             with self.log.open("rb") as f:
@@ -233,32 +254,28 @@ class RunDir:
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return None
-        for line in reversed(lines):
-            with contextlib.suppress(ValueError):
-                if isinstance(row := json.loads(line), dict):
-                    return row
-        return None
+        return next((row for line in reversed(lines) if (row := _log_row(line))), None)
 
     # -- writing: before submission (`ablate run`) ----------------------------------------------------
     def write_config(self, text: str) -> None:
         atomic_write(self.config, text)
 
-    def write_spec(self, spec: dict[str, Any]) -> None:
-        atomic_write_json(self.spec, spec)
+    def write_spec(self, spec: Spec) -> None:
+        atomic_write_json(self.spec, spec.to_json())
 
-    def write_code(self, record: dict[str, Any], diff: str) -> None:
+    def write_code(self, record: Code, diff: str) -> None:
         """The code the arm's job runs (ablate.running.snapshot): code.json, and code.diff when the tree was dirty."""
-        atomic_write_json(self.path / CODE, record)
+        atomic_write_json(self.path / CODE, record.to_json())
         if diff:
             atomic_write(self.path / CODE_DIFF, diff)
         else:
             (self.path / CODE_DIFF).unlink(missing_ok=True)
 
-    def write_job(self, job: dict[str, Any]) -> None:
-        atomic_write_json(self.job, job)
+    def write_job(self, job: Job) -> None:
+        atomic_write_json(self.job, job.to_json())
 
     def update_job(self, **fields: Any) -> None:
-        atomic_write_json(self.job, {**(self.read_job() or {}), **fields})
+        self.write_job(updated(self.read_job() or Job(), fields))
 
     def mark_submitted(self, job_id: str, folder: Path, stdout: Path, stderr: Path) -> None:
         """Record the arm's job in job.json; the state becomes `submitted` unless the job already started;
@@ -281,45 +298,47 @@ class RunDir:
     def set_status(
         self, state: str, *, only_from: tuple[str, ...] | None = None, fresh: bool = False, **fields: Any
     ) -> bool:
-        """Write `state` with `fields` over the previous status (fields not given are kept; with
-        `fresh`, dropped: a re-queued arm starts a clean record).
+        """Write `state` with `fields` (Status fields) over the previous status (fields not given are
+        kept; with `fresh`, dropped: a re-queued arm starts a clean record).
 
         With `only_from`, nothing is written unless the current state is one of those (e.g. `ablate
         run` marks an arm submitted only while it is still queued: its job may already be running).
         Returns whether it wrote. A transition TRANSITIONS does not allow is a programming error.
         """
-        old = self.read_status() or {}
-        if only_from is not None and old.get("state") not in only_from:
+        old = self.read_status() or Status()
+        if only_from is not None and old.state not in only_from:
             return False
-        check_transition(old.get("state"), state, self.status)
-        atomic_write_json(
-            self.status, {**({} if fresh else old), **fields, "state": state, "updated_at": now()}
-        )
+        check_transition(old.state, state, self.status)
+        new = updated(Status() if fresh else old, {**fields, "state": state, "updated_at": now()})
+        atomic_write_json(self.status, new.to_json())
         return True
 
     def set_eval_job(self, state: str, *, only_from: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """The `ablate eval` record: the same states and rule as `set_status`, in eval_job.json."""
-        old = self.read_eval_job() or {}
-        if only_from is not None and old.get("state") not in only_from:
+        old = self.read_eval_job() or EvalJob()
+        if only_from is not None and old.state not in only_from:
             return False
-        check_transition(old.get("state"), state, self.eval_job)
-        atomic_write_json(self.eval_job, {**old, **fields, "state": state, "updated_at": now()})
+        check_transition(old.state, state, self.eval_job)
+        new = updated(old, {**fields, "state": state, "updated_at": now()})
+        atomic_write_json(self.eval_job, new.to_json())
         return True
 
     def update_eval_job(self, **fields: Any) -> None:
         """Add fields (the job's id and logs) to eval_job.json, its state unchanged."""
-        atomic_write_json(self.eval_job, {**(self.read_eval_job() or {}), **fields})
+        atomic_write_json(self.eval_job, updated(self.read_eval_job() or EvalJob(), fields).to_json())
 
     def new_eval_job(self, state: str, **fields: Any) -> None:
         """Start a fresh eval_job.json (a new `ablate eval` submission replaces the last one's record)."""
-        atomic_write_json(self.eval_job, {**fields, "state": state, "updated_at": now()})
+        atomic_write_json(
+            self.eval_job, updated(EvalJob(), {**fields, "state": state, "updated_at": now()}).to_json()
+        )
 
     # -- writing: the trainer -----------------------------------------------------------------------
-    def append_log(self, row: dict[str, Any]) -> None:
+    def append_log(self, row: LogRow) -> None:
         """One line more in log.jsonl; a symlink planted in its place is not followed."""
         fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row.to_json()) + "\n")
 
     def truncate_log(self, step: int) -> int:
         """Keep only the log lines up to `step` (a resumed run redoes the steps after its checkpoint;
@@ -329,106 +348,48 @@ class RunDir:
             return 0
         lines = [line for line in self.log.read_bytes().splitlines() if line.strip()]
         rows = self.log_rows()
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        atomic_write(self.log, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in rows if r.step <= step]
+        atomic_write(self.log, "".join(json.dumps(r.to_json()) + "\n" for r in kept))
         return len(lines) - len(rows)
 
-    def write_eval(self, step: int, metrics: dict[str, float], **extra: Any) -> None:
-        atomic_write_json(self.eval_record(step), {"step": step, "metrics": metrics, **extra})
+    def write_eval(self, record: EvalRecord) -> None:
+        atomic_write_json(self.eval_record(record.step), record.to_json())
 
-    def write_result(self, result: dict[str, Any]) -> dict[str, Any]:
-        """result.json with the per-step metrics copied in from eval/ (see `refresh_result`)."""
-        result = {**result, **self._metrics_summary(int(result["step"]))}
-        atomic_write_json(self.result, result)
-        return result
+    def write_result(self, result: Result) -> None:
+        atomic_write_json(self.result, result.to_json())
 
-    def refresh_result(self) -> None:
-        """After eval/ changed (`ablate eval`): result.json's copy of the metrics follows it."""
-        result = self.read_result()
-        if result is not None:
-            self.write_result(result)
 
-    def _metrics_summary(self, final_step: int) -> dict[str, Any]:
-        by_step = self.metrics_by_step()
-        return {
-            "metrics": by_step.get(final_step, {}),
-            "metrics_by_step": {str(k): v for k, v in by_step.items()},
-        }
+def read_record(path: Path, model: type[R]) -> R | None:
+    """The record at `path` as its model, None when the file does not exist. Raises `Unreadable` naming
+    the file when it is not JSON, not an object, or a field does not have its type."""
+    data = read_json(path)
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise Unreadable(path, f"a JSON {type(data).__name__}, not an object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise Unreadable(path, shape_problem(e)) from None
+
+
+def updated(record: R, fields: dict[str, Any]) -> R:
+    """`record` with `fields` replaced, validated again (a field the record does not have is a bug)."""
+    unknown = set(fields) - set(type(record).model_fields)
+    if unknown:
+        raise TypeError(f"{type(record).__name__} has no field {', '.join(sorted(unknown))}")
+    return type(record).model_validate({**record.model_dump(), **fields})
+
+
+def _log_row(line: bytes) -> LogRow | None:
+    with contextlib.suppress(ValueError):  # a torn line, or one of another shape (ValidationError)
+        if isinstance(data := json.loads(line), dict):
+            return LogRow.model_validate(data)
+    return None
 
 
 class PlantedLink(RuntimeError):
     """A record or folder in a run folder is a symbolic link (see RunDir.planted_links)."""
-
-
-class Busy(RuntimeError):
-    """Another live process writes this run folder; the message names it."""
-
-
-class WriterLock:
-    """One live writer per run folder: an exclusive flock on .writer.lock, held for the writer's life.
-
-    The kernel drops it when the process dies however it dies (kill -9 included), so a lock that
-    cannot be taken means a live owner, whichever way it was started (`ablate run`'s job or
-    `python -m trainer.job` by hand). writer.json says who. Over NFS, Linux maps flock onto
-    POSIX locks, which the server arbitrates between hosts.
-    """
-
-    def __init__(self, run: RunDir):
-        self.run, self._fd = run, None
-
-    def acquire(self) -> WriterLock:
-        path = self.run.path / WRITER_LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise Busy(
-                f"{self.run.path}: {describe_writer(read_writer(self.run))} is writing this run folder"
-            ) from None
-        self._fd = fd
-        atomic_write_json(
-            self.run.path / WRITER, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now()}
-        )
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> WriterLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def read_writer(run: RunDir) -> dict[str, Any]:
-    with contextlib.suppress(ValueError):
-        return read_json(run.path / WRITER, {}) or {}
-    return {}
-
-
-def describe_writer(writer: dict[str, Any]) -> str:
-    if not writer:
-        return "another process"
-    return f"process {writer.get('pid', '?')} on {writer.get('host', '?')} (since {writer.get('started_at', '?')})"
-
-
-def live_writer(run: RunDir) -> dict[str, Any] | None:
-    """Who holds the run folder's writer lock now (writer.json), or None when nobody does."""
-    try:
-        fd = os.open(run.path / WRITER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:  # never locked (or not a plain file): no live writer
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return read_writer(run) or {"pid": None, "host": None}
-    finally:
-        os.close(fd)
-    return None
 
 
 class SweepDir:
@@ -445,12 +406,12 @@ class SweepDir:
     mark = property(lambda self: self.root / SWEEP_MARK)
     """Written by `ablate run` in the folder it made (or adopted) for a sweep: only there does it write."""
 
-    def read_mark(self) -> dict[str, Any] | None:
-        """The marker's content ({"sweep": name, ...}), None when the folder has none."""
-        return read_json(self.mark)
+    def read_mark(self) -> SweepMark | None:
+        """The marker (the sweep's name), None when the folder has none."""
+        return read_record(self.mark, SweepMark)
 
     def write_mark(self, sweep: str) -> None:
-        atomic_write_json(self.mark, {"sweep": sweep, "marked_at": now()})
+        atomic_write_json(self.mark, SweepMark(sweep=sweep, marked_at=now()).to_json())
 
     @property
     def job_folder(self) -> Path:

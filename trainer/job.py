@@ -15,7 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from core.rundir import FAILED, Busy, RunDir, WriterLock
+from core.lock import Busy, WriterLock
+from core.rundir import FAILED, RunDir
 from trainer.config import load
 from trainer.runtime import dist as distributed
 from trainer.runtime.preempt import Preemption

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from core.records import Spec
+
 MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -103,7 +105,7 @@ class Tracker:
 def start(
     wandb_cfg: Any,
     run_dir: Path,
-    spec: dict[str, Any],
+    spec: Spec,
     config: dict[str, Any],
     *,
     job: str = "train",
@@ -117,17 +119,17 @@ def start(
         import wandb
 
         job_key = "train" if job == "train" else f"{job}-step{step}"
-        ablate = {k: spec.get(k) for k in ("sweep", "delta", "seed", "hash", "overrides")}
+        ablate = spec.model_dump(include={"sweep", "delta", "seed", "hash", "overrides"})
         run = wandb.init(
             project=wandb_cfg.project,
             entity=wandb_cfg.entity,
             mode=mode,
-            id=run_id(run_dir, spec.get("hash", ""), job_key),
+            id=run_id(run_dir, spec.hash or "", job_key),
             resume="allow",
-            name=spec.get("name", Path(run_dir).name),
-            group=spec.get("sweep"),
+            name=spec.name or Path(run_dir).name,
+            group=spec.sweep,
             job_type=job,
-            tags=tags(spec.get("overrides") or {}, spec.get("delta")),
+            tags=tags(spec.overrides, spec.delta),
             config={**config, "ablate": ablate},
             dir=str(run_dir),
             settings=_settings(wandb, wandb_cfg.init_timeout_s),

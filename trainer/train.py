@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.atomic import Unreadable
+from core.records import EvalRecord, LogRow, Requeue, Result, Spec, Status, Throughput
 from core.rundir import DONE, RUNNING, SUBMITTED, TRAINER_OVERWRITES, RunDir, now
 from trainer import flow, generation, tracking
 from trainer.config import DENOISER_FACTORS, TrainConfig
@@ -163,7 +164,7 @@ class Trainer:
         return total.detach(), grad_norm.detach()
 
     # -- the loop -------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> Result:
         """Train from the newest checkpoint to the last step, evaluating and saving on the way."""
         self.resume()
         self.write_status(RUNNING, restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
@@ -295,7 +296,12 @@ class Trainer:
             metrics = {"val_loss": self.validation_loss(), **self.generation(self.step)}
         if self.dist.main:
             self.rundir.write_eval(
-                self.step, metrics, val_samples=len(self.val_set), generated_samples=self.generation.n
+                EvalRecord(
+                    step=self.step,
+                    metrics=metrics,
+                    val_samples=len(self.val_set),
+                    generated_samples=self.generation.n,
+                )
             )
             print(
                 f"[{self.name}] eval step {self.step}: "
@@ -329,8 +335,6 @@ class Trainer:
             metrics = self.run_eval()
         finally:
             self.wandb.finish()
-        if self.dist.main:
-            self.rundir.refresh_result()
         return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -381,14 +385,14 @@ class Trainer:
     # -- the run directory -----------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self.spec.get("name", self.rundir.name)
+        return self.spec.name or self.rundir.name
 
     def record_requeue(self, reason: str) -> None:
         """Saved because the job is stopping: in flight again (`submitted`), one more requeue on record."""
         if not self.dist.main:
             return
-        requeues = int((self.rundir.read_status() or {}).get("requeues", 0)) + 1
-        last = {"step": self.step, "reason": reason, "at": now()}
+        requeues = (self.rundir.read_status() or Status()).requeues + 1
+        last = Requeue(step=self.step, reason=reason, at=now())
         self.write_status(SUBMITTED, requeues=requeues, last_requeue=last)
         print(f"[{self.name}] {reason}: saved step {self.step}, requeue {requeues}", flush=True)
 
@@ -416,30 +420,31 @@ class Trainer:
         if warm:
             tp = self.throughput.setdefault("_acc", [0.0, 0.0, 0])
             tp[0], tp[1], tp[2] = tp[0] + window.data, tp[1] + window.total, tp[2] + window.steps
-        row = {
-            "step": self.step,
-            "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
-            "batches_per_s": 1 / per_step,
-            "samples_per_s": cfg.train.batch_size / per_step,
-            "data_s": window.data / window.steps,
-            "compute_s": (window.total - window.data) / window.steps,
-            "eta_s": per_step * (cfg.train.steps - self.step),
-            "time": now(),
-        }
+        row = LogRow(
+            step=self.step,
+            loss=loss,
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=grad_norm,
+            batches_per_s=1 / per_step,
+            samples_per_s=cfg.train.batch_size / per_step,
+            data_s=window.data / window.steps,
+            compute_s=(window.total - window.data) / window.steps,
+            eta_s=per_step * (cfg.train.steps - self.step),
+            time=now(),
+        )
         if not self.dist.main:
             return
         self.rundir.append_log(row)
         self.write_status(RUNNING, loss=loss)
-        eta = time.strftime("%H:%M:%S", time.gmtime(row["eta_s"]))
+        eta = time.strftime("%H:%M:%S", time.gmtime(row.eta_s))
         print(
-            f"[{self.name}] step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {row['lr']:.2e} "
-            f"| {row['batches_per_s']:.2f} batch/s {row['samples_per_s']:.1f} samples/s "
+            f"[{self.name}] step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {row.lr:.2e} "
+            f"| {row.batches_per_s:.2f} batch/s {row.samples_per_s:.1f} samples/s "
             f"(data {100 * window.data / window.total:.0f}%) | ETA {eta}",
             flush=True,
         )
-        self.wandb.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "time")}, step=self.step)
+        logged = row.model_dump(exclude={"step", "time"})
+        self.wandb.log({f"train/{k}": v for k, v in logged.items()}, step=self.step)
 
     def summary_throughput(self) -> dict:
         data, total, steps = self.throughput.get("_acc", [0.0, 0.0, 0])
@@ -456,17 +461,17 @@ class Trainer:
             "world_size": self.dist.world,
         }
 
-    def write_result(self) -> dict:
-        result = {
-            "name": self.name,
-            "step": self.step,
-            "throughput": self.summary_throughput(),
-            "timings": self.times,
-            "versions": versions(self.device),
-            "finished_at": now(),
-        }
+    def write_result(self) -> Result:
+        result = Result(
+            name=self.name,
+            step=self.step,
+            throughput=Throughput(**self.summary_throughput()),
+            timings=self.times,
+            versions=versions(self.device),
+            finished_at=now(),
+        )
         if self.dist.main:
-            return self.rundir.write_result(result)
+            self.rundir.write_result(result)
         return result
 
     def start_tracking(self, job: str) -> tracking.Tracker:
@@ -476,7 +481,7 @@ class Trainer:
         return tracking.start(
             self.cfg.log.wandb,
             self.rundir.path,
-            {"name": self.name, **self.spec},
+            self.spec.model_copy(update={"name": self.name}),
             self.cfg.model_dump(mode="json"),
             job=job,
             step=self.step,
@@ -498,10 +503,10 @@ def versions(device: torch.device) -> dict:
     }
 
 
-def read_spec(run: RunDir) -> dict:
-    """The arm's identity (name, sweep, delta, hash) for logs and W&B; {} for a folder made by hand."""
+def read_spec(run: RunDir) -> Spec:
+    """The arm's identity (name, sweep, delta, hash) for logs and W&B; empty for a folder made by hand."""
     try:
-        return run.read_spec() or {}
+        return run.read_spec() or Spec()
     except Unreadable as e:
         print(f"warning: {e}; the arm is named after its folder", file=sys.stderr, flush=True)
-        return {}
+        return Spec()

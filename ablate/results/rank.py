@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from ablate.errors import UserError
 from ablate.results import stats
 from ablate.running.store import observe
 from ablate.sweep.schema import BASELINE, Sweep, arm_name
-from core.atomic import Unreadable, read_json
+from core.atomic import Unreadable
 from core.rundir import DONE, UNREADABLE, RunDir
 
 if TYPE_CHECKING:
@@ -59,64 +58,17 @@ def collect(sweep: Sweep) -> list[ArmResult]:
                 arms.append(arm)
                 continue
             try:
-                arm.metrics_by_step = metrics_by_step(run)
-                result = _result(run) if view.state == DONE else None
+                arm.metrics_by_step = run.metrics_by_step()
+                result = run.read_result() if view.state == DONE else None
             except Unreadable as e:
                 arm.state, arm.metrics_by_step, result, arm.note = UNREADABLE, {}, None, str(e)
             except OSError as e:  # eval/ is not a folder it can read
                 arm.state, arm.metrics_by_step, result = UNREADABLE, {}, None
                 arm.note = f"{e.filename or run.eval_dir}: unreadable ({e.strerror or type(e).__name__})"
             if result is not None:
-                arm.batches_per_s = (result.get("throughput") or {}).get("batches_per_s")
-                arm.steps = result.get("step")
+                arm.batches_per_s, arm.steps = result.throughput.batches_per_s, result.step
             arms.append(arm)
     return arms
-
-
-_EVAL_RECORD = re.compile(r"^step_(\d+)\.json$")
-
-
-def metrics_by_step(run: RunDir) -> dict[int, dict[str, float]]:
-    """{step: metrics} from eval/step_N.json, steps in order; raises `Unreadable` naming the first file
-    that is not an eval record ({"metrics": {name: number}})."""
-    found: dict[int, dict[str, float]] = {}
-    if not run.eval_dir.is_dir():
-        return found
-    for path in run.eval_dir.iterdir():
-        if not (match := _EVAL_RECORD.match(path.name)):
-            continue
-        record = read_json(path)
-        if record is None:
-            continue
-        metrics = record.get("metrics", {}) if isinstance(record, dict) else None
-        if not isinstance(metrics, dict):
-            raise Unreadable(path, "not an eval record: no metrics object")
-        for name, value in metrics.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise Unreadable(path, f"metric '{name}' is not a number")
-        found[int(match.group(1))] = metrics
-    return dict(sorted(found.items()))
-
-
-def _result(run: RunDir) -> dict[str, Any] | None:
-    """result.json with the fields the ranking reads checked; raises `Unreadable` naming it."""
-    result = read_json(run.result)
-    if result is None:
-        return None
-    if not isinstance(result, dict):
-        raise Unreadable(run.result, "not a JSON object")
-    throughput = result.get("throughput") or {}
-    bps, step = (
-        (throughput.get("batches_per_s") if isinstance(throughput, dict) else None),
-        result.get("step"),
-    )
-    if not isinstance(throughput, dict) or not _number(bps) or not (step is None or type(step) is int):
-        raise Unreadable(run.result, "its step or throughput is not a number")
-    return result
-
-
-def _number(x: Any) -> bool:
-    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0)
 
 
 def default_step(arms: list[ArmResult]) -> int | None:

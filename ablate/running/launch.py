@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from submitit.slurm.slurm import SlurmExecutor
 
 from ablate.errors import UserError
+from core.records import Job
 from core.rundir import DONE, FAILED, RUNNING, RunDir, SweepDir
 
 # sacct states of a job that still holds (or will again hold) its arm.
@@ -63,40 +64,38 @@ def pid_alive(pid: int | None, must_contain: bytes = b"") -> bool:
     return True
 
 
-def _owner_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
+def _owner_alive(job: Job) -> tuple[bool | None, str]:
     """Jobs not yet submitted, and debug jobs, live as long as the `ablate` process that owns them."""
-    if job.get("host") != socket.gethostname():
+    if job.host != socket.gethostname():
         return None, ""
-    return pid_alive(job.get("submitter_pid")), ""
+    return pid_alive(job.submitter_pid), ""
 
 
-def _local_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
-    if job.get("host") != socket.gethostname():
+def _local_alive(job: Job) -> tuple[bool | None, str]:
+    if job.host != socket.gethostname():
         return None, ""
-    return pid_alive(int(job["job_id"]), must_contain=b"submitit"), ""  # the local job's controller process
+    return pid_alive(int(job.job_id), must_contain=b"submitit"), ""  # the local job's controller process
 
 
-def _cannot_cancel(job: dict[str, Any]) -> str | None:
+def _cannot_cancel(job: Job) -> str | None:
     return "its job runs inside the `ablate` process that submitted it: stop that one (Ctrl-C)"
 
 
-def _cancel_local(job: dict[str, Any]) -> str | None:
-    if job.get("host") != socket.gethostname():
-        return f"its job runs on {job.get('host')}: cancel it there"
+def _cancel_local(job: Job) -> str | None:
+    if job.host != socket.gethostname():
+        return f"its job runs on {job.host}: cancel it there"
     if _local_alive(job)[0]:
-        os.kill(
-            int(job["job_id"]), signal.SIGINT
-        )  # the controller stops its tasks, as submitit's cancel does
+        os.kill(int(job.job_id), signal.SIGINT)  # the controller stops its tasks, as submitit's cancel does
     return None
 
 
-def _cancel_slurm(job: dict[str, Any]) -> str | None:
-    done = subprocess.run(["scancel", str(job["job_id"])], capture_output=True, text=True)
-    return None if done.returncode == 0 else f"scancel {job['job_id']} failed: {done.stderr.strip()[:200]}"
+def _cancel_slurm(job: Job) -> str | None:
+    done = subprocess.run(["scancel", str(job.job_id)], capture_output=True, text=True)
+    return None if done.returncode == 0 else f"scancel {job.job_id} failed: {done.stderr.strip()[:200]}"
 
 
-def _slurm_alive(job: dict[str, Any]) -> tuple[bool | None, str]:
-    info = submitit.SlurmJob(folder=job.get("folder", "."), job_id=str(job["job_id"])).get_info(mode="force")
+def _slurm_alive(job: Job) -> tuple[bool | None, str]:
+    info = submitit.SlurmJob(folder=job.folder or ".", job_id=str(job.job_id)).get_info(mode="force")
     state = info.get("State", "")
     state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 123"
     return (None if state == "UNKNOWN" else state in _SLURM_ALIVE), f"slurm: {state}"
@@ -140,10 +139,10 @@ class ExecutorKind:
     build: Callable[[Launcher, Path, str], submitit.Executor]
     fields: frozenset[str]
     """launcher fields it uses; the others must keep their defaults (a silently ignored setting is an error)"""
-    job_state: Callable[[dict[str, Any]], tuple[bool | None, str]]
+    job_state: Callable[[Job], tuple[bool | None, str]]
     """whether a job it runs, recorded in job.json, still runs (True, False, or None: cannot tell from here),
     and what its scheduler says of it ('' when nothing more)"""
-    cancel: Callable[[dict[str, Any]], str | None]
+    cancel: Callable[[Job], str | None]
     """cancel a job recorded in job.json; None, or one line saying why it could not"""
     in_process: bool = False
     """jobs run inside `ablate` itself: it must wait for them (no --no-wait)"""
@@ -290,23 +289,23 @@ def kind_of(executor: submitit.Executor) -> ExecutorKind:
     return next(k for k in EXECUTORS.values() if isinstance(executor, k.executor_type))
 
 
-def job_state(job: dict[str, Any]) -> tuple[bool | None, str]:
+def job_state(job: Job) -> tuple[bool | None, str]:
     """Whether the job recorded in job.json (or eval_job.json) still runs (True, False, or None: cannot
     tell), and what its scheduler says of it."""
-    kind = EXECUTORS.get(job.get("executor"))
-    if kind is None or not job.get("job_id"):
+    kind = EXECUTORS.get(job.executor or "")
+    if kind is None or not job.job_id:
         return _owner_alive(job)  # queued for a slot: owned by the `ablate` process that will submit it
     return kind.job_state(job)
 
 
-def job_alive(job: dict[str, Any]) -> bool | None:
+def job_alive(job: Job) -> bool | None:
     return job_state(job)[0]
 
 
-def cancel(job: dict[str, Any]) -> str | None:
+def cancel(job: Job) -> str | None:
     """Cancel the job recorded in job.json (or eval_job.json) through its executor; None, or why it could not."""
-    kind = EXECUTORS.get(job.get("executor"))
-    if kind is None or not job.get("job_id"):
+    kind = EXECUTORS.get(job.executor or "")
+    if kind is None or not job.job_id:
         return "no job submitted yet (the `ablate` process that queued it still owns it)"
     return kind.cancel(job)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ablate.errors import UserError
 from ablate.running.store import describe_eval_job, eval_in_flight, observe
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
+from core.records import EvalJob
 from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, MISSING, STALE, RunDir
 
 ENDED = (DONE, FAILED, CANCELLED, STALE)
@@ -86,15 +86,9 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
     return targets, skipped
 
 
-def outcome(target: Target) -> dict[str, Any]:
+def outcome(target: Target) -> EvalJob:
     """What the arm's eval job recorded (eval_job.json): state, and metrics or error."""
     try:
-        record = RunDir(target.run_dir).read_eval_job() or {}
+        return RunDir(target.run_dir).read_eval_job() or EvalJob()
     except Unreadable as e:
-        return {"state": FAILED, "error": str(e)}
-    if not isinstance(record, dict):
-        return {
-            "state": FAILED,
-            "error": f"{RunDir(target.run_dir).eval_job}: unreadable (not a JSON object)",
-        }
-    return record
+        return EvalJob(state=FAILED, error=str(e))

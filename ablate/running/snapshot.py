@@ -20,17 +20,17 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from core.atomic import commit_dir
+from core.records import Code
 
 PACKAGES = ("ablate", "core", "trainer", "eval")
 CODE_FOLDER = ".code"
 
 
 @dataclass(frozen=True)
-class Code:
-    record: dict[str, Any]
+class Snapshot:
+    record: Code
     """what code.json says: commit, dirty, untracked files, snapshot folder (or the installed version)"""
     diff: str
     """`git diff HEAD` of the packages at submission ('' when clean)"""
@@ -61,13 +61,13 @@ def source_root() -> Path | None:
     return root if top == root else None
 
 
-def take(sweep_root: Path) -> Code:
+def take(sweep_root: Path) -> Snapshot:
     """Snapshot the packages as they are now (reusing an identical earlier snapshot)."""
     root = source_root()
     if root is None:
         from importlib.metadata import version
 
-        return Code({"installed": version("ablate")}, "", None)
+        return Snapshot(Code(installed=version("ablate")), "", None)
     commit = _git(root, "rev-parse", "HEAD").strip()
     diff = _git(root, "diff", "HEAD", "--binary", "--", *PACKAGES)
     untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *PACKAGES).splitlines()
@@ -89,14 +89,8 @@ def take(sweep_root: Path) -> Code:
         except BaseException:  # a full disk: a half copy must not keep it full
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    record = {
-        "commit": commit,
-        "dirty": dirty,
-        "untracked": untracked,
-        "snapshot": str(folder),
-        "source": str(root),
-    }
-    return Code(record, diff, folder)
+    record = Code(commit=commit, dirty=dirty, untracked=untracked, snapshot=str(folder), source=str(root))
+    return Snapshot(record, diff, folder)
 
 
 def shadowing_warning() -> str | None:

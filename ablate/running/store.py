@@ -27,6 +27,8 @@ from ablate.running.launch import job_alive, job_state, pid_alive
 from ablate.sweep.expand import RunSpec, recorded_hash
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
+from core.lock import describe_writer, live_writer
+from core.records import EvalJob, Job, Spec, Status, Writer
 from core.rundir import (
     CANCELLED,
     DONE,
@@ -38,7 +40,6 @@ from core.rundir import (
     MISSING,
     QUEUED,
     REPLACED,
-    RESULT,
     RUNNING,
     SPEC,
     STALE,
@@ -48,8 +49,6 @@ from core.rundir import (
     UNREADABLE,
     RunDir,
     SweepDir,
-    describe_writer,
-    live_writer,
     now,
 )
 
@@ -64,59 +63,22 @@ class ArmView:
     """missing | queued | submitted | running | done | failed | cancelled | stale (was in flight, its job
     is gone) | unreadable (a record is corrupt; the note names it)"""
     note: str = ""
-    spec: dict[str, Any] | None = None
-    status: dict[str, Any] | None = None
-    job: dict[str, Any] | None = None
+    spec: Spec | None = None
+    status: Status | None = None
+    job: Job | None = None
     scheduler: str = ""
     """what the scheduler says of its job, when it was asked ('slurm: PENDING')"""
-    writer: dict[str, Any] | None = None
+    writer: Writer | None = None
     """who holds the folder's writer lock now (a live trainer or eval job, however started), or None"""
 
     @property
     def hash(self) -> str | None:
-        return None if self.spec is None else self.spec.get("hash")
+        return None if self.spec is None else self.spec.hash
 
     @property
     def log_path(self) -> str | None:
         """Where the job's stdout goes (or went)."""
-        return None if self.job is None else self.job.get("stdout")
-
-
-# The fields of each record that the orchestrator reads, and the types they must have to be read.
-_NUMBER = (int, float, type(None))
-_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
-    SPEC: {"hash": (str, type(None)), "hash_version": (int, type(None))},
-    STATUS: {"state": (str, type(None)), "pid": (int, type(None)), "host": (str, type(None)),
-             "step": (int, type(None)), "total_steps": (int, type(None)), "loss": _NUMBER,
-             "requeues": (int, type(None)), "last_requeue": (dict, type(None)), "updated_at": (str, type(None))},
-    JOB: {"executor": (str, type(None)), "job_id": (str, int, type(None)), "submitter_pid": (int, type(None)),
-          "host": (str, type(None)), "folder": (str, type(None)), "stdout": (str, type(None)),
-          "stderr": (str, type(None))},
-    RESULT: {"step": (int, type(None)), "throughput": (dict, type(None))},
-}  # fmt: skip
-
-
-def read_record(path: Path, fields: dict[str, tuple[type, ...]] | None = None) -> dict[str, Any] | None:
-    """A record (JSON object) of a run folder, None when absent. Raises `Unreadable` naming the file when
-    it is not JSON, not an object, or a field the orchestrator reads has the wrong type."""
-    from core.atomic import read_json
-
-    record = read_json(path)
-    if record is None:
-        return None
-    if not isinstance(record, dict):
-        raise Unreadable(path, f"a JSON {type(record).__name__}, not an object")
-    for key, types in (fields or _FIELDS.get(path.name, {})).items():
-        value = record.get(key)
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise Unreadable(path, f"field '{key}' is {json_type(value)}")
-    return record
-
-
-def json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number"
-    )
+        return None if self.job is None else self.job.stdout
 
 
 def not_a_run_folder(path: Path) -> str | None:
@@ -131,14 +93,6 @@ def not_a_run_folder(path: Path) -> str | None:
     return None
 
 
-_EVAL_FIELDS = {
-    **_FIELDS[JOB],
-    "state": (str, type(None)),
-    "step": (int, type(None)),
-    "error": (str, type(None)),
-}
-
-
 def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
     """Read an arm's run directory; with `check_jobs`, check in-flight arms' jobs are still alive
     (a process check, or sacct for slurm); without, their state is taken as written.
@@ -151,10 +105,10 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
         return ArmView(run.name, run.path, UNREADABLE, problem)
     writer = live_writer(run)
     try:
-        spec = read_record(run.spec)
+        spec = run.read_spec()
         if spec is not None:
-            spec = {**spec, "hash": recorded_hash(spec, run.config)}
-        status, job = read_record(run.status), read_record(run.job)
+            spec = spec.model_copy(update={"hash": recorded_hash(spec, run.config)})
+        status, job = run.read_status(), run.read_job()
     except Unreadable as e:
         if writer is not None:
             return ArmView(run.name, run.path, RUNNING, f"{_writing(writer)}; {e}", writer=writer)
@@ -162,11 +116,11 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
     if spec is None and writer is None:
         return ArmView(run.name, run.path, MISSING)
     view = ArmView(run.name, run.path, STALE, "no status.json", spec, status, job, writer=writer)
-    state = None if status is None else status.get("state")
+    state = None if status is None else status.state
     if state == CANCELLED and writer is not None:  # scancel'd; the job dies within the cluster's KillWait
         view.state, view.note = (
             CANCELLED,
-            f"cancelled at {status.get('cancelled_at', '?')}; {_writing(writer)} until it stops",
+            f"cancelled at {status.cancelled_at or '?'}; {_writing(writer)} until it stops",
         )
         return view
     if writer is not None and not (state not in IN_FLIGHT and _eval_record_in_flight(run)):
@@ -175,7 +129,7 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
         return view
     if state == DONE:
         try:
-            result = read_record(run.result)
+            result = run.read_result()
         except Unreadable as e:
             return ArmView(run.name, run.path, UNREADABLE, str(e), spec, status, job)
         if result is not None:
@@ -183,20 +137,20 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
         else:
             view.state, view.note = FAILED, "status is done but result.json is missing"
     elif state == FAILED:
-        view.state, view.note = FAILED, str(status.get("error") or "")
+        view.state, view.note = FAILED, status.error or ""
     elif state == CANCELLED:
-        view.state, view.note = CANCELLED, f"cancelled at {status.get('cancelled_at', '?')}"
+        view.state, view.note = CANCELLED, f"cancelled at {status.cancelled_at or '?'}"
     elif state in IN_FLIGHT:
         try:
             alive, view.scheduler = (None, "") if job is None or not check_jobs else job_state(job)
         except (ValueError, TypeError, OSError) as e:  # a job id no scheduler knows: job.json is garbage
             return ArmView(run.name, run.path, UNREADABLE, f"{run.job}: unreadable (its job: {e})"[:300])
-        if check_jobs and alive is None and status.get("pid") and status.get("host") == socket.gethostname():
-            alive = pid_alive(int(status["pid"]))  # the trainer's own process, e.g. run by hand
+        if check_jobs and alive is None and status.pid and status.host == socket.gethostname():
+            alive = pid_alive(status.pid)  # the trainer's own process, e.g. run by hand
         if alive is False:
-            owner = f"job {job['job_id']}" if job and job.get("job_id") else f"process {status.get('pid')}"
-            if job and not job.get("job_id"):
-                owner = f"`ablate run` (pid {job.get('submitter_pid')})"
+            owner = f"job {job.job_id}" if job and job.job_id else f"process {status.pid}"
+            if job and not job.job_id:
+                owner = f"`ablate run` (pid {job.submitter_pid})"
             view.note = f"was {state}, its {owner} is gone"
         else:
             view.state = state
@@ -208,14 +162,14 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
     return view
 
 
-def _writing(writer: dict[str, Any]) -> str:
+def _writing(writer: Writer) -> str:
     return f"{describe_writer(writer)} is writing it"
 
 
 def _eval_record_in_flight(run: RunDir) -> bool:
     with contextlib.suppress(Unreadable):
-        record = read_record(run.eval_job, _EVAL_FIELDS)
-        return record is not None and record.get("state") in IN_FLIGHT
+        record = run.read_eval_job()
+        return record is not None and record.state in IN_FLIGHT
     return False
 
 
@@ -269,9 +223,7 @@ def plan(
                 ),
             )
         elif view.state in IN_FLIGHT:
-            reason = f"{view.state}" + (
-                f", job {view.job.get('job_id')}" if view.job and view.job.get("job_id") else ""
-            )
+            reason = f"{view.state}" + (f", job {view.job.job_id}" if view.job and view.job.job_id else "")
             if changed or asked:
                 reason += "; cancel its job before rerunning it"
             d = Decision(spec, view, "skip", f"in flight ({reason})")
@@ -348,7 +300,7 @@ def check_owner(sweep: Sweep) -> bool:
                 key, f"the folder's marker is unreadable ({e})", f"{SWEEP_MARK} as ablate wrote it"
             ) from None
         if mark is not None:
-            owner = mark.get("sweep") if isinstance(mark, dict) else None
+            owner = mark.sweep
             if owner != sweep.name:
                 raise sweep.error(
                     key,
@@ -455,9 +407,9 @@ def prepare(
                     run.path.mkdir(parents=True)
                     created.append(run.path)
                 run.write_config(yaml.safe_dump(d.spec.config, sort_keys=False))
-                run.write_spec(d.spec.spec_json(sweep_name))
-            run.write_job({"executor": executor, "job_id": None, "host": socket.gethostname(),
-                           "submitter_pid": os.getpid(), "queued_at": now()})  # fmt: skip
+                run.write_spec(d.spec.record(sweep_name))
+            run.write_job(Job(executor=executor, host=socket.gethostname(), submitter_pid=os.getpid(),
+                              queued_at=now()))  # fmt: skip
             run.set_status(QUEUED, fresh=True, job_id=None)
             if code is not None:
                 run.write_code(code.record, code.diff)
@@ -488,35 +440,35 @@ def cancel(run_dir: Path) -> tuple[bool, str]:
     run, view = RunDir(run_dir), observe(run_dir)
     done: list[str] = []
     if view.writer is not None and not _job_alive(view.job) and eval_in_flight(run_dir) is None:
-        pid, host = view.writer.get("pid"), view.writer.get("host")
+        pid, host = view.writer.pid, view.writer.host
         return False, (
             f"not cancelled: {describe_writer(view.writer)} writes it, not a job ablate submitted; "
             f"stop that process (kill {pid} on {host})"
         )
     if view.state in IN_FLIGHT:
-        job = view.job or {}
+        job = view.job or Job()
         if (problem := launch.cancel(job)) is not None:
             return False, f"not cancelled: {problem}"
         run.set_status(CANCELLED, only_from=IN_FLIGHT, cancelled_at=now())
-        done.append(f"job {job.get('job_id')} cancelled")
+        done.append(f"job {job.job_id} cancelled")
     if (record := eval_in_flight(run_dir)) is not None:
         if (problem := launch.cancel(record)) is not None:
             return False, "; ".join([*done, f"its `ablate eval` job not cancelled: {problem}"])
         run.set_eval_job(CANCELLED, only_from=IN_FLIGHT)
-        done.append(f"`ablate eval` job {record.get('job_id')} cancelled")
+        done.append(f"`ablate eval` job {record.job_id} cancelled")
     return True, "; ".join(done) or f"nothing in flight ({view.state})"
 
 
 # --- `ablate eval` jobs ---------------------------------------------------------------------------
 
 
-def eval_in_flight(run_dir: Path) -> dict[str, Any] | None:
+def eval_in_flight(run_dir: Path) -> EvalJob | None:
     """The arm's `ablate eval` record (eval_job.json) while its job is queued or running, else None."""
     try:
-        record = read_record(RunDir(run_dir).eval_job, _EVAL_FIELDS)
+        record = RunDir(run_dir).read_eval_job()
     except Unreadable:
         return None
-    if record is None or record.get("state") not in IN_FLIGHT:
+    if record is None or record.state not in IN_FLIGHT:
         return None
     try:
         alive = job_alive(record)
@@ -525,31 +477,31 @@ def eval_in_flight(run_dir: Path) -> dict[str, Any] | None:
     return None if alive is False else record
 
 
-def _job_alive(job: dict[str, Any] | None) -> bool:
+def _job_alive(job: Job | None) -> bool:
     try:
         return job is not None and job_alive(job) is True
     except (ValueError, TypeError, OSError):
         return False
 
 
-def describe_eval_job(record: dict[str, Any]) -> str:
-    owner = f"job {record['job_id']}" if record.get("job_id") else f"pid {record.get('submitter_pid')}"
-    return f"step {record.get('step')}, {record.get('state')}, {owner}"
+def describe_eval_job(record: EvalJob) -> str:
+    owner = f"job {record.job_id}" if record.job_id else f"pid {record.submitter_pid}"
+    return f"step {record.step}, {record.state}, {owner}"
 
 
 def eval_note(run_dir: Path) -> str:
     """One line on the arm's latest `ablate eval` job for `ablate status` ('' when there was none)."""
     try:
-        record = read_record(RunDir(run_dir).eval_job, _EVAL_FIELDS)
+        record = RunDir(run_dir).read_eval_job()
     except Unreadable as e:
         return str(e)
     if record is None:
         return ""
-    state = record.get("state")
+    state = record.state
     if state in IN_FLIGHT and eval_in_flight(run_dir) is None:
         state = f"was {state}, its job is gone"
-    error = f": {record['error']}" if state == FAILED and record.get("error") else ""
-    return f"eval step {record.get('step')}: {state}{error}"
+    error = f": {record.error}" if state == FAILED and record.error else ""
+    return f"eval step {record.step}: {state}{error}"
 
 
 def mark_eval_queued(run_dir: Path, step: int, executor: str) -> None:

@@ -42,19 +42,17 @@ def settings_hash(sweep: Sweep, delta: str, seed: int) -> str:
 
 def drift(sweep: Sweep) -> dict[str, str]:
     """{arm: one line} for every arm whose run folder ran with other settings than the sweep file's now."""
-    from ablate.running.store import read_record  # the store imports the sweep; import here, as the CLI does
-
     out: dict[str, str] = {}
     for delta in (BASELINE, *sweep.deltas):
         for seed in sweep.seeds:
             name = arm_name(delta, seed)
             run = RunDir(sweep.root / name)
             try:
-                spec = read_record(run.spec)
+                spec = run.read_spec()
                 if spec is None or run.path.is_symlink():
                     continue
                 now = settings(sweep, delta, seed)
-                recorded = spec.get("settings_hash")
+                recorded = spec.settings_hash
                 if recorded is not None and recorded == config_hash(now):
                     continue  # the fast path: the same settings as when it was prepared
                 if not run.config.is_file():

@@ -19,6 +19,7 @@ from ablate.errors import UserError
 from ablate.sweep.diagnostics import to_user_error
 from ablate.sweep.loader import KeyPath, format_path
 from ablate.sweep.schema import BASELINE, Sweep, arm_name, delta_tree
+from core.records import Spec
 
 
 @dataclass(frozen=True)
@@ -37,19 +38,10 @@ class RunSpec:
     """The hash of what the sweep file sets for the arm, before defaults (`ablate.sweep.drift`): lets the
     torch-free `ablate status` and `ablate rank` tell that the sweep file changed since it ran."""
 
-    def spec_json(self, sweep_name: str) -> dict[str, Any]:
-        spec = {
-            "name": self.name,
-            "delta": self.delta,
-            "seed": self.seed,
-            "hash": self.hash,
-            "hash_version": HASH_VERSION,
-            "overrides": self.overrides,
-            "sweep": sweep_name,
-        }
-        if self.settings_hash is not None:
-            spec["settings_hash"] = self.settings_hash
-        return spec
+    def record(self, sweep_name: str) -> Spec:
+        """The arm's spec.json."""
+        return Spec(name=self.name, delta=self.delta, seed=self.seed, hash=self.hash, hash_version=HASH_VERSION,
+                    overrides=self.overrides, sweep=sweep_name, settings_hash=self.settings_hash)  # fmt: skip
 
 
 # 2: the `log` section (how an arm reports — log lines, W&B — not what it trains) is not part of
@@ -67,11 +59,11 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-def recorded_hash(spec: dict[str, Any], config_file: Path) -> str | None:
+def recorded_hash(spec: Spec, config_file: Path) -> str | None:
     """The identity of the config an arm ran with, in today's hash (older spec.json files hashed it
     another way: their config.yaml is hashed again). Raises `Unreadable` for a corrupt config.yaml."""
-    if spec.get("hash_version") == HASH_VERSION or not config_file.exists():
-        return spec.get("hash")
+    if spec.hash_version == HASH_VERSION or not config_file.exists():
+        return spec.hash
     from ablate.sweep.loader import load_plain_yaml
     from core.atomic import Unreadable
 

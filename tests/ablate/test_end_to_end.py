@@ -30,7 +30,10 @@ def test_debug_executor_trains_ranks_and_skips_finished_arms(write_sweep, cli, w
     assert states(path) == {"baseline-s0": "done", "lr-high-s0": "done"}
     run_dir = workdir / "runs" / "t" / "lr-high-s0"
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["step"] == 4 and set(result["metrics_by_step"]) == {"2", "4"}
+    assert result["step"] == 4 and sorted(p.name for p in (run_dir / "eval").glob("*.json")) == [
+        "step_2.json",
+        "step_4.json",
+    ]
     assert json.loads((run_dir / "spec.json").read_text())["overrides"] == {"optimizer.lr": 0.003}
     assert (run_dir / "launcher").is_dir()  # the job's launcher logs, reachable from the run directory
 

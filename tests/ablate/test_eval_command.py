@@ -16,7 +16,7 @@ from ablate.cli import main
 from ablate.running import launch
 from ablate.running.store import eval_note, mark_eval_queued, observe, plan, prepare
 from ablate.sweep.expand import RunSpec, config_hash
-from core.rundir import EVAL_JOB
+from core.rundir import EVAL_JOB, RunDir
 
 # checkpoints kept at steps 2, 3 and 4; evaluated (while training) at steps 2 and 4
 EVAL_SWEEP = SWEEP.replace("checkpoint: {every: 2}", "checkpoint: {every: 1, keep: 3}")
@@ -55,7 +55,7 @@ def test_eval_scores_a_kept_step_and_rank_ranks_at_it(sweep_path, cli, workdir):
     root = workdir / "runs" / "t"
     assert sorted(os.listdir(root / "baseline-s0" / "checkpoints")) == [f"step_0000000{i}" for i in (2, 3, 4)]
     status = {arm: read(root / arm / "status.json") for arm in ARMS}
-    final = {arm: read(root / arm / "result.json")["metrics"] for arm in ARMS}
+    results = {arm: read(root / arm / "result.json") for arm in ARMS}
     missing = cli("rank", sweep_path, "--step", "3")
     assert missing.code == 2 and "no arm has metrics at step 3" in missing.err
 
@@ -67,10 +67,8 @@ def test_eval_scores_a_kept_step_and_rank_ranks_at_it(sweep_path, cli, workdir):
         record = read(root / arm / "eval" / "step_3.json")
         assert record["step"] == 3 and set(record["metrics"]) == {"val_loss"}
         scored[arm] = record["metrics"]["val_loss"]
-        res = read(root / arm / "result.json")
-        assert res["metrics_by_step"]["3"] == record["metrics"]
-        assert list(res["metrics_by_step"]) == ["2", "3", "4"]
-        assert res["step"] == 4 and res["metrics"] == final[arm]  # the final metrics stay those of step 4
+        assert read(root / arm / "result.json") == results[arm]  # the result (step 4) is left alone
+        assert sorted(RunDir(root / arm).metrics_by_step()) == [2, 3, 4]
         assert read(root / arm / "status.json") == status[arm]  # the training's status is left alone
         job = read(root / arm / EVAL_JOB)
         assert job["state"] == "done" and job["step"] == 3 and job["metrics"] == record["metrics"]

@@ -81,7 +81,7 @@ def specs_of(path: Path) -> dict[str, object]:
 def ran(root: Path, spec, state: str = "done", *, metrics: dict | None = None, legacy: bool = False) -> Path:
     """An arm's run folder as a finished training leaves it (records only, nothing trained)."""
     run_dir = root / spec.name
-    record = spec.spec_json("t")
+    record = spec.record("t").to_json()
     if legacy:  # written before settings_hash existed
         record.pop("settings_hash", None)
     write_json(run_dir / "spec.json", record)
@@ -407,7 +407,7 @@ def writer_in_another_process(run_dir: Path):
     """Hold the run folder's writer lock in a child process, as a trainer started by hand does."""
     code = (
         "import sys, time\n"
-        "from core.rundir import RunDir, WriterLock\n"
+        "from core.lock import WriterLock\nfrom core.rundir import RunDir\n"
         "WriterLock(RunDir(sys.argv[1])).acquire()\n"
         "print('locked', flush=True)\n"
         "time.sleep(120)\n"

@@ -14,6 +14,7 @@ from ablate_testing import SWEEP, write_json
 from ablate.errors import UserError
 from ablate.running.store import blocked_error, observe, plan, prepare, sweep_lock
 from ablate.sweep.expand import RunSpec, config_hash
+from core.records import Status
 from core.rundir import RunDir
 
 DEAD_PID = 2**30  # above any pid_max: never a live process
@@ -27,7 +28,7 @@ def spec(name: str, lr: float = 1e-3) -> RunSpec:
 
 def finished(root: Path, s: RunSpec, state: str = "done", result: bool = True, **status) -> Path:
     run_dir = root / s.name
-    write_json(run_dir / "spec.json", s.spec_json("t"))
+    write_json(run_dir / "spec.json", s.record("t").to_json())
     write_json(run_dir / "status.json", {"state": state, **status})
     if result:
         write_json(run_dir / "result.json", {"step": 4, "metrics": {}})
@@ -89,7 +90,7 @@ def test_unknown_rerun_name_suggests_the_closest(tmp_path):
 
 def queued(root: Path, s: RunSpec, **job) -> Path:
     run_dir = root / s.name
-    write_json(run_dir / "spec.json", s.spec_json("t"))
+    write_json(run_dir / "spec.json", s.record("t").to_json())
     write_json(run_dir / "status.json", {"state": "submitted"})
     write_json(run_dir / "job.json", {"host": socket.gethostname(), **job})
     return run_dir
@@ -144,13 +145,11 @@ def test_prepare_writes_config_spec_status_and_job(tmp_path):
     (run_dir,) = prepare([d], tmp_path, "t", "local")
     assert (run_dir / "config.yaml").read_text().startswith("seed: 0\noptimizer:")
     view = observe(run_dir)
-    assert (
-        view.state == "queued" and view.spec == s.spec_json("t") and view.job["submitter_pid"] == os.getpid()
-    )
+    assert view.state == "queued" and view.spec == s.record("t") and view.job.submitter_pid == os.getpid()
     stdout = tmp_path / ".submitit" / "42" / "42_0_log.out"
     RunDir(run_dir).mark_submitted("42", tmp_path / ".submitit" / "%j", stdout, stdout.with_suffix(".err"))
     view = observe(run_dir, check_jobs=False)
-    assert view.state == "submitted" and view.status["job_id"] == "42" and view.log_path == str(stdout)
+    assert view.state == "submitted" and view.status.job_id == "42" and view.log_path == str(stdout)
     assert os.readlink(run_dir / "launcher") == "../.submitit/42"
 
 
@@ -158,7 +157,7 @@ def test_mark_submitted_does_not_overwrite_a_started_job(tmp_path):
     (run_dir,) = prepare(plan([spec("x-s0")], tmp_path), tmp_path, "t", "local")
     write_json(run_dir / "status.json", {"state": "running", "step": 1})
     RunDir(run_dir).mark_submitted("42", tmp_path, tmp_path / "o", tmp_path / "e")
-    assert observe(run_dir, check_jobs=False).status == {"state": "running", "step": 1}
+    assert observe(run_dir, check_jobs=False).status == Status(state="running", step=1)
 
 
 def test_lock_refuses_a_second_holder(tmp_path):
@@ -202,7 +201,7 @@ def test_a_run_folder_from_before_the_log_section_left_the_hash_is_still_recogni
     config = {"seed": 0, "optimizer": {"kind": "adamw", "lr": 1e-3}, "log": {"wandb": {"mode": "disabled"}}}
     old = RunSpec("x-s0", "x", 0, {}, config, "0123456789ab")  # hashed the old way, log included
     run_dir = finished(tmp_path, old)
-    legacy = {k: v for k, v in old.spec_json("t").items() if k != "hash_version"}
+    legacy = {k: v for k, v in old.record("t").to_json().items() if k != "hash_version"}
     write_json(run_dir / "spec.json", legacy)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     now_config = {**config, "log": {"wandb": {"mode": "auto"}}}  # a new logging default

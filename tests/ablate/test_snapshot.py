@@ -24,7 +24,7 @@ def test_a_snapshot_freezes_the_working_tree_with_its_uncommitted_changes(tmp_pa
     sweep = tmp_path / "runs" / "s"
 
     clean = snapshot.take(sweep)
-    assert not clean.record["dirty"] and clean.diff == ""
+    assert not clean.record.dirty and clean.diff == ""
     assert (clean.folder / "trainer" / "train.py").read_text() == "LR = 1\n"
     assert not (clean.folder / "notes.txt").exists()  # only the packages a job imports
     assert snapshot.take(sweep).folder == clean.folder  # the same state: reused, not copied again
@@ -32,7 +32,7 @@ def test_a_snapshot_freezes_the_working_tree_with_its_uncommitted_changes(tmp_pa
     (repo / "trainer" / "train.py").write_text("LR = 2\n")  # edited while an arm waits in the queue
     (repo / "trainer" / "new.py").write_text("X = 3\n")
     dirty = snapshot.take(sweep)
-    assert dirty.record["dirty"] and dirty.record["untracked"] == ["trainer/new.py"]
+    assert dirty.record.dirty and dirty.record.untracked == ["trainer/new.py"]
     assert "-LR = 1\n+LR = 2" in dirty.diff and dirty.folder != clean.folder
     assert (dirty.folder / "trainer" / "new.py").exists()
     assert (

@@ -1,4 +1,5 @@
-"""The run directory contract: states and their transitions, the one source of per-step metrics, tolerant readers."""
+"""The run directory contract: states and their transitions, typed records, the one source of per-step
+metrics, tolerant readers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from core.atomic import Unreadable
+from core.records import EvalRecord, LogRow, Result, Status, Throughput
 from core.rundir import DONE, FAILED, QUEUED, RUNNING, STATES, SUBMITTED, TRANSITIONS, RunDir
 
 
@@ -23,32 +25,74 @@ def test_every_state_has_its_transitions_and_done_only_follows_running(tmp_path)
         run.set_status(DONE)
     run.set_status(RUNNING, step=3, loss=0.5)
     run.set_status(RUNNING, step=4)  # fields not given are kept
-    assert run.read_status()["loss"] == 0.5 and run.read_status()["job_id"] == "7"
+    assert run.read_status().loss == 0.5 and run.read_status().job_id == "7"
     run.set_status(DONE)
     run.set_status(QUEUED, fresh=True)  # a re-queued arm starts a clean record
-    assert set(run.read_status()) == {"state", "updated_at"}
+    fresh = run.read_status()
+    assert fresh.state == QUEUED and fresh.model_copy(update={"state": None, "updated_at": None}) == Status()
+    with pytest.raises(TypeError, match="Status has no field stepp"):  # a misspelt field is a bug, not data
+        run.set_status(RUNNING, stepp=5)
 
 
-def test_per_step_metrics_come_from_eval_files_and_result_copies_them(tmp_path):
+def test_per_step_metrics_come_from_eval_files_only(tmp_path):
     run = RunDir(tmp_path / "a-s0")
-    run.write_eval(10, {"val_loss": 2.0}, val_samples=8)
-    run.write_eval(2, {"val_loss": 3.0})
+    run.write_eval(EvalRecord(step=10, metrics={"val_loss": 2.0}, val_samples=8))
+    run.write_eval(EvalRecord(step=2, metrics={"val_loss": 3.0}))
     assert run.metrics_by_step() == {2: {"val_loss": 3.0}, 10: {"val_loss": 2.0}}
-    result = run.write_result({"step": 10, "throughput": {}})
-    assert result["metrics"] == {"val_loss": 2.0} and list(result["metrics_by_step"]) == ["2", "10"]
-    run.write_eval(10, {"val_loss": 1.5, "fid": 9.0})  # `ablate eval` scores step 10 again
-    run.refresh_result()
-    assert run.read_result()["metrics"] == {"val_loss": 1.5, "fid": 9.0}
+    run.write_result(Result(step=10, throughput=Throughput(batches_per_s=2.0)))
+    assert "metrics" not in json.loads(run.result.read_text())  # no second copy to keep in step
+    run.write_eval(
+        EvalRecord(step=10, metrics={"val_loss": 1.5, "fid": 9.0})
+    )  # `ablate eval` scores it again
+    assert run.metrics_by_step()[10] == {"val_loss": 1.5, "fid": 9.0}
+    # a result.json from before still reads: fields a record does not know are ignored
+    run.result.write_text(json.dumps({"step": 10, "throughput": {}, "metrics": {"val_loss": 2.0}}))
+    assert run.read_result() == Result(step=10)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "problem"),
+    [
+        ("status.json", {"state": 3}, "field 'state' is a number"),
+        ("status.json", {"state": "running", "step": "4"}, "field 'step' is a string"),
+        ("status.json", {"state": "running", "loss": True}, "field 'loss' is a boolean"),
+        ("status.json", ["running"], "a JSON list, not an object"),
+        ("job.json", {"job_id": ["1"]}, "field 'job_id' is a list"),
+        (
+            "result.json",
+            {"throughput": {"batches_per_s": "fast"}},
+            "field 'throughput.batches_per_s' is a string",
+        ),
+        ("eval/step_4.json", {"step": 4, "metrics": {"fid": "low"}}, "field 'metrics.fid' is a string"),
+        ("eval/step_4.json", {"step": 4}, "field 'metrics' is missing"),
+    ],
+)
+def test_a_record_of_the_wrong_shape_reads_as_unreadable_naming_the_file_and_field(
+    tmp_path, file, content, problem
+):
+    run = RunDir(tmp_path / "a-s0")
+    (run.path / file).parent.mkdir(parents=True)
+    (run.path / file).write_text(json.dumps(content))
+    read = {"status.json": run.read_status, "job.json": run.read_job, "result.json": run.read_result}
+    with pytest.raises(Unreadable, match=f"^{run.path / file}: unreadable \\({problem}"):
+        read.get(file, run.eval_records)()
+
+
+def test_a_job_id_written_as_a_number_reads_as_the_scheduler_s_string(tmp_path):
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    run.job.write_text(json.dumps({"executor": "slurm", "job_id": 123}))
+    assert run.read_job().job_id == "123"
 
 
 def test_a_torn_last_log_line_is_skipped_and_truncation_keeps_whole_lines(tmp_path):
     run = RunDir(tmp_path / "a-s0")
     run.path.mkdir()
     for step in (1, 2, 3):
-        run.append_log({"step": step, "loss": 1.0 / step})
+        run.append_log(LogRow(step=step, loss=1.0 / step))
     with run.log.open("a") as f:
         f.write('{"step": 4, "lo')  # killed mid-write
-    assert [r["step"] for r in run.log_rows()] == [1, 2, 3] and run.last_log_row()["step"] == 3
+    assert [r.step for r in run.log_rows()] == [1, 2, 3] and run.last_log_row().step == 3
     run.truncate_log(2)
     assert [json.loads(line)["step"] for line in run.log.read_text().splitlines()] == [1, 2]
 
@@ -74,4 +118,4 @@ def test_failed_keeps_the_error_for_status(tmp_path):
     run.path.mkdir()
     run.set_status(RUNNING, step=1)
     run.set_status(FAILED, error="ValueError: bad")
-    assert run.read_status()["error"] == "ValueError: bad" and run.read_status()["step"] == 1
+    assert run.read_status().error == "ValueError: bad" and run.read_status().step == 1

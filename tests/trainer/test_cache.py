@@ -8,7 +8,7 @@ import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from trainer_testing import logged_losses as losses
-from trainer_testing import merge
+from trainer_testing import merge, metrics_by_step
 
 from core.weights import install
 from trainer import job
@@ -105,9 +105,9 @@ def test_training_from_the_cache_is_bit_identical_with_pixels(make_run, tmp_path
     # --out defaults to cache.dir. Encoding in batches of the training batch size keeps GPU matmuls (whose
     # rounding can depend on the batch size) identical to the live run's, so the check is exact on GPUs too.
     cache.main(["precompute", str(cached / "config.yaml"), "--workers", "0", "--batch-size", "4"])
-    a, b = job.run(live), job.run(cached)
+    job.run(live), job.run(cached)
     assert losses(live) == losses(cached)
-    assert a["metrics_by_step"] == b["metrics_by_step"]
+    assert metrics_by_step(live) == metrics_by_step(cached)
     wa, wb = final_weights(live), final_weights(cached)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -147,13 +147,13 @@ def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp
     )  # mean and std, no sample
 
     # the cached run never loads the VAE: no weights folder is given to it
-    result_cached = job.run(cached)
+    job.run(cached)
     live = make_run("live", **merge(over, {"weights_dir": str(weights)}))
-    result_live = job.run(live)
+    job.run(live)
     # same draws (z = mean + std·ε from the step generator); only the VAE's batch-size rounding differs
     assert losses(cached) == pytest.approx(losses(live), rel=1e-4)
-    for step, m in result_live["metrics_by_step"].items():
-        assert result_cached["metrics_by_step"][step]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-4)
+    for step, m in metrics_by_step(live).items():
+        assert metrics_by_step(cached)[step]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-4)
 
 
 def test_a_cache_of_another_config_is_refused_naming_both_hashes(config, tmp_path):

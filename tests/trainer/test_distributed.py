@@ -4,6 +4,7 @@ import json
 
 import pytest
 import submitit
+from trainer_testing import metrics_by_step
 
 from trainer import job
 
@@ -39,10 +40,9 @@ def test_two_processes_match_one_process_for_the_same_global_batch(make_run, tmp
     assert len(a) == len(b) == 6
     print("1 process:", a, "\n2 processes:", b)
     assert b == pytest.approx(a, rel=1e-3)  # same data, noise and t; only reduction order differs
-    va = json.loads((one / "result.json").read_text())["metrics_by_step"]
-    vb = json.loads((two / "result.json").read_text())["metrics_by_step"]
+    va, vb = metrics_by_step(one), metrics_by_step(two)
     for metric in ("val_loss", "domain_fd", "prompt_adherence"):
-        assert vb["12"][metric] == pytest.approx(va["12"][metric], rel=1e-3, abs=1e-3), metric
+        assert vb[12][metric] == pytest.approx(va[12][metric], rel=1e-3, abs=1e-3), metric
     for run in (one, two):
         assert json.loads((run / "eval" / "step_12.json").read_text())["generated_samples"] == 9
         assert (run / "eval" / "step_12.png").exists()

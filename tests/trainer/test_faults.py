@@ -21,9 +21,10 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from trainer_testing import TINY, crash_at, merge
+from trainer_testing import TINY, crash_at, final_metrics, merge
 
-from core.rundir import Busy, RunDir, WriterLock, live_writer
+from core.lock import Busy, WriterLock, live_writer
+from core.rundir import RunDir
 from trainer import job
 from trainer.data.datasets import DataError
 from trainer.runtime import checkpoint
@@ -47,7 +48,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def log_steps(run_dir: Path) -> list[int]:
-    return [r["step"] for r in RunDir(run_dir).log_rows()]
+    return [r.step for r in RunDir(run_dir).log_rows()]
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +105,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert [p.name.split("-")[0] for p in kept] == ["step_00000012"]
     assert checkpoint.verify(checkpoint.latest(d)) is None
     assert_same_weights(straight, d)
-    assert (
-        json.loads((d / "result.json").read_text())["metrics"]
-        == json.loads((straight / "result.json").read_text())["metrics"]
-    )
+    assert final_metrics(d) == final_metrics(straight)
     assert log_steps(d) == list(range(1, 13))
 
 
@@ -145,7 +143,7 @@ def test_kill_9_of_a_real_trainer_then_a_hand_run_resumes_bitwise(straight, tmp_
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert live_writer(RunDir(d))["pid"] == proc.pid
+        assert live_writer(RunDir(d)).pid == proc.pid
         with pytest.raises(Busy, match=f"process {proc.pid} on .* is writing this run folder"):
             job.run(d)  # a second trainer, started by hand
         if proc.poll() is None:  # the usual case; if it already finished, the damage below is still resumed
@@ -204,7 +202,7 @@ def test_a_kill_between_the_final_checkpoint_and_result_json_keeps_the_throughpu
     d = finished_copy(straight, tmp_path)
     before = json.loads((d / "result.json").read_text())["throughput"]
     (d / "result.json").unlink()  # the folder as a kill right after the last save leaves it
-    after = job.run(d)["throughput"]
+    after = job.run(d).throughput.to_json()
     assert after == before  # measured over the same steps, kept in the checkpoint
 
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import PRXTransformer2DModel
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from trainer_testing import TINY, logged_losses, merge
+from trainer_testing import TINY, logged_losses, merge, metrics_by_step
 
 from ablate.sweep.diagnostics import to_user_error
 from core.rundir import RunDir
@@ -83,8 +83,8 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_diffusers_model(make_run):
     assert logged_losses(fsdp) == pytest.approx(logged_losses(ddp), rel=1e-4)
     assert log(fsdp, "grad_norm") == pytest.approx(log(ddp, "grad_norm"), rel=1e-4)
     assert min(log(ddp, "grad_norm")) > 0.5  # clipping acted at every logged step
-    va, vb = (json.loads((r / "result.json").read_text())["metrics_by_step"] for r in (ddp, fsdp))
-    for step in ("2", "4", "6", "8"):
+    va, vb = metrics_by_step(ddp), metrics_by_step(fsdp)
+    for step in (2, 4, 6, 8):
         assert vb[step]["val_loss"] == pytest.approx(va[step]["val_loss"], rel=1e-4)
     (wa, _), (wb, sb) = final_state(ddp), final_state(fsdp)
     assert wa.keys() == wb.keys()

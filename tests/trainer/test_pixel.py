@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
-from trainer_testing import crash_at, logged_losses
+from trainer_testing import crash_at, logged_losses, metrics_by_step
 
 from trainer import job
 from trainer.runtime import checkpoint
@@ -37,12 +37,12 @@ def pixel_run(make_run, name, cache_dir):
 
 def test_pixel_x_prediction_trains_samples_and_resumes_exactly(make_run, domain_cache):
     straight = pixel_run(make_run, "straight", domain_cache)
-    result = job.run(straight)
+    job.run(straight)
     losses = logged_losses(straight)
     assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
-    by_step = result["metrics_by_step"]
-    assert by_step["10"]["val_loss"] < by_step["5"]["val_loss"]  # x-prediction learns from its zero start
-    for step in ("5", "10"):  # sampled with x-prediction and the shifted schedule, scored on the samples
+    by_step = metrics_by_step(straight)
+    assert by_step[10]["val_loss"] < by_step[5]["val_loss"]  # x-prediction learns from its zero start
+    for step in (5, 10):  # sampled with x-prediction and the shifted schedule, scored on the samples
         assert math.isfinite(by_step[step]["domain_fd"]) and 0 <= by_step[step]["prompt_adherence"] <= 1
         assert json.loads((straight / "eval" / f"step_{step}.json").read_text())["generated_samples"] == 8
         assert (straight / "eval" / f"step_{step}.png").exists()
@@ -60,7 +60,7 @@ def test_pixel_x_prediction_trains_samples_and_resumes_exactly(make_run, domain_
     with crash_at(6), pytest.raises(KeyboardInterrupt):  # killed mid-run, after checkpoint 4
         job.run(resumed)
     assert checkpoint.latest(resumed).name == "step_00000004"
-    again = job.run(resumed)
+    job.run(resumed)
     other = load_file(checkpoint.latest(resumed) / "transformer" / "diffusion_pytorch_model.safetensors")
     assert other.keys() == weights.keys() and all(torch.equal(weights[k], other[k]) for k in weights)
-    assert again["metrics_by_step"] == by_step  # same weights, same eval noise: the same samples and scores
+    assert metrics_by_step(resumed) == by_step  # same weights, same eval noise: the same samples and scores

@@ -8,8 +8,10 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from trainer_testing import final_metrics
 from wandb_records import read_run
 
+from core.records import Spec
 from trainer import job, tracking
 from trainer.config import WandbConfig
 from trainer.runtime import checkpoint
@@ -57,15 +59,15 @@ def test_an_arm_logs_one_run_and_a_resumed_arm_continues_it(make_run):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/batches_per_s", "train/data_s",
             "train/compute_s", "eval/val_loss"} <= logged  # fmt: skip
     assert [row["_step"] for row in second.history if "train/loss" in row] == [6, 8]  # resumed after step 4
-    assert (
-        second.summary["eval/val_loss"] == json.loads((d / "result.json").read_text())["metrics"]["val_loss"]
-    )
+    assert second.summary["eval/val_loss"] == final_metrics(d)["val_loss"]
 
 
 def test_a_sample_grid_is_logged_as_an_image(tmp_path):
     grid = tmp_path / "step_4.png"
     Image.fromarray(np.full((10, 12, 3), 200, np.uint8)).save(grid)
-    tracker = tracking.start(WandbConfig(mode="offline"), tmp_path, SPEC, {"seed": 0}, job="eval", step=4)
+    tracker = tracking.start(
+        WandbConfig(mode="offline"), tmp_path, Spec(**SPEC), {"seed": 0}, job="eval", step=4
+    )
     tracker.image("eval/samples", grid, 4)
     tracker.finish()
     (run_folder,) = offline_runs(tmp_path)
@@ -95,7 +97,7 @@ def test_wandb_failing_to_start_is_one_warning_and_training_goes_on(make_run, mo
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # … and the server cannot be reached
     d = make_run(log={"every": 4, "wandb": {"mode": "auto", "init_timeout_s": 15}})
     result = job.run(d)
-    assert result["step"] == 8 and json.loads((d / "status.json").read_text())["state"] == "done"
+    assert result.step == 8 and json.loads((d / "status.json").read_text())["state"] == "done"
     err = capfd.readouterr().err
     assert err.count("warning: W&B could not start") == 1 and "training goes on without W&B" in err
     leaked = [p for p in d.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

@@ -5,7 +5,7 @@ import torch
 import yaml
 from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
-from trainer_testing import crash_at
+from trainer_testing import crash_at, metrics_by_step
 
 from trainer import job
 from trainer.runtime import checkpoint
@@ -22,10 +22,11 @@ def test_run_writes_the_run_directory(make_run):
     result = job.run(d)
     status = json.loads((d / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == 8 and status["total_steps"] == 8
-    assert json.loads((d / "result.json").read_text()) == result
-    assert set(result["metrics_by_step"]) == {"4", "8"}
-    assert result["metrics"]["val_loss"] == result["metrics_by_step"]["8"]["val_loss"] > 0
-    assert result["throughput"]["batches_per_s"] > 0 and result["throughput"]["samples_per_s"] > 0
+    assert json.loads((d / "result.json").read_text()) == result.to_json()
+    assert "metrics" not in result.to_json()  # the metrics live in eval/ only
+    by_step = metrics_by_step(d)
+    assert set(by_step) == {4, 8} and by_step[8]["val_loss"] > 0
+    assert result.throughput.batches_per_s > 0 and result.throughput.samples_per_s > 0
     log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     assert {"loss", "lr", "grad_norm", "batches_per_s", "data_s", "compute_s", "eta_s"} <= set(log[0])
@@ -38,9 +39,9 @@ def test_run_writes_the_run_directory(make_run):
 
 def test_training_reduces_the_loss(make_run):
     d = make_run(train={"steps": 30}, eval={"every": 10})
-    result = job.run(d)
-    by_step = result["metrics_by_step"]
-    assert by_step["30"]["val_loss"] < 0.8 * by_step["10"]["val_loss"]
+    job.run(d)
+    by_step = metrics_by_step(d)
+    assert by_step[30]["val_loss"] < 0.8 * by_step[10]["val_loss"]
 
 
 def test_interrupted_run_resumes_bitwise_identical(make_run, monkeypatch):
@@ -94,10 +95,11 @@ def test_bad_config_fails_before_training(make_run):
 
 def test_rescoring_a_checkpoint_updates_the_result(make_run):
     d = make_run(checkpoint={"every": 4, "keep": 5})
-    result = job.run(d)
+    job.run(d)
+    trained = metrics_by_step(d)[4]
     (d / "eval" / "step_4.json").unlink()
     metrics = job.rescore(d, step=4)
-    assert metrics == pytest.approx(result["metrics_by_step"]["4"])  # same weights, same fixed noise
+    assert metrics == pytest.approx(trained)  # same weights, same fixed noise
     assert json.loads((d / "eval" / "step_4.json").read_text())["metrics"] == metrics
     with pytest.raises(FileNotFoundError, match="checkpoints kept: 4, 8"):
         job.rescore(d, step=6)

@@ -3,6 +3,7 @@
 import json
 
 from ablate.sweep.expand import merge as deep_merge
+from core.rundir import RunDir
 
 # The demo's baseline at test size: real code paths, seconds per run.
 TINY = {
@@ -51,3 +52,14 @@ def crash_at(step: int):
             Trainer.train_step = real_step
 
     return patched()
+
+
+def metrics_by_step(run_dir) -> dict[int, dict[str, float]]:
+    """{step: metrics} from the run folder's eval/step_N.json (the one metrics channel)."""
+    return RunDir(run_dir).metrics_by_step()
+
+
+def final_metrics(run_dir) -> dict[str, float]:
+    """The metrics of the run's last evaluated step."""
+    by_step = metrics_by_step(run_dir)
+    return by_step[max(by_step)]

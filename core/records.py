@@ -1,0 +1,212 @@
+"""What each record of a run folder holds: one typed model per file.
+
+The trainer and the orchestrator write and read these records only through `core.rundir.RunDir`,
+which validates them on the way in and out. A record is strict about the types of the fields it
+declares (a string where a number belongs is not coerced) and ignores fields it does not know, so a
+record written by an older or newer version of ablate still reads. A file whose content is not the
+record's shape reads as `Unreadable`, naming the file and the field.
+
+    spec.json           Spec        the arm's identity            `ablate run`
+    status.json         Status      its state and progress        `ablate run`, the trainer, `ablate cancel`
+    job.json            Job         the job that runs it          `ablate run`
+    eval_job.json       EvalJob     the latest `ablate eval` job  `ablate eval`, its job
+    writer.json         Writer      who holds the writer lock     the trainer (or an eval job)
+    code.json           Code        the code its job runs         `ablate run`, `ablate eval`
+    log.jsonl           LogRow      one line per log step         the trainer
+    eval/step_N.json    EvalRecord  the metrics at step N         the trainer, `ablate eval` jobs
+    result.json         Result      the finished arm              the trainer
+    .ablate-sweep       SweepMark   the sweep that owns a folder  `ablate run` (the sweep root)
+
+`eval/step_N.json` is the only place a metric value lives: `result.json` holds no copy of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Record(BaseModel):
+    """A run-folder record: strict types, unknown fields ignored, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+R = TypeVar("R", bound=Record)
+
+
+class Spec(Record):
+    """The arm's identity, written before submission."""
+
+    name: str | None = None
+    delta: str | None = None
+    seed: int | None = None
+    hash: str | None = None
+    """the hash of what the arm trains (`ablate.sweep.expand.config_hash`)"""
+    hash_version: int | None = None
+    """how `hash` was computed; older versions are hashed again from config.yaml"""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """the delta's overrides as written in the sweep file ({} for the baseline)"""
+    sweep: str | None = None
+    settings_hash: str | None = None
+    """the hash of what the sweep file set for the arm before defaults (drift, torch-free)"""
+
+
+class Requeue(Record):
+    step: int | None = None
+    reason: str | None = None
+    at: str | None = None
+
+
+def _job_id(value: Any) -> Any:
+    """Scheduler job ids are strings; an integer written by hand or an older tool is taken as one."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Status(Record):
+    """The arm's state (`core.rundir.STATES`) and progress. Each write keeps the fields it does not set."""
+
+    state: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    """the last logged training loss (mean over processes)"""
+    error: str | None = None
+    """one line: why it failed"""
+    pid: int | None = None
+    host: str | None = None
+    """the main trainer process and its host"""
+    world_size: int | None = None
+    job_id: str | None = None
+    requeues: int = 0
+    last_requeue: Requeue | None = None
+    restarts: int | None = None
+    cancelled_at: str | None = None
+    updated_at: str | None = None
+
+    job_id_as_text = field_validator("job_id", mode="before")(_job_id)
+
+
+class Job(Record):
+    """The job that runs the arm: who queued it, the scheduler's id, where its logs go."""
+
+    executor: str | None = None
+    job_id: str | None = None
+    host: str | None = None
+    """where `ablate` queued it (local jobs run there)"""
+    submitter_pid: int | None = None
+    """the `ablate` process that owns the arm until its job is submitted"""
+    queued_at: str | None = None
+    folder: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    submitted_at: str | None = None
+
+    job_id_as_text = field_validator("job_id", mode="before")(_job_id)
+
+
+class EvalJob(Job):
+    """The latest `ablate eval` job of the arm: its state, the step it scores, and how it ended."""
+
+    state: str | None = None
+    step: int | None = None
+    error: str | None = None
+    metrics: dict[str, float | None] | None = None
+    updated_at: str | None = None
+
+
+class Writer(Record):
+    """Who holds the folder's writer lock (`core.rundir.WriterLock`)."""
+
+    host: str | None = None
+    pid: int | None = None
+    started_at: str | None = None
+
+
+class Code(Record):
+    """The code the arm's job runs (`ablate.running.snapshot`)."""
+
+    commit: str | None = None
+    dirty: bool = False
+    untracked: list[str] = Field(default_factory=list)
+    snapshot: str | None = None
+    """the snapshot folder jobs import from"""
+    source: str | None = None
+    """the checkout it was taken from"""
+    installed: str | None = None
+    """the installed version, when ablate runs from a wheel rather than a checkout"""
+
+
+class LogRow(Record):
+    """One line of log.jsonl: the state of training at a log step."""
+
+    step: int
+    loss: float
+    lr: float | None = None
+    grad_norm: float | None = None
+    batches_per_s: float | None = None
+    samples_per_s: float | None = None
+    data_s: float | None = None
+    compute_s: float | None = None
+    eta_s: float | None = None
+    time: str | None = None
+
+
+class EvalRecord(Record):
+    """eval/step_N.json: the metrics at one step, the one channel every reader of metrics uses."""
+
+    step: int
+    metrics: dict[str, float | None]
+    val_samples: int | None = None
+    """held-out rows behind val_loss"""
+    generated_samples: int | None = None
+    """images generated for the generation metrics"""
+
+
+class Throughput(Record):
+    """Steady-state speed of the arm (the first steps' warm-up left out)."""
+
+    batches_per_s: float | None = Field(None, ge=0)
+    samples_per_s: float | None = Field(None, ge=0)
+    step_s: float | None = None
+    data_s: float | None = None
+    compute_s: float | None = None
+    steps_measured: int | None = None
+    world_size: int | None = None
+
+
+class Result(Record):
+    """result.json: the arm finished training. Its metrics are in eval/."""
+
+    name: str | None = None
+    step: int | None = None
+    """the last step trained"""
+    throughput: Throughput = Field(default_factory=Throughput)
+    timings: dict[str, float] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    finished_at: str | None = None
+
+
+class SweepMark(Record):
+    """The sweep root's marker: the folder is ablate's, for this sweep."""
+
+    sweep: str | None = None
+    marked_at: str | None = None
+
+
+def shape_problem(error: ValidationError) -> str:
+    """The first field that does not fit, as a reader would say it: "field 'step' is a string"."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        return f"field '{field}' is missing"
+    return f"field '{field}' is {json_type(first.get('input'))}"
+
+
+def json_type(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
