@@ -26,6 +26,7 @@ from wandb_records import read_run
 from ablate.cli import main
 from ablate.running.store import ArmView, observe
 from ablate.sweep.schema import Sweep, load_sweep
+from core.records import Status
 from core.rundir import CANCELLED, DONE, FAILED, STALE, RunDir
 from trainer import tracking
 from trainer.runtime import checkpoint
@@ -180,7 +181,7 @@ def all_ended(seen: dict[str, ArmView]) -> bool:
 
 
 def _tail(view: ArmView) -> str:
-    log = Path(view.job["stderr"]) if view.job and view.job.get("stderr") else None
+    log = Path(view.job.stderr) if view.job and view.job.stderr else None
     return (
         ""
         if log is None or not log.exists()
@@ -189,7 +190,7 @@ def _tail(view: ArmView) -> str:
 
 
 def job_id(run: RunDir) -> str:
-    return str(run.read_job()["job_id"])
+    return str(run.read_job().job_id)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -214,28 +215,30 @@ def test_slurm_requeued_arm_saves_at_the_next_log_point_and_ends_bitwise_like_a_
 ):
     item = launched["preempt"]
     run = item.arm()
-    at_40 = wait_for(item, lambda v: (v["baseline-s0"].status or {}).get("step", 0) >= 40, what="at step 40")
+    at_40 = wait_for(
+        item, lambda v: ((v["baseline-s0"].status or Status()).step or 0) >= 40, what="at step 40"
+    )
     assert at_40["baseline-s0"].state == "running", "the arm ended before it could be preempted"
     subprocess.run(["scontrol", "requeue", job_id(run)], check=True)  # what a preemption does to a job
     wait_for(item, lambda v: v["baseline-s0"].state == DONE, what="done after its requeue")
     status = run.read_status()
-    saved = status["last_requeue"]["step"]
-    assert status["requeues"] == 1 and "SIGTERM" in status["last_requeue"]["reason"] and saved % 5 == 0
-    log = Path(run.read_job()["stdout"]).read_text()
+    saved = status.last_requeue.step
+    assert status.requeues == 1 and "SIGTERM" in status.last_requeue.reason and saved % 5 == 0
+    log = Path(run.read_job().stdout).read_text()
     assert f"resumed from step_{saved:08d}" in log  # from the checkpoint written at the next log point
-    assert [r["step"] for r in run.log_rows()] == list(range(5, 601, 5))  # no step logged twice or lost
+    assert [r.step for r in run.log_rows()] == list(range(5, 601, 5))  # no step logged twice or lost
     straight = final_weights(straight_run(run, tmp_path))
     resumed = final_weights(run.path)
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     before, after = (read_run(f) for f in sorted((run.path / "wandb").glob("offline-run-*")))
-    assert before.id == after.id == tracking.run_id(run.path, run.read_spec()["hash"])  # one W&B run per arm
+    assert before.id == after.id == tracking.run_id(run.path, run.read_spec().hash)  # one W&B run per arm
     assert before.history and max(row["_step"] for row in before.history) <= saved  # flushed before the stop
     assert min(row["_step"] for row in after.history if "train/loss" in row) > saved
 
 
 def test_slurm_cancel_goes_through_the_scheduler_and_run_resubmits_the_cancelled_arm(launched):
     item = launched["cancel"]
-    wait_for(item, lambda v: all((x.status or {}).get("step", 0) > 0 for x in v.values()), what="running")
+    wait_for(item, lambda v: all(((x.status or Status()).step or 0) > 0 for x in v.values()), what="running")
     victim = job_id(item.arm())
     cancelled = ablate("cancel", item.path, "--arm", "baseline-s0")
     assert cancelled.returncode == 0 and f"baseline-s0: job {victim} cancelled" in cancelled.stdout
@@ -250,7 +253,7 @@ def test_slurm_cancel_goes_through_the_scheduler_and_run_resubmits_the_cancelled
     assert "cancelled" in ablate("status", item.path).stdout
     again = ablate("run", item.path)
     assert again.returncode == 0 and "submitted 1 arm(s)" in again.stdout
-    assert job_id(item.arm()) != victim and job_id(item.arm("lr-high-s0")) == seen["lr-high-s0"].job["job_id"]
+    assert job_id(item.arm()) != victim and job_id(item.arm("lr-high-s0")) == seen["lr-high-s0"].job.job_id
     everything = ablate("cancel", item.path)
     assert everything.returncode == 0 and everything.stdout.count("cancelled") >= 2
 
@@ -295,21 +298,21 @@ def test_slurm_jobs_run_the_code_snapshot_taken_at_submission(launched):
     assert code["commit"] == head and Path(code["snapshot"]).parent == item.sweep.root / ".code"
     assert (Path(code["snapshot"]) / "trainer" / "train.py").exists()
     assert (run.path / "code.diff").exists() == code["dirty"]
-    assert run.read_result()["versions"]["code"] == code["snapshot"]  # the job imported the snapshot
+    assert run.read_result().versions["code"] == code["snapshot"]  # the job imported the snapshot
 
 
 def test_slurm_time_limit_signals_saves_requeues_and_completes_and_requeues_are_bounded(launched):
     item, bound = launched["timelimit"], launched["bound"]
     resubmitted = wait_to_end(item, timeout=420)
     status = item.arm().read_status()
-    assert status["state"] == DONE, status
-    assert [r["step"] for r in item.arm().log_rows()] == [200, 400, 600, 800]  # each step trained once
+    assert status.state == DONE, status
+    assert [r.step for r in item.arm().log_rows()] == [200, 400, 600, 800]  # each step trained once
     if not resubmitted:  # a resubmitted arm starts a fresh record: its requeues count from there
-        assert 1 <= status["requeues"] <= 6 and "SIGUSR2" in status["last_requeue"]["reason"]
-        assert f"requeued {status['requeues']}×" in ablate("status", item.path).stdout
+        assert 1 <= status.requeues <= 6 and "SIGUSR2" in status.last_requeue.reason
+        assert f"requeued {status.requeues}×" in ablate("status", item.path).stdout
     wait_to_end(bound, timeout=240)
     failed = bound.arm().read_status()
-    assert failed["state"] == FAILED and "timed-out too many times" in failed["error"]  # max_requeues: 0
+    assert failed.state == FAILED and "timed-out too many times" in failed.error  # max_requeues: 0
 
 
 def test_slurm_a_failing_arm_leaves_the_others_and_run_resubmits_only_it(launched):
@@ -324,7 +327,7 @@ def test_slurm_a_failing_arm_leaves_the_others_and_run_resubmits_only_it(launche
     shown = ablate("status", item.path).stdout
     assert "nan-s0 failed: NonFiniteError" in shown and "bad-data-s0 failed: " in shown
     assert "  │ trainer.train.NonFiniteError: non-finite loss" in shown  # the last lines of its log
-    assert f"  │ trainer.data.DataError: {UNMOUNTED}: no such parquet file (data.path)" in shown
+    assert f"  │ trainer.data.datasets.DataError: {UNMOUNTED}: no such parquet file (data.path)" in shown
     before = {n: job_id(item.arm(n)) for n in seen}
     again = ablate("run", item.path)
     assert again.returncode == 0 and "submitted 2 arm(s)" in again.stdout
@@ -338,9 +341,9 @@ def test_slurm_two_task_arm_is_a_two_rank_job_matching_one_process(launched, tmp
     item = launched["ddp"]
     wait_for(item, lambda v: v["baseline-s0"].state in TERMINAL, what="ended")
     run = item.arm()
-    assert run.read_status()["state"] == DONE and run.read_status()["world_size"] == 2
+    assert run.read_status().state == DONE and run.read_status().world_size == 2
     one = RunDir(straight_run(run, tmp_path))
-    two_ranks, one_process = [r["loss"] for r in run.log_rows()], [r["loss"] for r in one.log_rows()]
+    two_ranks, one_process = [r.loss for r in run.log_rows()], [r.loss for r in one.log_rows()]
     assert len(two_ranks) == len(one_process) == 10
     # Same data, noise and t per sample; only the order of the gradient all-reduce differs.
     assert two_ranks == pytest.approx(one_process, rel=1e-4)
