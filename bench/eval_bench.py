@@ -39,7 +39,7 @@ from eval.extractors import (
     weights_for,
 )
 from eval.images import read_image_folder  # noqa: E402
-from eval.metrics import GaussianStats, frechet_distance, mmd  # noqa: E402
+from eval.distances import GaussianStats, frechet_distance, mmd  # noqa: E402
 
 
 def emit(**record) -> None:

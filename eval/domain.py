@@ -32,9 +32,6 @@ from core.weights import TrainedWeights, require
 from eval.base import Extractor
 from eval.images import to_uint8_nhwc
 
-SYNTHETIC_SHAPES = (
-    "synthetic-shapes"  # the domain the trainer renders (trainer/data/datasets.py) and these metrics score
-)
 ARCH_VERSION = "attrnet-v2"
 WIDTH = 16  # the attribute net's base width (grid features have 4·WIDTH channels)
 GRID_STRIDE, GRID_LAYERS = (

@@ -1,18 +1,5 @@
-"""Metrics by name, and the one call the trainer makes: generated images in, {metric: value} out.
-
-| metric            | extractor          | distance                                             |
-|-------------------|--------------------|------------------------------------------------------|
-| fid               | inception          | Fréchet (clean-fid, mode "clean")                    |
-| fid_prx           | inception-prx      | Fréchet, PRX's own FID (wrapped uint8: see below)    |
-| cmmd              | clip-vit-l14-336   | MMD, RBF σ=10, biased, ×1000                         |
-| dino_mmd          | dinov2-vitl14-reg  | MMD, RBF σ=10, biased, ×1000                         |
-| domain_fd         | domain-attr        | Fréchet on attribute-net features (demo domain)      |
-| domain_mmd        | domain-attr        | MMD, RBF σ=10, biased, ×1000 (demo domain)           |
-| prompt_adherence  | domain-attr        | fraction of requested attributes found (no reference)|
-
-`fid_prx` reproduces PRX's FID, torchmetrics' `FrechetInceptionDistance(normalize=True)` fed uint8
-images: `(imgs * 255).byte()` wraps each value to (256 − x) mod 256, colour-inverting the images
-before Inception. Its values are comparable only with PRX's published numbers; `fid` is standard.
+"""The one call the trainer makes: generated images in, {metric: value} out, for the metrics of the
+metric table (`eval/metrics.py`) that are computed from generated images.
 
 Typical use in the trainer (build once at setup, so a missing weight fails before training):
 
@@ -34,86 +21,17 @@ import numpy as np
 import torch
 
 from eval.base import Extractor, prefetched
-from eval.domain import SYNTHETIC_SHAPES, adherence
 from eval.extractors import load_extractor
 from eval.images import iter_batches, save_grid, take
-from eval.metrics import frechet_distance, mmd
+from eval.metrics import GENERATED, METRICS, Metric, MetricInput, unknown
 from eval.reference_cache import CacheKey, ReferenceCache, ReferenceFeatures
 
-__all__ = ["METRICS", "Evaluator", "Reference", "extractors_for", "save_grid", "score"]
-
-
-@dataclass(frozen=True)
-class MetricInput:
-    gen: np.ndarray  # (N, D) features of the generated images
-    ref: ReferenceFeatures | None  # None for metrics that need no reference
-    extractor: Extractor
-    requested: (
-        Mapping[str, np.ndarray] | None
-    )  # attribute -> (N,) class asked for by each prompt, -1 = not asked
-    device: torch.device  # where the MMD kernel runs
-
-
-def _frechet(inp: MetricInput) -> float:
-    return frechet_distance(inp.gen, inp.ref.stats)  # features, not stats: cheaper when N < D
-
-
-def _mmd(inp: MetricInput) -> float:
-    return mmd(inp.gen, inp.ref.feats, sigma=10.0, scale=1000.0, device=inp.device)
-
-
-def _prompt_adherence(inp: MetricInput) -> float:
-    if inp.requested is None:
-        raise ValueError(
-            "metric 'prompt_adherence' needs the requested attributes: pass requested={attr: array}"
-        )
-    return adherence(inp.extractor.predict_from_features(inp.gen), inp.requested)
-
-
-@dataclass(frozen=True)
-class Metric:
-    extractor: str  # registry name in eval.extractors
-    compute: Callable[[MetricInput], float]
-    needs_reference: bool = True
-    domain: str | None = None  # the one data domain it can score (its extractor is trained on it); None = any
-    doc: str = ""
-
-
-METRICS: dict[str, Metric] = {
-    "fid": Metric("inception", _frechet, doc="clean-fid FID (Inception 2048-d, mode clean)"),
-    "fid_prx": Metric(
-        "inception-prx",
-        _frechet,  # torchmetrics' formula (eigenvalues of Σ1Σ2) to round-off: a test checks
-        doc="PRX's FID on colour-inverted uint8 images (torchmetrics FID, normalize=True, fed uint8); "
-        "comparable only with PRX's published numbers",
-    ),
-    "cmmd": Metric("clip-vit-l14-336", _mmd, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"),
-    "dino_mmd": Metric("dinov2-vitl14-reg", _mmd, doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD"),
-    "domain_fd": Metric(
-        "domain-attr",
-        _frechet,
-        domain=SYNTHETIC_SHAPES,
-        doc="Fréchet distance on demo-domain attribute-net features",
-    ),
-    "domain_mmd": Metric(
-        "domain-attr",
-        _mmd,
-        domain=SYNTHETIC_SHAPES,
-        doc="MMD (CMMD estimator) on demo-domain attribute-net features",
-    ),
-    "prompt_adherence": Metric(
-        "domain-attr",
-        _prompt_adherence,
-        needs_reference=False,
-        domain=SYNTHETIC_SHAPES,
-        doc="fraction of requested attributes found",
-    ),
-}
+__all__ = ["Evaluator", "Reference", "extractors_for", "save_grid", "score"]
 
 
 def _metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise ValueError(f"unknown metric '{name}'; choose from: {', '.join(METRICS)}")
+    if (problem := unknown(name, GENERATED)) is not None:
+        raise ValueError(f"{problem}; the generation metrics are {', '.join(GENERATED)}")
     return METRICS[name]
 
 

@@ -1,152 +1,142 @@
-"""Distribution distances on feature arrays: Fréchet distance and RBF-kernel MMD.
+"""The metric table: every metric an arm computes and a sweep may rank by, with its facts, declared once.
 
-Nothing here knows about images or extractors; every function takes (N, D) feature arrays.
+| metric            | better | extractor          | computed as                                          |
+|-------------------|--------|--------------------|------------------------------------------------------|
+| val_loss          | lower  | —                  | flow-matching loss on the held-out set (the trainer) |
+| fid               | lower  | inception          | Fréchet distance (clean-fid, mode "clean")           |
+| fid_prx           | lower  | inception-prx      | Fréchet, PRX's own FID (wrapped uint8: see below)    |
+| cmmd              | lower  | clip-vit-l14-336   | MMD, RBF σ=10, biased, ×1000                         |
+| dino_mmd          | lower  | dinov2-vitl14-reg  | MMD, RBF σ=10, biased, ×1000                         |
+| domain_fd         | lower  | domain-attr        | Fréchet on attribute-net features (demo domain)      |
+| domain_mmd        | lower  | domain-attr        | MMD, RBF σ=10, biased, ×1000 (demo domain)           |
+| prompt_adherence  | higher | domain-attr        | fraction of requested attributes found (no reference)|
 
-- `frechet_distance` equals clean-fid's `frechet_distance` (d² = ‖μ1−μ2‖² + Tr Σ1 + Tr Σ2
-  − 2 Tr √(Σ1Σ2), Σ with N−1) but never forms `scipy.linalg.sqrtm` of the non-symmetric
-  product. Write Σ1 = FᵀF; then Σ1Σ2 = FᵀFΣ2 has the nonzero eigenvalues of the symmetric PSD
-  matrix FΣ2Fᵀ, so Tr √(Σ1Σ2) = Σ √eig(FΣ2Fᵀ), one `eigvalsh`. F is (V√Λ)ᵀ from `eigh(Σ1)`
-  (D×D), or, when Σ1 comes from n−1 < D samples, the centred samples /√(n−1) (n×D): an n×n
-  problem. ~7x faster than sqrtm at D=2048, and no complex round-off to discard.
-- `mmd` is the CMMD estimator (google-research `cmmd/distance.py`): RBF kernel
-  exp(−‖x−y‖²/(2σ²)), biased (every mean includes the diagonal), times `scale`.
+`fid_prx` reproduces PRX's FID, torchmetrics' `FrechetInceptionDistance(normalize=True)` fed uint8
+images: `(imgs * 255).byte()` wraps each value to (256 − x) mod 256, colour-inverting the images
+before Inception. Its values are comparable only with PRX's published numbers; `fid` is standard.
+
+Torch-free at import: the sweep loader checks `rank_by` against this table (`ablate status` and `ablate
+rank` never import torch), the trainer's config checks `eval.metrics` against it, and
+`eval.evaluator` computes the generation metrics from it. A new metric is one row here (its compute
+function imports what it needs when it runs) and, if it reads new features, one extractor in
+`eval/extractors.py`.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
-import numpy as np
-import torch
-
-_ROWS_PER_CHUNK = 8192  # rows of a feature array turned into float64 at a time
+SYNTHETIC_SHAPES = "synthetic-shapes"  # the demo domain the trainer renders (trainer/data/datasets.py)
+ALWAYS = "val_loss"  # computed by the trainer for every arm, at every eval step
 
 
 @dataclass(frozen=True)
-class GaussianStats:
-    """Mean and covariance (float64, N−1 normalisation like `np.cov`) of a feature set."""
+class MetricInput:
+    """What a generation metric is computed from."""
 
-    mu: np.ndarray  # (D,)
-    sigma: np.ndarray  # (D, D)
-    n: int
-
-    @classmethod
-    def from_features(cls, feats: np.ndarray) -> GaussianStats:
-        """Two passes over row chunks, so a (50k, 2048) float32 array is never copied whole."""
-        feats = _as_2d(feats, "feats")
-        n, d = feats.shape
-        if n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {n}")
-        mu = np.zeros(d)
-        for lo in range(0, n, _ROWS_PER_CHUNK):
-            mu += feats[lo : lo + _ROWS_PER_CHUNK].sum(axis=0, dtype=np.float64)
-        mu /= n
-        sigma = np.zeros((d, d))
-        for lo in range(0, n, _ROWS_PER_CHUNK):
-            xc = feats[lo : lo + _ROWS_PER_CHUNK].astype(np.float64) - mu  # (n_chunk, D)
-            sigma += xc.T @ xc
-        sigma /= n - 1
-        return cls(mu=mu, sigma=sigma, n=n)
+    gen: Any  # (N, D) numpy features of the generated images
+    ref: Any  # eval.reference_cache.ReferenceFeatures, or None for metrics that need no reference
+    extractor: Any  # the eval.base.Extractor that made `gen`
+    requested: Mapping[str, Any] | None  # attribute -> (N,) class asked for by each prompt, -1 = not asked
+    device: Any  # torch device the MMD kernel runs on
 
 
-def _stats(a) -> GaussianStats:
-    if isinstance(a, GaussianStats):
-        return a
-    if isinstance(a, tuple):
-        mu, sigma = a
-        return GaussianStats(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=-1)
-    return GaussianStats.from_features(np.asarray(a))
+def _frechet(inp: MetricInput) -> float:
+    from eval.distances import frechet_distance
+
+    return frechet_distance(inp.gen, inp.ref.stats)  # features, not stats: cheaper when N < D
 
 
-def _trace_sqrt_product(sa: GaussianStats, sb: GaussianStats, feats_a: np.ndarray | None) -> float:
-    """Tr √(Σa Σb) as Σ √eig(F Σb Fᵀ) for a factor Σa = FᵀF (see the module docstring)."""
-    d = sa.mu.shape[0]
-    if feats_a is not None and len(feats_a) - 1 < d:
-        f = (feats_a.astype(np.float64) - sa.mu) / np.sqrt(len(feats_a) - 1)  # (n, D), FᵀF = Σa
-    else:
-        lam, vecs = np.linalg.eigh(sa.sigma)  # Σa = V Λ Vᵀ
-        f = (vecs * np.sqrt(np.clip(lam, 0.0, None))).T  # (D, D); round-off negative eigenvalues count as 0
-    inner = f @ sb.sigma @ f.T  # symmetric PSD
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)  # symmetrise away matmul round-off
-    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+def _mmd(inp: MetricInput) -> float:
+    from eval.distances import mmd
+
+    return mmd(inp.gen, inp.ref.feats, sigma=10.0, scale=1000.0, device=inp.device)
 
 
-def frechet_distance(a, b) -> float:
-    """Fréchet distance between two Gaussians fitted to features.
+def _prompt_adherence(inp: MetricInput) -> float:
+    from eval.domain import adherence
 
-    `a` and `b` are each an (N, D) feature array, a `GaussianStats`, or a (mu, sigma) pair. Passing
-    the features of a set with fewer samples than dimensions makes the computation much cheaper.
-    """
-    feats_a, feats_b = (None if isinstance(x, (GaussianStats, tuple)) else np.asarray(x) for x in (a, b))
-    sa, sb = _stats(a), _stats(b)
-    if sa.mu.shape != sb.mu.shape or sa.sigma.shape != sb.sigma.shape:
-        raise ValueError(f"feature dimensions differ: {sa.mu.shape[0]} vs {sb.mu.shape[0]}")
-    # Tr √(ΣaΣb) = Tr √(ΣbΣa): factor the side with fewer samples when its features are at hand
-    n_a = len(feats_a) if feats_a is not None else np.inf
-    n_b = len(feats_b) if feats_b is not None else np.inf
-    if n_b < n_a:
-        tr_covmean = _trace_sqrt_product(sb, sa, feats_b)
-    else:
-        tr_covmean = _trace_sqrt_product(sa, sb, feats_a)
-    diff = sa.mu - sb.mu
-    return float(diff @ diff + np.trace(sa.sigma) + np.trace(sb.sigma) - 2.0 * tr_covmean)
+    if inp.requested is None:
+        raise ValueError(
+            "metric 'prompt_adherence' needs the requested attributes: pass requested={attr: array}"
+        )
+    return adherence(inp.extractor.predict_from_features(inp.gen), inp.requested)
 
 
-def mmd(
-    x,
-    y,
-    sigma: float = 10.0,
-    scale: float = 1000.0,
-    *,
-    device: str | torch.device | None = None,
-    block: int | None = None,
-) -> float:
-    """Biased RBF-kernel MMD² times `scale` (the CMMD / DINO-MMD estimator).
+@dataclass(frozen=True)
+class Metric:
+    better: Literal["lower", "higher"]
+    """which direction is an improvement (the ranking and every ↑/↓ read it)"""
+    extractor: str | None
+    """the feature extractor (eval/extractors.py, eval/domain.py) it reads the generated images with;
+    None for a metric the trainer computes without generating (val_loss)"""
+    compute: Callable[[MetricInput], float] | None
+    needs_reference: bool = True
+    """compared against real images (the reference set)"""
+    domain: str | None = None
+    """the one data domain it can score (its extractor is trained on it); None = any"""
+    doc: str = ""
 
-    scale · (mean Kxx + mean Kyy − 2 mean Kxy), k(a, b) = exp(−‖a−b‖² / (2σ²)), every mean over
-    all pairs including a == b. Computed in float64 on `device` (default: CPU) in square blocks
-    of `block` rows (default 2048 on CPU, 8192 on GPU), Kxx and Kyy from their upper triangle.
-
-    Precision: the RBF kernel is translation invariant, so both sets are first centred on their
-    pooled mean (keeps ‖a‖² + ‖b‖² − 2a·b from cancelling large norms), and each block sums
-    expm1(−γ‖a−b‖²) = k − 1: the three means' constant 1s cancel exactly instead of being
-    subtracted at the end, which matters because with L2-normalised features k ∈ [0.98, 1].
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    block = block or (8192 if dev.type == "cuda" else 2048)
-    xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-    if xt.ndim != 2 or yt.ndim != 2 or xt.shape[1] != yt.shape[1]:
-        raise ValueError(f"mmd needs (N, D) and (M, D) arrays, got {tuple(xt.shape)} and {tuple(yt.shape)}")
-    xt = xt.to(dev, torch.float64)  # (N, D)
-    yt = yt.to(dev, torch.float64)  # (M, D)
-    centre = (xt.sum(0) + yt.sum(0)) / (len(xt) + len(yt))  # (D,)
-    xt, yt = xt - centre, yt - centre
-    gamma = 1.0 / (2.0 * sigma**2)
-    n, m = len(xt), len(yt)
-    s_xx = _kernel_minus_one_sum(xt, xt, gamma, block, symmetric=True)
-    s_yy = _kernel_minus_one_sum(yt, yt, gamma, block, symmetric=True)
-    s_xy = _kernel_minus_one_sum(xt, yt, gamma, block, symmetric=False)
-    return float(scale * (s_xx / n**2 + s_yy / m**2 - 2.0 * s_xy / (n * m)))
+    @property
+    def generated(self) -> bool:
+        """Computed from generated images, so it is named in `eval.metrics` (val_loss always runs)."""
+        return self.extractor is not None
 
 
-def _kernel_minus_one_sum(
-    a: torch.Tensor, b: torch.Tensor, gamma: float, block: int, symmetric: bool
-) -> float:
-    """Σ_ij (k(a_i, b_j) − 1) over all pairs; with `symmetric` (a is b) only blocks i ≤ j are computed."""
-    sq_a = (a * a).sum(1)  # (N,)
-    sq_b = (b * b).sum(1)  # (M,)
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for i in range(0, len(a), block):
-        a_blk, sq_ai = a[i : i + block], sq_a[i : i + block]
-        for j in range(i if symmetric else 0, len(b), block):
-            d2 = sq_ai[:, None] + sq_b[None, j : j + block] - 2.0 * (a_blk @ b[j : j + block].T)  # (bi, bj)
-            part = torch.expm1(d2.clamp_min_(0.0).mul_(-gamma)).sum()
-            total += part if (not symmetric or i == j) else 2.0 * part
-    return float(total)
+METRICS: dict[str, Metric] = {
+    ALWAYS: Metric(
+        "lower",
+        None,
+        None,
+        needs_reference=False,
+        doc="flow-matching loss on the held-out set at fixed t and noise; computed for every arm",
+    ),
+    "fid": Metric("lower", "inception", _frechet, doc="clean-fid FID (Inception 2048-d, mode clean)"),
+    "fid_prx": Metric(
+        "lower",
+        "inception-prx",
+        _frechet,  # torchmetrics' formula (eigenvalues of Σ1Σ2) to round-off: a test checks
+        doc="PRX's FID on colour-inverted uint8 images (torchmetrics FID, normalize=True, fed uint8); "
+        "comparable only with PRX's published numbers",
+    ),
+    "cmmd": Metric("lower", "clip-vit-l14-336", _mmd, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"),
+    "dino_mmd": Metric(
+        "lower", "dinov2-vitl14-reg", _mmd, doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD"
+    ),
+    "domain_fd": Metric(
+        "lower",
+        "domain-attr",
+        _frechet,
+        domain=SYNTHETIC_SHAPES,
+        doc="Fréchet distance on demo-domain attribute-net features",
+    ),
+    "domain_mmd": Metric(
+        "lower",
+        "domain-attr",
+        _mmd,
+        domain=SYNTHETIC_SHAPES,
+        doc="MMD (CMMD estimator) on demo-domain attribute-net features",
+    ),
+    "prompt_adherence": Metric(
+        "higher",
+        "domain-attr",
+        _prompt_adherence,
+        needs_reference=False,
+        domain=SYNTHETIC_SHAPES,
+        doc="fraction of requested attributes found",
+    ),
+}
+
+GENERATED = tuple(name for name, m in METRICS.items() if m.generated)
+"""The metrics `eval.metrics` may name."""
 
 
-def _as_2d(feats: np.ndarray, what: str) -> np.ndarray:
-    if feats.ndim != 2:
-        raise ValueError(f"{what} must be an (N, D) array, got shape {feats.shape}")
-    return feats
+def unknown(name: str, choices: tuple[str, ...] | list[str] = tuple(METRICS)) -> str | None:
+    """Why `name` is not one of `choices` (with the closest one), or None when it is."""
+    if name in choices:
+        return None
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"unknown metric '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")

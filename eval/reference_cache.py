@@ -21,7 +21,7 @@ import numpy as np
 from filelock import FileLock
 
 from core.atomic import atomic_path
-from eval.metrics import GaussianStats
+from eval.distances import GaussianStats
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def cli_surface() -> dict[str, list[str]]:
 
 def current() -> dict[str, Any]:
     from ablate.sweep.schema import Sweep
-    from eval.evaluator import METRICS
+    from eval.metrics import METRICS
     from trainer.config import TrainConfig, describe_registries
 
     return {

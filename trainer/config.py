@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from eval.metrics import ALWAYS, GENERATED, METRICS, unknown
 from trainer.data.cache import CacheConfig
 from trainer.data.datasets import DATA, ReferenceConfig
 from trainer.factors.contrastive import CONTRASTIVE
@@ -77,9 +78,9 @@ class EvalConfig(Config):
     batch_size: int = Field(64, ge=1, description="held-out / sampling batch size per process")
     metrics: list[str] = Field(
         [],
-        description="generation metrics (fid, fid_prx, cmmd, dino_mmd, domain_fd, domain_mmd, "
-        "prompt_adherence); empty = held-out loss only. fid_prx is PRX's FID on colour-inverted uint8 "
-        "images, comparable only with PRX's published numbers; fid is standard clean-fid",
+        description=f"generation metrics ({', '.join(GENERATED)}; eval/metrics.py); empty = the held-out "
+        f"loss {ALWAYS} only, which every arm computes. fid_prx is PRX's FID on colour-inverted uint8 images, "
+        "comparable only with PRX's published numbers; fid is standard clean-fid",
     )
     samples: int = Field(
         1000,
@@ -101,13 +102,13 @@ class EvalConfig(Config):
 
     @model_validator(mode="after")
     def _known_metrics(self):
-        from eval.evaluator import METRICS
-
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown:
-            raise ValueError(
-                f"unknown eval metric {', '.join(map(repr, unknown))}; valid: {', '.join(METRICS)}"
-            )
+        for name in self.metrics:
+            if name == ALWAYS:
+                raise ValueError(
+                    f"{ALWAYS} is computed at every eval step of every arm; leave it out of eval.metrics"
+                )
+            if (problem := unknown(name, GENERATED)) is not None:
+                raise ValueError(f"{problem}; eval.metrics takes {', '.join(GENERATED)}")
         return self
 
 
@@ -228,8 +229,6 @@ class TrainConfig(Config):
 
     @model_validator(mode="after")
     def _domain_metrics_need_the_domain(self):
-        from eval.evaluator import METRICS
-
         foreign = [m for m in self.eval.metrics if METRICS[m].domain not in (None, self.data.domain)]
         if foreign:
             raise ValueError(

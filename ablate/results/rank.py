@@ -220,7 +220,8 @@ def to_json(df: pd.DataFrame, sweep: Sweep, step: int | None) -> str:
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         for r in df.to_dict("records")
     ]
-    return json.dumps({"sweep": sweep.name, "step": step, "rank_by": sweep.rank_by, "rows": rows}, indent=2)
+    rank_by = [{metric: better} for metric, better in sweep.metrics]
+    return json.dumps({"sweep": sweep.name, "step": step, "rank_by": rank_by, "rows": rows}, indent=2)
 
 
 NOISE_FLOOR = "noise floor"

@@ -74,7 +74,7 @@ def log_table(sweep: Sweep, table: Any, step: int | None) -> str:
         run = wandb.init(
             project=w.project, entity=w.entity, mode=mode, id=tracking.run_id(sweep.root, sweep.name, key),
             resume="allow", name=f"{sweep.name} impact", group=sweep.name, job_type="rank",
-            config={"sweep": sweep.name, "step": step, "rank_by": sweep.rank_by}, dir=str(sweep.root),
+            config={"sweep": sweep.name, "step": step, "rank_by": dict(sweep.metrics)}, dir=str(sweep.root),
             settings=wandb.Settings(init_timeout=w.init_timeout_s),
         )  # fmt: skip
         run.log({"impact": wandb.Table(dataframe=table)})

@@ -54,8 +54,9 @@ class Weight:
 def needed(sweep: Sweep, folder: str | Path | None = None) -> list[Weight]:
     """Every weight the sweep's arms need, de-duplicated, in first-use order (baseline first)."""
     from core.weights import required
-    from eval.evaluator import METRICS, extractors_for
+    from eval.evaluator import extractors_for
     from eval.extractors import weights_for
+    from eval.metrics import METRICS
     from trainer.config import TrainConfig
 
     found: dict[tuple[Any, ...], Weight] = {}

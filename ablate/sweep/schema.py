@@ -31,7 +31,7 @@ import copy
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -49,6 +49,7 @@ from ablate.running.launch import Launcher
 from ablate.running.launch import problems as launch_problems
 from ablate.sweep.diagnostics import to_user_error
 from ablate.sweep.loader import KeyPath, format_path, line_of, load_yaml
+from eval.metrics import ALWAYS, METRICS, unknown
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_NAME = 100  # sweep and delta names become folder (and job) names
@@ -85,9 +86,9 @@ class Sweep(BaseModel):
     deltas: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     launcher: Launcher = Field(default_factory=Launcher)
-    rank_by: list[dict[str, Literal["lower", "higher"]]] = Field(
-        default_factory=lambda: [{"val_loss": "lower"}], min_length=1
-    )
+    rank_by: list[str | dict[str, str]] = Field(default_factory=lambda: [ALWAYS], min_length=1)
+    """The metrics to rank by, in order (the first orders the table): `- fid`, or `- fid: lower` to say the
+    direction too, which must then agree with the metric table (eval/metrics.py)."""
 
     @field_validator("rank_by", mode="before")
     @classmethod
@@ -95,8 +96,7 @@ class Sweep(BaseModel):
         # A mapping would work in PyYAML but its order is not part of YAML: the list says which metric ranks.
         if isinstance(value, dict):
             raise PydanticCustomError(
-                "rank_by_form",
-                "Input should be a list of one-key maps, in ranking order (`- val_loss: lower`)",
+                "rank_by_form", "Input should be a list of metrics, in ranking order (`- val_loss`)"
             )
         return value
 
@@ -115,8 +115,8 @@ class Sweep(BaseModel):
 
     @property
     def metrics(self) -> list[tuple[str, str]]:
-        """[(metric, 'lower' | 'higher')] in ranking order."""
-        return [next(iter(item.items())) for item in self.rank_by]
+        """[(metric, 'lower' | 'higher')] in ranking order, each direction the metric table's."""
+        return [(name, METRICS[name].better) for name in map(_rank_name, self.rank_by)]
 
     def locate(self, path: KeyPath) -> tuple[str, int | None, str]:
         """(file, line, display path) of a key path in the sweep file."""
@@ -133,6 +133,56 @@ class Sweep(BaseModel):
 
 def arm_name(delta: str, seed: int) -> str:
     return f"{delta}-s{seed}"
+
+
+def _rank_name(item: str | dict[str, str]) -> str:
+    return item if isinstance(item, str) else next(iter(item))
+
+
+def _rank_by_problems(sweep: Sweep) -> Iterator[UserError]:
+    """Each `rank_by` item names one metric of the table, once, that some arm computes; a direction, when
+    given, is the table's (a typo there would rank the sweep backwards after every arm had trained)."""
+    computed = _computed_metrics(sweep)
+    seen: set[str] = set()
+    for i, item in enumerate(sweep.rank_by):
+        if isinstance(item, dict) and len(item) != 1:
+            yield sweep.error(("rank_by", i), f"{len(item)} metrics in one item", "one metric per item")
+            continue
+        name = _rank_name(item)
+        path = ("rank_by", i) if isinstance(item, str) else ("rank_by", i, name)
+        if (problem := unknown(name)) is not None:
+            yield sweep.error(path, problem, f"a metric of the table (eval/metrics.py): {', '.join(METRICS)}")
+            continue
+        better, said = METRICS[name].better, None if isinstance(item, str) else item[name]
+        if said not in (None, "lower", "higher"):
+            yield sweep.error(path, f"got {said!r}", f"'lower' or 'higher' (or '- {name}' alone)")
+        elif said is not None and said != better:
+            yield sweep.error(path, f"{name} is {better}-is-better (the metric table), not {said}",
+                              f"'- {name}' (the table gives its direction) or '- {name}: {better}'")  # fmt: skip
+        elif name in seen:
+            yield sweep.error(path, f"metric '{name}' listed twice", "each metric once")
+        elif name not in computed:
+            yield sweep.error(path, f"no arm computes {name} (it is in no arm's eval.metrics)",
+                              f"{name} in baseline.eval.metrics, or one the arms compute: {', '.join(computed)}")  # fmt: skip
+        seen.add(name)
+
+
+def _computed_metrics(sweep: Sweep) -> list[str]:
+    """The metrics some arm computes: val_loss, and every eval.metrics the baseline or a delta sets
+    (read from the file as written; the trainer's schema checks those lists when the arms expand)."""
+    lists = [
+        (sweep.baseline.get("eval") or {}).get("metrics")
+        if isinstance(sweep.baseline.get("eval"), dict)
+        else None
+    ]
+    for overrides in sweep.deltas.values():
+        for key, value in overrides.items():
+            if key == "eval.metrics":
+                lists.append(value)
+            elif key == "eval" and isinstance(value, dict):
+                lists.append(value.get("metrics"))
+    names = [ALWAYS] + [m for found in lists if isinstance(found, list) for m in found if isinstance(m, str)]
+    return list(dict.fromkeys(names))
 
 
 def load_sweep(file: str | Path) -> Sweep:
@@ -190,15 +240,7 @@ def _problems(sweep: Sweep) -> Iterator[UserError]:
     for path, problem, expected in launch_problems(sweep.launcher):
         yield sweep.error(path, problem, expected)
 
-    seen_metrics: set[str] = set()
-    for i, item in enumerate(sweep.rank_by):
-        if len(item) != 1:
-            yield sweep.error(
-                ("rank_by", i), f"{len(item)} metrics in one item", "one '- metric: lower|higher' per item"
-            )
-        for metric in set(item) & seen_metrics:
-            yield sweep.error(("rank_by", i, metric), f"metric '{metric}' listed twice", "each metric once")
-        seen_metrics.update(item)
+    yield from _rank_by_problems(sweep)
 
     for i, seed in enumerate(sweep.seeds):
         if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:

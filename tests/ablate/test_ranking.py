@@ -15,7 +15,7 @@ from ablate.sweep.schema import load_sweep
 
 SWEEP = """\
 name: r
-baseline: {}
+baseline: {eval: {metrics: [prompt_adherence]}}
 deltas:
   a: {x: 1}
   b: {x: 2}
@@ -24,7 +24,7 @@ deltas:
 seeds: [0, 1]
 rank_by:
   - val_loss: lower
-  - acc: higher
+  - prompt_adherence: higher
 """
 
 
@@ -49,18 +49,27 @@ def done(root, name, by_step: dict[int, dict], bps: float | None = 10.0):
 def sweep(write_sweep):
     s = load_sweep(write_sweep(SWEEP))
     root = s.root
-    done(root, "baseline-s0", {100: {"val_loss": 1.0, "acc": 0.5}, 200: {"val_loss": 0.8, "acc": 0.6}})
-    done(root, "baseline-s1", {100: {"val_loss": 1.2, "acc": 0.4}, 200: {"val_loss": 1.0, "acc": 0.5}})
-    done(root, "a-s0", {200: {"val_loss": 0.6, "acc": 0.7}}, bps=5.0)
-    done(root, "a-s1", {200: {"val_loss": 0.9, "acc": 0.55}}, bps=5.0)
-    done(root, "b-s0", {200: {"val_loss": 0.9, "acc": 0.6}}, bps=12.0)
+    done(
+        root,
+        "baseline-s0",
+        {100: {"val_loss": 1.0, "prompt_adherence": 0.5}, 200: {"val_loss": 0.8, "prompt_adherence": 0.6}},
+    )
+    done(
+        root,
+        "baseline-s1",
+        {100: {"val_loss": 1.2, "prompt_adherence": 0.4}, 200: {"val_loss": 1.0, "prompt_adherence": 0.5}},
+    )
+    done(root, "a-s0", {200: {"val_loss": 0.6, "prompt_adherence": 0.7}}, bps=5.0)
+    done(root, "a-s1", {200: {"val_loss": 0.9, "prompt_adherence": 0.55}}, bps=5.0)
+    done(root, "b-s0", {200: {"val_loss": 0.9, "prompt_adherence": 0.6}}, bps=12.0)
     write_json(root / "b-s1" / "spec.json", {"name": "b-s1"})
     write_json(root / "b-s1" / "status.json", {"state": "failed", "error": "FloatingPointError"})
-    done(root, "c-s0", {200: {"val_loss": 0.7, "acc": 0.6}})
+    done(root, "c-s0", {200: {"val_loss": 0.7, "prompt_adherence": 0.6}})
     write_json(root / "c-s1" / "spec.json", {"name": "c-s1"})
     write_json(root / "c-s1" / "status.json", {"state": "running", "step": 150})
     write_json(
-        root / "c-s1" / "eval" / "step_100.json", {"step": 100, "metrics": {"val_loss": 1.1, "acc": 0.45}}
+        root / "c-s1" / "eval" / "step_100.json",
+        {"step": 100, "metrics": {"val_loss": 1.1, "prompt_adherence": 0.45}},
     )
     return s  # d: never launched
 
@@ -78,7 +87,7 @@ def test_changes_are_paired_by_seed_and_averaged(sweep):
     assert a["val_loss_change"] == pytest.approx(-0.15)  # (0.6-0.8 + 0.9-1.0) / 2
     assert a["val_loss_change_std"] == pytest.approx(math.sqrt(0.005))  # sample std of (-0.2, -0.1)
     assert a["val_loss_change_pct"] == pytest.approx(-17.5)  # (-25% + -10%) / 2
-    assert a["acc_change"] == pytest.approx(0.075) and a["acc_change_pct"] == pytest.approx(
+    assert a["prompt_adherence_change"] == pytest.approx(0.075) and a["prompt_adherence_change_pct"] == pytest.approx(
         (100 / 6 + 10) / 2
     )
     assert a["batches_per_s"] == pytest.approx(5.0) and a["throughput_ratio"] == pytest.approx(0.5)
@@ -148,7 +157,10 @@ def test_cli_formats(sweep, cli):
     assert "noise floor" in table.out and "±0.141" in table.out  # the baseline's spread over seeds
 
     as_json = json.loads(cli("rank", sweep_file, "--format", "json").out)
-    assert as_json["step"] == 200 and as_json["rank_by"] == [{"val_loss": "lower"}, {"acc": "higher"}]
+    assert as_json["step"] == 200 and as_json["rank_by"] == [
+        {"val_loss": "lower"},
+        {"prompt_adherence": "higher"},
+    ]
     assert as_json["rows"][1]["delta"] == "a" and as_json["rows"][1]["val_loss_change"] == pytest.approx(
         -0.15
     )
@@ -161,7 +173,7 @@ def test_cli_formats(sweep, cli):
     markdown = cli("rank", sweep_file, "--format", "markdown", "--step", "100").out.splitlines()
     assert (
         markdown[0]
-        == "| delta | state | seeds | val_loss ↓ | Δ [95% CI] | Δ% | acc ↑ | Δ [95% CI] | Δ% | batches/s | speed | GPU-h | cost |"
+        == "| delta | state | seeds | val_loss ↓ | Δ [95% CI] | Δ% | prompt_adherence ↑ | Δ [95% CI] | Δ% | batches/s | speed | GPU-h | cost |"
     )
     assert markdown[4].startswith(
         "| c | 1 done, no step 100, 1 running | 1/2 | 1.1 | -0.1 (1 seed) | -8.3% |"
@@ -197,7 +209,7 @@ def test_intervals_significance_noise_floor_and_cost_on_known_numbers():
 
 
 def test_order_by_another_metric_and_the_html_table(sweep, cli):
-    by_acc = cli("rank", sweep.file, "--by", "acc", "--format", "csv")
+    by_acc = cli("rank", sweep.file, "--by", "prompt_adherence", "--format", "csv")
     assert list(pd.read_csv(io.StringIO(by_acc.out))["delta"]) == ["baseline", "a", "b", "c", "d"]
     wrong = cli("rank", sweep.file, "--by", "fid")
     assert wrong.code == 2 and "--by: 'fid' is not one of the sweep's rank_by metrics" in wrong.err

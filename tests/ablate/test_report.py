@@ -19,15 +19,15 @@ from ablate.sweep.schema import load_sweep
 
 SWEEP = """\
 name: rep
-baseline: {}
+baseline: {eval: {metrics: [prompt_adherence]}}
 deltas:
   faster: {x: 1}
   better: {x: 2}
   broken: {x: 3}
 seeds: [0, 1]
 rank_by:
-  - loss: lower
-  - acc: higher
+  - val_loss: lower
+  - prompt_adherence: higher
 """
 LOSS = {"baseline": 1.0, "faster": 1.02, "better": 0.7}
 
@@ -49,7 +49,10 @@ def sweep(write_sweep):
     for delta, loss in LOSS.items():
         for seed in (0, 1):
             jitter = 0.01 * (seed - 0.5)
-            by_step = {s_: {"loss": loss + jitter + 1 / s_, "acc": 2 - loss + jitter} for s_ in (10, 20)}
+            by_step = {
+                s_: {"val_loss": loss + jitter + 1 / s_, "prompt_adherence": 2 - loss + jitter}
+                for s_ in (10, 20)
+            }
             arm(s.root, f"{delta}-s{seed}", by_step, 20.0 if delta == "faster" else 10.0, 40 + 80 * seed)
     write_json(s.root / "broken-s0" / "spec.json", {"name": "broken-s0"})
     write_json(

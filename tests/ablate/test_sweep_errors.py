@@ -191,7 +191,35 @@ def test_rank_by_direction(write_sweep, cli):
 
 def test_rank_by_must_be_a_list(write_sweep, cli):
     line = run_bad(write_sweep, cli, SWEEP + "rank_by: {val_loss: lower}\n")
-    expect(line, 18, "rank_by", "expected a list of one-key maps, in ranking order (`- val_loss: lower`)")
+    expect(line, 18, "rank_by", "expected a list of metrics, in ranking order (`- val_loss`)")
+
+
+def test_rank_by_an_unknown_metric_suggests_the_table_s_closest(write_sweep, cli):
+    """A typo in a metric's name is caught before anything trains (it used to rank all arms on NaN)."""
+    line = run_bad(write_sweep, cli, SWEEP + "rank_by:\n  - val_loss\n  - domain_fdd: higher\n")
+    expect(line, 20, "rank_by[1].domain_fdd", "unknown metric 'domain_fdd' (did you mean 'domain_fd'?)",
+           "expected a metric of the table (eval/metrics.py): val_loss, fid")  # fmt: skip
+
+
+def test_rank_by_a_direction_that_contradicts_the_table(write_sweep, cli):
+    line = run_bad(write_sweep, cli, SWEEP + "rank_by:\n  - val_loss: higher\n")
+    expect(line, 19, "rank_by[0].val_loss", "val_loss is lower-is-better (the metric table), not higher",
+           "expected '- val_loss' (the table gives its direction) or '- val_loss: lower'")  # fmt: skip
+
+
+def test_rank_by_a_metric_no_arm_computes(write_sweep, cli):
+    line = run_bad(write_sweep, cli, SWEEP + "rank_by:\n  - cmmd\n")
+    expect(line, 19, "rank_by[0]", "no arm computes cmmd (it is in no arm's eval.metrics)",
+           "expected cmmd in baseline.eval.metrics, or one the arms compute: val_loss")  # fmt: skip
+
+
+def test_rank_by_a_metric_alone_takes_the_table_s_direction(write_sweep, cli):
+    path = write_sweep(SWEEP + "rank_by:\n  - val_loss\n")
+    result = cli("run", path, "--dry-run")
+    assert result.code == 0, result.err
+    from ablate.sweep.schema import load_sweep
+
+    assert load_sweep(path).metrics == [("val_loss", "lower")]
 
 
 def test_rank_by_one_metric_per_item(write_sweep, cli):

@@ -75,3 +75,18 @@ def save_in_hf_cache(model, cache_dir: Path, repo_id: str) -> None:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     model.save_pretrained(repo / "snapshots" / revision)
+
+
+class TinyFeature(nn.Module):
+    """A feature module with torchmetrics' `feature=` contract: uint8 (N, 3, H, W) → (N, 16)."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 5, stride=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv((x.float() - 128.0) / 128.0))  # (N, 16, h, w)
+        return h.mean(dim=(2, 3)) + h.amax(dim=(2, 3))  # (N, 16)

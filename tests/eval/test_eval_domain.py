@@ -7,6 +7,7 @@ import pytest
 import torch
 from render_shapes import NUM_CLASSES, dataset, render, sample_labels
 
+from eval.distances import frechet_distance, mmd
 from eval.domain import (
     DomainAttrExtractor,
     DomainData,
@@ -17,7 +18,6 @@ from eval.domain import (
     train_attribute_net,
 )
 from eval.extractors import load_extractor
-from eval.metrics import frechet_distance, mmd
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from core.weights import MissingWeightsError
-from eval.evaluator import METRICS, Evaluator, Reference, extractors_for, score
+from eval.distances import frechet_distance, mmd
+from eval.evaluator import Evaluator, Reference, extractors_for, score
 from eval.images import make_grid, read_image_folder, save_grid
-from eval.metrics import frechet_distance, mmd
 from eval.reference_cache import CacheKey, ReferenceCache
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -129,7 +129,9 @@ def test_features_then_compute_equals_call(extractors, tmp_path):
 
 
 def test_metric_and_reference_errors(extractors, tmp_path):
-    with pytest.raises(ValueError, match="unknown metric 'kid'; choose from: " + ", ".join(METRICS)):
+    with pytest.raises(
+        ValueError, match=r"unknown metric 'kid' \(did you mean 'fid'\?\); the generation metrics are fid, fid_prx, cmmd"
+    ):
         Evaluator(["kid"], None, extractors=extractors)
     with pytest.raises(ValueError, match="pass reference="):
         Evaluator(["fid"], None, extractors=extractors)

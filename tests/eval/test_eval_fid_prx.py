@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from eval_testing import TinyFeature
 
 from core.weights import MissingWeightsError
 from eval.evaluator import Evaluator, Reference, score
@@ -29,21 +29,6 @@ def test_the_wrap_is_torchmetrics_uint8_arithmetic():
     assert wrapped.tolist() == [0, 255, 254, 253, 192, 129, 128, 127, 56, 2, 1]
     assert torch.equal(wrapped, (x * 255).byte())  # torchmetrics' update(): `(imgs * 255).byte()`
     np.testing.assert_array_equal(wrapped.numpy(), reference_wrap(x.numpy()))
-
-
-class TinyFeature(nn.Module):
-    """A feature module with torchmetrics' `feature=` contract: uint8 (N, 3, H, W) → (N, 16)."""
-
-    num_features = 16
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 16, 5, stride=3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.conv((x.float() - 128.0) / 128.0))  # (N, 16, h, w)
-        return h.mean(dim=(2, 3)) + h.amax(dim=(2, 3))  # (N, 16)
 
 
 def images(n: int, seed: int) -> np.ndarray:

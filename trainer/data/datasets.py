@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
-from eval.domain import SYNTHETIC_SHAPES
+from eval.metrics import SYNTHETIC_SHAPES
 from trainer.registry import Config, Registry
 
 # `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None.

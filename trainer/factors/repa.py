@@ -46,8 +46,9 @@ from pydantic import Field, create_model, model_validator
 from torch import nn
 
 from core.weights import HFWeights, load_pretrained
-from eval.domain import GRID_STRIDE, SYNTHETIC_SHAPES
+from eval.domain import GRID_STRIDE
 from eval.domain import WIDTH as ATTR_NET_WIDTH
+from eval.metrics import SYNTHETIC_SHAPES
 from trainer.factors.routing import gather_tokens
 from trainer.model import Factor, FactorContext, TokenState
 from trainer.registry import Config, Registry

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from core.weights import HFWeights, load_pretrained
-from eval.domain import SYNTHETIC_SHAPES
+from eval.metrics import SYNTHETIC_SHAPES
 from trainer.registry import Config, Registry
 
 # `needs_domain`: the data domain a tokenizer is trained on (None: any images); such a tokenizer is

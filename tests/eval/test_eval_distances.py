@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 from cleanfid.fid import frechet_distance as cleanfid_frechet
 
-from eval.metrics import GaussianStats, frechet_distance, mmd
+from eval.distances import GaussianStats, frechet_distance, mmd
 
 
 def _inception_like(rng, n: int, d: int, rank: int | None = None, shift: float = 0.0) -> np.ndarray:
@@ -74,7 +74,7 @@ def test_frechet_routes_agree(rng, n_a, n_b):
 
 
 def test_gaussian_stats_match_numpy_in_chunks(rng, monkeypatch):
-    monkeypatch.setattr("eval.metrics._ROWS_PER_CHUNK", 37)  # force several chunks
+    monkeypatch.setattr("eval.distances._ROWS_PER_CHUNK", 37)  # force several chunks
     x = _inception_like(rng, 500, 16)
     s = GaussianStats.from_features(x)
     np.testing.assert_allclose(s.mu, x.astype(np.float64).mean(0), rtol=1e-12)
