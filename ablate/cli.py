@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.errors import UserError
+from ablate.results import render
 from ablate.running.launch import Launcher, resolve_wait
 from ablate.running.store import ArmView, Decision, eval_note, observe
 from ablate.sweep.expand import changes, show_value
@@ -273,7 +274,7 @@ def rank(
             "--step", help="Rank at this step \\[default: the last step all finished arms reached]."
         ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | markdown | json | html")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help=" | ".join(render.FORMATS))] = "table",
     by: Annotated[
         str | None,
         typer.Option("--by", metavar="METRIC", help="Order by this rank_by metric \\[default: the first]."),
@@ -285,34 +286,20 @@ def rank(
     """Every delta's change against the baseline, paired by seed, most improving first."""
     from ablate.results import rank as ranking
     from ablate.sweep.drift import drift
-    from ablate.sweep.schema import arm_name
 
-    if fmt not in ranking.FORMATS:
-        raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(ranking.FORMATS)}", path="--format")
+    if (out := render.FORMATS.get(fmt)) is None:
+        raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(render.FORMATS)}", path="--format")
     sweep = load_sweep(sweep_file)
     df, used = ranking.rank(sweep, step, by)
     changed = drift(sweep)
-    if changed and len(df):  # still ranked, flagged: † in the state, said under the table
-        flagged = {d for d in (*sweep.deltas, "baseline") for s in sweep.seeds if arm_name(d, s) in changed}
-        df["state"] = [
-            f"{st} †" if d in flagged else st for d, st in zip(df["delta"], df["state"], strict=True)
-        ]
-    where = f"at step {used}" if used is not None else "(no arm has evaluated yet)"
-    title = f"{sweep.name}: change vs baseline {where}, paired by seed"
-    if fmt == "html":
-        page = ranking.HTML_PAGE.format(
-            title=title, style=ranking.TABLE_STYLE, body=ranking.to_html(df, sweep.metrics, title)
-        )
-        sys.stdout.write(page)
-    elif fmt == "csv":
-        sys.stdout.write(df.to_csv(index=False))
-    elif fmt == "json":
-        print(ranking.to_json(df, sweep, used))
-    elif fmt == "markdown":
-        print(ranking.to_markdown(df, sweep.metrics))
+    ranking.flag_changed(df, sweep, changed)
+    table = out.render(df, sweep, used)
+    if out.terminal:
+        _console().print(table)
     else:
-        _console().print(ranking.to_rich(df, sweep.metrics, title))
-    _rank_footer(sweep, ranking.collect(sweep), changed, fmt)
+        sys.stdout.write(table)
+    for line in render.footer(sweep, ranking.collect(sweep), changed):
+        print(line, file=sys.stdout if out.footer_on_stdout else sys.stderr)
     if to_wandb:
         from ablate.running.wandb_runs import log_table
 
@@ -322,21 +309,6 @@ def rank(
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(1) from None
         print(f"impact table logged to {where}", file=sys.stderr)
-
-
-def _rank_footer(sweep: Sweep, arms: list[Any], changed: dict[str, str], fmt: str) -> None:
-    """After the table: arms ranked with results of an older config, and arms that could not be read.
-    On stdout under a table or markdown; on stderr under csv, json and html (machine-read)."""
-    lines = [f"unreadable: {a.name}: {a.note}" for a in arms if a.state == "unreadable"]
-    for name, note in changed.items():
-        lines.append(f"† {name}: {note}")
-    if changed:
-        lines.append(
-            f"† ranked with results of the config it ran with; `ablate run {sweep.file} --rerun NAME` runs it again"
-        )
-    out = sys.stdout if fmt in ("table", "markdown") else sys.stderr
-    for line in lines:
-        print(line, file=out)
 
 
 StepOption = Annotated[

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ablate.results import plots
+from ablate.results import plots, render
 from ablate.results import rank as ranking
 from ablate.running.store import observe
 from ablate.sweep.schema import BASELINE, Sweep, arm_name
@@ -23,7 +23,7 @@ from core.atomic import atomic_write
 from core.rundir import CANCELLED, DONE, FAILED, STALE, UNREADABLE, RunDir
 
 REPORT = "report.html"
-PAGE_STYLE = ranking.TABLE_STYLE + (
+PAGE_STYLE = render.TABLE_STYLE + (
     "h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}"
     "figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555}"
     ".grids{display:flex;flex-wrap:wrap;gap:1.2em}.grids figure{margin:0}.grids img{width:256px;"
@@ -43,15 +43,14 @@ def build(sweep: Sweep, step: int | None = None, by: str | None = None) -> Path:
     df, used = ranking.rank(sweep, step, by)
     arms = ranking.collect(sweep)
     figures = plots.write(sweep, df, arms)
-    where = f"at step {used}" if used is not None else "(no arm has evaluated yet)"
-    title = f"{sweep.name}: change vs baseline {where}, paired by seed"
+    title = render.title(sweep, used)
     body = [
         f"<h1>{escape(sweep.name)}: which decision matters?</h1>",
         f"<p>{len(sweep.deltas)} delta(s) × {len(sweep.seeds)} seed(s) against one baseline; "
         f"ranked by {escape(', '.join(f'{m} ({d})' for m, d in sweep.metrics))}. "
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {escape(str(sweep.root))}.</p>",
         "<h2>Impact</h2>",
-        ranking.to_html(df, sweep.metrics, title),
+        render.to_html(df, sweep.metrics, title),
         "<h2>Figures</h2>",
     ]
     captions = {
@@ -64,7 +63,7 @@ def build(sweep: Sweep, step: int | None = None, by: str | None = None) -> Path:
     body += _grids(sweep, used)
     body += _changes(sweep)
     body += _arms(sweep, arms)
-    page = ranking.HTML_PAGE.format(title=escape(title), style=PAGE_STYLE, body="\n".join(body))
+    page = render.HTML_PAGE.format(title=escape(title), style=PAGE_STYLE, body="\n".join(body))
     path = sweep.root / REPORT
     atomic_write(path, page)
     return path
