@@ -11,24 +11,29 @@ of an alignment loss), never their kind strings: a new kind states its facts whe
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
-from eval.metrics import ALWAYS, GENERATED, METRICS, unknown
-from trainer.data.cache import CacheConfig
-from trainer.data.datasets import DATA, ReferenceConfig
+from eval.metrics import METRICS
+from trainer.data.cache import CacheConfig, Encoded
+from trainer.data.datasets import DATA
+from trainer.evaluation import EvalConfig
 from trainer.factors.contrastive import CONTRASTIVE
 from trainer.factors.ema import EMA
 from trainer.factors.optimizer import OPTIMIZERS
 from trainer.factors.precision import PRECISION
-from trainer.factors.repa import REPA, TEACHERS
+from trainer.factors.repa import REPA
 from trainer.factors.routing import ROUTING
 from trainer.factors.text import TEXT
 from trainer.factors.tokenizer import TOKENIZERS
 from trainer.flow import FlowConfig
 from trainer.model import ModelConfig
+from trainer.recorder import LogConfig
 from trainer.registry import Config, Registry
+from trainer.runtime.checkpoint import CheckpointConfig
 from trainer.runtime.parallel import PARALLEL, DDPConfig
 
 
@@ -47,94 +52,66 @@ class TrainSection(Config):
     )
 
 
-class CheckpointConfig(Config):
-    every: int = Field(1000, ge=1, description="save every N steps (and at the end)")
-    keep: int = Field(2, ge=1, description="newest complete checkpoints kept")
+@dataclass(frozen=True)
+class Component:
+    """A config key chosen by `kind:`, and the registry whose entries it names."""
+
+    key: str
+    registry: Registry
+    doc: str
+    optional: bool = False
+    """null turns it off: the one way to say so"""
+    joins: str | None = None
+    """where a recipe factor that is on joins the trainer: "denoiser" (hooks around the denoiser's blocks,
+    in table order), "loss" (a term added to the flow-matching loss) or "weights" (the EMA evaluation
+    uses); None for the components the trainer builds by name (data, optimizer, ...)"""
+    default: Any = None
+
+    def field(self) -> tuple[Any, Any]:
+        """(annotation, Field) of its TrainConfig field."""
+        doc = f"{self.doc} (kind: {', '.join(self.registry.kinds)})"
+        if self.optional:
+            return Optional[self.registry.union()], Field(None, description=f"{doc}; null = off")  # noqa: UP045
+        if self.default is not None:
+            return self.registry.union(), Field(self.default, description=doc)
+        return self.registry.union(), Field(description=doc)
 
 
-class WandbConfig(Config):
-    mode: Literal["auto", "online", "offline", "disabled"] = Field(
-        "auto",
-        description="W&B mode; auto = WANDB_MODE if set, else online with credentials, offline without "
-        "(`ablate sync SWEEP` uploads offline runs)",
-    )
-    project: str = Field("ablate", description="W&B project (the same for every arm of a sweep)")
-    entity: str | None = Field(None, description="W&B entity (team or user)")
-    init_timeout_s: float = Field(60.0, gt=0, description="give up starting W&B after this; training goes on")
+# Every config key chosen by `kind:`, in one table: TrainConfig's component fields, the registries a sweep
+# error lists, the denoiser's block hooks, the loss terms and the EMA all come from here. A new factor is
+# one entry (and its module's registry).
+COMPONENTS: tuple[Component, ...] = (
+    Component("data", DATA, "training data"),
+    Component("text_encoder", TEXT, "caption encoder"),
+    Component("tokenizer", TOKENIZERS, "image tokenizer"),
+    Component("optimizer", OPTIMIZERS, "optimizer"),
+    Component("precision", PRECISION, "weight precision"),
+    Component("parallel", PARALLEL, "how the denoiser is spread over processes", default=DDPConfig()),
+    Component("ema", EMA, "EMA of the weights, used for evaluation", optional=True, joins="weights"),
+    Component("contrastive", CONTRASTIVE, "contrastive flow-matching term", optional=True, joins="loss"),
+    # routing before repa: inside a route, later hooks see the kept tokens (state.kept)
+    Component("routing", ROUTING, "token routing around middle blocks", optional=True, joins="denoiser"),
+    Component(
+        "repa", REPA, "representation alignment with a frozen teacher", optional=True, joins="denoiser"
+    ),
+)
 
 
-class LogConfig(Config):
-    every: int = Field(10, ge=1, description="log a line every N steps")
-    wandb: WandbConfig = WandbConfig()
+def _registries() -> dict[str, Registry]:
+    out: dict[str, Registry] = {}
+    for c in COMPONENTS:
+        out[c.key] = c.registry
+        out.update({f"{c.key}.{name}": nested for name, nested in c.registry.nested.items()})
+    return out
 
 
-class EvalConfig(Config):
-    every: int = Field(1000, ge=1, description="evaluate every N steps (and at the end)")
-    caption: str | None = Field(
-        None,
-        description="caption column of the held-out set and the eval prompts; "
-        "keep it equal across arms (default: the training column)",
-    )
-    batch_size: int = Field(64, ge=1, description="held-out / sampling batch size per process")
-    metrics: list[str] = Field(
-        [],
-        description=f"generation metrics ({', '.join(GENERATED)}; eval/metrics.py); empty = the held-out "
-        f"loss {ALWAYS} only, which every arm computes. fid_prx is PRX's FID on colour-inverted uint8 images, "
-        "comparable only with PRX's published numbers; fid is standard clean-fid",
-    )
-    samples: int = Field(
-        1000,
-        ge=1,
-        description="generated images per eval step (prompts of the held-out "
-        "set), whatever the number of processes",
-    )
-    sample_steps: int = Field(50, ge=1, description="Euler steps per sample")
-    guidance: float = Field(3.5, ge=0, description="classifier-free guidance scale")
-    grid: int = Field(16, ge=0, description="samples saved as eval/step_N.png")
-    cache_dir: str | None = Field(
-        None, description="reference features and the demo's attribute net (default: <sweep dir>/.eval-cache)"
-    )
-    reference: ReferenceConfig | None = Field(
-        None,
-        description="real images the metrics compare against: {kind: parquet|folder, path}, the first "
-        "`samples` of them, prepared like training images (PRX: an Unsplash set); null = the held-out rows",
-    )
-
-    @model_validator(mode="after")
-    def _known_metrics(self):
-        for name in self.metrics:
-            if name == ALWAYS:
-                raise ValueError(
-                    f"{ALWAYS} is computed at every eval step of every arm; leave it out of eval.metrics"
-                )
-            if (problem := unknown(name, GENERATED)) is not None:
-                raise ValueError(f"{problem}; eval.metrics takes {', '.join(GENERATED)}")
-        return self
+REGISTRIES: dict[str, Registry] = _registries()
+"""Dotted config path → its registry (nested ones, like repa.teacher, included)."""
 
 
-# Factors that act inside the denoiser's forward (block hooks), in hook order; each is a
-# config field that is null (off) or a config of its registry. Their modules add entries here.
-DENOISER_FACTORS: dict[str, Registry] = {
-    "routing": ROUTING,  # first: inside a route, later hooks see the kept tokens (state.kept)
-    "repa": REPA,
-}
+class _Sections(Config):
+    """The sections every config has; TrainConfig adds a field per component of the table."""
 
-REGISTRIES: dict[str, Registry] = {
-    "data": DATA,
-    "text_encoder": TEXT,
-    "tokenizer": TOKENIZERS,
-    "optimizer": OPTIMIZERS,
-    "precision": PRECISION,
-    "parallel": PARALLEL,
-    "ema": EMA,
-    "contrastive": CONTRASTIVE,
-    "routing": ROUTING,
-    "repa": REPA,
-    "repa.teacher": TEACHERS,
-}
-
-
-class TrainConfig(Config):
     seed: int = Field(0, description="the arm's seed: init, data order, noise")
     weights_dir: str | None = Field(
         None,
@@ -142,39 +119,22 @@ class TrainConfig(Config):
         "`ablate weights download`); null = the default HF cache",
     )
     model: ModelConfig = ModelConfig()
-    data: DATA.union() = Field(description="training data (kind: " + ", ".join(DATA.kinds) + ")")
-    text_encoder: TEXT.union() = Field(description="caption encoder (kind: " + ", ".join(TEXT.kinds) + ")")
-    tokenizer: TOKENIZERS.union() = Field(
-        description="image tokenizer (kind: " + ", ".join(TOKENIZERS.kinds) + ")"
-    )
-    optimizer: OPTIMIZERS.union() = Field(description="optimizer (kind: " + ", ".join(OPTIMIZERS.kinds) + ")")
-    precision: PRECISION.union() = Field(
-        description="weight precision (kind: " + ", ".join(PRECISION.kinds) + ")"
-    )
-    parallel: PARALLEL.union() = Field(
-        DDPConfig(),
-        description="how the denoiser is spread over processes (kind: " + ", ".join(PARALLEL.kinds) + ")",
-    )
     flow: FlowConfig = FlowConfig()
     train: TrainSection = TrainSection()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
-    # optional factors: null = off
-    ema: EMA.union() | None = Field(None, description="EMA of the weights, used for evaluation")
-    contrastive: CONTRASTIVE.union() | None = Field(None, description="contrastive flow-matching term")
     cache: CacheConfig | None = Field(
         None,
         description="read latents and caption embeddings precomputed by "
         "`ablate cache SWEEP`; null = encode each step",
     )
-    routing: ROUTING.union() | None = Field(
-        None, description="token routing around middle blocks (kind: " + ", ".join(ROUTING.kinds) + ")"
-    )
-    repa: REPA.union() | None = Field(
-        None,
-        description="representation alignment with a frozen teacher (kind: " + ", ".join(REPA.kinds) + ")",
-    )
+
+    def encoded(self, tokenizer_cache: str | Path | None = None) -> Encoded:
+        """What the latent and caption-embedding cache is made from: only these sub-configs reach it.
+        `tokenizer_cache`: where a domain-trained tokenizer keeps itself unless eval.cache_dir says."""
+        return Encoded(self.data, self.eval.caption, self.tokenizer, self.text_encoder,
+                       self.eval.cache_dir or tokenizer_cache)  # fmt: skip
 
     @model_validator(mode="after")
     def _optimizer_patterns_match(self):
@@ -313,6 +273,22 @@ class TrainConfig(Config):
                 "route (routing.start ≤ block < routing.end - 1); remove repa.routed_target"
             )
         return self
+
+
+TrainConfig = create_model(
+    "TrainConfig",
+    __base__=_Sections,
+    __doc__="An arm's whole config: the sections, then one field per component of the table.",
+    __module__=__name__,
+    **{c.key: c.field() for c in COMPONENTS},
+)
+
+
+def build_factors(cfg: Any, joins: str, *args: Any) -> list[Any]:
+    """What the recipe factors that join `joins` build, in table order. A factor that is null is off:
+    nothing is built for it, so the trainer never asks whether one is on."""
+    on = [c for c in COMPONENTS if c.joins == joins and getattr(cfg, c.key) is not None]
+    return [c.registry.build(getattr(cfg, c.key), *args) for c in on]
 
 
 def describe_registries() -> dict[str, list[str]]:

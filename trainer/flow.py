@@ -8,6 +8,7 @@ and the loss is taken in v-space, dividing by t clamped at `x_min_t`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Literal
 
@@ -24,6 +25,12 @@ class FlowConfig(Config):
     uniform_fraction: float = Field(0.1, ge=0, le=1, description="share of t drawn uniformly")
     t_min: float = Field(1e-3, ge=0, lt=1, description="smallest training t")
     x_min_t: float = Field(0.05, gt=0, lt=1, description="x-prediction: t is clamped here in v-space")
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator that depends only on (seed, step): resumed and multi-process runs draw the same numbers."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def shift_t(t: torch.Tensor, s: float) -> torch.Tensor:

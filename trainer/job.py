@@ -67,7 +67,7 @@ def run(run_dir: str | Path, preemption: Preemption | None = None) -> dict:
         error = describe_failure(e, run)
         try:
             if trainer is not None:
-                trainer.write_status(FAILED, error=error)
+                trainer.recorder.status(FAILED, trainer.step, error=error)
             elif d.main:  # set-up failed (a missing weight, bad data): no trainer to say so
                 run.set_status(FAILED, error=error)
         except (

@@ -28,8 +28,9 @@ class Config(BaseModel):
 class Registry:
     """Maps a `kind` name to its config type and the function that builds it."""
 
-    def __init__(self, name: str, facts: tuple[str, ...] = ()):
-        self.name, self.facts = name, facts
+    def __init__(self, name: str, facts: tuple[str, ...] = (), nested: dict[str, Registry] | None = None):
+        """`nested`: registries of fields inside this one's configs (REPA's `teacher`), by field name."""
+        self.name, self.facts, self.nested = name, facts, dict(nested or {})
         self._entries: dict[str, tuple[type[Config], Callable[..., Any]]] = {}
 
     def register(self, config_type: type[Config]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

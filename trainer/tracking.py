@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from core.records import Spec
+from core.records import EvalRecord, LogRow, Spec
+from core.rundir import RunDir
+from trainer.recorder import Backend
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -64,16 +66,28 @@ def tags(overrides: dict[str, Any], delta: str | None) -> list[str]:
     return sorted({str(key).split(".")[0] for key in overrides})
 
 
-class Tracker:
-    """A started W&B run, or nothing (`run` None): `log` and `finish` never raise."""
+class Tracker(Backend):
+    """The recorder's W&B backend: a started run, or nothing (`run` None); it never raises."""
 
-    def __init__(self, run: Any = None):
-        self.run = run
+    def __init__(self, run: Any = None, run_dir: Path | None = None):
+        self.run, self.run_dir = run, run_dir
 
     def __bool__(self) -> bool:
         return self.run is not None
 
-    def log(self, data: dict[str, Any], step: int) -> None:
+    def log(self, row: LogRow) -> None:
+        logged = row.model_dump(exclude={"step", "time"})
+        self._log({f"train/{k}": v for k, v in logged.items()}, row.step)
+
+    def eval(self, record: EvalRecord, grid: Any) -> None:
+        self._log({f"eval/{k}": v for k, v in record.metrics.items()}, record.step)
+        path = RunDir(self.run_dir).eval_grid(record.step) if self.run_dir is not None else None
+        if self.run is not None and path is not None and path.exists():
+            import wandb
+
+            self._log({"eval/samples": wandb.Image(str(path))}, record.step)
+
+    def _log(self, data: dict[str, Any], step: int) -> None:
         if self.run is None:
             return
         try:
@@ -81,12 +95,8 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - W&B must not stop training
             self._give_up("logging", e)
 
-    def image(self, key: str, path: Path, step: int) -> None:
-        if self.run is None or not Path(path).exists():
-            return
-        import wandb
-
-        self.log({key: wandb.Image(str(path))}, step)
+    def close(self) -> None:
+        self.finish()
 
     def finish(self) -> None:
         if self.run is None:
@@ -137,7 +147,7 @@ def start(
     except Exception as e:  # noqa: BLE001 - W&B is never a single point of failure
         warn(f"W&B could not start ({type(e).__name__}: {_first_line(e)}); training goes on without W&B")
         return Tracker()
-    return Tracker(run)
+    return Tracker(run, Path(run_dir))
 
 
 FLUSH_S = 2.0

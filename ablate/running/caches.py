@@ -17,7 +17,6 @@ from typing import Any
 from ablate.errors import UserError
 from ablate.sweep.expand import expand
 from ablate.sweep.schema import Sweep
-from core.atomic import read_json
 
 
 @dataclass
@@ -45,29 +44,27 @@ def plan(sweep: Sweep) -> tuple[list[CacheGroup], list[str]]:
         if cfg.cache is None:
             without.append(spec.name)
             continue
-        path = cache_path(cfg).resolve()
+        encoded = cfg.encoded()
+        path = cache_path(encoded, cfg.cache.dir).resolve()
         if path not in groups:
-            groups[path] = CacheGroup(
-                cache_key(cfg), path, _state(path, cache_key(cfg), sweep, spec.name), cfg
-            )
+            key = cache_key(encoded)
+            groups[path] = CacheGroup(key, path, _state(path, key, sweep, spec.name), cfg)
         groups[path].arms.append(spec.name)
     return list(groups.values()), without
 
 
 def _state(path: Path, key: str, sweep: Sweep, arm: str) -> str:
-    from trainer.data.cache import MANIFEST
+    """complete | missing | incomplete (the trainer's cache says which)."""
+    from trainer.data.cache import cache_state
 
-    if (path / MANIFEST).exists():
-        manifest = read_json(path / MANIFEST) or {}
-        if manifest.get("hash") != key:
-            raise UserError(
-                f"cache {path} (for arm {arm}) holds another config's latents: its manifest hash "
-                f"{manifest.get('hash')} is not the key {key}",
-                "the folder moved aside or deleted, so that `ablate cache` computes it afresh",
-                file=sweep.file,
-            )
-        return "complete"
-    return "incomplete" if path.exists() else "missing"
+    try:
+        return cache_state(path, key).split(" ")[0]
+    except ValueError:
+        raise UserError(
+            f"cache {path} (for arm {arm}) holds another config's latents: its manifest is not for key {key}",
+            "the folder moved aside or deleted, so that `ablate cache` computes it afresh",
+            file=sweep.file,
+        ) from None
 
 
 def fill(group: CacheGroup, log: Callable[[str], None] = print) -> Path:
@@ -77,6 +74,6 @@ def fill(group: CacheGroup, log: Callable[[str], None] = print) -> Path:
 
     cfg = group.config
     try:
-        return precompute(cfg, group.path.parent, weights_dir=cfg.weights_dir, log=log)
+        return precompute(cfg.encoded(), group.path.parent, weights_dir=cfg.weights_dir, log=log)
     except MissingWeightsError as e:
         raise UserError(f"cache {group.key} (arms {', '.join(group.arms)}): {e}") from None

@@ -63,7 +63,7 @@ def log_table(sweep: Sweep, table: Any, step: int | None) -> str:
 
     from ablate.sweep.expand import expand
     from trainer import tracking
-    from trainer.config import WandbConfig
+    from trainer.recorder import WandbConfig
 
     w = WandbConfig.model_validate(expand(sweep)[0].config["log"]["wandb"])
     mode = tracking.resolve_mode(w.mode)

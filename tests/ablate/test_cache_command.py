@@ -21,7 +21,7 @@ CACHE_SWEEP = SWEEP.replace("  log: {every: 1}\n", "  log: {every: 1}\n  cache: 
 def keys(path) -> dict[str, str]:
     """{arm: its cache key}, for the arms that use a cache."""
     specs = [s for s in expand(load_sweep(path)) if s.config["cache"]]
-    return {s.name: cache_key(TrainConfig.model_validate(s.config)) for s in specs}
+    return {s.name: cache_key(TrainConfig.model_validate(s.config).encoded()) for s in specs}
 
 
 def test_dry_run_groups_the_arms_by_cache_key_and_computes_nothing(write_sweep, cli, workdir):

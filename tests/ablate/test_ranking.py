@@ -87,9 +87,9 @@ def test_changes_are_paired_by_seed_and_averaged(sweep):
     assert a["val_loss_change"] == pytest.approx(-0.15)  # (0.6-0.8 + 0.9-1.0) / 2
     assert a["val_loss_change_std"] == pytest.approx(math.sqrt(0.005))  # sample std of (-0.2, -0.1)
     assert a["val_loss_change_pct"] == pytest.approx(-17.5)  # (-25% + -10%) / 2
-    assert a["prompt_adherence_change"] == pytest.approx(0.075) and a["prompt_adherence_change_pct"] == pytest.approx(
-        (100 / 6 + 10) / 2
-    )
+    assert a["prompt_adherence_change"] == pytest.approx(0.075) and a[
+        "prompt_adherence_change_pct"
+    ] == pytest.approx((100 / 6 + 10) / 2)
     assert a["batches_per_s"] == pytest.approx(5.0) and a["throughput_ratio"] == pytest.approx(0.5)
 
 

@@ -130,7 +130,8 @@ def test_features_then_compute_equals_call(extractors, tmp_path):
 
 def test_metric_and_reference_errors(extractors, tmp_path):
     with pytest.raises(
-        ValueError, match=r"unknown metric 'kid' \(did you mean 'fid'\?\); the generation metrics are fid, fid_prx, cmmd"
+        ValueError,
+        match=r"unknown metric 'kid' \(did you mean 'fid'\?\); the generation metrics are fid, fid_prx, cmmd",
     ):
         Evaluator(["kid"], None, extractors=extractors)
     with pytest.raises(ValueError, match="pass reference="):

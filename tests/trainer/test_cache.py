@@ -40,7 +40,7 @@ def test_the_key_covers_only_what_produces_the_cache(config):
         config(eval={"caption": None}),  # None = training column
         config(cache={"dir": "/elsewhere"}),
     ]
-    assert {cache.cache_key(c) for c in same} == {cache.cache_key(base)}
+    assert {cache.cache_key(c.encoded()) for c in same} == {cache.cache_key(base.encoded())}
     differ = [
         config(data={"caption": "short"}),
         config(eval={"caption": "short"}),
@@ -51,16 +51,17 @@ def test_the_key_covers_only_what_produces_the_cache(config):
         config(tokenizer={"kind": "flux-vae"}),
         config(tokenizer={"kind": "flux-vae", "posterior": "mean"}),
     ]
-    keys = [cache.cache_key(c) for c in differ]
-    assert len(set(keys)) == len(keys) and cache.cache_key(base) not in keys
+    keys = [cache.cache_key(c.encoded()) for c in differ]
+    assert len(set(keys)) == len(keys) and cache.cache_key(base.encoded()) not in keys
 
 
 def test_layout_shards_and_resume(config, tmp_path):
     cfg = config()
-    root = cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, device="cpu", log=lambda *_: None)
-    assert root == tmp_path / cache.cache_key(cfg)
+    enc = cfg.encoded()
+    root = cache.precompute(enc, tmp_path, shard_size=24, batch_size=10, device="cpu", log=lambda *_: None)
+    assert root == tmp_path / cache.cache_key(enc)
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["hash"] == cache.cache_key(cfg) and manifest["source"]["captions"] == {
+    assert manifest["hash"] == cache.cache_key(enc) and manifest["source"]["captions"] == {
         "train": "long",
         "val": "long",
     }
@@ -77,7 +78,7 @@ def test_layout_shards_and_resume(config, tmp_path):
     # an item equals encoding it live, padded positions read back as zeros
     train, _ = cache.DATA.build(cfg.data)
     split = cache.CachedSplit(train, root, manifest["splits"]["train"], 32)
-    live = cache.build_inputs(config(), torch.device("cpu"))[0]
+    live = cache.build_inputs(enc, None, torch.device("cpu"))[0]
     item = split[50]
     emb, mask = live.text([item["caption"]])
     assert torch.equal(item["mask"], mask[0]) and torch.equal(item["text"][mask[0]], emb[0][mask[0]])
@@ -89,8 +90,8 @@ def test_layout_shards_and_resume(config, tmp_path):
     (root / "manifest.json").unlink()
     (root / "train-00001.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete .*`python -m trainer.data.cache precompute"):
-        cache.open_cache(config(cache={"dir": str(tmp_path)}))
-    cache.precompute(cfg, tmp_path, shard_size=24, batch_size=10, device="cpu", log=lambda *_: None)
+        cache.open_cache(enc, tmp_path)
+    cache.precompute(enc, tmp_path, shard_size=24, batch_size=10, device="cpu", log=lambda *_: None)
     assert (root / "train-00000.safetensors").stat().st_mtime_ns == kept
     assert torch.equal(
         load_file(root / "train-00001.safetensors")["text"],
@@ -139,7 +140,10 @@ def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp
     )
     cached = make_run("cached", **merge(over, {"cache": {"dir": str(tmp_path / "cache")}}))
     root = cache.precompute(
-        load(cached / "config.yaml"), tmp_path / "cache", weights_dir=str(weights), log=lambda *_: None
+        load(cached / "config.yaml").encoded(),
+        tmp_path / "cache",
+        weights_dir=str(weights),
+        log=lambda *_: None,
     )
     shard = load_file(root / "train-00000.safetensors")
     assert (
@@ -158,17 +162,18 @@ def test_a_vae_cache_keeps_the_posterior_and_matches_live_training(make_run, tmp
 
 def test_a_cache_of_another_config_is_refused_naming_both_hashes(config, tmp_path):
     cfg = config(cache={"dir": str(tmp_path)})
-    with pytest.raises(FileNotFoundError, match=f"key {cache.cache_key(cfg)}.* is missing; fill it with"):
-        cache.build_inputs(cfg, torch.device("cpu"))
-    other = config(data={"caption": "short"})
+    enc = cfg.encoded()
+    with pytest.raises(FileNotFoundError, match=f"key {cache.cache_key(enc)}.* is missing; fill it with"):
+        cache.build_inputs(enc, cfg.cache, torch.device("cpu"))
+    other = config(data={"caption": "short"}).encoded()
     made = cache.precompute(other, tmp_path, log=lambda *_: None)
-    made.rename(cache.cache_path(cfg))  # e.g. a folder copied under the wrong name
+    made.rename(cache.cache_path(enc, tmp_path))  # e.g. a folder copied under the wrong name
     with pytest.raises(
         ValueError,
         match=f"manifest hash {cache.cache_key(other)} does not match this config's "
-        f"cache key {cache.cache_key(cfg)}",
+        f"cache key {cache.cache_key(enc)}",
     ):
-        cache.build_inputs(cfg, torch.device("cpu"))
+        cache.build_inputs(enc, cfg.cache, torch.device("cpu"))
 
 
 def test_cli_needs_a_cache_folder(tiny_cfg, tmp_path):

@@ -95,7 +95,7 @@ def test_reference_sets_from_a_folder_and_a_parquet_file_as_prx_scores_them(tmp_
     (folder / "notes.txt").write_text("not an image")
     ev = trainer(
         tmp_path, "folder", prx_weights, {"kind": "folder", "path": str(folder)}
-    ).generation.evaluator
+    ).evaluation.generation.evaluator
     assert ev.reference.num_samples == 2  # eval.samples of the 3 images, in path order
     feats = ev.reference_features()["inception-prx"].feats  # (2, 2048)
     expected = np.stack(
@@ -114,7 +114,7 @@ def test_reference_sets_from_a_folder_and_a_parquet_file_as_prx_scores_them(tmp_
     path = tmp_path / "real.parquet"
     pq.write_table(pa.table({"img": [encoded(im) for im in imgs], "caption": ["x"] * 3}), path)
     reference = {"kind": "parquet", "path": str(path), "image_column": "img"}
-    ev2 = trainer(tmp_path, "parquet", prx_weights, reference).generation.evaluator
+    ev2 = trainer(tmp_path, "parquet", prx_weights, reference).evaluation.generation.evaluator
     np.testing.assert_array_equal(
         np.concatenate(list(ev2.reference.images())), [prepared(im) for im in imgs[:2]]
     )

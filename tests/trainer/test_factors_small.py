@@ -65,7 +65,7 @@ def test_prx_bf16_flow_trains_and_samples_in_bf16(tiny_cfg, tmp_path, monkeypatc
     fp32, as in PRX), generation samples with a bf16 state and bf16 timesteps; the default stays fp32."""
     from dataclasses import replace
 
-    from trainer import flow, generation
+    from trainer import flow
     from trainer.config import TrainConfig
     from trainer.data.datasets import StepBatchSampler
     from trainer.runtime.dist import Dist
@@ -93,17 +93,19 @@ def test_prx_bf16_flow_trains_and_samples_in_bf16(tiny_cfg, tmp_path, monkeypatc
     batches = list(torch.utils.data.DataLoader(tr.train_set, batch_sampler=sampler))
     bf16, fp32 = torch.bfloat16, torch.float32
     grid = flow.shift_t(torch.linspace(1, 0, 4), 1.0)[:-1]  # (3,) fp32 Euler grid
-    gen = object.__new__(generation.GenerationEval)  # sample() without the metrics' feature extractors
-    gen.tr, gen.n = tr, 1
+    prompt = tr.val_set[0]
+    noise = torch.randn(
+        1, *tr.sampler.latent_shape(prompt["image"]), generator=torch.Generator().manual_seed(0)
+    )
     for flow_dtype in (bf16, fp32):
-        tr.precision = replace(tr.precision, flow=flow_dtype)
+        tr.precision = tr.sampler.precision = replace(tr.precision, flow=flow_dtype)
         seen.clear()
         losses = [tr.train_step(s, batches[s])[0] for s in range(3)]
         assert all(torch.isfinite(x) for x in losses)
         assert seen == [(flow_dtype, flow_dtype, fp32, fp32)] * 3
         seen.clear()
         tr.denoiser.eval()
-        assert gen.sample([0]).shape == (1, 16, 16, 3)
+        assert tr.sampler([prompt["caption"]], noise).shape == (1, 3, 16, 16)
         tr.denoiser.train()
         assert seen[-1] == flow_dtype and len(seen) == 4  # three net calls, then the sampler's output
         assert torch.equal(torch.stack([t[0] for t in seen[:3]]), grid.to(flow_dtype))

@@ -232,7 +232,7 @@ def test_the_domain_autoencoder_is_trained_once_and_reconstructs_the_domain(tmp_
 
     over = {"tokenizer": {"kind": "domain-ae", "steps": 300}, "model": {"preset": "tiny", "patch_size": 1}}
     cfg = TrainConfig.model_validate({**tiny_cfg, **over})
-    tok = build_tokenizer(cfg, torch.device("cpu"), None, tmp_path)
+    tok = build_tokenizer(cfg.tokenizer, cfg.data, torch.device("cpu"), None, tmp_path)
     (saved,) = tmp_path.glob("domain-ae-*.pt")
     renders = SyntheticShapes(cfg.data, 0, 16)
     x = torch.stack([renders[i]["image"] for i in range(16)])  # held-in renders it never trained on
@@ -240,7 +240,9 @@ def test_the_domain_autoencoder_is_trained_once_and_reconstructs_the_domain(tmp_
     assert lat.std is None and lat.mean.shape == (16, 4, 8, 8)  # deterministic, 2x down, 4 channels
     assert 0.5 < lat.mean.std().item() < 2.0  # normalised for the denoiser
     assert torch.mean((tok.decode(lat.mean) - x) ** 2).item() < 0.01  # it reconstructs the domain
-    again = build_tokenizer(cfg, torch.device("cpu"), None, tmp_path)  # loaded, not trained again
+    again = build_tokenizer(
+        cfg.tokenizer, cfg.data, torch.device("cpu"), None, tmp_path
+    )  # loaded, not trained
     assert list(tmp_path.glob("domain-ae-*.pt")) == [saved] and torch.equal(again.moments(x).mean, lat.mean)
     with pytest.raises(ValueError, match="tokenizer 'domain-ae' is trained on the synthetic-shapes domain"):
         TrainConfig.model_validate(

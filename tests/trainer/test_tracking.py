@@ -11,9 +11,10 @@ from PIL import Image
 from trainer_testing import final_metrics
 from wandb_records import read_run
 
-from core.records import Spec
+from core.records import EvalRecord, Spec
+from core.rundir import RunDir
 from trainer import job, tracking
-from trainer.config import WandbConfig
+from trainer.recorder import WandbConfig
 from trainer.runtime import checkpoint
 
 SPEC = {
@@ -63,13 +64,14 @@ def test_an_arm_logs_one_run_and_a_resumed_arm_continues_it(make_run):
 
 
 def test_a_sample_grid_is_logged_as_an_image(tmp_path):
-    grid = tmp_path / "step_4.png"
+    grid = RunDir(tmp_path).eval_grid(4)  # the recorder's run folder saved it just before
+    grid.parent.mkdir()
     Image.fromarray(np.full((10, 12, 3), 200, np.uint8)).save(grid)
     tracker = tracking.start(
         WandbConfig(mode="offline"), tmp_path, Spec(**SPEC), {"seed": 0}, job="eval", step=4
     )
-    tracker.image("eval/samples", grid, 4)
-    tracker.finish()
+    tracker.eval(EvalRecord(step=4, metrics={"val_loss": 0.5}), np.zeros((0, 1, 1, 3), np.uint8))
+    tracker.close()
     (run_folder,) = offline_runs(tmp_path)
     run = read_run(run_folder)
     assert run.job_type == "eval" and run.id == tracking.run_id(tmp_path, "abc123", "eval-step4")

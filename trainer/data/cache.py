@@ -31,12 +31,14 @@ test checks the loss curve is bit-identical with and without the cache).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -47,9 +49,6 @@ from trainer.data.datasets import DATA
 from trainer.factors.text import TEXT
 from trainer.factors.tokenizer import Latents, build_tokenizer
 from trainer.registry import Config
-
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
 
 FORMAT = 1  # bump when the layout or what is stored changes: old caches then get new keys
 MANIFEST = "manifest.json"  # written last: its presence marks a complete cache
@@ -63,32 +62,48 @@ class CacheConfig(Config):
     )
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """What a cache is made from, and keyed by: the data, its caption columns, the tokenizer and the text
+    encoder (`TrainConfig.encoded()`); nothing else of an arm's config reaches the cache."""
+
+    data: Any
+    val_caption: str | None
+    """the eval caption column (None: the training one)"""
+    tokenizer: Any
+    text_encoder: Any
+    tokenizer_cache: str | Path | None = None
+    """where a tokenizer trained on the data domain keeps itself (the eval cache)"""
+
+
 # ---------------------------------------------------------------------------------------------
 # The key
 # ---------------------------------------------------------------------------------------------
-def cache_source(cfg: TrainConfig) -> dict:
+def cache_source(enc: Encoded) -> dict:
     """Everything that determines the cache's content, and nothing else."""
     return {
         "format": FORMAT,
-        "data": cfg.data.model_dump(mode="json"),
-        "captions": {"train": cfg.data.caption, "val": cfg.eval.caption or cfg.data.caption},
-        "tokenizer": cfg.tokenizer.model_dump(mode="json"),
-        "text_encoder": cfg.text_encoder.model_dump(mode="json"),
+        "data": enc.data.model_dump(mode="json"),
+        "captions": {"train": enc.data.caption, "val": enc.val_caption or enc.data.caption},
+        "tokenizer": enc.tokenizer.model_dump(mode="json"),
+        "text_encoder": enc.text_encoder.model_dump(mode="json"),
     }
 
 
-def cache_key(cfg: TrainConfig) -> str:
-    blob = json.dumps(cache_source(cfg), sort_keys=True, separators=(",", ":"))
+def cache_key(enc: Encoded) -> str:
+    blob = json.dumps(cache_source(enc), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_path(cfg: TrainConfig, root: str | Path | None = None) -> Path:
-    """The folder of `cfg`'s cache under `root` (default: cfg.cache.dir)."""
-    if root is None:
-        if cfg.cache is None:
-            raise ValueError("no cache folder: set cache.dir in the config or pass --out DIR")
-        root = cfg.cache.dir
-    return Path(root) / cache_key(cfg)
+def cache_path(enc: Encoded, root: str | Path) -> Path:
+    """The folder of `enc`'s cache under the cache root `root` (a config's cache.dir)."""
+    return Path(root) / cache_key(enc)
+
+
+def build_encoders(enc: Encoded, device: torch.device, weights_dir: str | None) -> tuple[Any, Any]:
+    """(tokenizer, text encoder)."""
+    tokenizer = build_tokenizer(enc.tokenizer, enc.data, device, weights_dir, enc.tokenizer_cache)
+    return tokenizer, TEXT.build(enc.text_encoder, device, weights_dir=weights_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +124,7 @@ def _encode_text(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def precompute(
-    cfg: TrainConfig,
+    enc: Encoded,
     out_dir: str | Path,
     weights_dir: str | None = None,
     batch_size: int = 64,
@@ -118,17 +133,18 @@ def precompute(
     num_workers: int = 0,
     log=print,
 ) -> Path:
-    """Fill `out_dir/<key>` for `cfg`; returns that folder. Resumes after an interruption (shards are
+    """Fill `out_dir/<key>` for `enc`; returns that folder. Resumes after an interruption (shards are
     written atomically and skipped when present); a complete cache is left untouched."""
-    root = Path(out_dir) / cache_key(cfg)
+    root = cache_path(enc, out_dir)
     if (root / MANIFEST).exists():
-        check_manifest(root, cache_key(cfg))
+        check_manifest(root, cache_key(enc))
         log(f"cache {root}: complete, nothing to do")
         return root
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = build_tokenizer(cfg, device, weights_dir, cfg.eval.cache_dir or Path(out_dir) / ".tokenizers")
-    text = TEXT.build(cfg.text_encoder, device, weights_dir=weights_dir)
-    datasets = dict(zip(SPLITS, DATA.build(cfg.data, val_caption=cfg.eval.caption), strict=True))
+    if enc.tokenizer_cache is None:
+        enc = dataclasses.replace(enc, tokenizer_cache=Path(out_dir) / ".tokenizers")
+    tokenizer, text = build_encoders(enc, device, weights_dir)
+    datasets = dict(zip(SPLITS, DATA.build(enc.data, val_caption=enc.val_caption), strict=True))
     root.mkdir(parents=True, exist_ok=True)
     t0, splits = time.perf_counter(), {}
     for split, ds in datasets.items():
@@ -168,8 +184,8 @@ def precompute(
     atomic_write_json(
         root / MANIFEST,
         {
-            "hash": cache_key(cfg),
-            "source": cache_source(cfg),
+            "hash": cache_key(enc),
+            "source": cache_source(enc),
             "splits": splits,
             "latent": latent,
             "text": {
@@ -199,16 +215,24 @@ def check_manifest(root: Path, key: str) -> dict:
     return manifest
 
 
-def open_cache(cfg: TrainConfig) -> tuple[Path, dict]:
-    root, key = cache_path(cfg), cache_key(cfg)
+def open_cache(enc: Encoded, cache_root: str | Path) -> tuple[Path, dict]:
+    root, key = cache_path(enc, cache_root), cache_key(enc)
     if not (root / MANIFEST).exists():
-        state = "incomplete (precompute was interrupted)" if root.exists() else "missing"
         raise FileNotFoundError(
-            f"cache {root} for this config (key {key}) is {state}; fill it with "
-            f"`python -m trainer.data.cache precompute CONFIG --out {cfg.cache.dir}` "
+            f"cache {root} for this config (key {key}) is {cache_state(root, key)}; fill it with "
+            f"`python -m trainer.data.cache precompute CONFIG --out {cache_root}` "
             f"(or `ablate cache SWEEP`)"
         )
     return root, check_manifest(root, key)
+
+
+def cache_state(root: Path, key: str) -> str:
+    """complete | missing | incomplete (precompute was interrupted); a folder holding another config's
+    cache raises ValueError (check_manifest)."""
+    if (root / MANIFEST).exists():
+        check_manifest(root, key)
+        return "complete"
+    return "incomplete (precompute was interrupted)" if root.exists() else "missing"
 
 
 class CachedSplit(Dataset):
@@ -281,18 +305,10 @@ class CachedInputs:
     """Reads them from the batch (a `CachedSplit`'s fields). The tokenizer and text encoder are only
     built when something asks for them (decoding samples, encoding new prompts)."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        root: Path,
-        device: torch.device,
-        weights_dir: str | None = None,
-        tokenizer_cache: str | Path | None = None,
-    ):
+    def __init__(self, enc: Encoded, root: Path, device: torch.device, weights_dir: str | None = None):
         from safetensors.torch import load_file
 
-        self.cfg, self.device, self.weights_dir = cfg, device, weights_dir
-        self.tokenizer_cache = tokenizer_cache
+        self.enc, self.device, self.weights_dir = enc, device, weights_dir
         empty = load_file(str(root / "empty.safetensors"))
         txt = empty["text"].new_zeros(*empty["mask"].shape, empty["text"].shape[-1])  # (1, L, D)
         txt[empty["mask"]] = empty["text"]
@@ -313,40 +329,34 @@ class CachedInputs:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = build_tokenizer(self.cfg, self.device, self.weights_dir, self.tokenizer_cache)
+            self._tokenizer = build_tokenizer(
+                self.enc.tokenizer, self.enc.data, self.device, self.weights_dir, self.enc.tokenizer_cache
+            )
         return self._tokenizer
 
     @property
     def text(self):
         if self._text is None:
-            self._text = TEXT.build(self.cfg.text_encoder, self.device, weights_dir=self.weights_dir)
+            self._text = TEXT.build(self.enc.text_encoder, self.device, weights_dir=self.weights_dir)
         return self._text
 
 
 def build_inputs(
-    cfg: TrainConfig,
-    device: torch.device,
-    weights_dir: str | None = None,
-    tokenizer_cache: str | Path | None = None,
+    enc: Encoded, cache: CacheConfig | None, device: torch.device, weights_dir: str | None = None
 ):
-    """(inputs, train set, val set): live encoders over the datasets, or the cache when cfg.cache is set.
+    """(inputs, train set, val set): live encoders over the datasets, or the cache under `cache.dir`.
 
     Building leaves the caller's RNG untouched, so the denoiser's initial weights do not depend on
     which tokenizer or text encoder was loaded.
     """
-    train, val = DATA.build(cfg.data, val_caption=cfg.eval.caption)
+    train, val = DATA.build(enc.data, val_caption=enc.val_caption)
     with torch.random.fork_rng(devices=[]):
-        if cfg.cache is None:
-            tokenizer = build_tokenizer(cfg, device, weights_dir, tokenizer_cache)
-            return (
-                LiveInputs(tokenizer, TEXT.build(cfg.text_encoder, device, weights_dir=weights_dir)),
-                train,
-                val,
-            )
-        root, manifest = open_cache(cfg)
+        if cache is None:
+            return LiveInputs(*build_encoders(enc, device, weights_dir)), train, val
+        root, manifest = open_cache(enc, cache.dir)
         length = manifest["text"]["length"]
         return (
-            CachedInputs(cfg, root, device, weights_dir, tokenizer_cache),
+            CachedInputs(enc, root, device, weights_dir),
             CachedSplit(train, root, manifest["splits"]["train"], length),
             CachedSplit(val, root, manifest["splits"]["val"], length),
         )
@@ -375,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     if out is None:
         sys.exit(f"error: {args.config} has no cache.dir; pass --out DIR")
     path = precompute(
-        cfg,
+        cfg.encoded(),
         out,
         weights_dir=args.weights_dir,
         batch_size=args.batch_size,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from trainer.model import FactorContext
 from trainer.registry import Config, Registry
 
 CONTRASTIVE = Registry("contrastive")
@@ -32,5 +33,5 @@ class ContrastiveTerm:
 
 
 @CONTRASTIVE.register(ContrastiveConfig)
-def build_contrastive(cfg: ContrastiveConfig) -> ContrastiveTerm:
+def build_contrastive(cfg: ContrastiveConfig, ctx: FactorContext | None = None) -> ContrastiveTerm:
     return ContrastiveTerm(cfg.weight)

@@ -1,7 +1,8 @@
 """EMA of the denoiser's weights (off in the study's baseline). When on, evaluation uses the EMA weights.
 
-The train step always calls `ema.update(step)` and evaluation always enters `ema.swapped()`;
-with EMA off those are no-ops (`NoEMA`), so neither place branches on the factor.
+The train step always calls `ema.update(step)` and evaluation always enters `ema.swapped()`; with
+`ema: null` nothing is built for the factor and the trainer holds a `NoEMA`, whose calls do nothing,
+so neither place branches on the factor.
 """
 
 from __future__ import annotations
@@ -78,7 +79,3 @@ class ModelEMA(NoEMA):
 @EMA.register(EMAConfig)
 def build_ema(cfg: EMAConfig, model: torch.nn.Module) -> ModelEMA:
     return ModelEMA(cfg, model)
-
-
-def build(cfg: EMAConfig | None, model: torch.nn.Module) -> NoEMA:
-    return NoEMA() if cfg is None else EMA.build(cfg, model)

@@ -53,9 +53,9 @@ from trainer.factors.routing import gather_tokens
 from trainer.model import Factor, FactorContext, TokenState
 from trainer.registry import Config, Registry
 
-REPA = Registry("repa", facts=("needs_full_grid",))
 # `needs_domain`: the data domain a teacher is trained on (None: any images).
 TEACHERS = Registry("teacher", facts=("needs_domain",))
+REPA = Registry("repa", facts=("needs_full_grid",), nested={"teacher": TEACHERS})
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

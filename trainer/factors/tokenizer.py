@@ -460,8 +460,10 @@ def build_domain_ae(
     return DomainAETokenizer(ae, saved["mean"], saved["std"], cfg).to(device)
 
 
-def build_tokenizer(cfg, device: torch.device, weights_dir: str | None = None, cache_dir=None) -> Tokenizer:
-    """The config's tokenizer. One trained on the data domain (`needs_domain`) also gets the data config and
-    the folder it keeps itself in (the eval cache, beside the attribute net)."""
-    extra = {"data": cfg.data, "cache_dir": cache_dir} if cfg.tokenizer.needs_domain else {}
-    return TOKENIZERS.build(cfg.tokenizer, device, weights_dir=weights_dir, **extra)
+def build_tokenizer(
+    cfg, data, device: torch.device, weights_dir: str | None = None, cache_dir=None
+) -> Tokenizer:
+    """The tokenizer of config `cfg`. One trained on the data domain (`needs_domain`) also gets the data
+    config and the folder it keeps itself in (the eval cache, beside the attribute net)."""
+    extra = {"data": data, "cache_dir": cache_dir} if cfg.needs_domain else {}
+    return TOKENIZERS.build(cfg, device, weights_dir=weights_dir, **extra)

@@ -21,14 +21,20 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from core.atomic import atomic_write_json, commit_dir
 from core.rundir import RunDir
+from trainer.registry import Config
+from trainer.runtime.clock import Cadence
 
 
 def rng_state() -> dict:
@@ -200,3 +206,84 @@ def load(path: Path) -> tuple[dict, dict]:
     factors = load_file(path / "factors.safetensors")
     weights = {**{f"prx.{k}": v for k, v in prx.items()}, **{f"factors.{k}": v for k, v in factors.items()}}
     return weights, torch.load(path / "state.pt", weights_only=False)
+
+
+class CheckpointConfig(Config):
+    every: int = Field(1000, ge=1, description="save every N steps (and at the end)")
+    keep: int = Field(2, ge=1, description="newest complete checkpoints kept")
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a checkpoint holds besides the step: the denoiser (through its parallel layout), the optimizer
+    and the EMA, and the processes that share them."""
+
+    denoiser: torch.nn.Module
+    parallel: Any
+    optimizer: Any
+    ema: Any
+    dist: Any
+
+
+class Checkpointer:
+    """An arm's whole training state in its run folder: saved on its own cadence (`should_save`), restored
+    from the newest checkpoint that verifies. Every process takes part (FSDP gathers sharded state);
+    the main process writes and reads the folder."""
+
+    def __init__(self, cfg: CheckpointConfig, run: RunDir, total_steps: int, seed: int, held: Held):
+        self.cfg, self.run, self.seed, self.held = cfg, run, seed, held
+        self.should_save = Cadence(cfg.every, total_steps)
+
+    def save(self, step: int, timing: dict) -> None:
+        held = self.held
+        weights = held.parallel.weights()
+        optimizer = held.parallel.optimizer_state(held.optimizer)
+        ema = held.parallel.ema_state(held.ema)
+        if held.dist.main:
+            state = {"optimizer": optimizer, "ema": ema, "data": {"seed": self.seed, "step": step},
+                     "timing": timing}  # fmt: skip
+            save(self.run, step, held.denoiser, weights, state, self.cfg.keep)
+        held.dist.barrier()
+
+    def resume(self, note: Callable[[str], None]) -> tuple[int, dict | None]:
+        """(step, timing) of the newest checkpoint that verifies, its state put in place; (0, None) when
+        there is none. Temporary folders of a killed save are deleted, checkpoints that fail
+        verification set aside."""
+        held, path = self.held, None
+        if held.dist.main:
+            for tmp in clean_partial(self.run):
+                note(f"removed the partial checkpoint {tmp.name} of a killed save")
+            path = newest_verified(self.run)
+        path = held.dist.broadcast_object(path)
+        if path is None:
+            return 0, None
+        weights, state = load(path)
+        held.parallel.load_weights(weights)
+        held.parallel.load_optimizer_state(held.optimizer, state["optimizer"])
+        held.parallel.load_ema_state(held.ema, state["ema"])
+        set_rng_state(state["rng"])
+        note(f"resumed from {path.name}")
+        return state["step"], state.get("timing", {})
+
+    def load_weights(self, step: int | None) -> int:
+        """Put checkpoint `step`'s weights (default: the newest that verifies) and EMA in place, for
+        evaluating it again; returns its step."""
+        run = self.run
+        path = newest_verified(run) if step is None else run.checkpoint(step)
+        if path is None or not path.exists():
+            kept = ", ".join(map(str, run.checkpoint_steps())) or "none"
+            raise FileNotFoundError(
+                f"{run.path}: no {'verified ' if step is None else ''}checkpoint at step "
+                f"{step if step is not None else '(any)'}; checkpoints kept: {kept}"
+            )
+        if step is not None and (problem := verify(path)) is not None:
+            raise CorruptCheckpoint(f"{path}: fails verification ({problem})")
+        weights, state = load(path)
+        self.held.parallel.load_weights(weights)
+        self.held.parallel.load_ema_state(self.held.ema, state["ema"])
+        return state["step"]
+
+    def newest_kept(self) -> str:
+        """The newest checkpoint that verifies, by name, for an error message ('none' when there is none)."""
+        kept = newest_verified(self.run, set_aside=False)
+        return kept.name if kept else "none"

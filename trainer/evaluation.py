@@ -1,0 +1,268 @@
+"""Evaluation during training (and `ablate eval`): the held-out loss, the generation metrics, a sample grid.
+
+The prompt set is the first `eval.samples` images of the held-out split, with their captions in the
+eval caption column; prompt j always starts from the same noise (seeded by j), so every arm and every
+step is scored on the same prompts and noises. Sampling is sharded over processes (prompt j on rank
+j mod world) and the features are gathered; the number of samples never depends on the number of
+processes. The real images the metrics compare against are those held-out images, or the first
+`eval.samples` of `eval.reference` when it is set.
+
+`Sampler` is the one way images come out of a denoiser (prompts and noise in, images out); the metrics
+get a sampler and the settings they need, never the trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from pydantic import Field, model_validator
+
+from eval.metrics import ALWAYS, GENERATED, unknown
+from trainer import flow
+from trainer.data.datasets import ATTRIBUTES, ReferenceConfig, ReferenceSet, SyntheticConfig, attribute_net
+from trainer.factors.precision import Precision
+from trainer.registry import Config
+from trainer.runtime.clock import Cadence
+from trainer.runtime.dist import Dist
+from trainer.runtime.parallel import lockstep
+
+PROMPT_SEED = 4321  # noise of the eval prompts: fixed, equal across arms, seeds and steps
+VAL_SEED = 1234  # noise of the held-out set: fixed, equal across arms and seeds
+
+
+class EvalConfig(Config):
+    every: int = Field(1000, ge=1, description="evaluate every N steps (and at the end)")
+    caption: str | None = Field(
+        None,
+        description="caption column of the held-out set and the eval prompts; "
+        "keep it equal across arms (default: the training column)",
+    )
+    batch_size: int = Field(64, ge=1, description="held-out / sampling batch size per process")
+    metrics: list[str] = Field(
+        [],
+        description=f"generation metrics ({', '.join(GENERATED)}; eval/metrics.py); empty = the held-out "
+        f"loss {ALWAYS} only, which every arm computes. fid_prx is PRX's FID on colour-inverted uint8 images, "
+        "comparable only with PRX's published numbers; fid is standard clean-fid",
+    )
+    samples: int = Field(
+        1000,
+        ge=1,
+        description="generated images per eval step (prompts of the held-out set), whatever the number of processes",
+    )
+    sample_steps: int = Field(50, ge=1, description="Euler steps per sample")
+    guidance: float = Field(3.5, ge=0, description="classifier-free guidance scale")
+    grid: int = Field(16, ge=0, description="samples saved as eval/step_N.png")
+    cache_dir: str | None = Field(
+        None, description="reference features and the demo's attribute net (default: <sweep dir>/.eval-cache)"
+    )
+    reference: ReferenceConfig | None = Field(
+        None,
+        description="real images the metrics compare against: {kind: parquet|folder, path}, the first "
+        "`samples` of them, prepared like training images (PRX: an Unsplash set); null = the held-out rows",
+    )
+
+    @model_validator(mode="after")
+    def _known_metrics(self):
+        for name in self.metrics:
+            if name == ALWAYS:
+                raise ValueError(
+                    f"{ALWAYS} is computed at every eval step of every arm; leave it out of eval.metrics"
+                )
+            if (problem := unknown(name, GENERATED)) is not None:
+                raise ValueError(f"{problem}; eval.metrics takes {', '.join(GENERATED)}")
+        return self
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + index)
+
+
+class Sampler:
+    """Captions and their starting noise in, images out: Euler with classifier-free guidance on the
+    denoiser as it is now (the caller chooses its weights: the EMA's during evaluation)."""
+
+    def __init__(
+        self, denoiser: torch.nn.Module, inputs: Any, precision: Precision, flow_cfg: Any, cfg: EvalConfig
+    ):
+        self.denoiser, self.inputs, self.precision, self.flow_cfg = denoiser, inputs, precision, flow_cfg
+        self.steps, self.guidance = cfg.sample_steps, cfg.guidance
+
+    def net(self, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with self.precision.context():
+            return self.denoiser(x.to(self.precision.weights), t, txt.to(self.precision.weights), mask).pred
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], noise: torch.Tensor) -> torch.Tensor:
+        """Images (b, 3, H, W) in [0, 1] for `captions`, each from its noise (b, C, h, w)."""
+        txt, mask = self.inputs.text(captions)
+        empty_txt, empty_mask = self.inputs.text.empty()
+        x0 = flow.euler_sample(self.net, noise, txt, mask, empty_txt, empty_mask, self.flow_cfg, steps=self.steps,
+                               guidance=self.guidance, dtype=self.precision.flow)  # fmt: skip
+        return self.inputs.tokenizer.decode(x0.float())
+
+    def latent_shape(self, image: torch.Tensor) -> tuple[int, ...]:
+        """(C, h, w) of the latent of one image (3, H, W): what the starting noise must be."""
+        return tuple(self.inputs.tokenizer.encode(image[None]).shape[1:])
+
+
+class HeldOutLoss:
+    """Flow-matching loss on the held-out set at fixed (t, noise): comparable across arms and steps.
+
+    t is an even grid over (0, 1); sample j's noise comes from a generator seeded by (VAL_SEED, j), so
+    the number is the same whatever the number of processes."""
+
+    def __init__(
+        self, val_set: Any, inputs: Any, precision: Precision, flow_cfg: Any, dist: Dist, batch_size: int
+    ):
+        self.val_set, self.inputs, self.precision, self.flow_cfg = val_set, inputs, precision, flow_cfg
+        self.dist, self.batch_size = dist, batch_size
+
+    @torch.no_grad()
+    def __call__(self, denoiser: torch.nn.Module) -> float:
+        n, dev, cfg = len(self.val_set), self.dist.device, self.flow_cfg
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        for chunk, counts in lockstep(
+            list(range(self.dist.rank, n, self.dist.world)), self.batch_size, n, self.dist.world
+        ):
+            batch = torch.utils.data.default_collate([self.val_set[j] for j in chunk])
+            lat, txt, mask = self.inputs(batch, dev)
+            x0 = lat.mean  # the posterior mean: the held-out loss stays deterministic
+            noise = torch.stack(
+                [torch.randn(x0.shape[1:], generator=flow.step_generator(VAL_SEED, j)) for j in chunk]
+            )
+            t = torch.tensor([(j + 0.5) / n for j in chunk], device=dev)
+            xt = flow.interpolate(x0, noise.to(dev), t)
+            with self.precision.context():
+                pred = denoiser(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask).pred
+            v_pred = flow.velocity(pred.float(), xt, t, cfg)
+            v_true = flow.PREDICTIONS[cfg.prediction]["target"](x0, noise.to(dev), xt, t, cfg)
+            if counts:  # else a throw-away chunk that keeps this process in step with the others
+                total += ((v_pred - v_true) ** 2).flatten(1).mean(1).double().sum()
+        return float(self.dist.all_sum(total).item() / n)
+
+
+def requested_attributes(caption_column: str, attrs: np.ndarray) -> dict[str, np.ndarray]:
+    """Which attributes each synthetic prompt asks for: all in long captions, the shape in short ones."""
+    named = set(ATTRIBUTES) if caption_column == "long" else {"shape"}
+    return {a: np.where(a in named, attrs[:, i], -1) for i, a in enumerate(ATTRIBUTES)}
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """(b, 3, H, W) in [0, 1] → uint8 (b, H, W, 3)."""
+    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+class GenerationMetrics:
+    """The generation metrics of `eval.metrics` on the fixed prompt set. Built at set-up, so a missing
+    weight fails before training starts; with no metrics, nothing is sampled."""
+
+    def __init__(
+        self, cfg: EvalConfig, data: Any, val_set: Any, dist: Dist, weights_dir: str | None, cache_dir: Path
+    ):
+        self.cfg, self.data, self.val_set, self.dist = cfg, data, val_set, dist
+        self.n = min(cfg.samples, len(val_set)) if cfg.metrics else 0
+        self.mine = list(range(dist.rank, self.n, dist.world))  # the prompts this process samples
+        self.cache_dir = cache_dir
+        self.evaluator = self._evaluator(weights_dir) if cfg.metrics else None
+
+    def _evaluator(self, weights_dir: str | None):
+        from eval.evaluator import Evaluator
+
+        extractors = {}
+        if isinstance(self.data, SyntheticConfig) and any(
+            m.startswith(("domain_", "prompt_")) for m in self.cfg.metrics
+        ):
+            from eval.domain import DomainAttrExtractor
+
+            extractors["domain-attr"] = DomainAttrExtractor(
+                attribute_net(self.data, self.cache_dir), self.dist.device
+            )
+        return Evaluator(self.cfg.metrics, self._reference(), extractors=extractors, weights_dir=weights_dir,
+                         device=self.dist.device, batch_size=self.cfg.batch_size)  # fmt: skip
+
+    def _reference(self):
+        """The real images: `eval.reference` (listed now: a missing set fails at set-up), else the held-out rows."""
+        from eval.evaluator import Reference
+
+        batch = self.cfg.batch_size
+        if self.cfg.reference is None:
+            held_out = {k: v for k, v in self.data.model_dump(mode="json").items() if k != "caption"}
+            name = "heldout:" + ",".join(f"{k}={v}" for k, v in sorted(held_out.items()))
+            return Reference(
+                name, self.n, lambda: _uint8_batches(self.val_set, self.n, batch), self.cache_dir
+            )
+        real = ReferenceSet(self.cfg.reference, self.data.resolution)
+        n = min(self.cfg.samples, len(real))
+        return Reference(real.identity(), n, lambda: _uint8_batches(real.images(n), n, batch), self.cache_dir)
+
+    def sample(self, sampler: Sampler, indices: list[int]) -> np.ndarray:
+        """Images for prompts `indices` (this process's share of the n prompts) as uint8 (N, H, W, 3)."""
+        out = []
+        shape = sampler.latent_shape(self.val_set[0]["image"].to(self.dist.device)) if self.n else ()
+        for chunk, counts in lockstep(indices, self.cfg.batch_size, self.n, self.dist.world):
+            captions = [self.val_set[j]["caption"] for j in chunk]
+            noise = torch.stack(
+                [torch.randn(shape, generator=sample_generator(PROMPT_SEED, j)) for j in chunk]
+            )
+            images = sampler(captions, noise.to(self.dist.device))
+            if counts:  # else a throw-away chunk that keeps this process in step with the others
+                out.append(_uint8(images))
+        return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+
+    def __call__(self, sampler: Sampler) -> tuple[dict[str, float], np.ndarray]:
+        """({metric: value}, the grid's images) on the main process; ({}, empty) elsewhere."""
+        if self.evaluator is None:
+            return {}, np.zeros((0, 1, 1, 3), np.uint8)
+        images = self.sample(sampler, self.mine)
+        feats = self.evaluator.features(images) if len(images) else {}
+        feats, images = self._gather(feats, images)
+        if not self.dist.main:
+            return {}, images[:0]
+        attrs = np.stack([self.val_set[j]["attrs"].numpy() for j in range(self.n)])
+        requested = requested_attributes(self.cfg.caption or getattr(self.data, "caption", ""), attrs)
+        return self.evaluator.compute(feats, requested), images[: self.cfg.grid]
+
+    def _gather(self, feats: dict, images: np.ndarray) -> tuple[dict, np.ndarray]:
+        """Features and grid images of every prompt on the main process, in prompt order."""
+        world = self.dist.world
+        if world == 1:
+            return feats, images
+        parts: list = [None] * world
+        tdist.all_gather_object(parts, (self.mine, feats, images[: self.cfg.grid]))
+        order = np.argsort(np.concatenate([p[0] for p in parts]))
+        feats = {k: np.concatenate([p[1][k] for p in parts])[order] for k in feats}
+        grid = sorted(
+            ((j, img) for p in parts for j, img in zip(p[0], p[2], strict=True)), key=lambda x: x[0]
+        )
+        return feats, np.stack([img for _, img in grid])
+
+
+def _uint8_batches(dataset, n: int, batch_size: int):
+    """The first `n` images of a dataset of training items as uint8 (b, H, W, 3) batches, decoded one
+    batch at a time (10k images at 256 px never sit in memory as floats)."""
+    for lo in range(0, n, batch_size):
+        yield _uint8(torch.stack([dataset[j]["image"] for j in range(lo, min(n, lo + batch_size))]))
+
+
+class Evaluation:
+    """What an eval step computes, and when (`should_eval`)."""
+
+    def __init__(
+        self, cfg: EvalConfig, held_out: HeldOutLoss, generation: GenerationMetrics, total_steps: int
+    ):
+        self.held_out, self.generation = held_out, generation
+        self.should_eval = Cadence(cfg.every, total_steps)
+
+    def __call__(self, denoiser: torch.nn.Module, sampler: Sampler) -> tuple[dict[str, float], np.ndarray]:
+        """({metric: value}, grid images) of `denoiser` as it is now; the main process has them all."""
+        denoiser.eval()
+        try:
+            val = self.held_out(denoiser)
+            generated, grid = self.generation(sampler)
+        finally:
+            denoiser.train()
+        return {ALWAYS: val, **generated}, grid
