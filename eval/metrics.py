@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-SYNTHETIC_SHAPES = "synthetic-shapes"  # the demo domain the trainer renders (trainer/data/datasets.py)
+SYNTHETIC_SHAPES = "synthetic-shapes"  # the demo domain the trainer renders (trainer/data/synthetic.py)
 ALWAYS = "val_loss"  # computed by the trainer for every arm, at every eval step
 
 

@@ -23,7 +23,8 @@ from pydantic import Field, model_validator
 
 from eval.metrics import ALWAYS, GENERATED, unknown
 from trainer import flow
-from trainer.data.datasets import ATTRIBUTES, ReferenceConfig, ReferenceSet, SyntheticConfig, attribute_net
+from trainer.data.datasets import ReferenceConfig, ReferenceSet
+from trainer.data.synthetic import ATTRIBUTES, SyntheticConfig, attribute_net
 from trainer.factors.precision import Precision
 from trainer.registry import Config
 from trainer.runtime.clock import Cadence

@@ -1,6 +1,7 @@
 import torch
 
-from trainer.data.datasets import ATTRIBUTES, StepBatchSampler, SyntheticConfig, build_synthetic, long_caption
+from trainer.data.datasets import StepBatchSampler
+from trainer.data.synthetic import ATTRIBUTES, SyntheticConfig, build_synthetic, long_caption
 
 
 def test_synthetic_domain_is_deterministic_and_captions_differ_in_detail():

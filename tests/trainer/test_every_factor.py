@@ -18,7 +18,7 @@ from trainer_testing import final_metrics
 
 from trainer import job
 from trainer.config import REGISTRIES
-from trainer.data.datasets import SyntheticConfig, SyntheticShapes, long_caption, short_caption
+from trainer.data.synthetic import SyntheticConfig, SyntheticShapes, long_caption, short_caption
 from trainer.runtime import checkpoint
 
 TEACHER = {"kind": "tiny", "width": 16, "layers": 1, "heads": 2, "patch_size": 2}

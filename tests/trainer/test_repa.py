@@ -420,7 +420,7 @@ def test_projector_without_gradient_after_stop_step_is_fine_under_ddp():
 
 def test_the_domain_teacher_is_the_attribute_net_on_the_token_grid(tiny_cfg, domain_cache):
     """REPA with a domain teacher: the synthetic domain's attribute net, its stride-4 features per token."""
-    from trainer.data.datasets import SyntheticConfig, attribute_net
+    from trainer.data.synthetic import SyntheticConfig, attribute_net
     from trainer.factors.repa import DomainTeacherConfig, build_domain_teacher
 
     data = SyntheticConfig(resolution=16)

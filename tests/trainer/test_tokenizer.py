@@ -227,7 +227,7 @@ def test_a_model_with_other_latent_channels_is_rejected(tmp_path):
 
 def test_the_domain_autoencoder_is_trained_once_and_reconstructs_the_domain(tmp_path, tiny_cfg):
     from trainer.config import TrainConfig
-    from trainer.data.datasets import SyntheticShapes
+    from trainer.data.synthetic import SyntheticShapes
     from trainer.factors.tokenizer import build_tokenizer
 
     over = {"tokenizer": {"kind": "domain-ae", "steps": 300}, "model": {"preset": "tiny", "patch_size": 1}}

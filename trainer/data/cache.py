@@ -122,6 +122,40 @@ def _encode_text(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]
     return emb[mask].to(text.dtype).cpu(), mask.cpu()
 
 
+def _encode_rows(
+    rows: Dataset, tokenizer, text, device, batch_size: int, num_workers: int
+) -> dict[str, torch.Tensor]:
+    """One shard: the rows' latent moments (normalised) and caption embeddings (unpadded tokens only)."""
+    parts: dict[str, list[torch.Tensor]] = {"latent_mean": [], "latent_std": [], "text": [], "mask": []}
+    for batch in DataLoader(rows, batch_size=batch_size, num_workers=num_workers):
+        lat = tokenizer.moments(batch["image"].to(device))  # (B, C, h, w) normalised
+        emb, mask = _encode_text(text, batch["caption"])
+        parts["latent_mean"].append(lat.mean.float().cpu())
+        if lat.std is not None:
+            parts["latent_std"].append(lat.std.float().cpu())
+        parts["text"].append(emb)
+        parts["mask"].append(mask)
+    return {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def _write_manifest(root: Path, enc: Encoded, splits: dict, text, length: int, seconds: float) -> None:
+    """manifest.json, written last: its presence marks a complete cache."""
+    from safetensors import safe_open
+
+    with safe_open(str(root / splits["train"]["shards"][0]), framework="pt") as f:
+        latent = {"shape": f.get_slice("latent_mean").get_shape()[1:], "std": "latent_std" in f.keys()}
+    manifest = {
+        "hash": cache_key(enc),
+        "source": cache_source(enc),
+        "splits": splits,
+        "latent": latent,
+        "text": {"length": length, "dim": text.dim, "dtype": str(text.dtype).removeprefix("torch.")},
+        "latent_noise": "posterior mean and std stored; z = mean + std * eps drawn per train step",
+        "seconds": seconds,
+    }
+    atomic_write_json(root / MANIFEST, manifest)
+
+
 @torch.no_grad()
 def precompute(
     enc: Encoded,
@@ -154,49 +188,14 @@ def precompute(
             shards.append(path.name)
             if path.exists():
                 continue
-            parts: dict[str, list[torch.Tensor]] = {
-                "latent_mean": [],
-                "latent_std": [],
-                "text": [],
-                "mask": [],
-            }
             rows = Subset(ds, range(start, min(start + shard_size, len(ds))))
-            for batch in DataLoader(rows, batch_size=batch_size, num_workers=num_workers):
-                lat = tokenizer.moments(batch["image"].to(device))  # (B, C, h, w) normalised
-                emb, mask = _encode_text(text, batch["caption"])
-                parts["latent_mean"].append(lat.mean.float().cpu())
-                if lat.std is not None:
-                    parts["latent_std"].append(lat.std.float().cpu())
-                parts["text"].append(emb)
-                parts["mask"].append(mask)
-            _save_atomic({k: torch.cat(v) for k, v in parts.items() if v}, path)
-            log(
-                f"cache {root.name}: {split} {min(start + shard_size, len(ds))}/{len(ds)} "
-                f"({time.perf_counter() - t0:.0f} s)"
-            )
+            _save_atomic(_encode_rows(rows, tokenizer, text, device, batch_size, num_workers), path)
+            log(f"cache {root.name}: {split} {min(start + shard_size, len(ds))}/{len(ds)} "
+                f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         splits[split] = {"size": len(ds), "shard_size": shard_size, "shards": shards}
     emb, mask = _encode_text(text, [""])
     _save_atomic({"text": emb, "mask": mask}, root / "empty.safetensors")
-    from safetensors import safe_open
-
-    with safe_open(str(root / splits["train"]["shards"][0]), framework="pt") as f:
-        latent = {"shape": f.get_slice("latent_mean").get_shape()[1:], "std": "latent_std" in f.keys()}
-    atomic_write_json(
-        root / MANIFEST,
-        {
-            "hash": cache_key(enc),
-            "source": cache_source(enc),
-            "splits": splits,
-            "latent": latent,
-            "text": {
-                "length": mask.shape[1],
-                "dim": text.dim,
-                "dtype": str(text.dtype).removeprefix("torch."),
-            },
-            "latent_noise": "posterior mean and std stored; z = mean + std * eps drawn per train step",
-            "seconds": time.perf_counter() - t0,
-        },
-    )
+    _write_manifest(root, enc, splits, text, mask.shape[1], time.perf_counter() - t0)
     log(f"cache {root}: done")
     return root
 

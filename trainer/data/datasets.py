@@ -1,4 +1,4 @@
-"""Training data: a synthetic shapes domain (tests, demo) and image-caption datasets on disk.
+"""Training data: the data registry, image-caption datasets on disk, the eval reference set, the step sampler.
 
 Every dataset yields `{"image": (3, H, W) float in [0, 1], "caption": str, "attrs": (A,) long}`
 (`attrs` is -1 for datasets without known attributes). The caption column is chosen by
@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -21,153 +22,24 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
-from eval.metrics import SYNTHETIC_SHAPES
 from trainer.registry import Config, Registry
 
-# `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None.
-DATA = Registry("data", facts=("domain",))
-
-# ---------------------------------------------------------------------------------------------
-# The synthetic domain: one shape per image, every attribute known, two captions per image.
-# ---------------------------------------------------------------------------------------------
-ATTRIBUTES: dict[str, list[str]] = {
-    "shape": ["circle", "square", "triangle", "diamond"],
-    "colour": ["red", "green", "blue", "yellow", "purple", "orange"],
-    "size": ["small", "medium", "large"],
-    "position": ["top left", "top right", "bottom left", "bottom right", "centre"],
-    "background": ["black", "white", "grey", "beige"],
-}
-_RGB = {
-    "red": (0.86, 0.12, 0.12),
-    "green": (0.15, 0.7, 0.2),
-    "blue": (0.15, 0.3, 0.9),
-    "yellow": (0.95, 0.85, 0.1),
-    "purple": (0.55, 0.2, 0.75),
-    "orange": (0.98, 0.55, 0.1),
-    "black": (0.0, 0.0, 0.0),
-    "white": (1.0, 1.0, 1.0),
-    "grey": (0.5, 0.5, 0.5),
-    "beige": (0.9, 0.85, 0.7),
-}
-_RADIUS = {"small": 0.12, "medium": 0.19, "large": 0.27}
-_CENTRE = {
-    "top left": (0.3, 0.3),
-    "top right": (0.7, 0.3),
-    "bottom left": (0.3, 0.7),
-    "bottom right": (0.7, 0.7),
-    "centre": (0.5, 0.5),
-}
+# `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None;
+# `file_problem(val_caption)`: what keeps its files from being read, checked before submission.
+DATA = Registry("data", facts=("domain", "file_problem"))
+META = "metadata.jsonl"  # a folder dataset's index: one JSON line per image, naming it in file_name
 
 
-def sample_attributes(seed: int, index: int) -> dict[str, int]:
-    """The attributes of image `index` of the domain drawn with `seed` (pure function)."""
-    rng = np.random.default_rng([seed, index])
-    return {name: int(rng.integers(len(values))) for name, values in ATTRIBUTES.items()}
+@dataclass(frozen=True)
+class FileProblem:
+    """Why a data source cannot be read, found from its metadata alone before anything is submitted, and
+    the config key at fault. `unseen`: the path's top folder is not on this machine (a file system
+    mounted only on the compute nodes), so it was not checked."""
 
-
-def render(attrs: dict[str, int], resolution: int, jitter: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Draw one shape, anti-aliased by 4x supersampling. Returns (H, W, 3) float32 in [0, 1]."""
-    a = {k: ATTRIBUTES[k][v] for k, v in attrs.items()}
-    ss = 4
-    n = resolution * ss
-    y, x = np.mgrid[0:n, 0:n].astype(np.float32) / n + 0.5 / n  # (n, n) pixel centres in [0, 1)
-    cx, cy = _CENTRE[a["position"]]
-    cx, cy, r = cx + jitter[0], cy + jitter[1], _RADIUS[a["size"]]
-    dx, dy = x - cx, y - cy
-    if a["shape"] == "circle":
-        inside = dx**2 + dy**2 <= r**2
-    elif a["shape"] == "square":
-        inside = np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
-    elif a["shape"] == "diamond":
-        inside = np.abs(dx) + np.abs(dy) <= 1.2 * r
-    elif a["shape"] == "triangle":  # apex up, base at cy + r
-        inside = (dy <= r) & (dy >= -r) & (np.abs(dx) <= 0.6 * (dy + r))
-    else:
-        raise ValueError(f"unknown shape {a['shape']!r}")
-    cover = inside.reshape(resolution, ss, resolution, ss).mean(axis=(1, 3))[..., None]  # (H, W, 1)
-    fg, bg = np.array(_RGB[a["colour"]], np.float32), np.array(_RGB[a["background"]], np.float32)
-    return (cover * fg + (1 - cover) * bg).astype(np.float32)
-
-
-def long_caption(attrs: dict[str, int]) -> str:
-    """Every attribute, tersely: at most 54 bytes, so a 56-token byte-level encoder sees all of it."""
-    a = {k: ATTRIBUTES[k][v] for k, v in attrs.items()}
-    return f"{a['size']} {a['colour']} {a['shape']}, {a['position']}, {a['background']} background"
-
-
-def short_caption(attrs: dict[str, int]) -> str:
-    return f"a {ATTRIBUTES['shape'][attrs['shape']]}"
-
-
-CAPTIONS = {"long": long_caption, "short": short_caption}
-
-
-class SyntheticConfig(Config):
-    domain: ClassVar[str | None] = SYNTHETIC_SHAPES
-    kind: Literal["synthetic"] = "synthetic"
-    resolution: int = Field(32, ge=8, description="image side in pixels")
-    caption: Literal["long", "short"] = Field("long", description="caption column used for training")
-    domain_seed: int = Field(0, description="seed of the domain itself; keep it equal across arms")
-    num_train: int = Field(50_000, ge=1, description="training images (rendered on the fly)")
-    num_val: int = Field(256, ge=1, description="held-out images, disjoint from training")
-    jitter: float = Field(0.04, ge=0, le=0.1, description="random shift of the shape centre, in image units")
-
-
-class SyntheticShapes(Dataset):
-    """Images `offset .. offset + length` of the synthetic domain."""
-
-    def __init__(self, cfg: SyntheticConfig, offset: int, length: int, caption: str | None = None):
-        self.cfg, self.offset, self.length = cfg, offset, length
-        self.caption_fn = CAPTIONS[caption or cfg.caption]
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict:
-        index = self.offset + i
-        attrs = sample_attributes(self.cfg.domain_seed, index)
-        rng = np.random.default_rng([self.cfg.domain_seed, index, 1])
-        jitter = tuple(rng.uniform(-self.cfg.jitter, self.cfg.jitter, size=2))
-        img = render(attrs, self.cfg.resolution, jitter)  # (H, W, 3)
-        return {
-            "image": torch.from_numpy(img).permute(2, 0, 1).contiguous(),  # (3, H, W)
-            "caption": self.caption_fn(attrs),
-            "attrs": torch.tensor([attrs[k] for k in ATTRIBUTES], dtype=torch.long),
-        }
-
-
-ATTR_NET_TRAIN_IMAGES = 6000  # renders the domain's attribute net trains on
-
-
-def attribute_net(cfg: SyntheticConfig, cache_dir: str | Path):
-    """The synthetic domain's attribute net (eval.domain): trained once per domain on renders that
-    training and held-out data never use, cached in `cache_dir`. The demo metrics score with it; the
-    `domain` REPA teacher aligns with its features."""
-    from eval.domain import DomainData, get_or_train_attribute_net
-
-    def make_data() -> DomainData:
-        ds = SyntheticShapes(cfg, offset=10**9, length=ATTR_NET_TRAIN_IMAGES)
-        items = [ds[i] for i in range(len(ds))]
-        images = np.stack(
-            [(it["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for it in items]
-        )
-        attrs = np.stack([it["attrs"].numpy() for it in items])
-        return DomainData(
-            images,
-            {a: attrs[:, i] for i, a in enumerate(ATTRIBUTES)},
-            {a: len(v) for a, v in ATTRIBUTES.items()},
-        )
-
-    key = {"domain": SYNTHETIC_SHAPES, "resolution": cfg.resolution, "domain_seed": cfg.domain_seed,
-           "jitter": cfg.jitter, "images": ATTR_NET_TRAIN_IMAGES, "attributes": ATTRIBUTES}  # fmt: skip
-    return get_or_train_attribute_net(cache_dir, key, make_data)
-
-
-@DATA.register(SyntheticConfig)
-def build_synthetic(cfg: SyntheticConfig, val_caption: str | None = None) -> tuple[Dataset, Dataset]:
-    train = SyntheticShapes(cfg, 0, cfg.num_train)
-    val = SyntheticShapes(cfg, cfg.num_train, cfg.num_val, caption=val_caption)
-    return train, val
+    problem: str
+    key: tuple[str, ...]
+    expected: str = ""
+    unseen: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +60,45 @@ class ImageTextConfig(Config):
             raise ValueError("image_column applies to parquet data; a folder names files in metadata.jsonl")
         return self
 
+    def file_problem(self, val_caption: str | None) -> FileProblem | None:
+        """What keeps this data from being read (its path, its image column or file names, its caption
+        columns; `val_caption` is the eval column), from a parquet footer or metadata.jsonl's first row."""
+        path = Path(self.path)
+        if not path.exists():
+            what = "data file" if self.kind == "parquet" else "data folder"
+            return _missing(path, what, ("data", "path"), "a data path that exists " + _RELATIVE)
+        try:
+            have, image = self._columns(path)
+        except (DataError, OSError) as e:
+            return FileProblem(_read_error(e, path), ("data", "path"), "a data path that exists " + _RELATIVE)
+        where = path / META if self.kind == "folder" else path
+        for column, key, expected in self._needed(val_caption):
+            if column not in have:
+                named = ".".join(key) if key != ("data", "path") else "file_name"
+                problem = f"column '{column}' ({named}) is not in {where} (columns: {_listed(have)})"
+                return FileProblem(problem, key, expected)
+        if image is not None and not image.exists():
+            return FileProblem(f"image {image} (first row of {path / META}) does not exist", ("data", "path"),
+                               "a data path that exists " + _RELATIVE)  # fmt: skip
+        return None
+
+    def _columns(self, path: Path) -> tuple[set[str], Path | None]:
+        """(the data's columns, the first row's image file for a folder)."""
+        if self.kind == "parquet":
+            return _parquet_columns(path), None
+        return _first_row(path)
+
+    def _needed(self, val_caption: str | None) -> list[tuple[str, tuple[str, ...], str]]:
+        """(column, the key that names it, what would be right), in the order they are checked."""
+        image = ((self.image_column, ("data", "image_column"), "data.image_column set to the column of encoded images")
+                 if self.kind == "parquet" else
+                 ("file_name", ("data", "path"), f"a {META} whose rows name their image in file_name"))  # fmt: skip
+        captions = {
+            val_caption: (("eval", "caption"), "eval.caption set to one of the data's columns (or left out)")
+        }
+        captions[self.caption] = (("data", "caption"), "data.caption set to one of the data's columns")
+        return [image, *((c, k, e) for c, (k, e) in captions.items() if c)]
+
 
 class ParquetConfig(ImageTextConfig):
     kind: Literal["parquet"] = "parquet"
@@ -195,6 +106,62 @@ class ParquetConfig(ImageTextConfig):
 
 class FolderConfig(ImageTextConfig):
     kind: Literal["folder"] = "folder"
+
+
+_RELATIVE = "(relative paths are from the folder you submit from)"
+
+
+def _missing(path: Path, what: str, key: tuple[str, ...], expected: str) -> FileProblem:
+    """A path that does not exist, or one on a file system this machine does not mount (unseen)."""
+    parts = path.absolute().parts
+    unseen = len(parts) > 1 and not Path(parts[0], parts[1]).exists()
+    return FileProblem(f"{what} {path} does not exist", key, expected, unseen=unseen)
+
+
+def _read_error(e: BaseException, path: Path) -> str:
+    if isinstance(e, OSError):
+        return f"cannot read {e.filename or path}: {e.strerror or type(e).__name__}"
+    return str(e)
+
+
+def _listed(columns: set[str]) -> str:
+    return ", ".join(sorted(columns)[:12]) + (" ..." if len(columns) > 12 else "")
+
+
+def _parquet_columns(path: Path) -> set[str]:
+    """Column names from the parquet footer(s) only; a folder is read as a parquet dataset."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    try:
+        schema = ds.dataset(str(path), format="parquet").schema if path.is_dir() else pq.read_schema(path)
+    except (pa.ArrowException, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path} is not a readable parquet file ({first[:160]})") from None
+    return set(schema.names)
+
+
+def _first_row(path: Path) -> tuple[set[str], Path | None]:
+    """The keys of metadata.jsonl's first row, and that row's image file."""
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder (kind: folder needs one holding images and {META})")
+    meta = path / META
+    if not meta.is_file():
+        raise DataError(f"{meta} does not exist (a folder dataset needs one JSON line per image)")
+    with meta.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                raise DataError(f"{meta}:{number}: not a JSON line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{meta}:{number}: not a JSON object")
+            image = row.get("file_name")
+            return set(row), (path / image) if isinstance(image, str) else None
+    raise DataError(f"{meta} has no rows")
 
 
 class DataError(ValueError):
@@ -234,7 +201,7 @@ class ImageTextDataset(Dataset):
         return {
             "image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),
             "caption": "" if self.caption is None else str(row[self.caption]),
-            "attrs": torch.full((len(ATTRIBUTES),), -1, dtype=torch.long),
+            "attrs": torch.full((len(synthetic.ATTRIBUTES),), -1, dtype=torch.long),  # unknown attributes
         }
 
 
@@ -319,6 +286,29 @@ class ReferenceConfig(Config):
                 "image_column applies to a parquet reference set; a folder's images are its files"
             )
         return self
+
+    def file_problem(self) -> FileProblem | None:
+        """What keeps the reference set from being read, from its footer or its folder listing, or None."""
+        path, at = Path(self.path), ("eval", "reference", "path")
+        expected = "eval.reference.path naming a parquet file or a folder of images that exists " + _RELATIVE
+        if not path.exists():
+            return _missing(path, f"reference {'file' if self.kind == 'parquet' else 'folder'}", at, expected)
+        try:
+            if self.kind == "parquet" and self.image_column not in (have := _parquet_columns(path)):
+                problem = f"column '{self.image_column}' (eval.reference.image_column) is not in {path} (columns: {_listed(have)})"
+                return FileProblem(problem, ("eval", "reference", "image_column"),
+                                   "eval.reference.image_column set to the column of encoded images")  # fmt: skip
+            if self.kind == "folder" and not path.is_dir():
+                return FileProblem(f"{path} is not a folder (eval.reference kind: folder needs one holding images)",
+                                   at, expected)  # fmt: skip
+            if self.kind == "folder":
+                from eval.images import IMAGE_SUFFIXES, image_files
+
+                if not image_files(path):
+                    return FileProblem(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}", at, expected)
+        except (DataError, OSError) as e:
+            return FileProblem(_read_error(e, path), at, expected)
+        return None
 
 
 class ReferenceSet:
@@ -432,3 +422,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.total - self.start
+
+
+from trainer.data import synthetic  # noqa: E402, F401 - the synthetic kind registers itself in DATA

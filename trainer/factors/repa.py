@@ -231,7 +231,7 @@ class DomainTeacher(nn.Module):
 
 @TEACHERS.register(DomainTeacherConfig)
 def build_domain_teacher(cfg: DomainTeacherConfig, ctx: FactorContext) -> DomainTeacher:
-    from trainer.data.datasets import attribute_net
+    from trainer.data.synthetic import attribute_net
 
     return DomainTeacher(attribute_net(ctx.data, ctx.cache_dir)).to(ctx.device)
 
