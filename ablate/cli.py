@@ -7,30 +7,24 @@ validate arms: run, eval, weights, cache); a mistake in the user's input ends wi
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ablate.errors import UserError
 from ablate.results import render
-from ablate.running.launch import Launcher, resolve_wait
-from ablate.running.store import ArmView, Decision, eval_note, observe
-from ablate.sweep.expand import changes, show_value
-from ablate.sweep.schema import Sweep, load_sweep
-from core.atomic import Unreadable
-from core.records import Job, Requeue, Status
-from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, RUNNING, STALE, UNREADABLE, RunDir
+from ablate.running.launch import resolve_wait
+from ablate.running.store import ArmView, eval_note, observe
+from ablate.sweep.schema import load_sweep
+from core.records import Requeue, Status
+from core.rundir import CANCELLED, DONE, FAILED, STALE, UNREADABLE
 
 if TYPE_CHECKING:
-    from ablate.running.rescore import Target
     from ablate.running.weights import Weight
 
 app = typer.Typer(
@@ -53,7 +47,6 @@ WeightsDir = Annotated[
         "--dir", metavar="D", help="Weights folder \\[default: each arm's weights_dir, else the HF cache]."
     ),
 ]
-POLL_S = 1.0  # how often `ablate run --wait` looks at the run directories
 LOG_TAIL = 8  # lines of a failed arm's log `ablate status` shows
 weights_app = typer.Typer(
     no_args_is_help=True, help="The pretrained weights a sweep needs: check them, download them."
@@ -81,104 +74,29 @@ def run(
     wait: Wait = None,
 ) -> None:
     """Validate the sweep, then submit every arm that has not finished with its current config."""
-    from ablate.running import launch
+    from ablate.running import launch, show
     from ablate.running.datacheck import check_data
-    from ablate.running.store import (
-        blocked_error,
-        check_names,
-        check_owner,
-        claim,
-        make_root,
-        plan,
-        prepare,
-        sweep_lock,
-    )
+    from ablate.running.follow import Training, submit_and_follow
+    from ablate.running.store import check_names, check_owner, make_root, plan
     from ablate.sweep.expand import expand
 
     console = _console()
     sweep = load_sweep(sweep_file)
     specs = expand(sweep)  # validates every arm before anything is created
     needs_mark = check_owner(sweep)  # only in a folder ablate made (or one from before markers)
-    launcher = sweep.launcher
-    wait = resolve_wait(launcher, wait)
-
+    wait = resolve_wait(sweep.launcher, wait)
     if dry_run:
         decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
         check_data(sweep, specs, console)
-        _print_plan(console, sweep, decisions, detailed=True)
-        if launcher.kind.submission_file is not None:  # a scheduler: show what it would be handed
-            what, render = launcher.kind.submission_file
-            n = sum(d.launches for d in decisions)
-            console.print(f"\n{what} for {n} arm(s), rendered by submitit:\n", style="bold")
-            console.print(render(launcher, sweep.root, sweep.name, max(n, 1)), markup=False)
-        if err := blocked_error(decisions):
-            console.print(f"\nblocked: {err.render()}", style="yellow", markup=False)
-        console.print("\ndry run: nothing created, nothing submitted", style="bold")
+        show.dry_run(console, sweep, decisions)
         return
-
     check_names([s.name for s in specs], rerun or (), "--rerun")
-    launch.check_available(launcher)
+    launch.check_available(sweep.launcher)
     check_data(sweep, specs, console)  # where this machine sees the data: files and columns exist
     make_root(sweep)  # everything checked: from here on, things get created
-    jobs: list[Any] = []
-    launched: list[str] = []
-    try:
-        with contextlib.ExitStack() as display:
-            with sweep_lock(sweep.root):
-                if needs_mark:
-                    claim(sweep)
-                decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
-                if err := blocked_error(decisions):
-                    raise err
-                _print_plan(console, sweep, decisions, detailed=False)
-                if not any(d.launches for d in decisions):
-                    console.print("nothing to submit: every arm is done or in flight")
-                    return
-                code = _snapshot(sweep, console)
-                run_dirs = prepare(decisions, sweep.root, sweep.name, launcher.executor, code=code)
-                launched = [d.name for d in run_dirs]
-                executor = launch.build_executor(launcher, sweep.root, sweep.name, code.job_setup())
-                if wait:
-                    display.enter_context(_live_progress(console, sweep, launched))
-                try:
-                    jobs = launch.submit(
-                        executor, run_dirs, parallelism=launcher.array_parallelism, poll_s=POLL_S
-                    )
-                except OSError as e:
-                    raise _submit_fault(e, sweep, run_dirs) from None
-            if not wait:
-                console.print(
-                    f"submitted {len(jobs)} arm(s) ({launcher.executor}); follow them with `ablate status {sweep_file}`"
-                )
-                return
-            launch.wait(jobs, poll_s=POLL_S)
-    except KeyboardInterrupt:
-        _interrupted(
-            console,
-            launcher,
-            "arms running on this machine stop with it",
-            f"`ablate run {sweep_file}` resubmits unfinished arms, which resume from their newest checkpoint",
-        )
-    failed = _summary(console, sweep, launched)
-    console.print(f"next: ablate rank {sweep_file}")
-    if failed:
-        raise typer.Exit(1)
-
-
-def _submit_fault(e: OSError, sweep: Sweep, run_dirs: list[Path]) -> UserError:
-    """An operating fault while handing the arms to the executor: how far it got, and what to do."""
-    from ablate.errors import os_fault
-
-    sent = 0
-    for run_dir in run_dirs:
-        with contextlib.suppress(Exception):
-            sent += bool((RunDir(run_dir).read_job() or Job()).job_id)
-    return os_fault(
-        e,
-        f"cannot submit the arms ({sent} of {len(run_dirs)} submitted before it; "
-        f"`ablate run` again submits the rest)",
-        sweep.root,
-    )
+    training = Training(console, sweep, sweep_file, specs, rerun=rerun or (), force=force)
+    if code := submit_and_follow(training, needs_mark=needs_mark, wait=wait):
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -427,60 +345,22 @@ def eval_checkpoints(
 ) -> None:
     """Score checkpoints of arms that have ended again, without training, as jobs of the sweep's launcher."""
     from ablate.running import launch
+    from ablate.running.follow import Evaluation, submit_and_follow
     from ablate.running.rescore import select
-    from ablate.running.store import check_names, check_owner, claim, mark_eval_queued, sweep_lock
+    from ablate.running.store import check_names, check_owner
     from ablate.sweep.expand import expand
 
     console = _console()
     sweep = load_sweep(sweep_file)
     check_names(sweep.arm_names(), arm or (), "--arm")
     hashes = {s.name: s.hash for s in expand(sweep)}  # validates the sweep, like `ablate run`
-    launcher = sweep.launcher
-    wait = resolve_wait(launcher, wait)
+    wait = resolve_wait(sweep.launcher, wait)
     select(sweep, arm or [], step)  # every check before anything is written
     needs_mark = check_owner(sweep)
-    launch.check_available(launcher)
-    try:
-        with sweep_lock(sweep.root):  # not while `ablate run` (or another `ablate eval`) submits
-            if needs_mark:
-                claim(sweep)
-            targets, skipped = select(sweep, arm or [], step)
-            _print_eval_plan(console, sweep, targets, skipped, hashes)
-            for target in targets:
-                try:
-                    mark_eval_queued(target.run_dir, target.step, launcher.executor)
-                except OSError as e:
-                    from ablate.errors import os_fault
-
-                    raise os_fault(
-                        e, "cannot queue the evaluation; nothing submitted", target.run_dir
-                    ) from None
-            setup = _code_for([t.run_dir for t in targets], sweep, console)
-            executor = launch.build_executor(launcher, sweep.root, f"{sweep.name}-eval", setup)
-            job = launch.EvalArm({str(t.run_dir): t.step for t in targets})
-            run_dirs = [t.run_dir for t in targets]
-            jobs = launch.submit(
-                executor, run_dirs, parallelism=launcher.array_parallelism, fn=job, poll_s=POLL_S
-            )
-        if not wait:
-            console.print(
-                f"submitted {len(jobs)} evaluation(s) ({launcher.executor}); each arm's eval_job.json says how it went"
-            )
-            return
-        launch.wait(jobs, poll_s=POLL_S)
-    except KeyboardInterrupt:
-        _interrupted(
-            console,
-            launcher,
-            "evaluations on this machine stop with it",
-            f"`ablate eval {sweep_file}` submits them again",
-        )
-    failed = _eval_summary(console, targets)
-    steps = sorted({t.step for t in targets})
-    step_arg = steps[0] if len(steps) == 1 else "N"
-    console.print(f"next: ablate rank {sweep_file} --step {step_arg}", markup=False)
-    if failed:
-        raise typer.Exit(1)
+    launch.check_available(sweep.launcher)
+    evaluation = Evaluation(console, sweep, sweep_file, arm or [], step, hashes)
+    if code := submit_and_follow(evaluation, needs_mark=needs_mark, wait=wait):
+        raise typer.Exit(code)
 
 
 @weights_app.command("check")
@@ -577,117 +457,6 @@ def cache(
 # --- rendering -----------------------------------------------------------------------------------
 
 
-def _print_plan(console: Console, sweep: Sweep, decisions: list[Decision], *, detailed: bool) -> None:
-    from ablate.running.launch import resources
-
-    baseline = {d.spec.seed: d.spec.config for d in decisions if d.spec.delta == "baseline"}
-    console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
-    table = Table()
-    for column in ("arm", "action", "hash", "changes vs baseline" if detailed else "why"):
-        table.add_column(column, overflow="fold")
-    for d in decisions:
-        if detailed:
-            diff = [
-                f"{key}: {show_value(old)} → {show_value(new)}"
-                for key, old, new in changes(baseline[d.spec.seed], d.spec.config)
-            ]
-            last = "\n".join(diff) or "—"
-            last += "" if d.action in ("submit",) else f"\n({d.reason})"
-        else:
-            last = d.reason
-        style = {"skip": "dim", "blocked": "yellow"}.get(d.action, "")
-        table.add_row(Text(d.spec.name), Text(d.action, style=style), Text(d.spec.hash), Text(last))
-    console.print(table)
-    console.print(resources(sweep.launcher), markup=False)
-
-
-def _snapshot(sweep: Sweep, console: Console) -> Any:
-    """Snapshot the code for the jobs about to be submitted (snapshot.Code); an operating fault (disk
-    full ...) is one line naming the path, with nothing submitted."""
-    from ablate.errors import os_fault
-    from ablate.running import snapshot
-
-    try:
-        code = snapshot.take(sweep.root)
-    except OSError as e:
-        raise os_fault(e, "cannot snapshot the code for the jobs; nothing submitted", sweep.root) from None
-    if code.folder is not None and (warning := snapshot.shadowing_warning()):
-        console.print(f"warning: {warning}", style="yellow", markup=False)
-    return code
-
-
-def _code_for(run_dirs: list[Path], sweep: Sweep, console: Console) -> list[str]:
-    """Snapshot the code for the jobs about to be submitted, record it in their run folders, and return
-    the job set-up lines that make them import it."""
-    from ablate.errors import os_fault
-
-    code = _snapshot(sweep, console)
-    for run_dir in run_dirs:
-        try:
-            RunDir(run_dir).write_code(code.record, code.diff)
-        except OSError as e:
-            raise os_fault(e, "cannot record the code snapshot; nothing submitted", run_dir) from None
-    return code.job_setup()
-
-
-def _interrupted(console: Console, launcher: Launcher, local_note: str, again: str) -> None:
-    """Ctrl-C while following jobs: say what keeps running and how to pick up, exit 130."""
-    note = "jobs already submitted keep running" if launcher.kind.outlives_cli else local_note
-    console.print(f"\ninterrupted: {note}; {again}", style="yellow", markup=False)
-    raise typer.Exit(130) from None
-
-
-def _print_eval_plan(
-    console: Console,
-    sweep: Sweep,
-    targets: list[Target],
-    skipped: list[tuple[str, str]],
-    hashes: dict[str, str],
-) -> None:
-    from ablate.running.launch import resources
-
-    console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
-    table = Table()
-    for column in ("arm", "state", "step", "note"):
-        table.add_column(column, overflow="fold")
-    for t in targets:
-        ran = observe(t.run_dir, check_jobs=False).hash
-        note = (
-            f"config changed since it ran (hash {ran} → {hashes[t.name]}): evaluated with the config it ran with"
-            if ran != hashes[t.name]
-            else ""
-        )
-        table.add_row(t.name, t.state, str(t.step), Text(note, style="yellow"))
-    for name, reason in skipped:
-        table.add_row(Text(name, style="dim"), Text("left out", style="dim"), "", Text(reason, style="dim"))
-    console.print(table)
-    console.print(resources(sweep.launcher), markup=False)
-
-
-def _eval_summary(console: Console, targets: list[Target]) -> int:
-    """Print how each evaluation ended (from eval_job.json); returns how many did not finish."""
-    from ablate.running.rescore import outcome
-
-    bad = 0
-    for t in targets:
-        record = outcome(t)
-        if record.state == DONE:
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in (record.metrics or {}).items() if v is not None)
-            console.print(f"  {t.name}: step {t.step}: {metrics}", markup=False)
-            continue
-        bad += 1
-        log = record.stderr
-        console.print(
-            f"  {t.name}: step {t.step}: {record.state or '?'}"
-            + (f" ({record.error})" if record.error else "")
-            + (f"; log: {log}" if log and Path(log).exists() else ""),
-            style="red",
-            markup=False,
-        )
-    console.print(f"{len(targets) - bad}/{len(targets)} arm(s) evaluated")
-    return bad
-
-
 def _weights_table(needed: list[Weight], states: dict[Weight, str | None]) -> Table:
     table = Table()
     table.add_column("weight", no_wrap=True)  # whole, to be copied
@@ -741,102 +510,6 @@ def _tail(path: Path | None, n: int) -> list[str]:
     except OSError:
         return []
     return [line.rstrip() for line in lines if line.strip()][-n:]
-
-
-def _progress_table(sweep: Sweep, names: list[str]) -> Table:
-    table = Table(box=None, pad_edge=False)
-    for column in ("arm", "state", "step", "loss", "ETA"):
-        table.add_column(column)
-    for name in names:
-        run = RunDir(sweep.root / name)
-        state, status = _status(run)
-        last = run.last_log_row()
-        step, total, loss = status.step, status.total_steps, status.loss
-        eta = last.eta_s if last is not None and state == RUNNING else None
-        table.add_row(
-            name,
-            state,
-            "" if step is None else f"{step}/{total}",
-            "" if loss is None else f"{loss:.4g}",
-            "" if eta is None else _duration(eta),
-        )
-    return table
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
-
-
-@contextlib.contextmanager
-def _live_progress(console: Console, sweep: Sweep, names: list[str]):
-    """A live line per arm on a terminal; elsewhere (logs, CI) a line each time an arm changes state."""
-    if console.is_terminal:
-
-        def render() -> Group:
-            return Group(
-                Text("following the arms (Ctrl-C to stop)", style="dim"), _progress_table(sweep, names)
-            )
-
-        with Live(get_renderable=render, console=console, refresh_per_second=1, transient=False):
-            yield
-        return
-
-    seen: dict[str, str] = {}
-
-    def report() -> None:
-        for name in names:
-            state, status = _status(RunDir(sweep.root / name))
-            if seen.get(name) != state:
-                seen[name] = state
-                step = f" at step {status.step}/{status.total_steps}" if status.step else ""
-                console.print(f"{name}: {state}{step}", markup=False)
-
-    stop = threading.Event()
-
-    def follow() -> None:
-        while not stop.wait(POLL_S):
-            report()
-
-    thread = threading.Thread(target=follow, name="ablate-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        report()
-        console.print(_progress_table(sweep, names))
-
-
-def _status(run: RunDir) -> tuple[str, Status]:
-    """The arm's state and status for progress lines ('?' while absent; a corrupt one says so)."""
-    try:
-        status = run.read_status() or Status()
-    except Unreadable as e:
-        return f"unreadable ({e.reason})", Status()
-    return status.state or "?", status
-
-
-def _summary(console: Console, sweep: Sweep, names: list[str]) -> int:
-    """Print how the launched arms ended; returns how many did not finish."""
-    views = [observe(sweep.root / name) for name in names]
-    done = sum(v.state == DONE for v in views)
-    console.print(f"{done}/{len(views)} arm(s) done")
-    bad = [v for v in views if v.state != DONE and v.state not in IN_FLIGHT]
-    for v in bad:
-        console.print(
-            f"  {v.name}: {v.state}"
-            + (f" ({v.note})" if v.note else "")
-            + f"; log: {v.log_path or v.run_dir}",
-            style="red",
-            markup=False,
-        )
-    return len(bad)
 
 
 def main(argv: list[str] | None = None) -> None:
