@@ -1,4 +1,5 @@
-"""The `ablate` command line: run, status, rank, eval, weights, cache.
+"""The `ablate` command line: one function per command; what a command does beyond a few lines is in
+`ablate/running/` (running a sweep) or `ablate/results/` (reading its results).
 
 Start-up imports no torch (the trainer's schema is imported only by the commands that
 validate arms: run, eval, weights, cache); a mistake in the user's input ends with one
@@ -9,23 +10,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from ablate.errors import UserError
 from ablate.results import render
 from ablate.running.launch import resolve_wait
-from ablate.running.store import ArmView, eval_note, observe
+from ablate.running.store import observe
 from ablate.sweep.schema import load_sweep
-from core.records import Requeue, Status
-from core.rundir import CANCELLED, DONE, FAILED, STALE, UNREADABLE
-
-if TYPE_CHECKING:
-    from ablate.running.weights import Weight
 
 app = typer.Typer(
     add_completion=False,
@@ -47,7 +41,14 @@ WeightsDir = Annotated[
         "--dir", metavar="D", help="Weights folder \\[default: each arm's weights_dir, else the HF cache]."
     ),
 ]
-LOG_TAIL = 8  # lines of a failed arm's log `ablate status` shows
+StepOption = Annotated[
+    int | None,
+    typer.Option("--step", help="At this step \\[default: the last step all finished arms reached]."),
+]
+ByOption = Annotated[
+    str | None,
+    typer.Option("--by", metavar="METRIC", help="Order by this rank_by metric \\[default: the first]."),
+]
 weights_app = typer.Typer(
     no_args_is_help=True, help="The pretrained weights a sweep needs: check them, download them."
 )
@@ -102,51 +103,16 @@ def run(
 @app.command()
 def status(sweep_file: SweepFile) -> None:
     """Each arm's state, step, last loss, and where its logs are."""
+    from ablate.running import show
     from ablate.sweep.drift import drift
 
     console = _console()
     sweep = load_sweep(sweep_file)
     console.print(f"sweep {sweep.name} → {sweep.root}", markup=False)
-    table = Table()
-    for column in ("arm", "state", "step", "loss", "updated", "log", "note"):
-        table.add_column(column, overflow="fold")
-    failed, unreadable = [], []
     changed = drift(sweep)
-    for name in sweep.arm_names():
-        view = observe(sweep.root / name)
-        cells = _arm_cells(view, with_log=True)
-        drifted = "config changed since it ran (below)" if name in changed else ""
-        for extra in (drifted, _requeue_note(view), view.scheduler, eval_note(view.run_dir)):
-            if extra:
-                cells[-1].append(("; " if cells[-1].plain else "") + extra)
-        table.add_row(*cells)
-        failed += [view] if view.state == FAILED else []
-        unreadable += [view] if view.state == UNREADABLE else []
-    console.print(table)
-    for view in unreadable:  # whole, to be read and copied (the table folds long notes)
-        console.print(
-            f"\n{view.name} is unreadable: {view.note}; `ablate run {sweep_file} --rerun {view.name}` starts it "
-            "afresh (the folder is kept under .replaced/)",
-            style="red",
-            markup=False,
-        )
-    for view in failed:  # what went wrong, where a person looks first
-        console.print(f"\n{view.name} failed: {view.note or 'no error recorded'}", style="red", markup=False)
-        log = view.job.stderr if view.job else None
-        for line in _tail(Path(log) if log else None, LOG_TAIL):
-            console.print(f"  │ {line}", markup=False)
-        if log:
-            console.print(f"  (last {LOG_TAIL} lines of {log})", style="dim", markup=False)
-    if changed:
-        console.print("", markup=False)
-        for name, note in changed.items():
-            console.print(f"{name}: {note}", style="yellow", markup=False)
-        console.print(
-            f"config changed for {len(changed)} arm(s) since they ran: their results are for the old config; "
-            f"`ablate run {sweep_file} --rerun NAME` (or --force) runs them again",
-            style="yellow",
-            markup=False,
-        )
+    views = [observe(sweep.root / name) for name in sweep.arm_names()]
+    console.print(show.status_table(views, changed))
+    show.problems(console, sweep_file, views, changed)
 
 
 @app.command()
@@ -193,10 +159,7 @@ def rank(
         ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help=" | ".join(render.FORMATS))] = "table",
-    by: Annotated[
-        str | None,
-        typer.Option("--by", metavar="METRIC", help="Order by this rank_by metric \\[default: the first]."),
-    ] = None,
+    by: ByOption = None,
     to_wandb: Annotated[
         bool, typer.Option("--wandb", help="Also log the table as a W&B Table in the sweep's group.")
     ] = False,
@@ -227,16 +190,6 @@ def rank(
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(1) from None
         print(f"impact table logged to {where}", file=sys.stderr)
-
-
-StepOption = Annotated[
-    int | None,
-    typer.Option("--step", help="At this step \\[default: the last step all finished arms reached]."),
-]
-ByOption = Annotated[
-    str | None,
-    typer.Option("--by", metavar="METRIC", help="Order by this rank_by metric \\[default: the first]."),
-]
 
 
 @app.command()
@@ -369,6 +322,7 @@ def weights_check(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
 
     Exit code 0 when all are present, 1 when any is missing.
     """
+    from ablate.running import show
     from ablate.running import weights as weights
 
     console = _console()
@@ -377,7 +331,7 @@ def weights_check(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
     states = weights.states(needed)
     console.print(f"sweep {sweep.name}: {len(needed)} pretrained weight(s)", markup=False)
     if needed:
-        console.print(_weights_table(needed, states))
+        console.print(show.weights_table(needed, states))
     missing = [problem for problem in states.values() if problem is not None]
     for problem in missing:
         console.print(f"missing: {problem}", style="red", markup=False)
@@ -399,19 +353,7 @@ def weights_download(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
     sweep = load_sweep(sweep_file)
     needed = weights.needed(sweep, folder)
     console.print(f"sweep {sweep.name}: {len(needed)} pretrained weight(s)", markup=False)
-    failures = 0
-    for w in needed:
-        if not w.downloadable:
-            console.print(f"{w.label}: {w.note}", markup=False)
-        elif w.missing() is None:
-            console.print(f"{w.label}: present in {w.where}", markup=False)
-        else:
-            console.print(f"{w.label}: fetching into {w.where} …", markup=False)
-            if (problem := weights.fetch(w)) is not None:
-                failures += 1
-                sys.stdout.flush()
-                print(f"error: {problem}", file=sys.stderr, flush=True)
-    if failures:
+    if failures := weights.fetch_missing(needed, say=lambda line: console.print(line, markup=False)):
         problem = f"{failures} of {len(needed)} weight(s) not fetched"
         print(f"error: {problem}: {weights.NETWORK_HINT}", file=sys.stderr)
         raise typer.Exit(1)
@@ -430,19 +372,14 @@ def cache(
     Arms whose data, captions, tokenizer and text encoder agree share one cache; complete caches are kept.
     """
     from ablate.running import caches as caches
+    from ablate.running import show
 
     console = _console()
     sweep = load_sweep(sweep_file)
     groups, without = caches.plan(sweep)
-    table = Table()
-    for column in ("cache key", "folder", "state", "arms"):
-        table.add_column(column, overflow="fold")
-    for g in groups:
-        style = {"complete": "green", "incomplete": "yellow"}.get(g.state, "")
-        table.add_row(g.key, str(g.path), Text(g.state, style=style), ", ".join(g.arms))
     console.print(f"sweep {sweep.name}: {len(groups)} cache(s)", markup=False)
     if groups:
-        console.print(table)
+        console.print(show.cache_table(groups))
     if without:
         console.print(f"not using a cache (no `cache:` set): {', '.join(without)}", markup=False)
     if dry_run:
@@ -452,64 +389,6 @@ def cache(
     for g in todo:
         caches.fill(g, log=lambda line: console.print(line, markup=False))
     console.print(f"{len(todo)} cache(s) computed, {len(groups) - len(todo)} already complete", markup=False)
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-
-def _weights_table(needed: list[Weight], states: dict[Weight, str | None]) -> Table:
-    table = Table()
-    table.add_column("weight", no_wrap=True)  # whole, to be copied
-    for column in ("for", "arms", "folder", "state"):
-        table.add_column(column, overflow="fold")
-    for w in needed:
-        if not w.downloadable:
-            state = Text(w.note, style="dim")
-        elif states[w] is None:
-            state = Text("present", style="green")
-        else:
-            state = Text("missing", style="red")
-        table.add_row(w.label, ", ".join(w.used_by), w.arms_text, w.where, state)
-    return table
-
-
-def _arm_cells(view: ArmView, *, with_log: bool) -> list[Text]:
-    status = view.status or Status()
-    step, total, loss = status.step, status.total_steps, status.loss
-    cells = [
-        view.name,
-        view.state,
-        "" if step is None else f"{step}/{total}" if total else str(step),
-        "" if loss is None else f"{loss:.4g}",
-        status.updated_at or "",
-    ]
-    if with_log:
-        cells.append(view.log_path or (str(view.run_dir) if view.run_dir.exists() else ""))
-    cells.append(view.note)
-    style = {DONE: "green", FAILED: "red", STALE: "yellow", CANCELLED: "yellow"}.get(view.state, "")
-    return [Text(c, style=style if i == 1 else "") for i, c in enumerate(cells)]
-
-
-def _requeue_note(view: ArmView) -> str:
-    status = view.status or Status()
-    if not status.requeues:
-        return ""
-    last = status.last_requeue or Requeue()
-    return f"requeued {status.requeues}× (last: {last.reason or '?'}, saved at step {last.step or '?'})"
-
-
-def _tail(path: Path | None, n: int) -> list[str]:
-    """The last `n` lines of a log file (reading only its end); [] when there is none."""
-    if path is None:
-        return []
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 16384))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return []
-    return [line.rstrip() for line in lines if line.strip()][-n:]
 
 
 def main(argv: list[str] | None = None) -> None:

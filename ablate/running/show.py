@@ -1,5 +1,5 @@
-"""What the running commands print: the plan of `ablate run` and `ablate eval`, and how the arms and
-evaluations they submitted ended.
+"""What the running commands print: the plan of `ablate run` and `ablate eval`, the status table and
+its notes, how submitted arms and evaluations ended, and the tables of `ablate weights` and `ablate cache`.
 
 Rendering only: the commands decide, these functions put it on the console.
 """
@@ -14,13 +14,18 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.running.launch import resources
-from ablate.running.store import ArmView, Decision, blocked_error, observe
+from ablate.running.store import ArmView, Decision, blocked_error, eval_note, observe
 from ablate.sweep.expand import changes, show_value
 from ablate.sweep.schema import Sweep
-from core.rundir import DONE, IN_FLIGHT
+from core.records import Requeue, Status
+from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, STALE, UNREADABLE
 
 if TYPE_CHECKING:
+    from ablate.running.caches import CacheGroup
     from ablate.running.rescore import Target
+    from ablate.running.weights import Weight
+
+LOG_TAIL = 8  # lines of a failed arm's log `ablate status` shows
 
 
 def plan(console: Console, sweep: Sweep, decisions: list[Decision], *, detailed: bool) -> None:
@@ -124,3 +129,113 @@ def eval_summary(console: Console, targets: list[Target]) -> int:
         )
     console.print(f"{len(targets) - bad}/{len(targets)} arm(s) evaluated")
     return bad
+
+
+def status_table(views: list[ArmView], changed: dict[str, str]) -> Table:
+    """`ablate status`: one row per arm; `changed`: the arms whose config changed since they ran."""
+    table = Table()
+    for column in ("arm", "state", "step", "loss", "updated", "log", "note"):
+        table.add_column(column, overflow="fold")
+    for view in views:
+        cells = _arm_cells(view)
+        drifted = "config changed since it ran (below)" if view.name in changed else ""
+        for extra in (drifted, _requeue_note(view), view.scheduler, eval_note(view.run_dir)):
+            if extra:
+                cells[-1].append(("; " if cells[-1].plain else "") + extra)
+        table.add_row(*cells)
+    return table
+
+
+def problems(console: Console, sweep_file: Path, views: list[ArmView], changed: dict[str, str]) -> None:
+    """Under the status table, whole (the table folds long notes): what to do about unreadable arms,
+    the end of failed arms' logs, and the arms whose config changed since they ran."""
+    for view in (v for v in views if v.state == UNREADABLE):
+        console.print(
+            f"\n{view.name} is unreadable: {view.note}; `ablate run {sweep_file} --rerun {view.name}` starts it "
+            "afresh (the folder is kept under .replaced/)",
+            style="red",
+            markup=False,
+        )
+    for view in (v for v in views if v.state == FAILED):  # what went wrong, where a person looks first
+        console.print(f"\n{view.name} failed: {view.note or 'no error recorded'}", style="red", markup=False)
+        log = view.job.stderr if view.job else None
+        for line in _tail(Path(log) if log else None, LOG_TAIL):
+            console.print(f"  │ {line}", markup=False)
+        if log:
+            console.print(f"  (last {LOG_TAIL} lines of {log})", style="dim", markup=False)
+    if changed:
+        console.print("", markup=False)
+        for name, note in changed.items():
+            console.print(f"{name}: {note}", style="yellow", markup=False)
+        console.print(
+            f"config changed for {len(changed)} arm(s) since they ran: their results are for the old config; "
+            f"`ablate run {sweep_file} --rerun NAME` (or --force) runs them again",
+            style="yellow",
+            markup=False,
+        )
+
+
+def weights_table(needed: list[Weight], states: dict[Weight, str | None]) -> Table:
+    """`ablate weights check`: each weight, what needs it, where it goes, whether it is here."""
+    table = Table()
+    table.add_column("weight", no_wrap=True)  # whole, to be copied
+    for column in ("for", "arms", "folder", "state"):
+        table.add_column(column, overflow="fold")
+    for w in needed:
+        if not w.downloadable:
+            state = Text(w.note, style="dim")
+        elif states[w] is None:
+            state = Text("present", style="green")
+        else:
+            state = Text("missing", style="red")
+        table.add_row(w.label, ", ".join(w.used_by), w.arms_text, w.where, state)
+    return table
+
+
+def cache_table(groups: list[CacheGroup]) -> Table:
+    """`ablate cache`: each cache folder, whether it is complete, and the arms that read it."""
+    table = Table()
+    for column in ("cache key", "folder", "state", "arms"):
+        table.add_column(column, overflow="fold")
+    for g in groups:
+        style = {"complete": "green", "incomplete": "yellow"}.get(g.state, "")
+        table.add_row(g.key, str(g.path), Text(g.state, style=style), ", ".join(g.arms))
+    return table
+
+
+def _arm_cells(view: ArmView) -> list[Text]:
+    status = view.status or Status()
+    step, total, loss = status.step, status.total_steps, status.loss
+    cells = [
+        view.name,
+        view.state,
+        "" if step is None else f"{step}/{total}" if total else str(step),
+        "" if loss is None else f"{loss:.4g}",
+        status.updated_at or "",
+        view.log_path or (str(view.run_dir) if view.run_dir.exists() else ""),
+        view.note,
+    ]
+    style = {DONE: "green", FAILED: "red", STALE: "yellow", CANCELLED: "yellow"}.get(view.state, "")
+    return [Text(c, style=style if i == 1 else "") for i, c in enumerate(cells)]
+
+
+def _requeue_note(view: ArmView) -> str:
+    status = view.status or Status()
+    if not status.requeues:
+        return ""
+    last = status.last_requeue or Requeue()
+    return f"requeued {status.requeues}× (last: {last.reason or '?'}, saved at step {last.step or '?'})"
+
+
+def _tail(path: Path | None, n: int) -> list[str]:
+    """The last `n` lines of a log file (reading only its end); [] when there is none."""
+    if path is None:
+        return []
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return [line.rstrip() for line in lines if line.strip()][-n:]

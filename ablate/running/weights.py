@@ -13,6 +13,8 @@ clean-fid's folder for the Inception file). Weights that are trained rather than
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,24 @@ def fetch(w: Weight) -> str | None:
     except Exception as e:  # noqa: BLE001 - a network or hub failure: one line, then the next weight
         return f"could not fetch {w.label} into {w.where}: {_one_line(e)}"
     return None
+
+
+def fetch_missing(needed: list[Weight], say: Callable[[str], None]) -> int:
+    """Fetch every weight in `needed` that is not here, saying what happens to each; returns how many
+    could not be fetched (each an `error:` line on stderr, in order with what `say` printed)."""
+    failures = 0
+    for w in needed:
+        if not w.downloadable:
+            say(f"{w.label}: {w.note}")
+        elif w.missing() is None:
+            say(f"{w.label}: present in {w.where}")
+        else:
+            say(f"{w.label}: fetching into {w.where} …")
+            if (problem := fetch(w)) is not None:
+                failures += 1
+                sys.stdout.flush()
+                print(f"error: {problem}", file=sys.stderr, flush=True)
+    return failures
 
 
 def _one_line(e: BaseException) -> str:
