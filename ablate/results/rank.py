@@ -102,54 +102,15 @@ def rank_table(
     for arm in arms:
         by_delta.setdefault(arm.delta, []).append(arm)
     baseline = {a.seed: a for a in by_delta.get(BASELINE, [])}
-
-    def value(arm: ArmResult | None, metric: str) -> float:
-        if arm is None or step is None:
-            return math.nan
-        v = arm.metrics_by_step.get(step, {}).get(metric)
-        return math.nan if v is None else float(v)
-
-    def hours(arm: ArmResult | None) -> float:
-        if arm is None or not arm.batches_per_s or not arm.steps:
-            return math.nan
-        return arm.steps / arm.batches_per_s / 3600 * devices
-
-    noise = {m: stats.std([value(a, m) for a in baseline.values()]) for m, _ in metrics}
+    noise = {m: stats.std([_value(a, m, step) for a in baseline.values()]) for m, _ in metrics}
     rows = []
     for delta, group in by_delta.items():
         row: dict[str, Any] = {"delta": delta, "state": _state_summary(group, step)}
         for i, (metric, _) in enumerate(metrics):
-            values = [value(a, metric) for a in group]
-            changes, pcts = [], []
-            for a, v in zip(group, values, strict=True):
-                b = value(baseline.get(a.seed), metric)
-                if delta != BASELINE and not (math.isnan(v) or math.isnan(b)):
-                    changes.append(v - b)
-                    pcts.append(100.0 * (v - b) / abs(b) if b else math.nan)
-            if i == 0:
-                row["seeds"] = (
-                    f"{len(changes) if delta != BASELINE else sum(not math.isnan(v) for v in values)}/{len(group)}"
-                )
-            change = stats.paired(changes)
-            row[metric] = stats.mean(values)
-            row[f"{metric}_change"] = change.mean
-            row[f"{metric}_change_std"] = change.std
-            row[f"{metric}_change_pct"] = stats.mean(pcts)
-            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = change.low, change.high
-            row[f"{metric}_pairs"] = change.n
-            row[f"{metric}_significant"] = change.significant
+            row |= _metric_columns(metric, delta, group, baseline, step, seeds=i == 0)
             row[f"{metric}_noise_floor"] = noise[metric]
         paired = [(a, baseline.get(a.seed)) for a in group] if delta != BASELINE else []
-        row["batches_per_s"] = stats.mean([a.batches_per_s for a in group if a.batches_per_s])
-        row["throughput_ratio"] = stats.mean(
-            [
-                a.batches_per_s / b.batches_per_s
-                for a, b in paired
-                if b and a.batches_per_s and b.batches_per_s
-            ]
-        )
-        row["gpu_hours"] = stats.mean([hours(a) for a in group])
-        row["cost_ratio"] = stats.mean([hours(a) / hours(b) for a, b in paired if b and hours(b) > 0])
+        row |= _cost_columns(group, paired, devices)
         first = metrics[0][0]
         row[f"{first}_change_per_gpu_hour"] = (
             row[f"{first}_change"] / row["gpu_hours"] if row["gpu_hours"] > 0 else math.nan
@@ -168,6 +129,70 @@ def rank_table(
 
     rows.sort(key=order)  # stable: deltas without numbers keep the sweep's order, at the end
     return pd.DataFrame(rows)
+
+
+def _value(arm: ArmResult | None, metric: str, step: int | None) -> float:
+    if arm is None or step is None:
+        return math.nan
+    v = arm.metrics_by_step.get(step, {}).get(metric)
+    return math.nan if v is None else float(v)
+
+
+def _metric_columns(
+    metric: str,
+    delta: str,
+    group: list[ArmResult],
+    baseline: dict[int, ArmResult],
+    step: int | None,
+    *,
+    seeds: bool,
+) -> dict[str, Any]:
+    """A delta's columns for one metric: its value and its change against the baseline, paired by seed
+    (with `seeds`, also the "paired/total" count)."""
+    values = [_value(a, metric, step) for a in group]
+    changes, pcts = [], []
+    for a, v in zip(group, values, strict=True):
+        b = _value(baseline.get(a.seed), metric, step)
+        if delta != BASELINE and not (math.isnan(v) or math.isnan(b)):
+            changes.append(v - b)
+            pcts.append(100.0 * (v - b) / abs(b) if b else math.nan)
+    columns: dict[str, Any] = {}
+    if seeds:
+        counted = len(changes) if delta != BASELINE else sum(not math.isnan(v) for v in values)
+        columns["seeds"] = f"{counted}/{len(group)}"
+    change = stats.paired(changes)
+    columns[metric] = stats.mean(values)
+    columns[f"{metric}_change"] = change.mean
+    columns[f"{metric}_change_std"] = change.std
+    columns[f"{metric}_change_pct"] = stats.mean(pcts)
+    columns[f"{metric}_ci_low"], columns[f"{metric}_ci_high"] = change.low, change.high
+    columns[f"{metric}_pairs"] = change.n
+    columns[f"{metric}_significant"] = change.significant
+    return columns
+
+
+def _cost_columns(
+    group: list[ArmResult], paired: list[tuple[ArmResult, ArmResult | None]], devices: int
+) -> dict[str, float]:
+    """A delta's throughput and GPU-hours, and both relative to the baseline at the same seed."""
+
+    def hours(arm: ArmResult | None) -> float:
+        if arm is None or not arm.batches_per_s or not arm.steps:
+            return math.nan
+        return arm.steps / arm.batches_per_s / 3600 * devices
+
+    return {
+        "batches_per_s": stats.mean([a.batches_per_s for a in group if a.batches_per_s]),
+        "throughput_ratio": stats.mean(
+            [
+                a.batches_per_s / b.batches_per_s
+                for a, b in paired
+                if b and a.batches_per_s and b.batches_per_s
+            ]
+        ),
+        "gpu_hours": stats.mean([hours(a) for a in group]),
+        "cost_ratio": stats.mean([hours(a) / hours(b) for a, b in paired if b and hours(b) > 0]),
+    }
 
 
 def _state_summary(group: list[ArmResult], step: int | None) -> str:
