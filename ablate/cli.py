@@ -88,12 +88,12 @@ def run(
     wait = resolve_wait(sweep.launcher, wait)
     if dry_run:
         decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
-        check_data(sweep, specs, console)
+        check_data(specs, console)
         show.dry_run(console, sweep, decisions)
         return
     check_names([s.name for s in specs], rerun or (), "--rerun")
     launch.check_available(sweep.launcher)
-    check_data(sweep, specs, console)  # where this machine sees the data: files and columns exist
+    check_data(specs, console)  # where this machine sees the data: files and columns exist
     make_root(sweep)  # everything checked: from here on, things get created
     training = Training(console, sweep, sweep_file, specs, rerun=rerun or (), force=force)
     if code := submit_and_follow(training, needs_mark=needs_mark, wait=wait):

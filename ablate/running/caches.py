@@ -34,13 +34,12 @@ class CacheGroup:
 
 def plan(sweep: Sweep) -> tuple[list[CacheGroup], list[str]]:
     """(the caches the arms need, in first-use order; the arms that use no cache). Reads only."""
-    from trainer.config import TrainConfig
     from trainer.data.cache import cache_key, cache_path
 
     groups: dict[Path, CacheGroup] = {}
     without: list[str] = []
     for spec in expand(sweep):
-        cfg = TrainConfig.model_validate(spec.config)
+        cfg = spec.train
         if cfg.cache is None:
             without.append(spec.name)
             continue

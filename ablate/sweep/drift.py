@@ -18,7 +18,7 @@ import copy
 from typing import Any
 
 from ablate.errors import UserError
-from ablate.sweep.expand import _ABSENT, NOT_IDENTITY, config_hash, merge, show_value
+from ablate.sweep.expand import NOT_IDENTITY, changes, config_hash, merge, show_value
 from ablate.sweep.loader import load_plain_yaml
 from ablate.sweep.schema import BASELINE, Sweep, arm_name, delta_tree
 from core.atomic import Unreadable
@@ -77,29 +77,17 @@ def drift(sweep: Sweep) -> dict[str, str]:
     return out
 
 
-def _differs(now: Any, ran: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, value it ran with, value the sweep file sets now) for each setting that differs."""
-    out: list[tuple[str, Any, Any]] = []
-    for key, value in now.items():
-        if not prefix and key in NOT_IDENTITY:
-            continue
-        path = f"{prefix}.{key}" if prefix else str(key)
-        old = ran.get(key, _ABSENT) if isinstance(ran, dict) else _ABSENT
-        if isinstance(value, dict) and isinstance(old, dict):
-            if "kind" in value and value["kind"] != old.get("kind"):
-                out.append((f"{path}.kind", old.get("kind", _ABSENT), value["kind"]))
-            else:
-                out += _differs(value, old, path)
-        elif isinstance(value, dict) and old is None and not value:
-            continue  # `{}` and null both leave an optional component at its default
-        elif not _same(value, old):
-            out.append((path, old, value))
-    return out
+def _differs(now: dict[str, Any], ran: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value it ran with, value the sweep file sets now) for each setting that differs: expand's
+    diff of the recorded config, cut down to the keys the sweep file sets, against those settings."""
+    identity = {k: v for k, v in now.items() if k not in NOT_IDENTITY}
+    return list(changes(_cut(ran, identity), identity))
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    return a == b
+def _cut(ran: Any, now: Any) -> Any:
+    """`ran` with only the keys `now` has (recursively); what the file leaves unset is not compared."""
+    if isinstance(now, dict) and not now and ran is None:
+        return now  # `{}` and null both leave an optional component at its default
+    if not (isinstance(now, dict) and isinstance(ran, dict)):
+        return ran
+    return {k: _cut(ran[k], now[k]) for k in now if k in ran}

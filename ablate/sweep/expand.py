@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,18 @@ class RunSpec:
     settings_hash: str | None = None
     """The hash of what the sweep file sets for the arm, before defaults (`ablate.sweep.drift`): lets the
     torch-free `ablate status` and `ablate rank` tell that the sweep file changed since it ran."""
+    train: Any = field(default=None, compare=False, repr=False)
+    """The validated trainer config (trainer.config.TrainConfig) `config` is the dump of; checks after
+    expansion read it instead of validating the arm again."""
+    locate: Callable[[KeyPath], tuple[str, int | None, str]] | None = field(
+        default=None, compare=False, repr=False
+    )
+    """Where a config key path of this arm was set in the sweep file: (file, line, shown key path)."""
+
+    def error(self, path: KeyPath, problem: str, expected: str | None) -> UserError:
+        """A UserError about this arm's config key `path`, located where the sweep file set it."""
+        file, line, shown = self.locate(path)
+        return UserError(problem, expected, file=file, line=line, path=shown)
 
     def record(self, sweep_name: str) -> Spec:
         """The arm's spec.json."""
@@ -82,73 +94,64 @@ def expand(sweep: Sweep) -> list[RunSpec]:
     Pure: reads nothing but the sweep and the trainer's schema, writes nothing. Raises
     UserError (located in the sweep file) for the first invalid arm.
     """
-    from trainer.config import TrainConfig, describe_registries  # lazy: imports torch
-
-    registries = describe_registries()
-    launcher = sweep.launcher
-    per_node, world = launcher.tasks_per_node, launcher.nodes * launcher.tasks_per_node
-
-    def resolve(config: dict[str, Any], locate) -> dict[str, Any]:
-        try:
-            resolved = TrainConfig.model_validate(config)
-        except ValidationError as e:
-            raise to_user_error(e, config, TrainConfig, locate, registries) from None
-        for path, problem, expected in resolved.world_problems(world, per_node):
-            file, line, shown = locate(path)
-            raise UserError(f"{problem} (launcher: {launcher.nodes} node(s) × {per_node} task(s))",
-                            expected, file=file, line=line, path=shown)  # fmt: skip
-        return resolved.model_dump(mode="json")
-
-    def locate_baseline(path: KeyPath) -> tuple[str, int | None, str]:
-        if path[:1] == ("seed",):
-            return sweep.locate(("seeds",))
-        return sweep.locate((BASELINE, *path))
-
-    specs: list[RunSpec] = []
-    baselines: dict[int, dict[str, Any]] = {}
-    for seed in sweep.seeds:
-        settings = {**copy.deepcopy(sweep.baseline), "seed": seed}
-        config = resolve(copy.deepcopy(settings), locate_baseline)
-        baselines[seed] = config
-        specs.append(
-            RunSpec(
-                arm_name(BASELINE, seed),
-                BASELINE,
-                seed,
-                {},
-                config,
-                config_hash(config),
-                config_hash(settings),
-            )
-        )
-
+    arm = _Arms(sweep)
+    specs = [arm(BASELINE, seed, {}, _baseline_locator(sweep)) for seed in sweep.seeds]
+    baselines = {spec.seed: spec.config for spec in specs}
     for delta, overrides in sweep.deltas.items():
         tree, sources = delta_tree(sweep, delta, overrides)
         for seed in sweep.seeds:
-            merged, replaced = merge({**copy.deepcopy(sweep.baseline), "seed": seed}, tree)
-            settings_hash = config_hash(merged)
+            merged, replaced = merge(arm.base(seed), tree)
             owned = dict(sources)
             for path in replaced:  # a kind change makes the whole component the delta's
                 owned[path] = sources.get((*path, "kind"), sources.get(path, ("deltas", delta)))
-            config = resolve(merged, _delta_locator(sweep, delta, owned))
-            if config == baselines[seed]:
+            spec = arm(delta, seed, merged, _delta_locator(sweep, delta, owned), overrides)
+            if spec.config == baselines[seed]:
                 raise sweep.error(
                     ("deltas", delta),
                     "this delta changes nothing: its merged config equals the baseline's",
                     "at least one value that differs from the baseline",
                 )
-            specs.append(
-                RunSpec(
-                    arm_name(delta, seed),
-                    delta,
-                    seed,
-                    copy.deepcopy(overrides),
-                    config,
-                    config_hash(config),
-                    settings_hash,
-                )
-            )
+            specs.append(spec)
     return specs
+
+
+class _Arms:
+    """Validates one arm's settings against the trainer's schema and the launcher's processes."""
+
+    def __init__(self, sweep: Sweep):
+        from trainer.config import TrainConfig, describe_registries  # lazy: imports torch
+
+        self.sweep, self.schema, self.registries = sweep, TrainConfig, describe_registries()
+
+    def base(self, seed: int) -> dict[str, Any]:
+        return {**copy.deepcopy(self.sweep.baseline), "seed": seed}
+
+    def __call__(
+        self, delta: str, seed: int, settings: dict[str, Any], locate, overrides: dict | None = None
+    ) -> RunSpec:
+        settings = settings or self.base(seed)
+        try:
+            train = self.schema.model_validate(copy.deepcopy(settings))
+        except ValidationError as e:
+            raise to_user_error(e, settings, self.schema, locate, self.registries) from None
+        launcher = self.sweep.launcher
+        per_node, world = launcher.tasks_per_node, launcher.nodes * launcher.tasks_per_node
+        for path, problem, expected in train.world_problems(world, per_node):
+            file, line, shown = locate(path)
+            raise UserError(f"{problem} (launcher: {launcher.nodes} node(s) × {per_node} task(s))",
+                            expected, file=file, line=line, path=shown)  # fmt: skip
+        config = train.model_dump(mode="json")
+        return RunSpec(arm_name(delta, seed), delta, seed, copy.deepcopy(overrides or {}), config,
+                       config_hash(config), config_hash(settings), train, locate)  # fmt: skip
+
+
+def _baseline_locator(sweep: Sweep):
+    def locate(path: KeyPath) -> tuple[str, int | None, str]:
+        if path[:1] == ("seed",):
+            return sweep.locate(("seeds",))
+        return sweep.locate((BASELINE, *path))
+
+    return locate
 
 
 def _delta_locator(sweep: Sweep, delta: str, owned: dict[KeyPath, KeyPath]):
