@@ -78,7 +78,8 @@ def run(
     from ablate.running import launch, show
     from ablate.running.datacheck import check_data
     from ablate.running.follow import Training, submit_and_follow
-    from ablate.running.store import check_names, check_owner, make_root, plan
+    from ablate.running.ownership import check_owner, make_root
+    from ablate.running.store import check_names, plan
     from ablate.sweep.expand import expand
 
     console = _console()
@@ -86,12 +87,12 @@ def run(
     specs = expand(sweep)  # validates every arm before anything is created
     needs_mark = check_owner(sweep)  # only in a folder ablate made (or one from before markers)
     wait = resolve_wait(sweep.launcher, wait)
+    check_names([s.name for s in specs], rerun or (), "--rerun")
     if dry_run:
         decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
         check_data(specs, console)
         show.dry_run(console, sweep, decisions)
         return
-    check_names([s.name for s in specs], rerun or (), "--rerun")
     launch.check_available(sweep.launcher)
     check_data(specs, console)  # where this machine sees the data: files and columns exist
     make_root(sweep)  # everything checked: from here on, things get created
@@ -126,8 +127,9 @@ def cancel(
     ] = None,
 ) -> None:
     """Cancel arms' jobs through their scheduler; they show as cancelled, and `ablate run` resubmits them."""
+    from ablate.running.ownership import check_owner, sweep_lock
     from ablate.running.store import cancel as cancel_arm
-    from ablate.running.store import check_names, check_owner, sweep_lock
+    from ablate.running.store import check_names
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -171,7 +173,7 @@ def rank(
     if (out := render.FORMATS.get(fmt)) is None:
         raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(render.FORMATS)}", path="--format")
     sweep = load_sweep(sweep_file)
-    df, used = ranking.rank(sweep, step, by)
+    df, used, arms = ranking.rank(sweep, step, by)
     changed = drift(sweep)
     ranking.flag_changed(df, sweep, changed)
     table = out.render(df, sweep, used)
@@ -179,7 +181,7 @@ def rank(
         _console().print(table)
     else:
         sys.stdout.write(table)
-    for line in render.footer(sweep, ranking.collect(sweep), changed):
+    for line in render.footer(sweep, arms, changed):
         print(line, file=sys.stdout if out.footer_on_stdout else sys.stderr)
     if to_wandb:
         from ablate.running.wandb_runs import log_table
@@ -197,12 +199,12 @@ def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) ->
     """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
     from ablate.results import plots
     from ablate.results import rank as ranking
-    from ablate.running.store import check_owner
+    from ablate.running.ownership import check_owner
 
     sweep = load_sweep(sweep_file)
     check_owner(sweep)  # figures go into the sweep's folder: only one ablate made
-    df, used = ranking.rank(sweep, step, by)
-    for name, path in plots.write(sweep, df, ranking.collect(sweep)).items():
+    df, _, arms = ranking.rank(sweep, step, by)
+    for name, path in plots.write(sweep, df, arms).items():
         print(f"{name}: {path}")
 
 
@@ -210,7 +212,7 @@ def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) ->
 def report(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
     """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
     from ablate.results.report import build
-    from ablate.running.store import check_owner
+    from ablate.running.ownership import check_owner
 
     sweep = load_sweep(sweep_file)
     check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made
@@ -237,7 +239,7 @@ def stack(
     from ablate.sweep import stack as stacking
 
     sweep = load_sweep(sweep_file)
-    df, used = ranking.rank(sweep, step, by)
+    df, used, _ = ranking.rank(sweep, step, by)
     chosen = stacking.winners(df, sweep, top, by, any_change)
     path = stacking.write(sweep, chosen, df, by, out or sweep_file.with_name(f"{sweep_file.stem}-stack.yaml"))
     print(f"stacked {', '.join(chosen)} (step {used}) into {path}; every arm validates")
@@ -299,8 +301,9 @@ def eval_checkpoints(
     """Score checkpoints of arms that have ended again, without training, as jobs of the sweep's launcher."""
     from ablate.running import launch
     from ablate.running.follow import Evaluation, submit_and_follow
+    from ablate.running.ownership import check_owner
     from ablate.running.rescore import select
-    from ablate.running.store import check_names, check_owner
+    from ablate.running.store import check_names
     from ablate.sweep.expand import expand
 
     console = _console()

@@ -30,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.distances import GaussianStats, frechet_distance, mmd  # noqa: E402
 from eval.extractors import (
     ClipExtractor,
     DinoV2Extractor,
@@ -39,7 +40,6 @@ from eval.extractors import (
     weights_for,
 )
 from eval.images import read_image_folder  # noqa: E402
-from eval.distances import GaussianStats, frechet_distance, mmd  # noqa: E402
 
 
 def emit(**record) -> None:

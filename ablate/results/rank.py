@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ablate.errors import UserError
 from ablate.results import stats
@@ -210,8 +210,17 @@ def _state_summary(group: list[ArmResult], step: int | None) -> str:
     return ", ".join(f"{n} {label}" for label, n in counts.items())
 
 
-def rank(sweep: Sweep, step: int | None = None, by: str | None = None) -> tuple[pd.DataFrame, int | None]:
-    """The ranking table of a sweep at `step` (default: `default_step`) ordered by `by`, and the step used."""
+class Ranking(NamedTuple):
+    table: pd.DataFrame
+    step: int | None
+    """the step ranked at"""
+    arms: list[ArmResult]
+    """every arm as read for it (the figures and the report read the same)"""
+
+
+def rank(sweep: Sweep, step: int | None = None, by: str | None = None) -> Ranking:
+    """The ranking table of a sweep at `step` (default: `default_step`) ordered by `by`, the step used, and
+    the arms it was made from: the run folders are read once."""
     names = [m for m, _ in sweep.metrics]
     if by is not None and by not in names:
         raise UserError(
@@ -231,7 +240,7 @@ def rank(sweep: Sweep, step: int | None = None, by: str | None = None) -> tuple[
         )
     launcher = sweep.launcher
     devices = launcher.nodes * (launcher.gpus_per_node or launcher.tasks_per_node)
-    return rank_table(arms, sweep.metrics, step, by=by, devices=devices), step
+    return Ranking(rank_table(arms, sweep.metrics, step, by=by, devices=devices), step, arms)
 
 
 def flag_changed(df: pd.DataFrame, sweep: Sweep, changed: dict[str, str]) -> None:

@@ -40,8 +40,7 @@ def _img(path: Path, alt: str, **attrs: str) -> str:
 
 def build(sweep: Sweep, step: int | None = None, by: str | None = None) -> Path:
     """Write `<sweep root>/report.html` (and the figures it embeds); returns its path."""
-    df, used = ranking.rank(sweep, step, by)
-    arms = ranking.collect(sweep)
+    df, used, arms = ranking.rank(sweep, step, by)
     figures = plots.write(sweep, df, arms)
     title = render.title(sweep, used)
     body = [

@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.errors import os_fault
-from ablate.running import launch, show, snapshot, store
+from ablate.running import jobs as arm_jobs
+from ablate.running import launch, ownership, show, snapshot, store
 from ablate.running.rescore import Target, select
 from ablate.sweep.expand import RunSpec
 from ablate.sweep.schema import Sweep
@@ -79,9 +80,9 @@ def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -
     launcher = sweep.launcher
     try:
         with contextlib.ExitStack() as display:
-            with store.sweep_lock(sweep.root):  # not while another `ablate run` or `ablate eval` submits
+            with ownership.sweep_lock(sweep.root):  # not while another `ablate run` or `ablate eval` submits
                 if needs_mark:
-                    store.claim(sweep)
+                    ownership.claim(sweep)
                 if not submission.plan():
                     return 0
                 code = _snapshot(sweep, console)
@@ -90,7 +91,7 @@ def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -
                 if wait and submission.live:
                     display.enter_context(_live_progress(console, sweep, [d.name for d in run_dirs]))
                 try:
-                    jobs = launch.submit(
+                    jobs = arm_jobs.submit(
                         executor,
                         run_dirs,
                         parallelism=launcher.array_parallelism,
@@ -102,7 +103,7 @@ def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -
             if not wait:
                 console.print(submission.submitted(len(jobs)))
                 return 0
-            launch.wait(jobs, poll_s=POLL_S)
+            arm_jobs.wait(jobs, poll_s=POLL_S)
     except KeyboardInterrupt:
         local_note, again = submission.interrupted()
         note = "jobs already submitted keep running" if launcher.kind.outlives_cli else local_note
@@ -210,7 +211,7 @@ class Evaluation(Submission):
         return [t.run_dir for t in self.targets]
 
     def job(self) -> Callable[[str], Any]:
-        return launch.EvalArm({str(t.run_dir): t.step for t in self.targets})
+        return arm_jobs.EvalArm({str(t.run_dir): t.step for t in self.targets})
 
     def submitted(self, n: int) -> str:
         executor = self.sweep.launcher.executor

@@ -1,15 +1,11 @@
-"""Launching arms through submitit: the executor table, the `launcher` schema, submission.
+"""Launching arms through submitit: the executor table, the `launcher` schema, building an executor.
 
 Everything that differs between executor kinds lives in one row of `EXECUTORS`: how to build
 the submitit executor, which `launcher` fields it uses, whether `ablate run` follows its jobs by
 default, whether they outlive `ablate`, who enforces `array_parallelism`, and how to tell whether
 a recorded job still runs. No other module branches on an executor's name.
 
-`submit` receives an executor and sends the arms out (one job array; for the local executor,
-which would start every array element at once, at most `array_parallelism` at a time). Each job
-runs `RunArm()(run_dir)`, which is checkpointable: a job that reaches its time limit or is
-preempted is requeued with the same run directory, and the trainer resumes from its newest
-checkpoint there. `ablate eval` sends `EvalArm(steps)` jobs the same way.
+The jobs themselves and their submission are `ablate/running/jobs.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +26,7 @@ from submitit.slurm.slurm import SlurmExecutor
 
 from ablate.errors import UserError
 from core.records import Job
-from core.rundir import DONE, FAILED, RUNNING, RunDir, SweepDir
+from core.rundir import SweepDir
 
 # sacct states of a job that still holds (or will again hold) its arm.
 _SLURM_ALIVE = {
@@ -409,139 +404,3 @@ def resources(launcher: Launcher) -> str:
         parts.append(f"partition {launcher.partition}")
     parts.append(f"at most {launcher.array_parallelism or 'all'} at once")
     return f"{kind.name}: " + ", ".join(parts)
-
-
-# --- the jobs ----------------------------------------------------------------------------------------
-
-
-class RunArm(submitit.helpers.Checkpointable):
-    """The job: train and evaluate one arm in its run directory.
-
-    Checkpointable's `checkpoint(run_dir)` resubmits this same call on timeout or
-    preemption; the trainer finds its newest checkpoint in `run_dir` and resumes.
-    """
-
-    def __call__(self, run_dir: str) -> None:
-        from trainer.runtime.preempt import Preemption
-
-        stops = Preemption()  # before the heavy imports: a stop signal from now on waits for a checkpoint
-        from trainer.job import run  # lazy: the orchestrator does not import torch
-
-        run(run_dir, preemption=stops)
-
-
-class EvalArm(submitit.helpers.Checkpointable):
-    """The job of `ablate eval`: score one checkpoint of an arm again, without training.
-
-    `steps` maps each run directory (as submitted) to the checkpoint step to evaluate. The
-    outcome goes to the run directory's eval_job.json (running, then done with the metrics or
-    failed with the error); status.json is the training's and is left alone. On timeout or
-    preemption the job is requeued and evaluates again from the start.
-    """
-
-    def __init__(self, steps: dict[str, int]) -> None:
-        self.steps = dict(steps)
-
-    def __call__(self, run_dir: str) -> dict[str, float]:
-        from trainer.job import rescore  # lazy: the orchestrator does not import torch
-
-        run, step, main = RunDir(run_dir), self.steps[run_dir], _main_process()
-        if main:
-            run.set_eval_job(RUNNING, step=step, error=None, metrics=None)
-        try:
-            metrics = rescore(run_dir, step)
-        except BaseException as e:
-            if main:
-                run.set_eval_job(FAILED, error=f"{type(e).__name__}: {e}")
-            raise
-        if main:
-            run.set_eval_job(DONE, metrics=metrics)
-        return metrics
-
-
-def _main_process() -> bool:
-    """Whether this is the job's first task (the one that writes the run directory's records)."""
-    if "RANK" in os.environ:  # torchrun, or exported by the trainer
-        return os.environ["RANK"] == "0"
-    kind = EXECUTORS.get(os.environ.get("SUBMITIT_EXECUTOR", ""))
-    if kind is not None and not kind.in_process:
-        return submitit.JobEnvironment().global_rank == 0
-    return True
-
-
-def submit(
-    executor: submitit.Executor,
-    run_dirs: Sequence[Path],
-    *,
-    parallelism: int | None = None,
-    fn: Callable[[str], Any] | None = None,
-    poll_s: float = 1.0,
-) -> list[submitit.Job[Any]]:
-    """Submit one job per run directory, recording each job in its run directory.
-
-    One array (`executor.batch()`) for every executor, except where the executor kind leaves the
-    throttle to us (local: it would start each array element at once): at most `parallelism` run
-    at a time, and this call blocks, polling every `poll_s` seconds, until the last arm started.
-    `fn` is the job callable: `RunArm()` (default; recorded in job.json and status.json) or an
-    `EvalArm` (recorded in eval_job.json).
-    """
-    fn = RunArm() if fn is None else fn
-    if not run_dirs:
-        return []
-    if kind_of(executor).throttle_here and parallelism is not None and parallelism < len(run_dirs):
-        return _submit_in_waves(executor, run_dirs, parallelism, fn, poll_s)
-    with executor.batch():
-        jobs = [executor.submit(fn, str(run_dir)) for run_dir in run_dirs]
-    for run_dir, job in zip(run_dirs, jobs, strict=True):
-        _record(fn, run_dir, job, executor)
-    return jobs
-
-
-def _submit_in_waves(
-    executor: submitit.Executor,
-    run_dirs: Sequence[Path],
-    parallelism: int,
-    fn: Callable[[str], Any],
-    poll_s: float,
-) -> list[submitit.Job[Any]]:
-    pending = list(run_dirs)
-    jobs: list[submitit.Job[Any]] = []
-    running: list[submitit.Job[Any]] = []
-    while pending:
-        running = [job for job in running if not job.done()]
-        while pending and len(running) < parallelism:
-            run_dir = pending.pop(0)
-            job = executor.submit(fn, str(run_dir))
-            _record(fn, run_dir, job, executor)
-            jobs.append(job)
-            running.append(job)
-        if pending:
-            time.sleep(poll_s)
-    return jobs
-
-
-def _record(
-    fn: Callable[[str], Any], run_dir: Path, job: submitit.Job[Any], executor: submitit.Executor
-) -> None:
-    """The job's id and logs go to eval_job.json (an `ablate eval` job) or job.json (training), and the
-    state becomes `submitted` unless the job already started."""
-    run = RunDir(run_dir)
-    mark = run.mark_eval_submitted if isinstance(fn, EvalArm) else run.mark_submitted
-    mark(str(job.job_id), Path(executor.folder), Path(job.paths.stdout), Path(job.paths.stderr))
-
-
-def wait(jobs: Sequence[submitit.Job[Any]], *, poll_s: float = 1.0) -> None:
-    """Block until every job has ended. Debug jobs run here, one after another.
-
-    A job's failure is not raised: the trainer records it in the arm's status.json, and the
-    caller reports arm states from the run directories.
-    """
-    for job in jobs:
-        if isinstance(job, submitit.DebugJob):
-            try:
-                job.result()  # runs it; never call done() on a failed DebugJob: that would run it again
-            except Exception:  # noqa: BLE001 - the trainer records the failure; run the other arms
-                pass
-    others = [job for job in jobs if not isinstance(job, submitit.DebugJob)]
-    while not all(job.done() for job in others):
-        time.sleep(poll_s)

@@ -3,7 +3,7 @@
 Which arms and steps (`select`) is decided from the run directories alone, before anything is
 submitted: an arm is evaluated when it has ended (done, failed or stale) and keeps a checkpoint
 at the step asked for (default: its newest). Each evaluation is a job of the sweep's launcher
-(`launch.EvalArm`) that calls `trainer.job.rescore(run_dir, step)`, which writes
+(`jobs.EvalArm`) that calls `trainer.job.rescore(run_dir, step)`, which writes
 `eval/step_N.json` and the sample grid (result.json's copy of the metrics follows), so
 `ablate rank --step N` ranks at it. The job's outcome goes to the arm's eval_job.json.
 """

@@ -14,7 +14,7 @@ import difflib
 import os
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +25,18 @@ from ablate.errors import UserError, os_fault
 from ablate.running import launch
 from ablate.running.launch import job_alive, job_state, pid_alive
 from ablate.sweep.expand import RunSpec, recorded_hash
-from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
 from core.lock import describe_writer, live_writer
 from core.records import EvalJob, Job, Spec, Status, Writer
 from core.rundir import (
     CANCELLED,
     DONE,
-    EVAL_CACHE,
     FAILED,
     IN_FLIGHT,
-    JOB,
-    LOCK,
     MISSING,
     QUEUED,
-    REPLACED,
     RUNNING,
-    SPEC,
     STALE,
-    STATUS,
-    SUBMITIT,
-    SWEEP_MARK,
     UNREADABLE,
     RunDir,
     SweepDir,
@@ -142,24 +133,31 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
         view.state, view.note = CANCELLED, f"cancelled at {status.cancelled_at or '?'}"
     elif state in IN_FLIGHT:
         try:
-            alive, view.scheduler = (None, "") if job is None or not check_jobs else job_state(job)
+            _in_flight(view, check_jobs)
         except (ValueError, TypeError, OSError) as e:  # a job id no scheduler knows: job.json is garbage
             return ArmView(run.name, run.path, UNREADABLE, f"{run.job}: unreadable (its job: {e})"[:300])
-        if check_jobs and alive is None and status.pid and status.host == socket.gethostname():
-            alive = pid_alive(status.pid)  # the trainer's own process, e.g. run by hand
-        if alive is False:
-            owner = f"job {job.job_id}" if job and job.job_id else f"process {status.pid}"
-            if job and not job.job_id:
-                owner = f"`ablate run` (pid {job.submitter_pid})"
-            view.note = f"was {state}, its {owner} is gone"
-        else:
-            view.state = state
-            view.note = "" if alive or not check_jobs else "cannot check its job from here; assumed alive"
     elif state is not None:
         view.state, view.note = FAILED, f"unknown state {state!r} in status.json"
     if writer is not None:
         view.note = "; ".join(n for n in (view.note, f"being evaluated: {_writing(writer)}") if n)
     return view
+
+
+def _in_flight(view: ArmView, check_jobs: bool) -> None:
+    """An arm whose status says it is in flight: in flight still if its job (or, run by hand, its trainer
+    process) lives or cannot be checked from here, else stale."""
+    status, job = view.status, view.job
+    alive, view.scheduler = (None, "") if job is None or not check_jobs else job_state(job)
+    if check_jobs and alive is None and status.pid and status.host == socket.gethostname():
+        alive = pid_alive(status.pid)  # the trainer's own process, e.g. run by hand
+    if alive is False:
+        owner = f"job {job.job_id}" if job and job.job_id else f"process {status.pid}"
+        if job and not job.job_id:
+            owner = f"`ablate run` (pid {job.submitter_pid})"
+        view.note = f"was {status.state}, its {owner} is gone"
+    else:
+        view.state = status.state
+        view.note = "" if alive or not check_jobs else "cannot check its job from here; assumed alive"
 
 
 def _writing(writer: Writer) -> str:
@@ -197,8 +195,7 @@ def plan(
     `rerun` names arms to start afresh (finished, failed, changed or unreadable); `force` does so
     for every arm whose config changed. An in-flight arm is never touched.
     """
-    rerun = list(rerun)
-    check_names([s.name for s in specs], rerun, "--rerun")
+    rerun = list(rerun)  # the names are the sweep's arms: `ablate run` checked them (check_names)
     decisions = []
     for spec in specs:
         view = observe(SweepDir(root).run(spec.name).path)
@@ -264,113 +261,6 @@ def blocked_error(decisions: list[Decision]) -> UserError | None:
 
 
 # --- writing ------------------------------------------------------------------------------------
-
-
-# What ablate itself puts in a sweep folder besides run folders (.code: the code snapshot, figures and
-# report.html: `ablate plot` / `ablate report`, wandb: `ablate rank --wandb`).
-SWEEP_FILES = frozenset(
-    {LOCK, SUBMITIT, REPLACED, EVAL_CACHE, SWEEP_MARK, ".code", "figures", "report.html", "wandb"}
-)
-NO_LINKS = (LOCK, SWEEP_MARK, REPLACED)  # written (or moved into) by the orchestrator itself
-
-
-def check_owner(sweep: Sweep) -> bool:
-    """Whether ablate may write in the sweep's output folder; reads only. Returns whether the folder still
-    needs its marker (`claim` writes it): a new or empty folder, or a sweep folder from before markers
-    (its entries are all ablate's: run folders with records, .submitit, ...). Raises a UserError, located
-    at output_dir, for a folder ablate did not make (a user's own files), one marked for another sweep,
-    or a link where ablate writes."""
-    root, folder = sweep.root, SweepDir(sweep.root)
-    key = ("output_dir",) if sweep.output_dir else ("name",)
-    fix = "an output_dir of the sweep's own: a new or empty folder (ablate marks the folders it makes)"
-    try:
-        if not root.exists():
-            return True
-        for name in NO_LINKS:
-            if (root / name).is_symlink():
-                raise sweep.error(
-                    key,
-                    f"{root / name} is a symbolic link; ablate does not write through links",
-                    "it removed",
-                )
-        try:
-            mark = folder.read_mark()
-        except Unreadable as e:
-            raise sweep.error(
-                key, f"the folder's marker is unreadable ({e})", f"{SWEEP_MARK} as ablate wrote it"
-            ) from None
-        if mark is not None:
-            owner = mark.sweep
-            if owner != sweep.name:
-                raise sweep.error(
-                    key,
-                    f"the output folder {root} belongs to sweep {owner!r} ({folder.mark}); nothing written",
-                    f"an output_dir of its own, or name: {owner}",
-                )
-            return False
-        arms = set(sweep.arm_names())
-        foreign = sorted(entry.name for entry in root.iterdir() if not _ablates(entry, arms))
-    except OSError as e:
-        raise os_fault(e, "cannot look into the sweep's output folder", root) from None
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise sweep.error(
-            key, f"the output folder {root} was not made by ablate (it holds {shown}); nothing written", fix
-        )
-    return True
-
-
-def _ablates(entry: Path, arms: set[str]) -> bool:
-    """Whether an entry of a sweep folder without a marker is something ablate puts there."""
-    if entry.name in SWEEP_FILES or _is_run_folder(entry):
-        return True
-    # an arm's name: a link (shown unreadable, never written through) or an empty folder
-    return entry.name in arms and (entry.is_symlink() or (entry.is_dir() and not any(entry.iterdir())))
-
-
-def _is_run_folder(path: Path) -> bool:
-    """A folder (not a link) holding an arm's records: a run folder from before sweep markers."""
-    return path.is_dir() and not path.is_symlink() and any((path / n).is_file() for n in (SPEC, STATUS, JOB))
-
-
-def make_root(sweep: Sweep) -> None:
-    """Create the sweep's output folder (after `check_owner`)."""
-    try:
-        sweep.root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise os_fault(e, "cannot create the sweep's output folder; nothing submitted", sweep.root) from None
-
-
-def claim(sweep: Sweep) -> None:
-    """Mark the sweep's output folder as ablate's (under the sweep lock, where `check_owner` said so)."""
-    try:
-        SweepDir(sweep.root).write_mark(sweep.name)
-    except OSError as e:
-        raise os_fault(
-            e, "cannot mark the sweep's output folder; nothing submitted", SweepDir(sweep.root).mark
-        ) from None
-
-
-@contextlib.contextmanager
-def sweep_lock(root: Path) -> Iterator[None]:
-    """Hold the sweep's lock; a second `ablate run` on the same sweep fails fast instead of double-submitting."""
-    import filelock
-
-    path = SweepDir(root).lock
-    lock = filelock.FileLock(path)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise UserError(
-            f"another `ablate run` is submitting this sweep (lock {path} is held); nothing submitted",
-            "to run again once it has finished submitting (`ablate status` shows the arms meanwhile)",
-        ) from None
-    except OSError as e:
-        raise os_fault(e, "cannot take the sweep's lock; nothing submitted", path) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def prepare(

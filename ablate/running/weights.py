@@ -59,7 +59,6 @@ def needed(sweep: Sweep, folder: str | Path | None = None) -> list[Weight]:
     from eval.evaluator import extractors_for
     from eval.extractors import weights_for
     from eval.metrics import METRICS
-    from trainer.config import TrainConfig
 
     found: dict[tuple[Any, ...], Weight] = {}
 
@@ -78,7 +77,7 @@ def needed(sweep: Sweep, folder: str | Path | None = None) -> list[Weight]:
 
     specs = expand(sweep)
     for spec in specs:
-        cfg = TrainConfig.model_validate(spec.config)
+        cfg = spec.train
         where_dir = str(folder) if folder is not None else cfg.weights_dir
 
         owners = {}  # the top-level component that asks for each denoiser-side weight

@@ -299,41 +299,46 @@ def delta_tree(
         node = tree
         for end in range(1, len(config_path)):
             if config_path[:end] in leaves:
-                raise _twice(config_path[:end], file_path)
+                raise _twice(sweep, sources, config_path[:end], file_path)
             node = node.setdefault(config_path[end - 1], {})
         key = config_path[-1]
         is_map = isinstance(value, dict) and bool(value)
         if config_path in leaves or (key in node and not is_map):
-            raise _twice(config_path, file_path)
+            raise _twice(sweep, sources, config_path, file_path)
         sources.setdefault(config_path, file_path)
         if is_map:
             node.setdefault(key, {})
             for sub_key, sub in value.items():
-                put((*config_path, *_split(sub_key, (*file_path, sub_key))), (*file_path, sub_key), sub)
+                put(
+                    (*config_path, *_split(sweep, sub_key, (*file_path, sub_key))), (*file_path, sub_key), sub
+                )
         else:
             node[key] = copy.deepcopy(value)
             leaves.add(config_path)
 
-    def _twice(config_path: KeyPath, file_path: KeyPath) -> UserError:
-        earlier = [
-            line_of(sweep._lines, f) for c, f in sources.items() if c[: len(config_path)] == config_path
-        ]
-        first = min((line for line in earlier if line), default=None)
-        return sweep.error(
-            file_path,
-            f"'{'.'.join(map(str, config_path))}' is set twice in this delta"
-            + (f" (also at line {first})" if first else ""),
-            "each setting once per delta",
-        )
-
-    def _split(key: Any, file_path: KeyPath) -> tuple[str, ...]:
-        if not isinstance(key, str):
-            raise sweep.error(file_path, f"key {key!r} is not a string", "string keys like optimizer.lr")
-        parts = tuple(key.split("."))
-        if not all(parts):
-            raise sweep.error(file_path, f"key '{key}' has an empty part", "dotted keys like optimizer.lr")
-        return parts
-
     for key, value in overrides.items():
-        put(_split(key, ("deltas", delta, key)), ("deltas", delta, key), value)
+        put(_split(sweep, key, ("deltas", delta, key)), ("deltas", delta, key), value)
     return tree, sources
+
+
+def _twice(
+    sweep: Sweep, sources: dict[KeyPath, KeyPath], config_path: KeyPath, file_path: KeyPath
+) -> UserError:
+    earlier = [line_of(sweep._lines, f) for c, f in sources.items() if c[: len(config_path)] == config_path]
+    first = min((line for line in earlier if line), default=None)
+    return sweep.error(
+        file_path,
+        f"'{'.'.join(map(str, config_path))}' is set twice in this delta"
+        + (f" (also at line {first})" if first else ""),
+        "each setting once per delta",
+    )
+
+
+def _split(sweep: Sweep, key: Any, file_path: KeyPath) -> tuple[str, ...]:
+    """A (dotted) key of a delta as its config path."""
+    if not isinstance(key, str):
+        raise sweep.error(file_path, f"key {key!r} is not a string", "string keys like optimizer.lr")
+    parts = tuple(key.split("."))
+    if not all(parts):
+        raise sweep.error(file_path, f"key '{key}' has an empty part", "dotted keys like optimizer.lr")
+    return parts

@@ -144,12 +144,12 @@ def test_console_script_exit_code_and_single_line(write_sweep, workdir):
 
 
 def test_ctrl_c_while_following_arms_exits_cleanly(write_sweep, cli, workdir, monkeypatch):
-    from ablate.running import launch
+    from ablate.running import jobs
 
-    def interrupted(jobs, poll_s):
+    def interrupted(submitted, poll_s):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(launch, "wait", interrupted)
+    monkeypatch.setattr(jobs, "wait", interrupted)
     result = cli("run", write_sweep())
     assert result.code == 130 and "Traceback" not in result.err
     assert "interrupted: arms running on this machine stop with it" in result.out

@@ -13,7 +13,7 @@ import submitit
 from ablate_testing import SWEEP, write_json
 
 from ablate.cli import main
-from ablate.running import launch
+from ablate.running import jobs as arm_jobs
 from ablate.running.store import eval_note, mark_eval_queued, observe, plan, prepare
 from ablate.sweep.expand import RunSpec, config_hash
 from core.rundir import EVAL_JOB, RunDir
@@ -163,14 +163,14 @@ def test_eval_job_is_checkpointable_and_records_its_outcome(tmp_path, monkeypatc
     config = {"seed": 0}
     (run_dir,) = prepare(plan([RunSpec("a-s0", "a", 0, {}, config, config_hash(config))], tmp_path), tmp_path, "t",
                          "debug")  # fmt: skip
-    job = launch.EvalArm({str(run_dir): 3})
+    job = arm_jobs.EvalArm({str(run_dir): 3})
     assert isinstance(job, submitit.helpers.Checkpointable)
     assert job.checkpoint(str(run_dir)).function is job
 
     calls = []
     monkeypatch.setattr(trainer.job, "rescore", lambda d, step: calls.append((d, step)) or {"val_loss": 0.5})
     mark_eval_queued(run_dir, 3, "debug")
-    (submitted,) = launch.submit(submitit.DebugExecutor(tmp_path / ".submitit"), [run_dir], fn=job)
+    (submitted,) = arm_jobs.submit(submitit.DebugExecutor(tmp_path / ".submitit"), [run_dir], fn=job)
     assert read(run_dir / EVAL_JOB)["state"] == "submitted" and read(run_dir / "job.json")["job_id"] is None
     assert submitted.result() == {"val_loss": 0.5} and calls == [(str(run_dir), 3)]
     record = read(run_dir / EVAL_JOB)

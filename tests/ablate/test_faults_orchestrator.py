@@ -6,7 +6,7 @@ one arm, a sweep edited after its arms ran, a trainer holding its run folder's w
 a full and a read-only file system (a real tmpfs), a missing data file and column. Each case checks the one
 line (file, arm or path named), the exit code, and that nothing was submitted or lost.
 
-`ablate run` goes through its real path up to the executor; `launch.submit` is replaced by a recorder so no
+`ablate run` goes through its real path up to the executor; `jobs.submit` is replaced by a recorder so no
 arm trains (training is not the point here: the trainer's faults are tests/trainer's).
 """
 
@@ -62,7 +62,7 @@ def listing(folder: Path) -> list[str]:
 @pytest.fixture
 def submitted(monkeypatch):
     """Replace submission by a recorder: the run folders `ablate run` would have handed the executor."""
-    from ablate.running import launch
+    from ablate.running import jobs
 
     sent: list[str] = []
 
@@ -70,7 +70,7 @@ def submitted(monkeypatch):
         sent.extend(Path(d).name for d in run_dirs)
         return []
 
-    monkeypatch.setattr(launch, "submit", record)
+    monkeypatch.setattr(jobs, "submit", record)
     return sent
 
 

@@ -15,6 +15,7 @@ import standin
 import submitit
 
 from ablate.errors import UserError
+from ablate.running import jobs as arm_jobs
 from ablate.running import launch
 from ablate.running.store import observe, plan, prepare
 from ablate.sweep.expand import RunSpec, config_hash
@@ -32,7 +33,7 @@ def run_dirs(root: Path, n: int, executor: str) -> list[Path]:
 
 
 def test_job_is_checkpointable_and_requeues_with_the_same_run_dir():
-    job = launch.RunArm()
+    job = arm_jobs.RunArm()
     assert isinstance(job, submitit.helpers.Checkpointable)
     delayed = job.checkpoint("/runs/t/x-s0")
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
@@ -44,7 +45,7 @@ def test_job_calls_the_trainer_entry_point(monkeypatch):
 
     calls = []
     monkeypatch.setattr(trainer.job, "run", lambda run_dir, preemption=None: calls.append(run_dir))
-    launch.RunArm()("/runs/t/x-s0")
+    arm_jobs.RunArm()("/runs/t/x-s0")
     assert calls == ["/runs/t/x-s0"]
 
 
@@ -136,22 +137,22 @@ def test_local_executor_gets_the_time_limit_and_setup(tmp_path):
 def test_debug_array_records_each_job_then_runs_in_process(tmp_path):
     dirs = run_dirs(tmp_path, 2, "debug")
     executor = launch.build_executor(Launcher(executor="debug"), tmp_path, "t")
-    jobs = launch.submit(executor, dirs, fn=standin.RecordTimes())
+    jobs = arm_jobs.submit(executor, dirs, fn=standin.RecordTimes())
     for run_dir, job in zip(dirs, jobs, strict=True):
         recorded = json.loads((run_dir / "job.json").read_text())
         assert recorded["job_id"] == job.job_id and recorded["executor"] == "debug"
         assert observe(run_dir).state == "submitted"  # owned by this live process
         assert not (run_dir / "ran.json").exists()  # debug jobs run when waited for
-    launch.wait(jobs)
+    arm_jobs.wait(jobs)
     assert all((d / "ran.json").exists() for d in dirs)
 
 
 def test_failed_debug_job_runs_once_and_does_not_stop_the_others(tmp_path):
     dirs = run_dirs(tmp_path, 2, "debug")
     executor = submitit.DebugExecutor(tmp_path / ".submitit" / "%j")
-    failing = launch.submit(executor, dirs[:1], fn=standin.Fails())
-    fine = launch.submit(executor, dirs[1:], fn=standin.RecordTimes())
-    launch.wait(failing + fine)
+    failing = arm_jobs.submit(executor, dirs[:1], fn=standin.Fails())
+    fine = arm_jobs.submit(executor, dirs[1:], fn=standin.RecordTimes())
+    arm_jobs.wait(failing + fine)
     assert (dirs[0] / "calls").read_text() == "1"
     assert (dirs[1] / "ran.json").exists()
 
@@ -160,8 +161,8 @@ def test_failed_debug_job_runs_once_and_does_not_stop_the_others(tmp_path):
 def test_local_executor_keeps_at_most_parallelism_arms_running(tmp_path):
     dirs = run_dirs(tmp_path, 3, "local")
     executor = launch.build_executor(Launcher(executor="local", time_limit_min=5), tmp_path, "t")
-    jobs = launch.submit(executor, dirs, parallelism=2, fn=standin.RecordTimes(0.5), poll_s=0.05)
-    launch.wait(jobs, poll_s=0.05)
+    jobs = arm_jobs.submit(executor, dirs, parallelism=2, fn=standin.RecordTimes(0.5), poll_s=0.05)
+    arm_jobs.wait(jobs, poll_s=0.05)
     spans = [json.loads((d / "ran.json").read_text()) for d in dirs]
     events = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
     running, most = 0, 0

@@ -79,7 +79,7 @@ def row(df: pd.DataFrame, delta: str) -> dict:
 
 
 def test_changes_are_paired_by_seed_and_averaged(sweep):
-    df, step = rank(sweep)
+    df, step, _ = rank(sweep)
     assert step == 200  # the last step every finished arm reached
     a = row(df, "a")
     assert a["state"] == "done" and a["seeds"] == "2/2"
@@ -94,7 +94,7 @@ def test_changes_are_paired_by_seed_and_averaged(sweep):
 
 
 def test_sorted_by_first_metric_improvement_baseline_first_missing_last(sweep):
-    df, _ = rank(sweep)
+    df, _, _ = rank(sweep)
     assert list(df["delta"]) == ["baseline", "a", "c", "b", "d"]
     base = row(df, "baseline")
     assert base["val_loss"] == pytest.approx(0.9) and math.isnan(base["val_loss_change"])
@@ -102,7 +102,7 @@ def test_sorted_by_first_metric_improvement_baseline_first_missing_last(sweep):
 
 
 def test_running_failed_and_missing_arms_are_listed_with_their_state(sweep):
-    df, _ = rank(sweep)
+    df, _, _ = rank(sweep)
     b, c, d = row(df, "b"), row(df, "c"), row(df, "d")
     assert b["state"] == "1 done, 1 failed" and b["seeds"] == "1/2"
     assert b["val_loss_change"] == pytest.approx(0.1) and math.isnan(b["val_loss_change_std"])
@@ -121,7 +121,7 @@ def test_higher_is_better_reverses_the_order():
 
 
 def test_rank_at_an_earlier_step_uses_eval_files_of_running_arms(sweep):
-    df, step = rank(sweep, step=100)
+    df, step, _ = rank(sweep, step=100)
     assert step == 100
     c = row(df, "c")
     assert c["val_loss_change"] == pytest.approx(-0.1)  # c-s1's step-100 eval vs baseline-s1 (1.1 - 1.2)

@@ -63,7 +63,7 @@ def sweep(write_sweep):
 
 
 def test_figures_have_a_bar_per_delta_and_a_line_per_arm(sweep):
-    df, step = ranking.rank(sweep)
+    df, step, _ = ranking.rank(sweep)
     impact = plots.impact(df, sweep.metrics)
     for ax in impact.axes:
         bars = [c for c in ax.containers if isinstance(c, BarContainer)]

@@ -12,7 +12,8 @@ import yaml
 from ablate_testing import SWEEP, write_json
 
 from ablate.errors import UserError
-from ablate.running.store import blocked_error, observe, plan, prepare, sweep_lock
+from ablate.running.ownership import sweep_lock
+from ablate.running.store import blocked_error, check_names, observe, plan, prepare
 from ablate.sweep.expand import RunSpec, config_hash
 from core.records import Status
 from core.rundir import RunDir
@@ -84,7 +85,7 @@ def test_rerun_of_a_finished_arm_moves_the_old_directory_aside(tmp_path):
 
 def test_unknown_rerun_name_suggests_the_closest(tmp_path):
     with pytest.raises(UserError) as e:
-        plan([spec("muon-s0")], tmp_path, rerun=["muon-s1"])
+        check_names(["muon-s0"], ["muon-s1"], "--rerun")
     assert "did you mean 'muon-s0'?" in e.value.render() and e.value.path == "--rerun"
 
 
