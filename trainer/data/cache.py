@@ -383,16 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (cfg.cache.dir if cfg.cache is not None else None)
     if out is None:
         sys.exit(f"error: {args.config} has no cache.dir; pass --out DIR")
-    path = precompute(
-        cfg.encoded(),
-        out,
-        weights_dir=args.weights_dir,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        device=args.device,
-        num_workers=args.workers,
-    )
-    print(path)
+    sizes = {"batch_size": args.batch_size, "shard_size": args.shard_size, "num_workers": args.workers}
+    print(precompute(cfg.encoded(), out, weights_dir=args.weights_dir, device=args.device, **sizes))
 
 
 if __name__ == "__main__":

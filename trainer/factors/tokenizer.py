@@ -293,14 +293,16 @@ def build_flux_vae(cfg: FluxVAEConfig, device: torch.device, weights_dir: str | 
     from diffusers import AutoencoderKL
 
     vae = load_autoencoder(AutoencoderKL, cfg, weights_dir, _kl_downsample)
-    return AutoencoderTokenizer(
-        vae.to(device, DTYPES[cfg.dtype]),
-        _scale_shift(vae),
-        cfg.channels,
-        cfg.downsample,
-        DTYPES[cfg.dtype],
-        sample=cfg.posterior == "sample",
-    )
+    return _gaussian(vae, _scale_shift(vae), cfg, device)
+
+
+def _gaussian(
+    vae: Any, norm: torch.nn.Module, cfg: GaussianAutoencoderConfig, device: torch.device
+) -> Tokenizer:
+    """A Gaussian autoencoder's tokenizer: its weights in the config's dtype, `norm` for its latents."""
+    dtype = DTYPES[cfg.dtype]
+    return AutoencoderTokenizer(vae.to(device, dtype), norm.to(device), cfg.channels, cfg.downsample, dtype,
+                                sample=cfg.posterior == "sample")  # fmt: skip
 
 
 @TOKENIZERS.register(RepaEVAEConfig)
@@ -326,14 +328,7 @@ def build_flux2_ae(cfg: Flux2AEConfig, device: torch.device, weights_dir: str | 
         )
     bn = vae.bn  # BatchNorm2d(4C, affine=False): only its running statistics are used
     norm = LatentBatchNorm(bn.running_mean, torch.sqrt(bn.running_var + vae.config.batch_norm_eps))
-    return AutoencoderTokenizer(
-        vae.to(device, DTYPES[cfg.dtype]),
-        norm.to(device),
-        cfg.channels,
-        cfg.downsample,
-        DTYPES[cfg.dtype],
-        sample=cfg.posterior == "sample",
-    )
+    return _gaussian(vae, norm, cfg, device)
 
 
 @TOKENIZERS.register(DCAEConfig)
