@@ -16,6 +16,7 @@ record's shape reads as `Unreadable`, naming the file and the field.
     eval/step_N.json    EvalRecord  the metrics at step N         the trainer, `ablate eval` jobs
     result.json         Result      the finished arm              the trainer
     .ablate-sweep       SweepMark   the sweep that owns a folder  `ablate run` (the sweep root)
+    .ablate-stage2      Stage2      a confirmatory second stage   `ablate run --resolve` (the sweep root)
 
 `eval/step_N.json` is the only place a metric value lives: `result.json` holds no copy of it.
 """
@@ -165,6 +166,8 @@ class EvalRecord(Record):
     """held-out rows behind val_loss"""
     generated_samples: int | None = None
     """images generated for the generation metrics"""
+    resampled: list[str] = Field(default_factory=list)
+    """the metrics eval/step_N.resamples.npy holds, one row each, in order (none: no eval noise kept)"""
 
 
 class Throughput(Record):
@@ -177,6 +180,12 @@ class Throughput(Record):
     compute_s: float | None = None
     steps_measured: int | None = None
     world_size: int | None = None
+    step_s_median: float | None = Field(None, ge=0)
+    """the median over log windows of the seconds per step: the speed a shared or throttled node moves least"""
+    windows: list[float] = Field(default_factory=list)
+    """seconds per step of each log window after warm-up, in order (at most 256, evenly thinned)"""
+    drift: float | None = None
+    """the last third of the windows' median step time over the first third's: 1 on a steady node"""
 
 
 class Result(Record):
@@ -196,6 +205,28 @@ class SweepMark(Record):
 
     sweep: str | None = None
     marked_at: str | None = None
+
+
+class Stage2(Record):
+    """`ablate run --resolve`: the changes the first seeds left open, tested again on new seeds only.
+
+    The sizes come from the first stage; the verdicts of these cells come from the second stage's
+    seeds alone (the first stage's estimates never enter them), with the same moderated interval and
+    false-discovery control over this family, so choosing what to re-test cannot bias them."""
+
+    first_seeds: list[int]
+    """the seeds the verdicts so far came from"""
+    baseline: list[int]
+    """the baseline's new seeds (every planned delta pairs with some of them)"""
+    deltas: dict[str, list[int]]
+    """each re-tested delta's new seeds"""
+    cells: dict[str, list[str]]
+    """delta → the metrics whose verdict the second stage gives"""
+    step: int | None = None
+    """the step both stages are ranked at"""
+    gpu_hours: float | None = None
+    """what the plan was expected to cost"""
+    planned_at: str | None = None
 
 
 def shape_problem(error: ValidationError) -> str:

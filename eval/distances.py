@@ -150,3 +150,68 @@ def _as_2d(feats: np.ndarray, what: str) -> np.ndarray:
     if feats.ndim != 2:
         raise ValueError(f"{what} must be an (N, D) array, got shape {feats.shape}")
     return feats
+
+
+# --- eval noise: the same distances on resampled sets -----------------------------------------------------
+
+RESAMPLE_SEED = 20261205  # fixed: every arm, seed and step resamples its n items with the same draws
+
+
+def resample_counts(n: int, resamples: int) -> np.ndarray:
+    """(B, n): how often each of n items is drawn in each of B resamples with replacement. A function of
+    (n, B) alone, so two arms scored on the same n prompts draw the same resamples: their differences
+    are a paired bootstrap over prompts."""
+    draws = np.random.default_rng([RESAMPLE_SEED, n, resamples]).integers(0, n, size=(resamples, n))
+    return np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)
+
+
+def mean_resamples(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(B,) means of per-item values (n,) over each resample."""
+    return counts @ np.asarray(values, np.float64) / counts.sum(1)
+
+
+def frechet_resamples(feats, ref: GaussianStats, counts: np.ndarray) -> np.ndarray:
+    """(B,) Fréchet distances between each resample of `feats` (n, D) and the fixed reference."""
+    x = _as_2d(np.asarray(feats), "feats").astype(np.float64)  # (n, D)
+    out = np.empty(len(counts))
+    for b, c in enumerate(counts):
+        mu = c @ x / c.sum()  # (D,)
+        xc = x - mu
+        sigma = (xc * c[:, None]).T @ xc / (c.sum() - 1)  # (D, D), duplicates counted as drawn
+        out[b] = frechet_distance((mu, sigma), ref)
+    return out
+
+
+def mmd_resamples(
+    x,
+    y,
+    counts: np.ndarray,
+    sigma: float = 10.0,
+    scale: float = 1000.0,
+    *,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """(B,) `mmd` of each resample of `x` (n, D) against the fixed `y`: each pair's kernel value is computed
+    once, and a resample's sums are its draw counts applied to them (c·(K−1)·c, c·rowsum(Kxy − 1))."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=dev)  # (n, D)
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.float64, device=dev)  # (m, D)
+    centre = (xt.sum(0) + yt.sum(0)) / (len(xt) + len(yt))
+    xt, yt = xt - centre, yt - centre
+    gamma, n, m = 1.0 / (2.0 * sigma**2), len(xt), len(yt)
+    c = torch.as_tensor(counts, dtype=torch.float64, device=dev)  # (B, n)
+    s_xx = torch.zeros(len(c), dtype=torch.float64, device=dev)
+    s_xy = torch.zeros(len(c), dtype=torch.float64, device=dev)
+    sq_x, sq_y = (xt * xt).sum(1), (yt * yt).sum(1)
+    for i in range(0, n, 2048):
+        rows = slice(i, i + 2048)
+        kxx = torch.expm1(
+            (sq_x[rows, None] + sq_x[None] - 2.0 * xt[rows] @ xt.T).clamp_min_(0.0).mul_(-gamma)
+        )
+        s_xx += ((c[:, rows] @ kxx) * c).sum(1)  # Σ_jk c_j c_k (k(x_j, x_k) − 1) over this block's j
+        kxy = torch.expm1(
+            (sq_x[rows, None] + sq_y[None] - 2.0 * xt[rows] @ yt.T).clamp_min_(0.0).mul_(-gamma)
+        )
+        s_xy += c[:, rows] @ kxy.sum(1)
+    s_yy = _kernel_minus_one_sum(yt, yt, gamma, 2048, symmetric=True)
+    return (scale * (s_xx / n**2 + s_yy / m**2 - 2.0 * s_xy / (n * m))).cpu().numpy()

@@ -113,21 +113,39 @@ class Evaluator:
         self, gen_features: Mapping[str, np.ndarray], requested: Mapping[str, np.ndarray] | None = None
     ) -> dict[str, float]:
         """{metric: value} from the generated images' features (as returned by `features`)."""
-        ref = self.reference_features() if self.reference is not None else {}
         return {
-            name: float(
-                metric.compute(
-                    MetricInput(
-                        gen=gen_features[metric.extractor],
-                        ref=ref.get(metric.extractor),
-                        extractor=self.extractors[metric.extractor],
-                        requested=requested,
-                        device=self.device,
-                    )
-                )
-            )
-            for name, metric in self.metrics.items()
+            name: float(m.compute(self._input(name, gen_features, requested)))
+            for name, m in self.metrics.items()
         }
+
+    def resampled(
+        self,
+        gen_features: Mapping[str, np.ndarray],
+        requested: Mapping[str, np.ndarray] | None,
+        resamples: int,
+    ) -> dict[str, np.ndarray]:
+        """{metric: (B,) its values on B resamples of the prompts, the reference fixed}: the eval noise.
+        The resamples depend only on the number of prompts, so every arm's pair with every other's."""
+        from eval.distances import resample_counts
+
+        counts = resample_counts(len(next(iter(gen_features.values()))), resamples)
+        return {name: np.asarray(m.resample(self._input(name, gen_features, requested), counts), np.float64)
+                for name, m in self.metrics.items()}  # fmt: skip
+
+    def per_prompt(
+        self, gen_features: Mapping[str, np.ndarray], requested: Mapping[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        """{metric: (n,) each prompt's own score} for the metrics that average over prompts."""
+        return {name: np.asarray(m.per_prompt(self._input(name, gen_features, requested)), np.float64)
+                for name, m in self.metrics.items() if m.per_prompt is not None}  # fmt: skip
+
+    def _input(
+        self, name: str, gen_features: Mapping[str, np.ndarray], requested: Mapping[str, np.ndarray] | None
+    ) -> MetricInput:
+        metric = self.metrics[name]
+        ref = self.reference_features() if metric.needs_reference else {}
+        return MetricInput(gen=gen_features[metric.extractor], ref=ref.get(metric.extractor),
+                           extractor=self.extractors[metric.extractor], requested=requested, device=self.device)  # fmt: skip
 
     def __call__(self, images, requested: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         return self.compute(self.features(images), requested)

@@ -66,6 +66,41 @@ def _prompt_adherence(inp: MetricInput) -> float:
     return adherence(inp.extractor.predict_from_features(inp.gen), inp.requested)
 
 
+# Eval noise: each metric again on B resamples of the prompts (counts (B, n): how often each prompt is
+# drawn), the reference held fixed. Every arm draws the same resamples, so arms' replicates pair up.
+def _frechet_resamples(inp: MetricInput, counts: Any) -> Any:
+    from eval.distances import frechet_resamples
+
+    return frechet_resamples(inp.gen, inp.ref.stats, counts)
+
+
+def _mmd_resamples(inp: MetricInput, counts: Any) -> Any:
+    from eval.distances import mmd_resamples
+
+    return mmd_resamples(inp.gen, inp.ref.feats, counts, sigma=10.0, scale=1000.0, device=inp.device)
+
+
+def _adherence_counts(inp: MetricInput) -> tuple[Any, Any]:
+    """(hits, asked) per prompt: how many of the attributes it asks for the attribute net found."""
+    import numpy as np
+
+    predicted = inp.extractor.predict_from_features(inp.gen)
+    wanted = {a: np.asarray(w) for a, w in inp.requested.items()}
+    asked = sum((w >= 0).astype(float) for w in wanted.values())  # (n,)
+    hits = sum(((predicted[a] == w) & (w >= 0)).astype(float) for a, w in wanted.items())  # (n,)
+    return hits, asked
+
+
+def _adherence_resamples(inp: MetricInput, counts: Any) -> Any:
+    hits, asked = _adherence_counts(inp)
+    return (counts @ hits) / (counts @ asked)
+
+
+def _adherence_per_prompt(inp: MetricInput) -> Any:
+    hits, asked = _adherence_counts(inp)
+    return hits / asked.clip(min=1)
+
+
 @dataclass(frozen=True)
 class Metric:
     better: Literal["lower", "higher"]
@@ -74,6 +109,10 @@ class Metric:
     """the feature extractor (eval/extractors.py, eval/domain.py) it reads the generated images with;
     None for a metric the trainer computes without generating (val_loss)"""
     compute: Callable[[MetricInput], float] | None
+    resample: Callable[[MetricInput, Any], Any] | None = None
+    """the metric on B resamples of the prompts, (MetricInput, counts (B, n)) → (B,): its eval noise"""
+    per_prompt: Callable[[MetricInput], Any] | None = None
+    """the prompts' own scores (n,), kept beside an eval record, for metrics that average over prompts"""
     needs_reference: bool = True
     """compared against real images (the reference set)"""
     domain: str | None = None
@@ -94,22 +133,32 @@ METRICS: dict[str, Metric] = {
         needs_reference=False,
         doc="flow-matching loss on the held-out set at fixed t and noise; computed for every arm",
     ),
-    "fid": Metric("lower", "inception", _frechet, doc="clean-fid FID (Inception 2048-d, mode clean)"),
+    "fid": Metric(
+        "lower", "inception", _frechet, _frechet_resamples, doc="clean-fid FID (Inception 2048-d, mode clean)"
+    ),
     "fid_prx": Metric(
         "lower",
         "inception-prx",
         _frechet,  # torchmetrics' formula (eigenvalues of Σ1Σ2) to round-off: a test checks
+        _frechet_resamples,
         doc="PRX's FID on colour-inverted uint8 images (torchmetrics FID, normalize=True, fed uint8); "
         "comparable only with PRX's published numbers",
     ),
-    "cmmd": Metric("lower", "clip-vit-l14-336", _mmd, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"),
+    "cmmd": Metric(
+        "lower", "clip-vit-l14-336", _mmd, _mmd_resamples, doc="CMMD: CLIP ViT-L/14@336, RBF σ=10, ×1000"
+    ),
     "dino_mmd": Metric(
-        "lower", "dinov2-vitl14-reg", _mmd, doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD"
+        "lower",
+        "dinov2-vitl14-reg",
+        _mmd,
+        _mmd_resamples,
+        doc="DINO-MMD: DINOv2 ViT-L/14-reg CLS at 518 px, as CMMD",
     ),
     "domain_fd": Metric(
         "lower",
         "domain-attr",
         _frechet,
+        _frechet_resamples,
         domain=SYNTHETIC_SHAPES,
         doc="Fréchet distance on demo-domain attribute-net features",
     ),
@@ -117,6 +166,7 @@ METRICS: dict[str, Metric] = {
         "lower",
         "domain-attr",
         _mmd,
+        _mmd_resamples,
         domain=SYNTHETIC_SHAPES,
         doc="MMD (CMMD estimator) on demo-domain attribute-net features",
     ),
@@ -124,6 +174,8 @@ METRICS: dict[str, Metric] = {
         "higher",
         "domain-attr",
         _prompt_adherence,
+        _adherence_resamples,
+        _adherence_per_prompt,
         needs_reference=False,
         domain=SYNTHETIC_SHAPES,
         doc="fraction of requested attributes found",

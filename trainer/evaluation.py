@@ -13,6 +13,7 @@ get a sampler and the settings they need, never the trainer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,13 @@ class EvalConfig(Config):
     sample_steps: int = Field(50, ge=1, description="Euler steps per sample")
     guidance: float = Field(3.5, ge=0, description="classifier-free guidance scale")
     grid: int = Field(16, ge=0, description="samples saved as eval/step_N.png")
+    resamples: int = Field(
+        1000,
+        ge=0,
+        description="eval noise: every metric again on this many resamples of the prompts (and of the held-out "
+        "rows for val_loss), at the last step and at every `ablate eval`; `ablate rank` builds its eval intervals "
+        "from them. 0 = none",
+    )
     cache_dir: str | None = Field(
         None, description="reference features and the demo's attribute net (default: <sweep dir>/.eval-cache)"
     )
@@ -123,27 +131,33 @@ class HeldOutLoss:
         self.dist, self.batch_size = dist, batch_size
 
     @torch.no_grad()
-    def __call__(self, denoiser: torch.nn.Module) -> float:
-        n, dev, cfg = len(self.val_set), self.dist.device, self.flow_cfg
-        total = torch.zeros((), dtype=torch.float64, device=dev)
-        for chunk, counts in lockstep(
-            list(range(self.dist.rank, n, self.dist.world)), self.batch_size, n, self.dist.world
-        ):
-            batch = torch.utils.data.default_collate([self.val_set[j] for j in chunk])
-            lat, txt, mask = self.inputs(batch, dev)
-            x0 = lat.mean  # the posterior mean: the held-out loss stays deterministic
-            noise = torch.stack(
-                [torch.randn(x0.shape[1:], generator=flow.step_generator(VAL_SEED, j)) for j in chunk]
-            )
-            t = torch.tensor([(j + 0.5) / n for j in chunk], device=dev)
-            xt = flow.interpolate(x0, noise.to(dev), t)
-            with self.precision.context():
-                pred = denoiser(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask).pred
-            v_pred = flow.velocity(pred.float(), xt, t, cfg)
-            v_true = flow.PREDICTIONS[cfg.prediction]["target"](x0, noise.to(dev), xt, t, cfg)
+    def __call__(self, denoiser: torch.nn.Module) -> tuple[float, np.ndarray]:
+        """(the loss, each held-out row's own loss (n,) on the main process, in row order)."""
+        n, dev, world = len(self.val_set), self.dist.device, self.dist.world
+        total, rows = torch.zeros((), dtype=torch.float64, device=dev), {}
+        for chunk, counts in lockstep(list(range(self.dist.rank, n, world)), self.batch_size, n, world):
+            per_row = self._losses(denoiser, chunk)  # (b,) float64
             if counts:  # else a throw-away chunk that keeps this process in step with the others
-                total += ((v_pred - v_true) ** 2).flatten(1).mean(1).double().sum()
-        return float(self.dist.all_sum(total).item() / n)
+                total += per_row.sum()
+                rows.update(zip(chunk, per_row.tolist(), strict=True))
+        loss = float(self.dist.all_sum(total).item() / n)
+        return loss, np.array([v for _, v in sorted(gathered(rows, self.dist).items())])
+
+    def _losses(self, denoiser: torch.nn.Module, chunk: list[int]) -> torch.Tensor:
+        n, dev, cfg = len(self.val_set), self.dist.device, self.flow_cfg
+        batch = torch.utils.data.default_collate([self.val_set[j] for j in chunk])
+        lat, txt, mask = self.inputs(batch, dev)
+        x0 = lat.mean  # the posterior mean: the held-out loss stays deterministic
+        noise = torch.stack(
+            [torch.randn(x0.shape[1:], generator=flow.step_generator(VAL_SEED, j)) for j in chunk]
+        )
+        t = torch.tensor([(j + 0.5) / n for j in chunk], device=dev)
+        xt = flow.interpolate(x0, noise.to(dev), t)
+        with self.precision.context():
+            pred = denoiser(xt.to(self.precision.weights), t, txt.to(self.precision.weights), mask).pred
+        v_pred = flow.velocity(pred.float(), xt, t, cfg)
+        v_true = flow.PREDICTIONS[cfg.prediction]["target"](x0, noise.to(dev), xt, t, cfg)
+        return ((v_pred - v_true) ** 2).flatten(1).mean(1).double()  # (b,)
 
 
 def requested_attributes(caption_column: str, attrs: np.ndarray) -> dict[str, np.ndarray]:
@@ -214,18 +228,28 @@ class GenerationMetrics:
                 out.append(_uint8(images))
         return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
-    def __call__(self, sampler: Sampler) -> tuple[dict[str, float], np.ndarray]:
-        """({metric: value}, the grid's images) on the main process; ({}, empty) elsewhere."""
+    def __call__(
+        self, sampler: Sampler, resamples: int = 0
+    ) -> tuple[dict[str, float], np.ndarray, EvalNoise]:
+        """({metric: value}, the grid's images, the eval noise when `resamples`) on the main process;
+        ({}, empty, none) elsewhere."""
+        noise = EvalNoise()
         if self.evaluator is None:
-            return {}, np.zeros((0, 1, 1, 3), np.uint8)
+            return {}, np.zeros((0, 1, 1, 3), np.uint8), noise
         images = self.sample(sampler, self.mine)
         feats = self.evaluator.features(images) if len(images) else {}
         feats, images = self._gather(feats, images)
         if not self.dist.main:
-            return {}, images[:0]
+            return {}, images[:0], noise
         attrs = np.stack([self.val_set[j]["attrs"].numpy() for j in range(self.n)])
         requested = requested_attributes(self.cfg.caption or getattr(self.data, "caption", ""), attrs)
-        return self.evaluator.compute(feats, requested), images[: self.cfg.grid]
+        if resamples:
+            noise.resamples = self.evaluator.resampled(feats, requested, resamples)
+            noise.per_item = {f"features/{k}": v.astype(np.float16) for k, v in feats.items()}
+            noise.per_item |= {
+                f"scores/{k}": v for k, v in self.evaluator.per_prompt(feats, requested).items()
+            }
+        return self.evaluator.compute(feats, requested), images[: self.cfg.grid], noise
 
     def _gather(self, feats: dict, images: np.ndarray) -> tuple[dict, np.ndarray]:
         """Features and grid images of every prompt on the main process, in prompt order."""
@@ -249,21 +273,48 @@ def _uint8_batches(dataset, n: int, batch_size: int):
         yield _uint8(torch.stack([dataset[j]["image"] for j in range(lo, min(n, lo + batch_size))]))
 
 
+@dataclass
+class EvalNoise:
+    """What `ablate rank` needs to measure an eval step's noise: each metric on B resamples of the prompts
+    (val_loss: of the held-out rows), and the per-prompt values they came from (half-precision features,
+    per-prompt scores), kept beside the record."""
+
+    resamples: dict[str, np.ndarray] = field(default_factory=dict)
+    per_item: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 class Evaluation:
-    """What an eval step computes, and when (`should_eval`)."""
+    """What an eval step computes, and when (`should_eval`); its eval noise when asked (the last step)."""
 
     def __init__(
         self, cfg: EvalConfig, held_out: HeldOutLoss, generation: GenerationMetrics, total_steps: int
     ):
-        self.held_out, self.generation = held_out, generation
+        self.held_out, self.generation, self.resamples = held_out, generation, cfg.resamples
         self.should_eval = Cadence(cfg.every, total_steps)
 
-    def __call__(self, denoiser: torch.nn.Module, sampler: Sampler) -> tuple[dict[str, float], np.ndarray]:
-        """({metric: value}, grid images) of `denoiser` as it is now; the main process has them all."""
+    def __call__(
+        self, denoiser: torch.nn.Module, sampler: Sampler, *, noise: bool = False
+    ) -> tuple[dict[str, float], np.ndarray, EvalNoise]:
+        """({metric: value}, grid images, eval noise if `noise`) of `denoiser` as it is now; the main
+        process has them all."""
         denoiser.eval()
         try:
-            val = self.held_out(denoiser)
-            generated, grid = self.generation(sampler)
+            val, per_row = self.held_out(denoiser)
+            generated, grid, found = self.generation(sampler, self.resamples if noise else 0)
         finally:
             denoiser.train()
-        return {ALWAYS: val, **generated}, grid
+        if noise and self.resamples and len(per_row):
+            from eval.distances import mean_resamples, resample_counts
+
+            found.resamples[ALWAYS] = mean_resamples(per_row, resample_counts(len(per_row), self.resamples))
+            found.per_item[f"scores/{ALWAYS}"] = per_row
+        return {ALWAYS: val, **generated}, grid, found
+
+
+def gathered(values: dict[int, float], dist: Dist) -> dict[int, float]:
+    """Every process's {item: value} on the main process ({} elsewhere)."""
+    if dist.world == 1:
+        return values
+    parts: list = [None] * dist.world
+    tdist.all_gather_object(parts, values)
+    return {k: v for part in parts for k, v in part.items()} if dist.main else {}

@@ -47,11 +47,12 @@ class LogConfig(Config):
 
 
 class Backend:
-    """Where records go; each hook defaults to nothing."""
+    """Where records go; each hook defaults to nothing. `noise` (trainer.evaluation.EvalNoise): the eval
+    step's resamples and the per-prompt values behind them, when it kept them."""
 
     def log(self, row: LogRow) -> None: ...
 
-    def eval(self, record: EvalRecord, grid: np.ndarray) -> None: ...
+    def eval(self, record: EvalRecord, grid: np.ndarray, noise=None) -> None: ...
 
     def note(self, line: str) -> None: ...
 
@@ -67,12 +68,15 @@ class RunFolder(Backend):
     def log(self, row: LogRow) -> None:
         self.run.append_log(row)
 
-    def eval(self, record: EvalRecord, grid: np.ndarray) -> None:
+    def eval(self, record: EvalRecord, grid: np.ndarray, noise=None) -> None:
         if len(grid):  # people look at samples before any number; the record, written last, says it is whole
             from eval.images import save_grid
 
             nrow = int(np.ceil(np.sqrt(len(grid))))
             save_grid(grid, self.run.eval_grid(record.step), nrow=nrow, min_tile=GRID_TILE)
+        if noise is not None and noise.resamples:
+            self.run.write_eval_items(record.step, noise.per_item)
+            self.run.write_resamples(record.step, noise.resamples)
         self.run.write_eval(record)
 
 
@@ -90,7 +94,7 @@ class Console(Backend):
             f"| {row.batches_per_s:.2f} batch/s {row.samples_per_s:.1f} samples/s (data {data:.0f}%) | ETA {eta}"
         )
 
-    def eval(self, record: EvalRecord, grid: np.ndarray) -> None:
+    def eval(self, record: EvalRecord, grid: np.ndarray, noise=None) -> None:
         shown = ", ".join(f"{k} {v:.5g}" for k, v in record.metrics.items() if v is not None)
         self.note(f"eval step {record.step}: {shown}")
 
@@ -135,9 +139,9 @@ class Recorder:
             backend.log(row)
         self.status(RUNNING, row.step, loss=row.loss)
 
-    def eval(self, record: EvalRecord, grid: np.ndarray) -> None:
+    def eval(self, record: EvalRecord, grid: np.ndarray, noise=None) -> None:
         for backend in (*self.backends, self.wandb):  # the run folder first: W&B shows the grid it saved
-            backend.eval(record, grid)
+            backend.eval(record, grid, noise)
 
     def note(self, line: str) -> None:
         for backend in self.backends:

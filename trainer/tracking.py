@@ -79,7 +79,7 @@ class Tracker(Backend):
         logged = row.model_dump(exclude={"step", "time"})
         self._log({f"train/{k}": v for k, v in logged.items()}, row.step)
 
-    def eval(self, record: EvalRecord, grid: Any) -> None:
+    def eval(self, record: EvalRecord, grid: Any, noise: Any = None) -> None:
         self._log({f"eval/{k}": v for k, v in record.metrics.items()}, record.step)
         path = RunDir(self.run_dir).eval_grid(record.step) if self.run_dir is not None else None
         if self.run is not None and path is not None and path.exists():

@@ -236,17 +236,17 @@ class Trainer:
             self.checkpointer.save(self.step, self.clock.state_dict())
 
     # -- evaluation ----------------------------------------------------------------------------
-    def run_eval(self) -> dict[str, float]:
-        """The metrics at the current step, recorded in eval/step_N.json (and its grid) by the main process."""
+    def run_eval(self, noise: bool | None = None) -> dict[str, float]:
+        """The metrics at the current step, recorded in eval/step_N.json (its grid, and at the last step its
+        eval noise) by the main process."""
+        noise = self.step == self.cfg.train.steps if noise is None else noise
         # eval shapes vary: not compiled; FSDP drops the weights eval gathered (the EMA's) at the end
         with self.ema.swapped(), self.compiled.eager(), self.parallel.evaluation():
-            metrics, grid = self.evaluation(self.denoiser, self.sampler)
-        generated = self.evaluation.generation.n
-        record = EvalRecord(
-            step=self.step, metrics=metrics, val_samples=len(self.val_set), generated_samples=generated
-        )
+            metrics, grid, found = self.evaluation(self.denoiser, self.sampler, noise=noise)
+        record = EvalRecord(step=self.step, metrics=metrics, val_samples=len(self.val_set),
+                            generated_samples=self.evaluation.generation.n, resampled=list(found.resamples))  # fmt: skip
         if self.dist.main:
-            self.recorder.eval(record, grid)
+            self.recorder.eval(record, grid, found)
         return metrics
 
     def rescore(self, step: int | None = None) -> dict[str, float]:
@@ -255,7 +255,7 @@ class Trainer:
         self.step = self.checkpointer.load_weights(step)
         self.recorder.start_wandb(self.cfg.model_dump(mode="json"), "eval", self.step)
         try:
-            return self.run_eval()
+            return self.run_eval(noise=True)
         finally:
             self.recorder.finish()
 

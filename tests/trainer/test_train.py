@@ -173,3 +173,30 @@ def test_time_limit_signal_saves_a_checkpoint_then_hands_over_to_submitit(make_r
         signal.signal(signal.SIGUSR2, previous)
     a, b = weights(straight), weights(d)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_last_eval_step_keeps_its_eval_noise_and_so_does_a_rescore(make_run, domain_cache):
+    """The metrics on prompt resamples (the same draws for every arm) and what they came from, beside the
+    record, at the last step and at `ablate eval`; other steps keep the record alone (bounded in size)."""
+    import numpy as np
+
+    from core.rundir import RunDir
+    from eval.distances import mean_resamples, resample_counts
+
+    eval_cfg = {"metrics": ["domain_fd", "prompt_adherence"], "samples": 8, "sample_steps": 2,
+                "cache_dir": str(domain_cache), "resamples": 50}  # fmt: skip
+    d = make_run(eval=eval_cfg, checkpoint={"every": 4, "keep": 5})
+    job.run(d)
+    run = RunDir(d)
+    last, middle = run.eval_records()[8], run.eval_records()[4]
+    assert middle.resampled == [] and not run.eval_resamples(4).exists()
+    assert sorted(last.resampled) == ["domain_fd", "prompt_adherence", "val_loss"]
+    resamples = run.read_resamples(last)
+    assert all(r.shape == (50,) and np.isfinite(r).all() for r in resamples.values())
+    with np.load(run.eval_items(8)) as items:
+        assert items["features/domain-attr"].dtype == np.float16 and len(items["features/domain-attr"]) == 8
+        per_row = items["scores/val_loss"]
+        assert per_row.mean() == pytest.approx(last.metrics["val_loss"])  # the rows behind the value
+    assert resamples["val_loss"] == pytest.approx(mean_resamples(per_row, resample_counts(len(per_row), 50)))
+    job.rescore(d, step=4)
+    assert sorted(run.eval_records()[4].resampled) == sorted(last.resampled)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from core.records import LogRow, Throughput
@@ -66,6 +67,7 @@ class Window:
 
 
 PHASES = ("setup_s", "train_s", "eval_s", "checkpoint_s")
+MAX_WINDOWS = 256  # log windows a result keeps for the speed's interval
 
 
 class Clock:
@@ -73,6 +75,7 @@ class Clock:
         self.batch_size, self.total_steps, self.world = batch_size, total_steps, world
         self.times = dict.fromkeys(PHASES, 0.0)
         self.acc = [0.0, 0.0, 0]  # data s, total s, steps: after warm-up, for the steady-state speed
+        self.windows: list[float] = []  # seconds per step of each log window after warm-up
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -88,6 +91,7 @@ class Clock:
         self.times["train_s"] += window.total
         if step > min(10, self.total_steps // 5):  # the first steps' warm-up stays out of the speed
             self.acc = [self.acc[0] + window.data, self.acc[1] + window.total, self.acc[2] + window.steps]
+            self.windows.append(per_step)
         return LogRow(
             step=step,
             loss=loss,
@@ -105,7 +109,9 @@ class Clock:
         data, total, steps = self.acc
         if steps == 0:
             return Throughput()
-        step_s = total / steps
+        step_s, w = total / steps, np.array(self.windows or [total / steps])
+        third = max(1, len(w) // 3)
+        kept = w[np.linspace(0, len(w) - 1, min(len(w), MAX_WINDOWS)).round().astype(int)]
         return Throughput(
             batches_per_s=1 / step_s,
             samples_per_s=self.batch_size / step_s,
@@ -114,10 +120,16 @@ class Clock:
             compute_s=(total - data) / steps,
             steps_measured=steps,
             world_size=self.world,
+            step_s_median=float(np.median(w)),
+            windows=[float(x) for x in kept],
+            drift=float(np.median(w[-third:]) / np.median(w[:third])),
         )
 
     def state_dict(self) -> dict:
-        return {"times": dict(self.times), "throughput": {"_acc": list(self.acc)}}
+        return {
+            "times": dict(self.times),
+            "throughput": {"_acc": list(self.acc), "windows": list(self.windows)},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue counting from a checkpoint; this start's own set-up time is added to the saved one."""
@@ -126,3 +138,4 @@ class Clock:
             k: v + (setup if k == "setup_s" else 0.0) for k, v in state.get("times", self.times).items()
         }
         self.acc = list(state.get("throughput", {}).get("_acc", self.acc))
+        self.windows = list(state.get("throughput", {}).get("windows", self.windows))
