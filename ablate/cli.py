@@ -9,13 +9,38 @@ validate arms: run, eval, weights, cache); a mistake in the user's input ends wi
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from ablate.errors import UserError
+from ablate.options import (
+    AnyChange,
+    Budget,
+    ByOption,
+    CacheDryRun,
+    CancelArms,
+    EvalArms,
+    EvalStep,
+    FdrOption,
+    Force,
+    Format,
+    IntervalOption,
+    MinEffect,
+    RankStep,
+    Rerun,
+    Resolve,
+    RunDryRun,
+    StackOut,
+    StepOption,
+    SweepFile,
+    SyncDryRun,
+    SyncTimeout,
+    Top,
+    ToWandb,
+    Wait,
+    WeightsDir,
+)
 from ablate.results import render
 from ablate.running.launch import resolve_wait
 from ablate.running.store import observe
@@ -28,27 +53,6 @@ app = typer.Typer(
     help="Run controlled ablation studies: one baseline, single-factor deltas, ranked by their impact.",
 )
 
-SweepFile = Annotated[Path, typer.Argument(help="The sweep file (YAML).", show_default=False)]
-Wait = Annotated[
-    bool | None,
-    typer.Option(
-        "--wait/--no-wait", help="Follow the jobs until they end \\[default: wait, except for slurm]."
-    ),
-]
-WeightsDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--dir", metavar="D", help="Weights folder \\[default: each arm's weights_dir, else the HF cache]."
-    ),
-]
-StepOption = Annotated[
-    int | None,
-    typer.Option("--step", help="At this step \\[default: the last step all finished arms reached]."),
-]
-ByOption = Annotated[
-    str | None,
-    typer.Option("--by", metavar="METRIC", help="Order by this rank_by metric \\[default: the first]."),
-]
 weights_app = typer.Typer(
     no_args_is_help=True, help="The pretrained weights a sweep needs: check them, download them."
 )
@@ -63,27 +67,27 @@ def _console() -> Console:
 @app.command()
 def run(
     sweep_file: SweepFile,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; create and submit nothing.")
-    ] = False,
-    rerun: Annotated[
-        list[str] | None, typer.Option("--rerun", metavar="NAME", help="Run this arm afresh (repeatable).")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Run afresh every arm whose config changed.")
-    ] = False,
+    dry_run: RunDryRun = False,
+    rerun: Rerun = None,
+    force: Force = False,
     wait: Wait = None,
+    resolve: Resolve = False,
+    budget: Budget = None,
+    min_effect: MinEffect = None,
 ) -> None:
     """Validate the sweep, then submit every arm that has not finished with its current config."""
     from ablate.running import launch, show
     from ablate.running.datacheck import check_data
     from ablate.running.follow import Training, submit_and_follow
     from ablate.running.ownership import check_owner, make_root
+    from ablate.running.resolve import second_stage
     from ablate.running.store import check_names, plan
     from ablate.sweep.expand import expand
 
     console = _console()
     sweep = load_sweep(sweep_file)
+    if resolve and not second_stage(console, sweep, budget, min_effect or [], dry_run):
+        return
     specs = expand(sweep)  # validates every arm before anything is created
     needs_mark = check_owner(sweep)  # only in a folder ablate made (or one from before markers)
     wait = resolve_wait(sweep.launcher, wait)
@@ -119,12 +123,7 @@ def status(sweep_file: SweepFile) -> None:
 @app.command()
 def cancel(
     sweep_file: SweepFile,
-    arm: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--arm", metavar="NAME", help="Cancel this arm (repeatable) \\[default: every arm in flight]."
-        ),
-    ] = None,
+    arm: CancelArms = None,
 ) -> None:
     """Cancel arms' jobs through their scheduler; they show as cancelled, and `ablate run` resubmits them."""
     from ablate.running.ownership import check_owner, sweep_lock
@@ -154,17 +153,12 @@ def cancel(
 @app.command()
 def rank(
     sweep_file: SweepFile,
-    step: Annotated[
-        int | None,
-        typer.Option(
-            "--step", help="Rank at this step \\[default: the last step all finished arms reached]."
-        ),
-    ] = None,
-    fmt: Annotated[str, typer.Option("--format", help=" | ".join(render.FORMATS))] = "table",
+    step: RankStep = None,
+    fmt: Format = "table",
     by: ByOption = None,
-    to_wandb: Annotated[
-        bool, typer.Option("--wandb", help="Also log the table as a W&B Table in the sweep's group.")
-    ] = False,
+    interval: IntervalOption = "moderated",
+    fdr: FdrOption = "bh",
+    to_wandb: ToWandb = False,
 ) -> None:
     """Every delta's change against the baseline, paired by seed, most improving first."""
     from ablate.results import rank as ranking
@@ -173,7 +167,7 @@ def rank(
     if (out := render.FORMATS.get(fmt)) is None:
         raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(render.FORMATS)}", path="--format")
     sweep = load_sweep(sweep_file)
-    df, used, arms = ranking.rank(sweep, step, by)
+    df, used, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
     changed = drift(sweep)
     ranking.flag_changed(df, sweep, changed)
     table = out.render(df, sweep, used)
@@ -195,7 +189,13 @@ def rank(
 
 
 @app.command()
-def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
+def plot(
+    sweep_file: SweepFile,
+    step: StepOption = None,
+    by: ByOption = None,
+    interval: IntervalOption = "moderated",
+    fdr: FdrOption = "bh",
+) -> None:
     """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
     from ablate.results import plots
     from ablate.results import rank as ranking
@@ -203,35 +203,37 @@ def plot(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) ->
 
     sweep = load_sweep(sweep_file)
     check_owner(sweep)  # figures go into the sweep's folder: only one ablate made
-    df, _, arms = ranking.rank(sweep, step, by)
+    df, _, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
     for name, path in plots.write(sweep, df, arms).items():
         print(f"{name}: {path}")
 
 
 @app.command()
-def report(sweep_file: SweepFile, step: StepOption = None, by: ByOption = None) -> None:
+def report(
+    sweep_file: SweepFile,
+    step: StepOption = None,
+    by: ByOption = None,
+    interval: IntervalOption = "moderated",
+    fdr: FdrOption = "bh",
+) -> None:
     """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
+    from ablate.results.rank import Method
     from ablate.results.report import build
     from ablate.running.ownership import check_owner
 
     sweep = load_sweep(sweep_file)
     check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made
-    path = build(sweep, step, by)
+    path = build(sweep, step, by, Method.parse(interval, fdr))
     print(f"report: {path}")
 
 
 @app.command()
 def stack(
     sweep_file: SweepFile,
-    top: Annotated[int, typer.Option("--top", min=1, metavar="K", help="Stack the K best deltas.")] = 3,
+    top: Top = 3,
     by: ByOption = None,
-    any_change: Annotated[
-        bool, typer.Option("--any", help="Take the best means even where the interval includes zero.")
-    ] = False,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", metavar="FILE", help="The new sweep file \\[default: SWEEP-stack.yaml]."),
-    ] = None,
+    any_change: AnyChange = False,
+    out: StackOut = None,
     step: StepOption = None,
 ) -> None:
     """Write a sweep whose baseline stacks the K deltas that improved most, with one leave-one-out delta each."""
@@ -249,12 +251,8 @@ def stack(
 @app.command()
 def sync(
     sweep_file: SweepFile,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="List the runs to upload; upload nothing.")
-    ] = False,
-    timeout_s: Annotated[
-        float, typer.Option("--timeout", min=1, help="Give up on `wandb sync` after this many seconds.")
-    ] = 900,
+    dry_run: SyncDryRun = False,
+    timeout_s: SyncTimeout = 900,
 ) -> None:
     """Upload the W&B runs the sweep's arms logged offline (on nodes without internet) with `wandb sync`."""
     from ablate.running.wandb_runs import offline_runs
@@ -282,20 +280,8 @@ def sync(
 @app.command("eval")
 def eval_checkpoints(
     sweep_file: SweepFile,
-    arm: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--arm",
-            metavar="NAME",
-            help="Evaluate this arm (repeatable) \\[default: every arm that has ended].",
-        ),
-    ] = None,
-    step: Annotated[
-        int | None,
-        typer.Option(
-            "--step", min=0, help="Evaluate the checkpoint of this step \\[default: each arm's newest]."
-        ),
-    ] = None,
+    arm: EvalArms = None,
+    step: EvalStep = None,
     wait: Wait = None,
 ) -> None:
     """Score checkpoints of arms that have ended again, without training, as jobs of the sweep's launcher."""
@@ -366,9 +352,7 @@ def weights_download(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
 @app.command()
 def cache(
     sweep_file: SweepFile,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print which caches the arms need; compute nothing.")
-    ] = False,
+    dry_run: CacheDryRun = False,
 ) -> None:
     """Precompute the latent and caption-embedding caches the sweep's arms read (their `cache: {dir}`).
 

@@ -37,13 +37,12 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from core.atomic import Unreadable, atomic_write, atomic_write_json, read_json
+from core.atomic import Unreadable, atomic_path, atomic_write, atomic_write_json, read_json
 from core.records import (
     Code,
     EvalJob,
@@ -54,7 +53,6 @@ from core.records import (
     Result,
     Spec,
     Status,
-    SweepMark,
     Writer,
     shape_problem,
 )
@@ -72,6 +70,7 @@ CODE, CODE_DIFF = "code.json", "code.diff"
 WRITER_LOCK, WRITER = ".writer.lock", "writer.json"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 SWEEP_MARK = ".ablate-sweep"  # in the sweep root: {"sweep": name}; the folder is ablate's
+STAGE2 = ".ablate-stage2"  # in the sweep root: the confirmatory second stage `ablate run --resolve` planned
 CHECKPOINT_PREFIX, SET_ASIDE = "step_", ".set-aside"
 
 # The states written to status.json (and, for an `ablate eval` job, to eval_job.json), and who writes them:
@@ -158,6 +157,14 @@ class RunDir:
 
     def eval_grid(self, step: int) -> Path:
         return self.eval_dir / f"step_{step}.png"
+
+    def eval_resamples(self, step: int) -> Path:
+        """Each metric on the eval's resamples of the prompts, (metrics, B) float32: its eval noise."""
+        return self.eval_dir / f"step_{step}.resamples.npy"
+
+    def eval_items(self, step: int) -> Path:
+        """What the resamples came from: per-prompt features (float16) and scores."""
+        return self.eval_dir / f"step_{step}.items.npz"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
@@ -355,6 +362,37 @@ class RunDir:
     def write_eval(self, record: EvalRecord) -> None:
         atomic_write_json(self.eval_record(record.step), record.to_json())
 
+    def write_resamples(self, step: int, resamples: dict[str, Any]) -> list[str]:
+        """Write {metric: (B,)} as one (metrics, B) array; returns the metrics in its row order (the eval
+        record names them: `EvalRecord.resampled`)."""
+        import numpy as np
+
+        names = list(resamples)
+        with atomic_path(self.eval_resamples(step)) as tmp, tmp.open("wb") as f:
+            np.save(f, np.stack([np.asarray(resamples[n], np.float32) for n in names]))
+        return names
+
+    def write_eval_items(self, step: int, items: dict[str, Any]) -> None:
+        _write_arrays(self.eval_items(step), items)
+
+    def read_resamples(self, record: EvalRecord) -> dict[str, Any] | None:
+        """{metric: (B,) float64} of an eval step, None when it kept none. Raises `Unreadable` naming a
+        damaged file."""
+        if not record.resampled:
+            return None
+        path = self.eval_resamples(record.step)
+        try:
+            import numpy as np
+
+            found = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:  # not an .npy, a truncated one
+            raise Unreadable(path, f"not resamples: {type(e).__name__}") from None
+        if found.ndim != 2 or len(found) != len(record.resampled):
+            raise Unreadable(path, f"{found.shape} resamples for {len(record.resampled)} metrics")
+        return {name: row.astype(np.float64) for name, row in zip(record.resampled, found, strict=True)}
+
     def write_result(self, result: Result) -> None:
         atomic_write_json(self.result, result.to_json())
 
@@ -371,6 +409,15 @@ def read_record(path: Path, model: type[R]) -> R | None:
         return model.model_validate(data)
     except ValidationError as e:
         raise Unreadable(path, shape_problem(e)) from None
+
+
+def _write_arrays(path: Path, arrays: dict[str, Any]) -> None:
+    """{name: numpy array} as one .npz, written atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
 
 
 def updated(record: R, fields: dict[str, Any]) -> R:
@@ -390,38 +437,3 @@ def _log_row(line: bytes) -> LogRow | None:
 
 class PlantedLink(RuntimeError):
     """A record or folder in a run folder is a symbolic link (see RunDir.planted_links)."""
-
-
-class SweepDir:
-    """A sweep's output folder: its arms' run folders and the sweep-wide files."""
-
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root)
-
-    def run(self, arm: str) -> RunDir:
-        return RunDir(self.root / arm)
-
-    lock = property(lambda self: self.root / LOCK)
-    eval_cache = property(lambda self: self.root / EVAL_CACHE)
-    mark = property(lambda self: self.root / SWEEP_MARK)
-    """Written by `ablate run` in the folder it made (or adopted) for a sweep: only there does it write."""
-
-    def read_mark(self) -> SweepMark | None:
-        """The marker (the sweep's name), None when the folder has none."""
-        return read_record(self.mark, SweepMark)
-
-    def write_mark(self, sweep: str) -> None:
-        atomic_write_json(self.mark, SweepMark(sweep=sweep, marked_at=now()).to_json())
-
-    @property
-    def job_folder(self) -> Path:
-        """submitit's folder pattern: one sub-folder per job (`%j`) with its pickles and logs."""
-        return self.root / SUBMITIT / "%j"
-
-    def move_aside(self, run: RunDir, hash_: str | None) -> Path:
-        """Move a run folder to .replaced/<arm>-<hash>-<time>/ (kept, never deleted); returns where."""
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        target = self.root / REPLACED / f"{run.name}-{hash_}-{stamp}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(run.path), target)
-        return target

@@ -26,7 +26,7 @@ from submitit.slurm.slurm import SlurmExecutor
 
 from ablate.errors import UserError
 from core.records import Job
-from core.rundir import SweepDir
+from core.sweepdir import SweepDir
 
 # sacct states of a job that still holds (or will again hold) its arm.
 _SLURM_ALIVE = {

@@ -15,7 +15,8 @@ from pathlib import Path
 from ablate.errors import UserError, os_fault
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
-from core.rundir import EVAL_CACHE, JOB, LOCK, REPLACED, SPEC, STATUS, SUBMITIT, SWEEP_MARK, SweepDir
+from core.rundir import EVAL_CACHE, JOB, LOCK, REPLACED, SPEC, STATUS, SUBMITIT, SWEEP_MARK
+from core.sweepdir import SweepDir
 
 # What ablate itself puts in a sweep folder besides run folders (.code: the code snapshot, figures and
 # report.html: `ablate plot` / `ablate report`, wandb: `ablate rank --wandb`).

@@ -39,9 +39,9 @@ from core.rundir import (
     STALE,
     UNREADABLE,
     RunDir,
-    SweepDir,
     now,
 )
+from core.sweepdir import SweepDir
 
 
 @dataclass

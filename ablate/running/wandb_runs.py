@@ -77,7 +77,7 @@ def log_table(sweep: Sweep, table: Any, step: int | None) -> str:
             config={"sweep": sweep.name, "step": step, "rank_by": dict(sweep.metrics)}, dir=str(sweep.root),
             settings=wandb.Settings(init_timeout=w.init_timeout_s),
         )  # fmt: skip
-        run.log({"impact": wandb.Table(dataframe=table)})
+        run.log({"impact": wandb.Table(dataframe=table.frame())})
         run.finish()
     except Exception as e:  # noqa: BLE001 - one line, the table is already printed
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)

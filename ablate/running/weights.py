@@ -21,7 +21,7 @@ from typing import Any
 
 from ablate.sweep.expand import expand
 from ablate.sweep.schema import Sweep
-from core.rundir import SweepDir
+from core.sweepdir import SweepDir
 
 NETWORK_HINT = (
     "downloading needs network access (gated models such as FLUX also need `huggingface-cli login`)"

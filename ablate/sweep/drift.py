@@ -27,13 +27,16 @@ from core.rundir import RunDir
 SHOWN = 3  # changed settings named per arm
 
 
-def settings(sweep: Sweep, delta: str, seed: int) -> dict[str, Any]:
-    """What the sweep file sets for one arm, before the trainer's schema fills in defaults."""
-    base = {**copy.deepcopy(sweep.baseline), "seed": seed}
-    if delta == BASELINE:
-        return base
-    tree, _ = delta_tree(sweep, delta, sweep.deltas[delta])
-    return merge(base, tree)[0]
+def settings(sweep: Sweep, delta: str, seed: int, merged: dict[str, dict] | None = None) -> dict[str, Any]:
+    """What the sweep file sets for one arm, before the trainer's schema fills in defaults. `merged`: a
+    delta's settings already merged (every seed of a delta has the same), filled as it goes."""
+    merged = {} if merged is None else merged
+    if delta not in merged:
+        base = copy.deepcopy(sweep.baseline)
+        merged[delta] = (
+            base if delta == BASELINE else merge(base, delta_tree(sweep, delta, sweep.deltas[delta])[0])[0]
+        )
+    return {**merged[delta], "seed": seed}
 
 
 def settings_hash(sweep: Sweep, delta: str, seed: int) -> str:
@@ -43,37 +46,37 @@ def settings_hash(sweep: Sweep, delta: str, seed: int) -> str:
 def drift(sweep: Sweep) -> dict[str, str]:
     """{arm: one line} for every arm whose run folder ran with other settings than the sweep file's now."""
     out: dict[str, str] = {}
-    for delta in (BASELINE, *sweep.deltas):
-        for seed in sweep.seeds:
-            name = arm_name(delta, seed)
-            run = RunDir(sweep.root / name)
-            try:
-                spec = run.read_spec()
-                if spec is None or run.path.is_symlink():
-                    continue
-                now = settings(sweep, delta, seed)
-                recorded = spec.settings_hash
-                if recorded is not None and recorded == config_hash(now):
-                    continue  # the fast path: the same settings as when it was prepared
-                if not run.config.is_file():
-                    continue
-                config = load_plain_yaml(run.config, "config file")
-            except (Unreadable, UserError, OSError):
-                continue  # unreadable: `observe` says so; this is only about drift
-            if not isinstance(config, dict):
+    merged: dict[str, dict] = {}
+    for delta, seed in sweep.arms():
+        name = arm_name(delta, seed)
+        run = RunDir(sweep.root / name)
+        try:
+            spec = run.read_spec()
+            if spec is None or run.path.is_symlink():
                 continue
-            changed = list(_differs(now, config))
-            if changed:
-                shown = "; ".join(
-                    f"{k}: {show_value(old)} → {show_value(new)}" for k, old, new in changed[:SHOWN]
-                )
-                more = f" (+{len(changed) - SHOWN} more)" if len(changed) > SHOWN else ""
-                out[name] = f"config changed since it ran: {shown}{more}"
-            elif recorded is not None:
-                out[name] = (
-                    "the sweep file's settings for it changed since it ran (a setting removed?); "
-                    "`ablate run --dry-run` says whether its config did"
-                )
+            now = settings(sweep, delta, seed, merged)
+            recorded = spec.settings_hash
+            if recorded is not None and recorded == config_hash(now):
+                continue  # the fast path: the same settings as when it was prepared
+            if not run.config.is_file():
+                continue
+            config = load_plain_yaml(run.config, "config file")
+        except (Unreadable, UserError, OSError):
+            continue  # unreadable: `observe` says so; this is only about drift
+        if not isinstance(config, dict):
+            continue
+        changed = list(_differs(now, config))
+        if changed:
+            shown = "; ".join(
+                f"{k}: {show_value(old)} → {show_value(new)}" for k, old, new in changed[:SHOWN]
+            )
+            more = f" (+{len(changed) - SHOWN} more)" if len(changed) > SHOWN else ""
+            out[name] = f"config changed since it ran: {shown}{more}"
+        elif recorded is not None:
+            out[name] = (
+                "the sweep file's settings for it changed since it ran (a setting removed?); "
+                "`ablate run --dry-run` says whether its config did"
+            )
     return out
 
 

@@ -95,17 +95,17 @@ def expand(sweep: Sweep) -> list[RunSpec]:
     UserError (located in the sweep file) for the first invalid arm.
     """
     arm = _Arms(sweep)
-    specs = [arm(BASELINE, seed, {}, _baseline_locator(sweep)) for seed in sweep.seeds]
-    baselines = {spec.seed: spec.config for spec in specs}
+    specs = [arm(BASELINE, seed, {}, _baseline_locator(sweep)) for seed in sweep.seeds_of(BASELINE)]
+    baseline = {k: v for k, v in specs[0].config.items() if k != "seed"}
     for delta, overrides in sweep.deltas.items():
         tree, sources = delta_tree(sweep, delta, overrides)
-        for seed in sweep.seeds:
+        for seed in sweep.seeds_of(delta):
             merged, replaced = merge(arm.base(seed), tree)
             owned = dict(sources)
             for path in replaced:  # a kind change makes the whole component the delta's
                 owned[path] = sources.get((*path, "kind"), sources.get(path, ("deltas", delta)))
             spec = arm(delta, seed, merged, _delta_locator(sweep, delta, owned), overrides)
-            if spec.config == baselines[seed]:
+            if {k: v for k, v in spec.config.items() if k != "seed"} == baseline:
                 raise sweep.error(
                     ("deltas", delta),
                     "this delta changes nothing: its merged config equals the baseline's",

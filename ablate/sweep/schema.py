@@ -37,8 +37,10 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
 )
@@ -49,6 +51,10 @@ from ablate.running.launch import Launcher
 from ablate.running.launch import problems as launch_problems
 from ablate.sweep.diagnostics import to_user_error
 from ablate.sweep.loader import KeyPath, format_path, line_of, load_yaml
+from core.atomic import Unreadable
+from core.records import Stage2
+from core.rundir import STAGE2
+from core.sweepdir import SweepDir
 from eval.metrics import ALWAYS, METRICS, unknown
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -75,6 +81,16 @@ def _path_safe(name: str) -> str:
 Name = Annotated[str, AfterValidator(_path_safe)]
 
 
+class Seeds(BaseModel):
+    """Different seeds for the baseline and the deltas (`seeds: {baseline: [0, 1, 2, 3], deltas: [0, 1]}`):
+    a baseline run more often measures the seed noise every delta is compared with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    baseline: list[int] = Field(min_length=1)
+    deltas: list[int] = Field(min_length=1)
+
+
 class Sweep(BaseModel):
     """A parsed sweep file. Build it with `load_sweep`, which also checks what pydantic cannot."""
 
@@ -84,7 +100,11 @@ class Sweep(BaseModel):
     output_dir: str | None = None
     baseline: dict[str, Any]
     deltas: dict[Name, dict[str, Any]] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: Annotated[
+        Annotated[list[int], Tag("list")] | Annotated[Seeds, Tag("apart")],
+        Discriminator(lambda v: "apart" if isinstance(v, (dict, Seeds)) else "list"),
+    ] = Field(default_factory=lambda: [0])
+    """Every arm's seeds (a list), or the baseline's and the deltas' apart (Seeds)."""
     launcher: Launcher = Field(default_factory=Launcher)
     rank_by: list[str | dict[str, str]] = Field(default_factory=lambda: [ALWAYS], min_length=1)
     """The metrics to rank by, in order (the first orders the table): `- fid`, or `- fid: lower` to say the
@@ -103,6 +123,7 @@ class Sweep(BaseModel):
     _file: Path = PrivateAttr()
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
     _root: Path = PrivateAttr()
+    _stage2: Stage2 | None = PrivateAttr(default=None)
 
     @property
     def file(self) -> Path:
@@ -126,9 +147,36 @@ class Sweep(BaseModel):
         file, line, shown = self.locate(path)
         return UserError(problem, expected, file=file, line=line, path=shown)
 
+    @property
+    def stage2(self) -> Stage2 | None:
+        """The confirmatory second stage `ablate run --resolve` planned in the sweep's folder, if any."""
+        return self._stage2
+
+    @stage2.setter
+    def stage2(self, value: Stage2 | None) -> None:
+        self._stage2 = value
+
+    def first_seeds(self, delta: str) -> list[int]:
+        """The seeds the sweep file gives `delta` (or the baseline)."""
+        if isinstance(self.seeds, Seeds):
+            return list(self.seeds.baseline if delta == BASELINE else self.seeds.deltas)
+        return list(self.seeds)
+
+    def seeds_of(self, delta: str) -> list[int]:
+        """The seeds `delta` (or the baseline) runs at: the sweep file's, then a second stage's."""
+        extra = (
+            []
+            if self._stage2 is None
+            else (self._stage2.baseline if delta == BASELINE else self._stage2.deltas.get(delta, []))
+        )
+        return self.first_seeds(delta) + [s for s in extra if s not in self.first_seeds(delta)]
+
+    def arms(self) -> list[tuple[str, int]]:
+        """Every arm as (delta, seed), baseline first, without touching the trainer."""
+        return [(delta, seed) for delta in (BASELINE, *self.deltas) for seed in self.seeds_of(delta)]
+
     def arm_names(self) -> list[str]:
-        """Every arm's name, baseline first, without touching the trainer."""
-        return [arm_name(delta, seed) for delta in (BASELINE, *self.deltas) for seed in self.seeds]
+        return [arm_name(delta, seed) for delta, seed in self.arms()]
 
 
 def arm_name(delta: str, seed: int) -> str:
@@ -213,6 +261,10 @@ def load_sweep(file: str | Path) -> Sweep:
             problem,
             "a folder, or a path that does not exist yet",
         )
+    try:
+        sweep._stage2 = SweepDir(sweep._root).read_stage2()
+    except Unreadable as e:
+        raise UserError(str(e), f"the {STAGE2} `ablate run --resolve` wrote, or the file removed") from None
     problems = list(_problems(sweep))
     if problems:  # report the one that comes first in the file
         raise min(problems, key=lambda e: e.line if e.line is not None else 1 << 30)
@@ -242,12 +294,24 @@ def _problems(sweep: Sweep) -> Iterator[UserError]:
 
     yield from _rank_by_problems(sweep)
 
-    for i, seed in enumerate(sweep.seeds):
-        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-            shown = str(seed) if len(str(seed)) <= 24 else f"{str(seed)[:20]}... ({len(str(seed))} digits)"
-            yield sweep.error(("seeds", i), f"seed {shown} is out of range", "a 64-bit integer")
-        elif seed in sweep.seeds[:i]:
-            yield sweep.error(("seeds", i), f"duplicate seed {seed} (duplicate arm names)", "each seed once")
+    lists = sweep.seeds.model_dump() if isinstance(sweep.seeds, Seeds) else {None: sweep.seeds}
+    for which, seeds in lists.items():
+        at = ("seeds",) if which is None else ("seeds", which)
+        if not seeds:
+            yield sweep.error(at, "no seeds", "at least one seed")
+        for i, seed in enumerate(seeds):
+            if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+                shown = (
+                    str(seed) if len(str(seed)) <= 24 else f"{str(seed)[:20]}... ({len(str(seed))} digits)"
+                )
+                yield sweep.error((*at, i), f"seed {shown} is out of range", "a 64-bit integer")
+            elif seed in seeds[:i]:
+                yield sweep.error((*at, i), f"duplicate seed {seed} (duplicate arm names)", "each seed once")
+    if isinstance(sweep.seeds, Seeds):
+        for i, seed in enumerate(sweep.seeds.deltas):
+            if seed not in sweep.seeds.baseline:
+                yield sweep.error(("seeds", "deltas", i), f"seed {seed} has no baseline arm to pair with",
+                                  f"a seed of seeds.baseline ({', '.join(map(str, sweep.seeds.baseline))})")  # fmt: skip
     folded: dict[str, str] = {}
     for delta in sweep.deltas:
         if delta == BASELINE:

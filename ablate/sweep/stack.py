@@ -19,7 +19,7 @@ import yaml
 from ablate.errors import UserError
 from ablate.sweep.expand import merge
 from ablate.sweep.loader import KeyPath
-from ablate.sweep.schema import BASELINE, Sweep, delta_tree
+from ablate.sweep.schema import BASELINE, Seeds, Sweep, delta_tree
 
 
 def winners(df: Any, sweep: Sweep, top: int, by: str | None, any_change: bool) -> list[str]:
@@ -92,7 +92,7 @@ def stacked(sweep: Sweep, chosen: list[str]) -> dict[str, Any]:
         "output_dir": str(sweep.root.parent / f"{sweep.name}-stack"),
         "baseline": baseline,
         "deltas": deltas,
-        "seeds": list(sweep.seeds),
+        "seeds": sweep.seeds.model_dump() if isinstance(sweep.seeds, Seeds) else list(sweep.seeds),
         "launcher": {"executor": sweep.launcher.executor, **launcher},
         "rank_by": sweep.rank_by,
     }
@@ -106,9 +106,8 @@ def write(sweep: Sweep, chosen: list[str], df: Any, by: str | None, out: Path) -
     if out.exists():
         raise UserError(f"{out} exists; not overwritten", "another --out FILE", path="--out")
     metric = by or sweep.metrics[0][0]
-    rows = df.set_index("delta")
-    notes = [f"#   {d}: {metric} {rows.loc[d][f'{metric}_change']:+.4g} "
-             f"[{rows.loc[d][f'{metric}_ci_low']:+.3g}, {rows.loc[d][f'{metric}_ci_high']:+.3g}]" for d in chosen]  # fmt: skip
+    notes = [f"#   {d}: {metric} {df.row(d)[f'{metric}_change']:+.4g} "
+             f"[{df.row(d)[f'{metric}_ci_low']:+.3g}, {df.row(d)[f'{metric}_ci_high']:+.3g}]" for d in chosen]  # fmt: skip
     header = [
         f"# Stacked from {sweep.file} by `ablate stack`: its baseline plus the {len(chosen)} delta(s) that",
         f"# improved {metric} most (change vs its baseline [95% paired-t interval]):",

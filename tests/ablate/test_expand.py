@@ -38,6 +38,14 @@ def test_names_baseline_first_then_each_delta_times_each_seed(write_sweep):
     assert specs[2].overrides == {"optimizer.lr": 3e-3}
 
 
+def test_the_baseline_may_run_more_seeds_than_the_deltas(write_sweep):
+    sweep = sweep_from(
+        write_sweep, "  lr-high:\n    optimizer.lr: 3e-3\n", seeds="{baseline: [0, 1, 2, 3], deltas: [0, 1]}"
+    )
+    names = [s.name for s in expand(sweep)]
+    assert names == ["baseline-s0", "baseline-s1", "baseline-s2", "baseline-s3", "lr-high-s0", "lr-high-s1"]
+
+
 def test_dotted_and_nested_overrides_merge_into_the_baseline(write_sweep):
     deltas = "  both:\n    optimizer.lr: 3e-3\n    optimizer: {weight_decay: 0.1}\n    train: {steps: 6}\n"
     base, arm = expand(sweep_from(write_sweep, deltas))

@@ -128,6 +128,17 @@ def test_duplicate_seeds_make_duplicate_arm_names(write_sweep, cli):
     expect(line, 16, "seeds[2]", "duplicate seed 0 (duplicate arm names)")
 
 
+def test_a_deltas_seed_must_pair_with_a_baseline_seed(write_sweep, cli):
+    line = run_bad(write_sweep, cli, replace("seeds: [0]", "seeds: {baseline: [0, 1, 2], deltas: [0, 5]}"))
+    expect(
+        line,
+        16,
+        "seeds.deltas[1]",
+        "seed 5 has no baseline arm to pair with",
+        "expected a seed of seeds.baseline (0, 1, 2)",
+    )
+
+
 def test_delta_named_baseline_is_a_duplicate_arm_name(write_sweep, cli):
     expect(
         run_bad(write_sweep, cli, replace("  lr-high:", "  baseline:")),
