@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 from ablate.sweep.schema import BASELINE
 
 if TYPE_CHECKING:
-    import pandas as pd
     from matplotlib.figure import Figure
 
-    from ablate.results.rank import ArmResult
+    from ablate.results.rank import ArmResult, Table
 
 BETTER, WORSE, UNSURE, BASE = "#1b7f3b", "#b3261e", "#b8b8b8", "#111111"
 FIGURES = "figures"
@@ -54,40 +53,21 @@ def _better(change: float, direction: str) -> bool:
     return (change < 0) == (direction == "lower")
 
 
-def impact(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> Figure:
-    """Each delta's change per metric, in % of the baseline, with interval whiskers."""
+def impact(df: Table, metrics: list[tuple[str, str]]) -> Figure:
+    """Each delta's change per metric, in % of the baseline, with its 95% interval, q, and the two noise
+    scales of a change (seed, eval) shaded around zero."""
     deltas = [d for d in df["delta"] if d != BASELINE]
-    base = df.set_index("delta").loc[BASELINE] if BASELINE in set(df["delta"]) else None
+    base = df.row(BASELINE) if BASELINE in set(df["delta"]) else None
     fig, axes = _grid(len(metrics), 12, 0.45 * len(deltas) + 1.6)
-    rows = df.set_index("delta")
     for ax, (metric, direction) in zip(axes, metrics, strict=True):
         scale = (
             abs(base[metric])
             if base is not None and base[metric] and not math.isnan(base[metric])
             else math.nan
         )
-        floor = base[f"{metric}_noise_floor"] if base is not None else math.nan
-        if not math.isnan(floor) and not math.isnan(scale):
-            ax.axvspan(
-                -100 * floor / scale, 100 * floor / scale, color="#eeeeee", zorder=0, label="noise floor"
-            )
+        _noise_bands(ax, base, metric, scale)
         for y, delta in enumerate(deltas):
-            r = rows.loc[delta]
-            change = r[f"{metric}_change"]
-            if math.isnan(change) or math.isnan(scale):
-                why = "  no data" if math.isnan(change) else "  n/a: the baseline is 0"
-                ax.text(0, y, why, va="center", fontsize=8, color="#777")
-                continue
-            pct = 100 * change / scale
-            sure = bool(r[f"{metric}_significant"])
-            color = (BETTER if _better(change, direction) else WORSE) if sure else UNSURE
-            err = None
-            if not math.isnan(r[f"{metric}_ci_low"]):
-                err = [
-                    [pct - 100 * r[f"{metric}_ci_low"] / scale],
-                    [100 * r[f"{metric}_ci_high"] / scale - pct],
-                ]
-            ax.barh(y, pct, color=color, xerr=err, capsize=3, error_kw={"elinewidth": 1, "ecolor": "#333"})
+            _impact_bar(ax, y, df.row(delta), metric, direction, scale)
         ax.axvline(0, color="#555", linewidth=0.8)
         ax.set_yticks(range(len(deltas)), deltas)
         ax.invert_yaxis()  # ranked order, best first
@@ -95,12 +75,41 @@ def impact(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> Figure:
         ax.set_xlabel(f"change vs baseline (% of the baseline's {metric})   {arrow}")
         ax.set_title(metric)
     fig.suptitle(
-        "Impact of each delta: bars = mean change over seeds, whiskers = 95% paired-t interval\n"
-        "green/red: better/worse with the interval excluding zero; grey: not distinguishable from zero; "
-        "shaded: the baseline's noise floor",
+        "Impact of each delta: bars = mean change over seeds, whiskers = 95% interval (seed, eval or both), q at the bar\n"
+        "green/red: a verdict (q ≤ 0.05 over the whole table); grey: not resolved; shaded: ±1.96 × the seed "
+        "(dark) and eval (light) spread of a change",
         fontsize=10,
     )
     return fig
+
+
+def _noise_bands(ax, base: Any, metric: str, scale: float) -> None:
+    if base is None or math.isnan(scale):
+        return
+    for key, color, label in (
+        (f"{metric}_eval_sd", "#f3f3f3", "eval noise"),
+        (f"{metric}_sd", "#dddddd", "seed noise"),
+    ):
+        if not math.isnan(sd := base[key]):
+            ax.axvspan(-196 * sd / scale, 196 * sd / scale, color=color, zorder=0, label=label)
+
+
+def _impact_bar(ax, y: int, r: Any, metric: str, direction: str, scale: float) -> None:
+    change = r[f"{metric}_change"]
+    if math.isnan(change) or math.isnan(scale):
+        why = "  no data" if math.isnan(change) else "  n/a: the baseline is 0"
+        ax.text(0, y, why, va="center", fontsize=8, color="#777")
+        return
+    pct = 100 * change / scale
+    sure = bool(r[f"{metric}_significant"])
+    color = (BETTER if _better(change, direction) else WORSE) if sure else UNSURE
+    err = None
+    if not math.isnan(r[f"{metric}_ci_low"]):
+        err = [[pct - 100 * r[f"{metric}_ci_low"] / scale], [100 * r[f"{metric}_ci_high"] / scale - pct]]
+    ax.barh(y, pct, color=color, xerr=err, capsize=3, error_kw={"elinewidth": 1, "ecolor": "#333"})
+    if not math.isnan(q := r[f"{metric}_q"]):
+        ax.annotate(f"q={q:.2g} ({r[f'{metric}_noise']})", (pct, y), xytext=(4, -9), textcoords="offset points",
+                    fontsize=7, color="#444")  # fmt: skip
 
 
 def curves(arms: list[ArmResult], metrics: list[tuple[str, str]]) -> Figure:
@@ -139,20 +148,22 @@ def curves(arms: list[ArmResult], metrics: list[tuple[str, str]]) -> Figure:
     return fig
 
 
-def tradeoff(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> Figure:
+def tradeoff(df: Table, metrics: list[tuple[str, str]]) -> Figure:
     """Speed against quality: throughput relative to the baseline, and the first metric's improvement in %."""
     plt = _pyplot()
     metric, direction = metrics[0]
-    rows = df[df["delta"] != BASELINE]
+    rows = [r for r in df.to_dict("records") if r["delta"] != BASELINE]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     sign = -1.0 if direction == "lower" else 1.0
-    for i, r in enumerate(rows.to_dict("records")):
+    for i, r in enumerate(rows):
         x, pct = r["throughput_ratio"], r[f"{metric}_change_pct"]
         if math.isnan(x) or math.isnan(pct):
             continue
         y = sign * pct
         sure = bool(r[f"{metric}_significant"])
         color = (BETTER if y > 0 else WORSE) if sure else UNSURE
+        if not math.isnan(r["speed_low"]):  # the speed's interval over windows and seeds
+            ax.errorbar([x], [y], xerr=[[x - r["speed_low"]], [r["speed_high"] - x]], color="#777", capsize=2)
         ax.scatter([x], [y], s=60, color=color, edgecolor="#333", zorder=3)
         offset = (8, 8 if i % 2 == 0 else -14)  # alternate above/below so neighbouring labels do not collide
         ax.annotate(r["delta"], (x, y), textcoords="offset points", xytext=offset, fontsize=9)
@@ -160,12 +171,14 @@ def tradeoff(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> Figure:
     ax.axhline(0.0, color="#555", linewidth=0.8)
     ax.set_xlabel("throughput vs baseline (× batches/s; right = faster)")
     ax.set_ylabel(f"{metric} improvement vs baseline (%; up = better)")
-    ax.set_title("Speed / quality trade-off (grey: interval includes zero)")
+    ax.set_title(
+        "Speed / quality trade-off (grey: no verdict at q ≤ 0.05; whiskers: the speed's 95% interval)"
+    )
     ax.grid(alpha=0.3)
     return fig
 
 
-def write(sweep: Any, df: pd.DataFrame, arms: list[ArmResult]) -> dict[str, Path]:
+def write(sweep: Any, df: Table, arms: list[ArmResult]) -> dict[str, Path]:
     """Save the three figures as PNG under `<sweep root>/figures/`; returns {name: path}."""
     from core.atomic import atomic_path
 

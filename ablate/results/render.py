@@ -13,20 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ablate.results import stats
 from ablate.sweep.schema import BASELINE, Sweep
 
 if TYPE_CHECKING:
-    import pandas as pd
-
-    from ablate.results.rank import ArmResult
+    from ablate.results.rank import ArmResult, Table
 
 
 @dataclass(frozen=True)
 class Format:
     """One `--format`: how the table renders (from the ranking, the sweep and the step ranked at)."""
 
-    render: Callable[[pd.DataFrame, Sweep, int | None], Any]
+    render: Callable[[Table, Sweep, int | None], Any]
     terminal: bool = False
     """a rich renderable printed on the console (its width, its colours); else text written to stdout as is"""
     footer_on_stdout: bool = False
@@ -51,7 +48,7 @@ def footer(sweep: Sweep, arms: list[ArmResult], changed: dict[str, str]) -> list
     return lines
 
 
-def to_json(df: pd.DataFrame, sweep: Sweep, step: int | None) -> str:
+def to_json(df: Table, sweep: Sweep, step: int | None) -> str:
     rows = [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         for r in df.to_dict("records")
@@ -60,145 +57,171 @@ def to_json(df: pd.DataFrame, sweep: Sweep, step: int | None) -> str:
     return json.dumps({"sweep": sweep.name, "step": step, "rank_by": rank_by, "rows": rows}, indent=2)
 
 
-NOISE_FLOOR = "noise floor"
+NOISE_FLOOR = "noise"
+PER_METRIC = 4  # columns per metric: value, change with its interval, q, change in %
+COSTS = 4  # batches/s, speed, GPU-h, cost
 
 
-def cells(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> tuple[list[str], list[list[tuple[str, int]]]]:
+def cells(df: Table, metrics: list[tuple[str, str]]) -> tuple[list[str], list[list[tuple[str, int]]]]:
     """Human-readable header and cells; each cell with its sign: +1 better, −1 worse, 0 neutral.
 
-    Per metric: the value, the change (mean over paired seeds, its interval, * when significant), the
-    change in %. After the baseline, the noise-floor row: the baseline's spread over seeds.
-    """
+    Per metric: the value; the change (mean over paired seeds), its 95% interval and the noise it covers;
+    q (* when significant, else the seeds that would resolve a change of this size); the change in %.
+    After the baseline, the noise row: the seed spread of a paired change and the eval spread."""
     header = ["delta", "state", "seeds"]
     for metric, direction in metrics:
-        header += [f"{metric} {'↓' if direction == 'lower' else '↑'}", "Δ [95% CI]", "Δ%"]
-    header += ["batches/s", "speed", "GPU-h", "cost"]
+        header += [f"{metric} {'↓' if direction == 'lower' else '↑'}", "Δ [95% CI] noise", "q", "Δ%"]
+    header += ["batches/s", "speed [95% CI]", "GPU-h", "cost"]
     out = []
     for r in df.to_dict("records"):
         row = [(str(r["delta"]), 0), (str(r["state"]), 0), (str(r["seeds"]), 0)]
         for metric, direction in metrics:
-            change, pct = r[f"{metric}_change"], r[f"{metric}_change_pct"]
+            change = r[f"{metric}_change"]
             good = (
                 0
                 if math.isnan(change) or change == 0
                 else (1 if (change < 0) == (direction == "lower") else -1)
             )
-            row += [
-                (_num(r[metric], "{:.4g}"), 0),
-                (_change_text(r, metric), good),
-                (_num(pct, "{:+.1f}%"), good),
-            ]
-        ratio, cost = r["throughput_ratio"], r["cost_ratio"]
-        row += [
-            (_num(r["batches_per_s"], "{:.3g}"), 0),
-            (
-                _num(ratio, "{:.2f}x"),
-                0 if math.isnan(ratio) else (1 if ratio > 1 else -1 if ratio < 1 else 0),
-            ),
-            (_num(r["gpu_hours"], "{:.3g}"), 0),
-            (_num(cost, "{:.2f}x"), 0 if math.isnan(cost) else (1 if cost < 1 else -1 if cost > 1 else 0)),
-        ]
+            row += [(_num(r[metric], "{:.4g}"), 0), (_change_text(r, metric), good), (_q_text(r, metric), good),
+                    (_num(r[f"{metric}_change_pct"], "{:+.1f}%"), good)]  # fmt: skip
+        row += _cost_cells(r)
         out.append(row)
         if r["delta"] == BASELINE:
-            noise = [(NOISE_FLOOR, 0), ("baseline spread", 0), ("", 0)]
+            noise = [(NOISE_FLOOR, 0), ("of a change", 0), ("", 0)]
             for metric, _ in metrics:
-                floor = r[f"{metric}_noise_floor"]
-                noise += [
-                    ("", 0),
-                    (_num(floor, "±{:.3g}") if not math.isnan(floor) else "1 seed: none", 0),
-                    ("", 0),
-                ]
-            out.append(noise + [("", 0)] * 4)
+                noise += [("", 0), (_noise_text(r, metric), 0), ("", 0), ("", 0)]
+            out.append(noise + [("", 0)] * COSTS)
     return header, out
 
 
 def _change_text(r: dict[str, Any], metric: str) -> str:
-    change, low, high, n = (
-        r[f"{metric}_change"],
-        r[f"{metric}_ci_low"],
-        r[f"{metric}_ci_high"],
-        r[f"{metric}_pairs"],
-    )
+    change, low, high = r[f"{metric}_change"], r[f"{metric}_ci_low"], r[f"{metric}_ci_high"]
     if math.isnan(change):
         return "—"
-    text = f"{change:+.4g}"
-    if n >= 2 and not math.isnan(low):
-        text += f" [{low:+.3g}, {high:+.3g}]" + ("*" if r[f"{metric}_significant"] else "")
-    else:
-        text += " (1 seed)"
-    return text
+    if math.isnan(low):
+        return f"{change:+.4g} (no interval: 1 seed, no eval resamples)"
+    return f"{change:+.4g} [{low:+.3g}, {high:+.3g}] {r[f'{metric}_noise']}"
+
+
+def _q_text(r: dict[str, Any], metric: str) -> str:
+    q = r[f"{metric}_q"]
+    if q is None or math.isnan(q):
+        return "—"
+    if r[f"{metric}_significant"]:
+        return f"{q:.2g}*"
+    needed, n = r[f"{metric}_seeds_needed"], r[f"{metric}_pairs"]
+    more = f" → {needed} seeds" if needed is not None and not _nan(needed) and needed > n else ""
+    return f"{q:.2g}{more}"
+
+
+def _noise_text(r: dict[str, Any], metric: str) -> str:
+    sd, eval_sd = r[f"{metric}_sd"], r[f"{metric}_eval_sd"]
+    parts = [
+        f"seed ±{sd:.3g}" if not _nan(sd) else "seed: 1 seed",
+        f"eval ±{eval_sd:.3g}" if not _nan(eval_sd) else "",
+    ]
+    return " · ".join(p for p in parts if p)
+
+
+def _cost_cells(r: dict[str, Any]) -> list[tuple[str, int]]:
+    ratio, cost, drift = r["throughput_ratio"], r["cost_ratio"], r["speed_drift"]
+    speed = _num(ratio, "{:.2f}x")
+    if not _nan(r["speed_low"]):
+        speed += f" [{r['speed_low']:.2f}, {r['speed_high']:.2f}]"
+    if not _nan(drift):
+        speed += f" ⚠ drift {drift:.2f}x"
+    fast = 0 if _nan(ratio) else (1 if ratio > 1 else -1 if ratio < 1 else 0)
+    cheap = 0 if _nan(cost) else (1 if cost < 1 else -1 if cost > 1 else 0)
+    return [(_num(r["batches_per_s"], "{:.3g}"), 0), (speed, fast), (_num(r["gpu_hours"], "{:.3g}"), 0),
+            (_num(cost, "{:.2f}x"), cheap)]  # fmt: skip
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
 def _num(x: float, fmt: str) -> str:
-    return "—" if x is None or math.isnan(x) else fmt.format(x)
+    return "—" if _nan(x) else fmt.format(x)
 
 
-LEGEND = (
-    f"↓ lower is better, ↑ higher is better. Δ = delta − baseline at the same seed, mean over seeds with its "
-    f"{stats.INTERVAL}; * = the interval excludes zero; one seed gives no interval. Δ% relative to the "
-    "baseline. noise floor = the baseline's standard deviation over seeds. speed = batches/s relative to the "
-    "baseline; GPU-h = steps ÷ batches/s × devices per arm; cost = GPU-hours relative to the baseline."
-)
+def legend(df: Table, terminal: bool = False) -> str:
+    """What every number of the table means, with the interval and the rule that made it."""
+    interval, rule = df.attrs.get("interval", "moderated"), df.attrs.get("rule", "bh")
+    seed = ("seed = seed noise, its variance moderated across the table's deltas (limma-style empirical Bayes)"
+            if interval == "moderated" else "seed = seed noise, each delta's own paired-t")  # fmt: skip
+    control = (
+        "the false-discovery rate (Benjamini–Hochberg)"
+        if rule == "bh"
+        else "the family-wise error rate (Holm)"
+    )
+    lead = ("↓ lower is better, ↑ higher is better; green = better than the baseline. "
+            if terminal else "↓ lower is better, ↑ higher is better. ")  # fmt: skip
+    return (
+        f"{lead}Δ = delta − baseline at the same seed, mean over seeds, with its 95% interval and the noise it "
+        f"covers: {seed}; eval = a paired bootstrap over the eval prompts (at one seed the interval is only "
+        "that: training noise not estimated); seed+eval = both. q = p adjusted over every change of the table, "
+        f"controlling {control} at 5%: * = q ≤ 0.05, a verdict; otherwise → N seeds = the seeds in all that "
+        "would resolve a change of this size at 80% power. noise = the spread of a paired change over seeds "
+        "(pooled) and over prompt resamples. speed = the baseline's median step time over the delta's, with its "
+        "95% interval over log windows and seeds (⚠ drift: the step time changed by more than 25% within the "
+        "run: a shared or throttled node); GPU-h = steps × median step time × devices; cost = GPU-hours relative "
+        "to the baseline." + (" --format csv|markdown|json|html for every column." if terminal else "")
+    )
 
 
-LEGEND_TERMINAL = (
-    "↓ lower is better, ↑ higher is better; green = better than the baseline. Each metric: the value at the "
-    f"step, below it the change against the baseline at the same seed (mean, {stats.INTERVAL}, * when it "
-    "excludes zero; in %). noise floor: the baseline's spread over seeds. speed = batches/s and cost = "
-    "GPU-hours relative to the baseline. --format csv|markdown|json|html for every column."
-)
-
-
-def to_markdown(df: pd.DataFrame, metrics: list[tuple[str, str]]) -> str:
+def to_markdown(df: Table, metrics: list[tuple[str, str]]) -> str:
     header, rows = cells(df, metrics)
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
     ]
     lines += ["| " + " | ".join(text.replace("|", "\\|") for text, _ in row) + " |" for row in rows]
-    return "\n".join([*lines, "", LEGEND])
+    return "\n".join([*lines, "", legend(df)])
 
 
-def to_rich(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str):
+def to_rich(df: Table, metrics: list[tuple[str, str]], title: str):
     from rich.table import Table
     from rich.text import Text
 
     header, rows = cells(df, metrics)
-    # On a terminal each metric is one column — its value, then the change (and %), then the interval —
-    # and speed and cost share two columns, so a sweep with four metrics fits 120 columns;
+    # On a terminal each metric is one column — its value, the change (and %), the interval and its noise,
+    # q — and speed and cost share two columns, so a sweep with four metrics fits 120 columns;
     # csv/markdown/json/html keep every number apart.
-    merged = header[:3] + [header[3 + 3 * i] for i in range(len(metrics))] + ["speed", "cost"]
-    table = Table(title=title, title_justify="left", caption=LEGEND_TERMINAL, caption_justify="left")
+    merged = header[:3] + [header[3 + PER_METRIC * i] for i in range(len(metrics))] + ["speed", "cost"]
+    table = Table(
+        title=title, title_justify="left", caption=legend(df, terminal=True), caption_justify="left"
+    )
     for i, name in enumerate(merged):
         table.add_column(name, justify="left" if i < 3 else "right", no_wrap=True)
-
-    def style(good: int) -> str:
-        return "green" if good > 0 else "red" if good < 0 else ""
-
     for row in rows:
-        if row[0][0] == NOISE_FLOOR:
-            out = [Text(t, style="dim") for t, _ in row[:3]]
-            out += [Text(row[4 + 3 * i][0], style="dim") for i in range(len(metrics))] + [Text("")] * 2
-            table.add_row(*out)
-            continue
-        out = [Text(t) for t, _ in row[:3]]
-        for i in range(len(metrics)):
-            (value, _), (change, good), (pct, _) = row[3 + 3 * i : 6 + 3 * i]
-            if pct in ("—", ""):
-                out.append(Text(value))
-                continue
-            delta, _, interval = change.partition(" ")
-            lines = f"{value}\n{delta} ({pct})" + (f"\n{interval}" if interval else "")
-            out.append(Text(lines, style=style(good)))
-        (bps, _), (speed, fast), (hours, _), (cost, cheap) = row[-4:]
-        for number, unit, ratio, good in ((bps, "b/s", speed, fast), (hours, "GPU-h", cost, cheap)):
-            text = "—" if number == "—" else f"{number} {unit}" + ("" if ratio == "—" else f"\n{ratio}")
-            out.append(Text(text, style=style(good)))
-        table.add_row(*out)
+        table.add_row(*_rich_row(row, len(metrics), Text))
     return table
 
 
-def to_html(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str) -> str:
+def _rich_row(row: list[tuple[str, int]], metrics: int, Text) -> list:
+    def style(good: int) -> str:
+        return "green" if good > 0 else "red" if good < 0 else ""
+
+    if row[0][0] == NOISE_FLOOR:
+        out = [Text(t, style="dim") for t, _ in row[:3]]
+        return out + [Text(row[4 + PER_METRIC * i][0], style="dim") for i in range(metrics)] + [Text("")] * 2
+    out = [Text(t) for t, _ in row[:3]]
+    for i in range(metrics):
+        (value, _), (change, good), (q, _), (pct, _) = row[3 + PER_METRIC * i : 3 + PER_METRIC * (i + 1)]
+        if pct in ("—", ""):
+            out.append(Text(value))
+            continue
+        delta, _, interval = change.partition(" ")
+        lines = [value, f"{delta} ({pct})", interval, f"q {q}" if q != "—" else ""]
+        out.append(Text("\n".join(line for line in lines if line), style=style(good)))
+    (bps, _), (speed, fast), (hours, _), (cost, cheap) = row[-COSTS:]
+    for number, unit, ratio, good in ((bps, "b/s", speed, fast), (hours, "GPU-h", cost, cheap)):
+        text = "—" if number == "—" else f"{number} {unit}" + ("" if ratio == "—" else f"\n{ratio}")
+        out.append(Text(text.replace(" [", "\n[").replace(" ⚠", "\n⚠"), style=style(good)))
+    return out
+
+
+def to_html(df: Table, metrics: list[tuple[str, str]], title: str) -> str:
     """The table as an HTML fragment (a `<table class="impact">` and its legend), for `--format html`
     and the report; better/worse cells carry the classes `better`/`worse`, significant ones `significant`."""
     from html import escape
@@ -216,7 +239,7 @@ def to_html(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str) -> str
             cls = " ".join(c for c in classes if c)
             out.append(f'<td class="{cls}">{escape(text)}</td>' if cls else f"<td>{escape(text)}</td>")
         out.append("</tr>")
-    out.append(f'</tbody></table><p class="legend">{escape(LEGEND)}</p>')
+    out.append(f'</tbody></table><p class="legend">{escape(legend(df))}</p>')
     return "".join(out)
 
 
@@ -234,7 +257,7 @@ TABLE_STYLE = (
 )
 
 
-def _page(df: pd.DataFrame, sweep: Sweep, step: int | None) -> str:
+def _page(df: Table, sweep: Sweep, step: int | None) -> str:
     heading = title(sweep, step)
     return HTML_PAGE.format(title=heading, style=TABLE_STYLE, body=to_html(df, sweep.metrics, heading))
 
@@ -245,7 +268,7 @@ FORMATS: dict[str, Format] = {
         terminal=True,
         footer_on_stdout=True,
     ),
-    "csv": Format(lambda df, sweep, step: df.to_csv(index=False)),
+    "csv": Format(lambda df, sweep, step: df.frame().to_csv(index=False)),
     "markdown": Format(lambda df, sweep, step: to_markdown(df, sweep.metrics) + "\n", footer_on_stdout=True),
     "json": Format(lambda df, sweep, step: to_json(df, sweep, step) + "\n"),
     "html": Format(_page),

@@ -38,14 +38,14 @@ def _img(path: Path, alt: str, **attrs: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}"{extra}>'
 
 
-def build(sweep: Sweep, step: int | None = None, by: str | None = None) -> Path:
+def build(sweep: Sweep, step: int | None = None, by: str | None = None, method: Any = None) -> Path:
     """Write `<sweep root>/report.html` (and the figures it embeds); returns its path."""
-    df, used, arms = ranking.rank(sweep, step, by)
+    df, used, arms = ranking.rank(sweep, step, by, method or ranking.Method())
     figures = plots.write(sweep, df, arms)
     title = render.title(sweep, used)
     body = [
         f"<h1>{escape(sweep.name)}: which decision matters?</h1>",
-        f"<p>{len(sweep.deltas)} delta(s) × {len(sweep.seeds)} seed(s) against one baseline; "
+        f"<p>{len(sweep.deltas)} delta(s) at {_seeds(sweep)} against one baseline; "
         f"ranked by {escape(', '.join(f'{m} ({d})' for m, d in sweep.metrics))}. "
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {escape(str(sweep.root))}.</p>",
         "<h2>Impact</h2>",
@@ -73,19 +73,16 @@ def _grids(sweep: Sweep, step: int | None) -> list[str]:
         f"<h2>Samples at step {step}</h2>" if step is not None else "<h2>Samples</h2>",
         '<div class="grids">',
     ]
-    for delta in (BASELINE, *sweep.deltas):
-        for seed in sweep.seeds:
-            name = arm_name(delta, seed)
-            grid = RunDir(sweep.root / name).eval_grid(step) if step is not None else None
-            inner = "<p>no samples</p>"
-            if grid is not None and grid.is_file():
-                try:
-                    inner = _img(grid, f"samples of {name}")
-                except OSError as e:
-                    inner = (
-                        f"<p>{escape(str(grid))}: unreadable ({escape(e.strerror or type(e).__name__)})</p>"
-                    )
-            out.append(f"<figure>{inner}<figcaption>{escape(name)}</figcaption></figure>")
+    for delta, seed in sweep.arms():
+        name = arm_name(delta, seed)
+        grid = RunDir(sweep.root / name).eval_grid(step) if step is not None else None
+        inner = "<p>no samples</p>"
+        if grid is not None and grid.is_file():
+            try:
+                inner = _img(grid, f"samples of {name}")
+            except OSError as e:
+                inner = f"<p>{escape(str(grid))}: unreadable ({escape(e.strerror or type(e).__name__)})</p>"
+        out.append(f"<figure>{inner}<figcaption>{escape(name)}</figcaption></figure>")
     return [*out, "</div>"]
 
 
@@ -128,3 +125,11 @@ def _arms(sweep: Sweep, arms: list[Any]) -> list[str]:
             f'<p class="failed"><b>{escape(name)}</b> ({escape(state)}): {escape(note or "no error recorded")}</p>'
         )
     return out
+
+
+def _seeds(sweep: Sweep) -> str:
+
+    base, deltas = sweep.seeds_of(BASELINE), next((sweep.seeds_of(d) for d in sweep.deltas), [])
+    if base == deltas or not sweep.deltas:
+        return f"{len(base)} seed(s)"
+    return f"{len(deltas)} seed(s) (the baseline at {len(base)})"

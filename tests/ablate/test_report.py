@@ -103,7 +103,7 @@ def test_report_is_one_page_that_a_real_browser_loads_cleanly(sweep, cli, chromi
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console == []  # the page logs no errors
-    assert dom.stdout.count("<img") == 9 and 'class="impact"' in dom.stdout and "noise floor" in dom.stdout
+    assert dom.stdout.count("<img") == 9 and 'class="impact"' in dom.stdout and "seed ±" in dom.stdout
     shot = tmp_path / "page.png"
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
                    capture_output=True, timeout=120, check=True)  # fmt: skip
