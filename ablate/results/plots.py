@@ -69,13 +69,15 @@ def impact(df: Table, metrics: list[tuple[str, str]]) -> Figure:
         for y, delta in enumerate(deltas):
             _impact_bar(ax, y, df.row(delta), metric, direction, scale)
         ax.axvline(0, color="#555", linewidth=0.8)
+        low, high = ax.get_xlim()
+        ax.set_xlim(low, high + 0.35 * (high - low))  # room for the q labels right of the bars
         ax.set_yticks(range(len(deltas)), deltas)
         ax.invert_yaxis()  # ranked order, best first
         arrow = "← better" if direction == "lower" else "better →"
         ax.set_xlabel(f"change vs baseline (% of the baseline's {metric})   {arrow}")
         ax.set_title(metric)
     fig.suptitle(
-        "Impact of each delta: bars = mean change over seeds, whiskers = 95% interval (seed, eval or both), q at the bar\n"
+        "Impact of each delta: bars = mean change over seeds, whiskers = 95% interval (seed, eval or both), then q\n"
         "green/red: a verdict (q ≤ 0.05 over the whole table); grey: not resolved; shaded: ±1.96 × the seed "
         "(dark) and eval (light) spread of a change",
         fontsize=10,
@@ -107,9 +109,10 @@ def _impact_bar(ax, y: int, r: Any, metric: str, direction: str, scale: float) -
     if not math.isnan(r[f"{metric}_ci_low"]):
         err = [[pct - 100 * r[f"{metric}_ci_low"] / scale], [100 * r[f"{metric}_ci_high"] / scale - pct]]
     ax.barh(y, pct, color=color, xerr=err, capsize=3, error_kw={"elinewidth": 1, "ecolor": "#333"})
-    if not math.isnan(q := r[f"{metric}_q"]):
-        ax.annotate(f"q={q:.2g} ({r[f'{metric}_noise']})", (pct, y), xytext=(4, -9), textcoords="offset points",
-                    fontsize=7, color="#444")  # fmt: skip
+    if not math.isnan(q := r[f"{metric}_q"]):  # right of the bar, its whisker and zero: never on a bar
+        right = max(0.0, pct, 100 * r[f"{metric}_ci_high"] / scale if err else pct)
+        ax.annotate(f"q={q:.2g} ({r[f'{metric}_noise']})", (right, y), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=7, color="#444")  # fmt: skip
 
 
 def curves(arms: list[ArmResult], metrics: list[tuple[str, str]]) -> Figure:

@@ -190,9 +190,12 @@ def rank_table(
         if cells is None or m in cells.get(d, ())
     ]
     stats.adjust(family, method.rule)
+    level = stats.next_level(family, method.rule)  # what an open change must reach under the table's rule
     for found, pooled, _ in verdicts.values():
         for change in found.values():
-            change.seeds_needed = None if change.significant else stats.seeds_needed(change, pooled)
+            change.seeds_needed = (
+                None if change.significant else stats.seeds_needed(change, pooled, alpha=level)
+            )
     baseline = {a.seed: a for a in groups.get(BASELINE, [])}
     rows = []
     for delta, group in groups.items():

@@ -161,7 +161,7 @@ def legend(df: Table, terminal: bool = False) -> str:
         f"covers: {seed}; eval = a paired bootstrap over the eval prompts (at one seed the interval is only "
         "that: training noise not estimated); seed+eval = both. q = p adjusted over every change of the table, "
         f"controlling {control} at 5%: * = q ≤ 0.05, a verdict; otherwise → N seeds = the seeds in all that "
-        "would resolve a change of this size at 80% power. noise = the spread of a paired change over seeds "
+        "would resolve a change of this size at 80% power, at the level the rule asks of the next verdict. noise = the spread of a paired change over seeds "
         "(pooled) and over prompt resamples. speed = the baseline's median step time over the delta's, with its "
         "95% interval over log windows and seeds (⚠ drift: the step time changed by more than 25% within the "
         "run: a shared or throttled node); GPU-h = steps × median step time × devices; cost = GPU-hours relative "
@@ -184,8 +184,9 @@ def to_rich(df: Table, metrics: list[tuple[str, str]], title: str):
     from rich.text import Text
 
     header, rows = cells(df, metrics)
-    # On a terminal each metric is one column — its value, the change (and %), the interval and its noise,
-    # q — and speed and cost share two columns, so a sweep with four metrics fits 120 columns;
+    # On a terminal each metric is one column — its value, the change (and %), the interval, q and the
+    # noise it covers, the seeds to add — and speed and cost share two columns, so a sweep with four
+    # metrics fits 150 columns;
     # csv/markdown/json/html keep every number apart.
     merged = header[:3] + [header[3 + PER_METRIC * i] for i in range(len(metrics))] + ["speed", "cost"]
     table = Table(
@@ -204,15 +205,20 @@ def _rich_row(row: list[tuple[str, int]], metrics: int, Text) -> list:
 
     if row[0][0] == NOISE_FLOOR:
         out = [Text(t, style="dim") for t, _ in row[:3]]
-        return out + [Text(row[4 + PER_METRIC * i][0], style="dim") for i in range(metrics)] + [Text("")] * 2
+        noise = [Text(row[4 + PER_METRIC * i][0].replace(" · ", "\n"), style="dim") for i in range(metrics)]
+        return out + noise + [Text("")] * 2
     out = [Text(t) for t, _ in row[:3]]
     for i in range(metrics):
         (value, _), (change, good), (q, _), (pct, _) = row[3 + PER_METRIC * i : 3 + PER_METRIC * (i + 1)]
         if pct in ("—", ""):
             out.append(Text(value))
             continue
+        # one short line each: the change (%), its interval, q and the noise the interval covers, seeds to add
         delta, _, interval = change.partition(" ")
-        lines = [value, f"{delta} ({pct})", interval, f"q {q}" if q != "—" else ""]
+        interval, _, noise = interval.rpartition("] ") if interval.startswith("[") else ("", "", "")
+        q, _, more = q.partition(" → ")
+        lines = [value, f"{delta} ({pct})", f"{interval}]" if interval else "no interval",
+                 f"q {q} {noise}" if q != "—" else "", f"→ {more}" if more else ""]  # fmt: skip
         out.append(Text("\n".join(line for line in lines if line), style=style(good)))
     (bps, _), (speed, fast), (hours, _), (cost, cheap) = row[-COSTS:]
     for number, unit, ratio, good in ((bps, "b/s", speed, fast), (hours, "GPU-h", cost, cheap)):

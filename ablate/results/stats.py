@@ -219,48 +219,44 @@ def adjust(changes: list[Change], rule: str = "bh", alpha: float = ALPHA) -> Non
         change.q, change.significant = float(value), bool(value <= alpha)
 
 
-def power(n: int, effect: float, sd: float, df: float) -> float:
-    """Two-sided power of the paired t at n seeds against a change `effect` whose seed spread is `sd`."""
+def next_level(changes: list[Change], rule: str = "bh", alpha: float = ALPHA) -> float:
+    """The p a change not yet marked must reach to be marked too, the others' verdicts as they are: the
+    next Benjamini–Hochberg step, alpha·(R+1)/m, or Holm's, alpha/(m−R), with R of m changes marked."""
+    tested = [c for c in changes if not math.isnan(c.p)]
+    m, marked = len(tested), sum(c.significant for c in tested)
+    if m == 0 or marked == m:
+        return alpha
+    return alpha * (marked + 1) / m if rule == "bh" else alpha / (m - marked)
+
+
+def power(n: int, effect: float, sd: float, df: float, alpha: float = ALPHA) -> float:
+    """Two-sided power of the paired t at level `alpha` at n seeds against a change `effect` whose seed
+    spread is `sd`."""
     from scipy.special import nctdtr
 
     if df < 1:
         return math.nan
-    crit, shift = t_quantile(df, 1 - ALPHA / 2), abs(effect) * math.sqrt(n) / sd
+    crit, shift = t_quantile(df, 1 - alpha / 2), abs(effect) * math.sqrt(n) / sd
     return float(1.0 - nctdtr(df, shift, crit) + nctdtr(df, shift, -crit))
 
 
-def seeds_needed(change: Change, pooled: Pooled | None, most: int = 64) -> int | None:
-    """The seeds (in all) that would resolve a change of `change.mean` at 80% power, with the moderated
-    seed spread and the df it would have at that many seeds; None when it cannot be said (no spread yet)
-    or more than `most` would be needed."""
+def seeds_needed(change: Change, pooled: Pooled | None, most: int = 64, alpha: float = ALPHA) -> int | None:
+    """The seeds (in all) that would resolve a change of `change.mean` at 80% power at level `alpha`
+    (`next_level` in a table), with the moderated seed spread and the df it would have at that many
+    seeds; None when it cannot be said (no spread yet) or more than `most` would be needed."""
     if math.isnan(change.sd) or change.sd == 0 or math.isnan(change.mean) or change.mean == 0:
         return None
     from scipy.special import ndtri
 
     extra = 0.0 if pooled is None else (pooled.d0 if math.isfinite(pooled.d0) else pooled.cap)
     # the z test's size is a lower bound of the t test's: start there (a few power evaluations, not dozens)
-    z = math.ceil(((ndtri(1 - ALPHA / 2) + ndtri(POWER)) * change.sd / abs(change.mean)) ** 2)
+    z = math.ceil(((ndtri(1 - alpha / 2) + ndtri(POWER)) * change.sd / abs(change.mean)) ** 2)
     for n in range(max(change.n, 2, z), most + 1):
-        if power(n, change.mean, change.sd, extra + n - 1) >= POWER:
+        if power(n, change.mean, change.sd, extra + n - 1, alpha) >= POWER:
             return n
     return None
-
-
-def stein_seeds(n1: int, sd: float, df: float, width: float) -> int:
-    """Stein's two-stage rule: the seeds in all for a 95% interval of half-width `width`, from a first
-    stage's spread `sd` with `df` degrees of freedom (the second stage's verdict uses that spread)."""
-    return max(n1, math.ceil((t_quantile(df) * sd / width) ** 2))
 
 
 def mean(xs: list[float]) -> float:
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(xs) / len(xs) if xs else math.nan
-
-
-def std(xs: list[float]) -> float:
-    """Sample standard deviation (n − 1); NaN below two values."""
-    xs = [x for x in xs if not math.isnan(x)]
-    if len(xs) < 2:
-        return math.nan
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))

@@ -165,7 +165,8 @@ def test_cli_formats(sweep, cli):
     assert order == sorted(order)
     assert "-0.15 (-17.5%)" in table.out and "0.50x" in table.out
     plain = cli("rank", sweep_file, "--interval", "paired-t").out
-    assert "[-0.785, +0.485] seed" in plain  # 95% paired t, 1 df: mean ± 12.71 · sd/√2
+    assert "[-0.785, +0.485]" in plain  # 95% paired t, 1 df: mean ± 12.71 · sd/√2
+    assert "seed-ev" not in plain and " seed " in plain  # the noise it covers: seed alone (no resamples)
     assert "noise" in table.out and "seed ±" in table.out  # the seed spread of a change
 
     as_json = json.loads(cli("rank", sweep_file, "--format", "json").out)

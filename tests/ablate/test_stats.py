@@ -78,6 +78,12 @@ def test_seeds_needed_at_80_percent_power_are_the_exact_paired_t_ones(effect, se
     assert stats.seeds_needed(change, None) == seeds  # the notes' table, df = n - 1
 
 
-def test_stein_s_second_stage_size():
-    assert stats.stein_seeds(2, sd=1.0, df=7, width=1.0) == math.ceil(scipy.stats.t.ppf(0.975, 7) ** 2)
-    assert stats.stein_seeds(8, sd=0.1, df=7, width=1.0) == 8  # the first stage already suffices
+def test_an_open_change_is_sized_for_the_level_the_table_s_rule_asks_of_the_next_verdict():
+    changes = [stats.Change(0.0, 2, p=p) for p in (0.001, 0.04, 0.3, 0.6)]
+    stats.adjust(changes, "bh")
+    assert [c.significant for c in changes] == [True, False, False, False]
+    assert stats.next_level(changes, "bh") == pytest.approx(0.05 * 2 / 4)  # BH's next step
+    stats.adjust(changes, "holm")
+    assert stats.next_level(changes, "holm") == pytest.approx(0.05 / 3)
+    open_change = stats.Change(1.0, 2, sd=1.0)
+    assert stats.seeds_needed(open_change, None, alpha=0.025) > stats.seeds_needed(open_change, None) == 10
