@@ -55,7 +55,9 @@ def sync(runs: list[OfflineRun], timeout_s: float) -> str | None:
 
 
 def log_table(sweep: Sweep, table: Any, step: int | None) -> str:
-    """Log the impact table as a W&B Table in the sweep's group (job_type `rank`); returns where it went.
+    """Log the impact table (every column of `--format json`: changes, intervals, noise, q) as a W&B Table in
+    the sweep's group (job_type `rank`), the interval and rule that made it in the run's config; returns
+    where it went.
 
     Raises RuntimeError with one line when W&B does not take it.
     """
@@ -74,7 +76,8 @@ def log_table(sweep: Sweep, table: Any, step: int | None) -> str:
         run = wandb.init(
             project=w.project, entity=w.entity, mode=mode, id=tracking.run_id(sweep.root, sweep.name, key),
             resume="allow", name=f"{sweep.name} impact", group=sweep.name, job_type="rank",
-            config={"sweep": sweep.name, "step": step, "rank_by": dict(sweep.metrics)}, dir=str(sweep.root),
+            config={"sweep": sweep.name, "step": step, "rank_by": dict(sweep.metrics), "verdicts": table.attrs},
+            dir=str(sweep.root),
             settings=wandb.Settings(init_timeout=w.init_timeout_s),
         )  # fmt: skip
         run.log({"impact": wandb.Table(dataframe=table.frame())})

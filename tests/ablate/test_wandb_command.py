@@ -66,3 +66,10 @@ def test_rank_logs_the_impact_table_in_the_sweep_group(write_sweep, cli, workdir
     rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
     assert [r["delta"] for r in rows] == ["baseline", "lr-high"]
     assert rows[1]["val_loss_change"] == pytest.approx(-0.2)
+    assert {"val_loss_ci_low", "val_loss_noise", "val_loss_q", "val_loss_seeds_needed"} <= set(
+        table["columns"]
+    )
+    assert run.config["verdicts"] == {
+        "interval": "moderated",
+        "rule": "bh",
+    }  # the same table as the terminal's
