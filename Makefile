@@ -28,6 +28,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/eval_bench.py
+	$(BIN)/python bench/rank_bench.py --repeats 3
 
 PY_SOURCES := ablate core trainer eval tests bench
 
