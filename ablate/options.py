@@ -91,7 +91,7 @@ ToWandb = Annotated[
 Top = Annotated[int, typer.Option("--top", min=1, metavar="K", help="Stack the K best deltas.")]
 
 AnyChange = Annotated[
-    bool, typer.Option("--any", help="Take the best means even where the interval includes zero.")
+    bool, typer.Option("--any", help="Take the best means even where they are not a verdict (q > 0.05).")
 ]
 
 StackOut = Annotated[
