@@ -68,3 +68,18 @@ def test_a_cache_folder_holding_another_config_is_refused(write_sweep, cli, work
     result = cli("cache", path, "--dry-run")
     assert result.code == 2 and result.err.count("\n") == 1
     assert f"cache {workdir / 'caches' / key} (for arm short-s0) holds another config's latents" in result.err
+
+
+def test_run_refuses_arms_whose_cache_is_not_computed_and_names_the_command(write_sweep, cli, workdir):
+    path = write_sweep(CACHE_SWEEP.replace("  short:\n    data.caption: short\n", ""))
+    refused = cli("run", path)
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused.err
+    assert (
+        f"arm baseline-s0: cache {workdir / 'caches' / keys(path)['baseline-s0']} is missing" in refused.err
+    )
+    assert f"`ablate cache {path}` computes every missing one" in refused.err
+    assert "baseline.cache.dir" in refused.err  # located where the sweep sets it
+    assert sorted(p.name for p in workdir.iterdir()) == ["sweep.yaml"]  # nothing created, nothing submitted
+    assert cli("cache", path).code == 0
+    planned = cli("run", path, "--dry-run")
+    assert planned.code == 0 and "baseline-s0" in planned.out, planned.err

@@ -45,7 +45,7 @@ from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.atomic import atomic_path, atomic_write_json, read_json
-from trainer.data.datasets import DATA
+from trainer.data.datasets import DATA, FileProblem
 from trainer.factors.text import TEXT
 from trainer.factors.tokenizer import Latents, build_tokenizer
 from trainer.registry import Config
@@ -60,6 +60,21 @@ class CacheConfig(Config):
         description="root of the caches; this config's is DIR/<key>, filled by "
         "`python -m trainer.data.cache precompute` (or `ablate cache`)"
     )
+
+    def file_problem(self, enc: Encoded) -> FileProblem | None:
+        """What keeps the arm made of `enc` from reading its cache (missing, interrupted, another config's),
+        or None; `unseen` when the cache root's top folder is not on this machine."""
+        root, key, at = cache_path(enc, self.dir).absolute(), cache_key(enc), ("cache", "dir")
+        parts = root.absolute().parts
+        if len(parts) > 1 and not Path(parts[0], parts[1]).exists():
+            return FileProblem(f"cache {root} is not visible from this machine", at, unseen=True)
+        try:
+            state = cache_state(root, key)
+        except ValueError as e:
+            return FileProblem(str(e), at, "the folder moved aside, so the cache is computed afresh")
+        if state == "complete":
+            return None
+        return FileProblem(f"cache {root} is {state}", at, "a computed cache")
 
 
 @dataclass(frozen=True)
