@@ -281,6 +281,15 @@ class CachedSplit(Dataset):
         return self._open[index]
 
     def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's items: the raw items fetched together (a parquet row group is read once per batch)."""
+        many = getattr(self.base, "__getitems__", None)
+        raw = many(list(indices)) if many else [self.base[i] for i in indices]
+        return [self._with_cached(i, item) for i, item in zip(indices, raw, strict=True)]
+
+    def _with_cached(self, i: int, raw: dict) -> dict:
         shard, row = divmod(i, self.split["shard_size"])
         f, masks, offsets = self._shard(shard)
         mask = masks[row]  # (L,)
@@ -288,7 +297,7 @@ class CachedSplit(Dataset):
         txt = valid.new_zeros(self.length, valid.shape[1])  # (L, D): padded positions read back as zeros
         txt[mask] = valid
         item = {
-            **self.base[i],
+            **raw,
             "text": txt,
             "mask": mask,
             "latent_mean": f.get_slice("latent_mean")[row : row + 1][0],

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
+from trainer.data.rows import DataError, JsonlRows, ParquetRows
 from trainer.registry import Config, Registry
 
 # `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None;
@@ -164,34 +165,47 @@ def _first_row(path: Path) -> tuple[set[str], Path | None]:
     raise DataError(f"{meta} has no rows")
 
 
-class DataError(ValueError):
-    """A data file or row that cannot be used; the message names the file (and row)."""
-
-
 class ImageTextDataset(Dataset):
-    """Rows of (image, captions); images are decoded, centre-cropped and resized on access.
+    """Rows `first .. first + size` of `rows` as (image, captions); images are decoded, centre-cropped and
+    resized on access.
 
-    `where(row, index)` names a row's source for errors (the file, and the row of a parquet file);
-    `first` is the index of rows[0] in that source. `caption` None: images only (the eval reference
-    set), every caption is ""."""
+    `rows`: a list of row dicts, or a row source read on demand (`trainer.data.rows`: its `take` reads
+    each block a batch needs once). `where(row, index)` names a row's source for errors (the file, and
+    the row of a parquet file). `caption` None: images only (the eval reference set), every caption
+    is ""."""
 
     def __init__(
-        self, rows: list[dict], load_image, resolution: int, caption: str | None, where, first: int = 0
+        self, rows, load_image, resolution: int, caption: str | None, where, first: int = 0, size=None
     ):
         self.rows, self.load_image, self.resolution, self.caption = rows, load_image, resolution, caption
         self.where, self.first = where, first
+        self.size = len(rows) - first if size is None else size
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.size
+
+    def _index(self, i: int) -> int:
+        j = i + self.size if i < 0 else i
+        if not 0 <= j < self.size:
+            raise IndexError(f"item {i} of {self.size}")
+        return self.first + j
 
     def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The items of a batch (DataLoader calls this with a batch's indices): rows read block by block."""
+        at = [self._index(i) for i in indices]
+        rows = self.rows.take(at) if hasattr(self.rows, "take") else [self.rows[j] for j in at]
+        return [self._item(row, j) for row, j in zip(rows, at, strict=True)]
+
+    def _item(self, row: dict, index: int) -> dict:
         from PIL import Image
 
-        row = self.rows[i]
         try:
             img = self.load_image(row).convert("RGB")  # convert() decodes: a truncated file fails here
         except (OSError, ValueError, SyntaxError, KeyError, TypeError) as e:
-            raise DataError(f"{self.where(row, self.first + i)}: cannot read the image ({e})") from None
+            raise DataError(f"{self.where(row, index)}: cannot read the image ({e})") from None
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize(
@@ -205,35 +219,29 @@ class ImageTextDataset(Dataset):
         }
 
 
-def _split(
-    rows: list[dict], cfg: ImageTextConfig, val_caption: str | None, loader, where, columns: list[str]
-) -> tuple[Dataset, Dataset]:
-    """Train and held-out rows (the last num_val); `columns` must be present in every row."""
+def _split(rows, cfg: ImageTextConfig, val_caption: str | None, loader, where, columns: list[str]):
+    """Train and held-out rows (the last num_val) of a row source; `columns` must be in its `columns`."""
     for col in dict.fromkeys([*columns, cfg.caption, val_caption or cfg.caption]):
-        if rows and col not in rows[0]:
-            raise DataError(f"{cfg.path}: no column {col!r}; columns: {', '.join(map(str, sorted(rows[0])))}")
+        if len(rows) and col not in rows.columns:
+            raise DataError(
+                f"{cfg.path}: no column {col!r}; columns: {', '.join(map(str, sorted(rows.columns)))}"
+            )
     if len(rows) <= cfg.num_val:
         raise DataError(f"{cfg.path}: {len(rows)} rows, need more than data.num_val={cfg.num_val}")
-    train, val = rows[: -cfg.num_val], rows[-cfg.num_val :]
+    n = len(rows) - cfg.num_val
     return (
-        ImageTextDataset(train, loader, cfg.resolution, cfg.caption, where),
-        ImageTextDataset(val, loader, cfg.resolution, val_caption or cfg.caption, where, len(train)),
+        ImageTextDataset(rows, loader, cfg.resolution, cfg.caption, where, 0, n),
+        ImageTextDataset(rows, loader, cfg.resolution, val_caption or cfg.caption, where, n, cfg.num_val),
     )
 
 
 @DATA.register(ParquetConfig)
 def build_parquet(cfg: ParquetConfig, val_caption: str | None = None) -> tuple[Dataset, Dataset]:
-    import pandas as pd
-
-    try:
-        rows = pd.read_parquet(cfg.path).to_dict("records")
-    except FileNotFoundError:
-        raise DataError(f"{cfg.path}: no such parquet file (data.path)") from None
-    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
-        raise DataError(f"{cfg.path}: not a readable parquet file ({e})") from None
-
+    """Row groups read on demand by each process (`trainer.data.rows.ParquetRows`), only the image and
+    caption columns; never the whole file."""
+    rows = ParquetRows(cfg.path, [cfg.image_column, cfg.caption, val_caption or cfg.caption])
     return _split(rows, cfg, val_caption, lambda row: open_encoded(row[cfg.image_column]),
-                  lambda row, i: f"{cfg.path} row {i}", [cfg.image_column])  # fmt: skip
+                  lambda row, i: rows.name(i), [cfg.image_column])  # fmt: skip
 
 
 def open_encoded(value):
@@ -246,22 +254,16 @@ def open_encoded(value):
 
 @DATA.register(FolderConfig)
 def build_folder(cfg: FolderConfig, val_caption: str | None = None) -> tuple[Dataset, Dataset]:
+    """metadata.jsonl read in blocks on demand (`trainer.data.rows.JsonlRows`), images opened on access."""
     from PIL import Image
 
     root = Path(cfg.path)
-    meta = root / "metadata.jsonl"
+    meta = root / META
     if not meta.exists():
         raise FileNotFoundError(
             f"{meta}: missing; a folder dataset needs one JSON line per image with file_name"
         )
-    rows = []
-    for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise DataError(f"{meta}:{n}: not a JSON line") from None
-    return _split(rows, cfg, val_caption, lambda row: Image.open(root / row["file_name"]),
+    return _split(JsonlRows(meta), cfg, val_caption, lambda row: Image.open(root / row["file_name"]),
                   lambda row, i: f"{root / str(row.get('file_name', '?'))} ({meta.name} row {i})",
                   ["file_name"])  # fmt: skip
 
@@ -320,10 +322,11 @@ class ReferenceSet:
 
     def __init__(self, cfg: ReferenceConfig, resolution: int):
         self.cfg, self.resolution, self.root = cfg, resolution, Path(cfg.path)
-        if cfg.kind == "parquet":
-            self._parquet = _reference_parquet(cfg)
+        if cfg.kind == "parquet":  # footers only; rows are read a row group at a time
+            hint = {cfg.image_column: "eval.reference.image_column"}
+            self._parquet = ParquetRows(cfg.path, [cfg.image_column], "eval.reference.path", hint)
             self.files = [Path(f) for f in self._parquet.files]
-            self.size = self._parquet.count_rows()
+            self.size = len(self._parquet)
         else:
             from eval.images import IMAGE_SUFFIXES, image_files
 
@@ -351,34 +354,13 @@ class ReferenceSet:
     def images(self, n: int) -> ImageTextDataset:
         """The first `n` images as a dataset of training-style items (decoded on access)."""
         if self.cfg.kind == "parquet":
-            cells = self._parquet.head(n, columns=[self.cfg.image_column]).column(0).to_pylist()
-            return ImageTextDataset([{"image": c} for c in cells], lambda row: open_encoded(row["image"]),
-                                    self.resolution, None, lambda row, i: f"{self.cfg.path} row {i}")  # fmt: skip
+            rows, column = self._parquet, self.cfg.image_column
+            return ImageTextDataset(rows, lambda row: open_encoded(row[column]), self.resolution, None,
+                                    lambda row, i: rows.name(i), 0, min(n, len(rows)))  # fmt: skip
         from PIL import Image
 
         return ImageTextDataset([{"file": f} for f in self.files[:n]], lambda row: Image.open(row["file"]),
                                 self.resolution, None, lambda row, i: str(row["file"]))  # fmt: skip
-
-
-def _reference_parquet(cfg: ReferenceConfig):
-    """The reference parquet file(s) as a pyarrow dataset (footers read, no rows), with the image column."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-
-    try:
-        dataset = ds.dataset(cfg.path, format="parquet")
-        names = dataset.schema.names
-    except FileNotFoundError:
-        raise DataError(f"{cfg.path}: no such parquet file (eval.reference.path)") from None
-    except (pa.ArrowException, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{cfg.path}: not a readable parquet file ({first[:160]})") from None
-    if cfg.image_column not in names:
-        raise DataError(
-            f"{cfg.path}: no column {cfg.image_column!r} (eval.reference.image_column); "
-            f"columns: {', '.join(sorted(names))}"
-        )
-    return dataset
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
