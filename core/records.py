@@ -47,9 +47,14 @@ class Spec(Record):
     delta: str | None = None
     seed: int | None = None
     hash: str | None = None
-    """the hash of what the arm trains (`ablate.sweep.expand.config_hash`)"""
+    """the hash of what the arm trains: its config's fields that train (`trainer.identity`)"""
     hash_version: int | None = None
-    """how `hash` was computed; older versions are hashed again from config.yaml"""
+    """how `hash` and `eval_hash` were computed; older versions are hashed again from config.yaml"""
+    eval_hash: str | None = None
+    """the hash of how its checkpoints are scored: its config's evaluation settings"""
+    roles: dict[str, str] | None = None
+    """where its config's execution (`runs`) and evaluation (`evaluates`) settings are: dotted path → role
+    (the rest trains), so that torch-free commands tell a changed setting's role"""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """the delta's overrides as written in the sweep file ({} for the baseline)"""
     sweep: str | None = None
@@ -168,6 +173,9 @@ class EvalRecord(Record):
     """images generated for the generation metrics"""
     resampled: list[str] = Field(default_factory=list)
     """the metrics eval/step_N.resamples.npy holds, one row each, in order (none: no eval noise kept)"""
+    eval_hash: str | None = None
+    """the hash of the evaluation settings these metrics were computed with (Spec.eval_hash's kind)"""
+    hash_version: int | None = None
 
 
 class Throughput(Record):

@@ -30,6 +30,8 @@ from trainer.factors.routing import ROUTING
 from trainer.factors.text import TEXT
 from trainer.factors.tokenizer import TOKENIZERS
 from trainer.flow import FlowConfig
+from trainer.identity import EVALUATES, RUNS, TRAINS, Identity, mark
+from trainer.identity import identity as identity_of
 from trainer.model import ModelConfig
 from trainer.recorder import LogConfig
 from trainer.registry import Config, Registry
@@ -43,12 +45,21 @@ class TrainSection(Config):
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps, then constant")
     grad_clip: float | None = Field(1.0, gt=0, description="clip the global grad norm to this; null = off")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the empty one")
-    num_workers: int = Field(0, ge=0, description="data loader worker processes")
-    threads: int | None = Field(None, ge=1, description="CPU threads per process (torch.set_num_threads)")
+    # How the steps run, not what they compute: execution (trainer/identity.py).
+    num_workers: int = Field(
+        0, ge=0, description="data loader worker processes", json_schema_extra=mark(RUNS)
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads per process (torch.set_num_threads)",
+        json_schema_extra=mark(RUNS),
+    )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="torch.compile each PRX block and prefer cuDNN attention in the train step "
         "(trainer/runtime/compile.py); auto = on for CUDA, off on CPU",
+        json_schema_extra=mark(RUNS),
     )
 
 
@@ -66,15 +77,23 @@ class Component:
     in table order), "loss" (a term added to the flow-matching loss) or "weights" (the EMA evaluation
     uses); None for the components the trainer builds by name (data, optimizer, ...)"""
     default: Any = None
+    role: str = TRAINS
+    """what the component is to the arm's identity (trainer/identity.py); its fields inherit it"""
 
     def field(self) -> tuple[Any, Any]:
-        """(annotation, Field) of its TrainConfig field."""
+        """(annotation, Field) of its TrainConfig field. An optional factor that is off is neutral: a factor
+        added later leaves the hash of configs from before it unchanged while it is off."""
         doc = f"{self.doc} (kind: {', '.join(self.registry.kinds)})"
         if self.optional:
-            return Optional[self.registry.union()], Field(None, description=f"{doc}; null = off")  # noqa: UP045
+            off = Field(
+                None, description=f"{doc}; null = off", json_schema_extra=mark(self.role, neutral=None)
+            )
+            return Optional[self.registry.union()], off  # noqa: UP045
         if self.default is not None:
-            return self.registry.union(), Field(self.default, description=doc)
-        return self.registry.union(), Field(description=doc)
+            return self.registry.union(), Field(
+                self.default, description=doc, json_schema_extra=mark(self.role)
+            )
+        return self.registry.union(), Field(description=doc, json_schema_extra=mark(self.role))
 
 
 # Every config key chosen by `kind:`, in one table: TrainConfig's component fields, the registries a sweep
@@ -86,7 +105,11 @@ COMPONENTS: tuple[Component, ...] = (
     Component("tokenizer", TOKENIZERS, "image tokenizer"),
     Component("optimizer", OPTIMIZERS, "optimizer"),
     Component("precision", PRECISION, "weight precision"),
-    Component("parallel", PARALLEL, "how the denoiser is spread over processes", default=DDPConfig()),
+    # Execution: the layout changes rounding only (reduction order; FSDP's bf16 gathers under bf16 autocast,
+    # where the matmuls are bf16 anyway), as the world size the launcher sets does.
+    Component(
+        "parallel", PARALLEL, "how the denoiser is spread over processes", default=DDPConfig(), role=RUNS
+    ),
     Component("ema", EMA, "EMA of the weights, used for evaluation", optional=True, joins="weights"),
     Component("contrastive", CONTRASTIVE, "contrastive flow-matching term", optional=True, joins="loss"),
     # routing before repa: inside a route, later hooks see the kept tokens (state.kept)
@@ -110,24 +133,32 @@ REGISTRIES: dict[str, Registry] = _registries()
 
 
 class _Sections(Config):
-    """The sections every config has; TrainConfig adds a field per component of the table."""
+    """The sections every config has; TrainConfig adds a field per component of the table.
+
+    Each field's role in the arm's identity (trains, unless marked; runs; evaluates) is declared here or
+    where its section defines it: trainer/identity.py says what each means and the rule for new fields."""
 
     seed: int = Field(0, description="the arm's seed: init, data order, noise")
     weights_dir: str | None = Field(
         None,
         description="pretrained weights (an HF cache folder filled by "
         "`ablate weights download`); null = the default HF cache",
+        json_schema_extra=mark(RUNS),  # where the same weights are read from
     )
     model: ModelConfig = ModelConfig()
     flow: FlowConfig = FlowConfig()
     train: TrainSection = TrainSection()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    log: LogConfig = LogConfig()
-    eval: EvalConfig = EvalConfig()
+    # when and how many checkpoints are kept; a save neither reads nor draws from the training RNG
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), json_schema_extra=mark(RUNS))
+    log: LogConfig = Field(LogConfig(), json_schema_extra=mark(RUNS))  # how the arm reports
+    # Scoring only: evaluation draws from its own generators (fixed prompt and held-out seeds), never the
+    # training's, and leaves the weights, the optimizer and the data order as they were.
+    eval: EvalConfig = Field(EvalConfig(), json_schema_extra=mark(EVALUATES))
     cache: CacheConfig | None = Field(
         None,
         description="read latents and caption embeddings precomputed by "
         "`ablate cache SWEEP`; null = encode each step",
+        json_schema_extra=mark(RUNS),  # the same latents and embeddings, up to the encoders' rounding
     )
 
     def encoded(self, tokenizer_cache: str | Path | None = None) -> Encoded:
@@ -302,3 +333,9 @@ def load(path) -> TrainConfig:
 
     with open(path, encoding="utf-8") as f:
         return TrainConfig.model_validate(yaml.safe_load(f))
+
+
+def identity(config: dict[str, Any]) -> Identity:
+    """A resolved config's identity (or part of one, e.g. an old config.yaml): the hash of what it trains,
+    the hash of how it is scored, and its parts by role, as this schema's marks declare them."""
+    return identity_of(TrainConfig, config)

@@ -27,6 +27,7 @@ from trainer import flow
 from trainer.data.datasets import ReferenceConfig, ReferenceSet
 from trainer.data.synthetic import ATTRIBUTES, SyntheticConfig, attribute_net
 from trainer.factors.precision import Precision
+from trainer.identity import EVALUATES, RUNS, mark
 from trainer.registry import Config
 from trainer.runtime.clock import Cadence
 from trainer.runtime.dist import Dist
@@ -64,14 +65,18 @@ class EvalConfig(Config):
         description="eval noise: every metric again on this many resamples of the prompts (and of the held-out "
         "rows for val_loss), at the last step and at every `ablate eval`; `ablate rank` builds its eval intervals "
         "from them. 0 = none",
+        json_schema_extra=mark(EVALUATES, neutral=0),  # added after hashes existed: none was kept before
     )
     cache_dir: str | None = Field(
-        None, description="reference features and the demo's attribute net (default: <sweep dir>/.eval-cache)"
+        None,
+        description="reference features and the demo's attribute net (default: <sweep dir>/.eval-cache)",
+        json_schema_extra=mark(RUNS),  # where the same features are kept
     )
     reference: ReferenceConfig | None = Field(
         None,
         description="real images the metrics compare against: {kind: parquet|folder, path}, the first "
         "`samples` of them, prepared like training images (PRX: an Unsplash set); null = the held-out rows",
+        json_schema_extra=mark(EVALUATES, neutral=None),  # added after hashes existed
     )
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from trainer.identity import TRAINS, mark
 from trainer.registry import Config
 
 # One-line factories of the sizes we train; `context_in_dim` and `in_channels` come from the
@@ -74,7 +75,10 @@ class ModelConfig(Config):
     bottleneck_size: int | None = Field(None, ge=1, description="two-layer patch embedding (pixel-space PRX)")
     in_channels: int | None = Field(None, ge=1, description="leave unset: follows the tokenizer")
     init: Literal[tuple(INITS)] = Field(
-        "prx", description="prx: final layer zero-initialised as PRX does; diffusers: the class's own init"
+        "prx",
+        description="prx: final layer zero-initialised as PRX does; diffusers: the class's own init",
+        # added after hashes existed: the class's own init was the only one before
+        json_schema_extra=mark(TRAINS, neutral="diffusers"),
     )
 
     @model_validator(mode="after")

@@ -22,13 +22,14 @@ from core.atomic import Unreadable
 from core.records import EvalRecord, Result, Spec
 from core.rundir import DONE, RUNNING, RunDir, now
 from trainer import flow
-from trainer.config import TrainConfig, build_factors
+from trainer.config import TrainConfig, build_factors, identity
 from trainer.data import cache
 from trainer.data.datasets import StepBatchSampler
 from trainer.evaluation import Evaluation, GenerationMetrics, HeldOutLoss, Sampler
 from trainer.factors.ema import NoEMA
 from trainer.factors.optimizer import OPTIMIZERS, lr_factor
 from trainer.factors.precision import PRECISION
+from trainer.identity import HASH_VERSION
 from trainer.model import Denoiser, FactorContext, build_prx
 from trainer.recorder import Recorder
 from trainer.runtime import parallel
@@ -244,7 +245,9 @@ class Trainer:
         with self.ema.swapped(), self.compiled.eager(), self.parallel.evaluation():
             metrics, grid, found = self.evaluation(self.denoiser, self.sampler, noise=noise)
         record = EvalRecord(step=self.step, metrics=metrics, val_samples=len(self.val_set),
-                            generated_samples=self.evaluation.generation.n, resampled=list(found.resamples))  # fmt: skip
+                            generated_samples=self.evaluation.generation.n, resampled=list(found.resamples),
+                            eval_hash=identity(self.cfg.model_dump(mode="json")).eval_hash,
+                            hash_version=HASH_VERSION)  # fmt: skip
         if self.dist.main:
             self.recorder.eval(record, grid, found)
         return metrics

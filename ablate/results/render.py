@@ -43,7 +43,8 @@ def footer(sweep: Sweep, arms: list[ArmResult], changed: dict[str, str]) -> list
         lines.append(f"† {name}: {note}")
     if changed:
         lines.append(
-            f"† ranked with results of the config it ran with; `ablate run {sweep.file} --rerun NAME` runs it again"
+            f"† ranked with results of the settings it ran or was scored with; `ablate run {sweep.file}` re-scores "
+            "changed evaluation settings, `--rerun NAME` trains a changed config again"
         )
     return lines
 

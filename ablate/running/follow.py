@@ -24,7 +24,7 @@ from rich.text import Text
 from ablate.errors import os_fault
 from ablate.running import jobs as arm_jobs
 from ablate.running import launch, ownership, show, snapshot, store
-from ablate.running.rescore import Target, select
+from ablate.running.rescore import Target, queue, select
 from ablate.sweep.expand import RunSpec
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
@@ -55,6 +55,10 @@ class Submission(ABC):
     def job(self) -> Callable[[str], Any] | None:
         """What each job calls with its run folder (None: train the arm)."""
         return None
+
+    def batches(self, run_dirs: list[Path]) -> list[tuple[list[Path], Callable[[str], Any] | None]]:
+        """The run folders `prepare` returned, grouped by what their jobs call: one array each."""
+        return [(run_dirs, self.job())]
 
     def fault(self, e: OSError, run_dirs: list[Path]) -> Exception:
         """What an operating fault while submitting becomes (by default itself, which `main` says in one line)."""
@@ -88,16 +92,16 @@ def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -
                 code = _snapshot(sweep, console)
                 run_dirs = submission.prepare(code)
                 executor = launch.build_executor(launcher, sweep.root, submission.job_name, code.job_setup())
-                if wait and submission.live:
+                if wait and submission.live and run_dirs:
                     display.enter_context(_live_progress(console, sweep, [d.name for d in run_dirs]))
                 try:
-                    jobs = arm_jobs.submit(
-                        executor,
-                        run_dirs,
-                        parallelism=launcher.array_parallelism,
-                        fn=submission.job(),
-                        poll_s=POLL_S,
-                    )
+                    jobs = [
+                        job
+                        for dirs, fn in submission.batches(run_dirs)
+                        for job in arm_jobs.submit(
+                            executor, dirs, parallelism=launcher.array_parallelism, fn=fn, poll_s=POLL_S
+                        )
+                    ]
                 except OSError as e:
                     raise submission.fault(e, run_dirs) from None
             if not wait:
@@ -113,7 +117,8 @@ def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -
 
 
 class Training(Submission):
-    """`ablate run`: a training job for every arm that has not finished with its current config."""
+    """`ablate run`: a training job for every arm that has not finished with its current config, and an
+    evaluation job for every done arm whose evaluation settings changed (`rescore.queue`)."""
 
     live = True
 
@@ -131,22 +136,28 @@ class Training(Submission):
         self.specs, self.rerun, self.force = specs, rerun, force
         self.decisions: list[store.Decision] = []
         self.names: list[str] = []
+        self.rescores: list[Target] = []
 
     def plan(self) -> bool:
         self.decisions = store.plan(self.specs, self.sweep.root, rerun=self.rerun, force=self.force)
         if err := store.blocked_error(self.decisions):
             raise err
         show.plan(self.console, self.sweep, self.decisions, detailed=False)
-        if not any(d.launches for d in self.decisions):
+        if not any(d.launches or d.action == "rescore" for d in self.decisions):
             self.console.print("nothing to submit: every arm is done or in flight")
             return False
         return True
 
     def prepare(self, code: snapshot.Snapshot) -> list[Path]:
-        sweep = self.sweep
-        run_dirs = store.prepare(self.decisions, sweep.root, sweep.name, sweep.launcher.executor, code=code)
+        sweep, executor = self.sweep, self.sweep.launcher.executor
+        run_dirs = store.prepare(self.decisions, sweep.root, sweep.name, executor, code=code)
         self.names = [d.name for d in run_dirs]
+        self.rescores = queue(self.decisions, sweep.name, executor, code=code)
         return run_dirs
+
+    def batches(self, run_dirs: list[Path]) -> list[tuple[list[Path], Callable[[str], Any] | None]]:
+        scores = arm_jobs.EvalArm({str(t.run_dir): t.step for t in self.rescores})
+        return [(run_dirs, None), ([t.run_dir for t in self.rescores], scores)]
 
     def fault(self, e: OSError, run_dirs: list[Path]) -> Exception:
         """How far submission got, and what to do."""
@@ -162,15 +173,22 @@ class Training(Submission):
         )
 
     def submitted(self, n: int) -> str:
-        executor = self.sweep.launcher.executor
-        return f"submitted {n} arm(s) ({executor}); follow them with `ablate status {self.sweep_file}`"
+        executor, scores = self.sweep.launcher.executor, len(self.rescores)
+        what = f"{n - scores} arm(s)" + (f" and {scores} re-scoring(s)" if scores else "")
+        return f"submitted {what} ({executor}); follow them with `ablate status {self.sweep_file}`"
 
     def interrupted(self) -> tuple[str, str]:
         again = f"`ablate run {self.sweep_file}` resubmits unfinished arms, which resume from their newest checkpoint"
         return "arms running on this machine stop with it", again
 
     def summary(self) -> int:
-        failed = show.summary(self.console, [store.observe(self.sweep.root / name) for name in self.names])
+        failed = 0
+        if self.names:
+            failed = show.summary(
+                self.console, [store.observe(self.sweep.root / name) for name in self.names]
+            )
+        if self.rescores:
+            failed += show.eval_summary(self.console, self.rescores)
         self.console.print(f"next: ablate rank {self.sweep_file}")
         return failed
 

@@ -6,15 +6,23 @@ at the step asked for (default: its newest). Each evaluation is a job of the swe
 (`jobs.EvalArm`) that calls `trainer.job.rescore(run_dir, step)`, which writes
 `eval/step_N.json` and the sample grid (result.json's copy of the metrics follows), so
 `ablate rank --step N` ranks at it. The job's outcome goes to the arm's eval_job.json.
+
+`ablate run` re-scores the same way the done arms whose evaluation settings changed (`queue`): their
+config.yaml takes the sweep's evaluation settings first, so the job scores with them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ablate.errors import UserError
-from ablate.running.store import describe_eval_job, eval_in_flight, observe
+import yaml
+
+from ablate.errors import UserError, os_fault
+from ablate.running.since import rescore_config
+from ablate.running.store import Decision, describe_eval_job, eval_in_flight, mark_eval_queued, observe
+from ablate.sweep.expand import read_config
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
 from core.records import EvalJob
@@ -92,3 +100,24 @@ def outcome(target: Target) -> EvalJob:
         return RunDir(target.run_dir).read_eval_job() or EvalJob()
     except Unreadable as e:
         return EvalJob(state=FAILED, error=str(e))
+
+
+def queue(decisions: list[Decision], sweep_name: str, executor: str, code: Any = None) -> list[Target]:
+    """Before submission, for each arm `ablate run` re-scores: its config.yaml takes the sweep's evaluation
+    settings (what it trains is the same; how it ran stays as recorded), its spec.json the new eval hash,
+    its eval_job.json names this process (and, with `code`, the snapshot its job runs). Until the job's
+    scores carry the new eval hash, `ablate run` plans the re-score again."""
+    targets: list[Target] = []
+    for d in (d for d in decisions if d.action == "rescore"):
+        run = RunDir(d.view.run_dir)
+        try:
+            config = rescore_config(read_config(run.config), d.spec)
+            run.write_config(yaml.safe_dump(config, sort_keys=False))
+            run.write_spec(d.spec.record(sweep_name))
+            mark_eval_queued(run.path, d.step, executor)
+            if code is not None:
+                run.write_code(code.record, code.diff)
+        except OSError as e:
+            raise os_fault(e, "cannot queue the re-scoring; nothing submitted", run.path) from None
+        targets.append(Target(d.spec.name, run.path, d.step, d.view.state))
+    return targets

@@ -14,9 +14,12 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.running.launch import resources
+from ablate.running.since import ran_with
 from ablate.running.store import ArmView, Decision, blocked_error, eval_note, observe
+from ablate.sweep.drift import RESCORE
 from ablate.sweep.expand import changes, show_value
 from ablate.sweep.schema import Sweep
+from core.atomic import Unreadable
 from core.records import Requeue, Status
 from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, STALE, UNREADABLE
 
@@ -44,8 +47,8 @@ def plan(console: Console, sweep: Sweep, decisions: list[Decision], *, detailed:
             last = "\n".join(diff) or "—"
             last += "" if d.action in ("submit",) else f"\n({d.reason})"
         else:
-            last = d.reason
-        style = {"skip": "dim", "blocked": "yellow"}.get(d.action, "")
+            last = "\n".join([d.reason, *d.changes()])
+        style = {"skip": "dim", "blocked": "yellow", "rescore": "cyan"}.get(d.action, "")
         table.add_row(Text(d.spec.name), Text(d.action, style=style), Text(d.spec.hash), Text(last))
     console.print(table)
     console.print(resources(sweep.launcher), markup=False)
@@ -55,6 +58,11 @@ def dry_run(console: Console, sweep: Sweep, decisions: list[Decision]) -> None:
     """`ablate run --dry-run`: the detailed plan, what a scheduler would be handed, what blocks it."""
     launcher = sweep.launcher
     plan(console, sweep, decisions, detailed=True)
+    if any(d.since for d in decisions):  # whole lines: what each change is, and what becomes of it
+        console.print("\nchanged since they ran, by role (trains, runs or evaluates: trainer/identity.py):")
+        for d in decisions:
+            for line in d.changes():
+                console.print(f"  {d.spec.name}: {line}", markup=False)
     if launcher.kind.submission_file is not None:  # a scheduler: show what it would be handed
         what, render = launcher.kind.submission_file
         n = sum(d.launches for d in decisions)
@@ -78,7 +86,7 @@ def eval_plan(
     for column in ("arm", "state", "step", "note"):
         table.add_column(column, overflow="fold")
     for t in targets:
-        ran = observe(t.run_dir, check_jobs=False).hash
+        ran = _trained(t.run_dir)
         note = (
             f"config changed since it ran (hash {ran} → {hashes[t.name]}): evaluated with the config it ran with"
             if ran != hashes[t.name]
@@ -89,6 +97,15 @@ def eval_plan(
         table.add_row(Text(name, style="dim"), Text("left out", style="dim"), "", Text(reason, style="dim"))
     console.print(table)
     console.print(resources(sweep.launcher), markup=False)
+
+
+def _trained(run_dir: Path) -> str | None:
+    """The hash of what the arm in `run_dir` trained, in today's HASH_VERSION (None: unreadable)."""
+    spec = observe(run_dir, check_jobs=False).spec
+    try:
+        return None if spec is None else ran_with(run_dir, spec).hash
+    except Unreadable:
+        return None
 
 
 def summary(console: Console, views: list[ArmView]) -> int:
@@ -138,7 +155,7 @@ def status_table(views: list[ArmView], changed: dict[str, str]) -> Table:
         table.add_column(column, overflow="fold")
     for view in views:
         cells = _arm_cells(view)
-        drifted = "config changed since it ran (below)" if view.name in changed else ""
+        drifted = "settings changed since it ran (below)" if view.name in changed else ""
         for extra in (drifted, _requeue_note(view), view.scheduler, eval_note(view.run_dir)):
             if extra:
                 cells[-1].append(("; " if cells[-1].plain else "") + extra)
@@ -167,12 +184,21 @@ def problems(console: Console, sweep_file: Path, views: list[ArmView], changed: 
         console.print("", markup=False)
         for name, note in changed.items():
             console.print(f"{name}: {note}", style="yellow", markup=False)
-        console.print(
-            f"config changed for {len(changed)} arm(s) since they ran: their results are for the old config; "
-            f"`ablate run {sweep_file} --rerun NAME` (or --force) runs them again",
-            style="yellow",
-            markup=False,
-        )
+        trained = [name for name, note in changed.items() if not note.startswith(RESCORE)]
+        if trained:
+            console.print(
+                f"config changed for {len(trained)} arm(s) since they ran: their results are for the old config; "
+                f"`ablate run {sweep_file} --rerun NAME` (or --force) runs them again",
+                style="yellow",
+                markup=False,
+            )
+        if len(trained) < len(changed):
+            console.print(
+                f"evaluation settings changed for {len(changed) - len(trained)} arm(s) since they were scored; "
+                f"`ablate run {sweep_file}` re-scores them",
+                style="yellow",
+                markup=False,
+            )
 
 
 def weights_table(needed: list[Weight], states: dict[Weight, str | None]) -> Table:

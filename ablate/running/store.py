@@ -2,9 +2,11 @@
 
 The layout, the states and their writers are `core.rundir`'s; this module reads them for the
 orchestrator (`observe`), decides per arm (`plan`), and prepares the folders of the arms to launch
-(`prepare`). What is on disk decides: finished with the same hash → skip; failed, stale or missing
-→ (re)submit; in flight (training, or being evaluated by `ablate eval`) → skip; config hash changed
-→ blocked until `--rerun NAME` or `--force`; a corrupt record → left alone until `--rerun NAME`.
+(`prepare`). What is on disk decides: finished with the same hash → skip (what changed in how it runs
+is recorded, not rerun), or re-score its newest kept checkpoint when its evaluation settings changed;
+failed, stale or missing → (re)submit, with the sweep's settings; in flight (training, or being
+evaluated) → skip; hash of what it trains changed → blocked until `--rerun NAME` or `--force`; a
+corrupt record → left alone until `--rerun NAME`. What changed, by role: `ablate.running.since`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import shutil
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ import yaml
 from ablate.errors import UserError, os_fault
 from ablate.running import launch
 from ablate.running.launch import job_alive, job_state, pid_alive
-from ablate.sweep.expand import RunSpec, recorded_hash
+from ablate.running.since import Change, Ran, ran_with
+from ablate.running.since import since as since_ran
+from ablate.sweep.expand import RunSpec, read_config
 from core.atomic import Unreadable
 from core.lock import describe_writer, live_writer
 from core.records import EvalJob, Job, Spec, Status, Writer
@@ -42,6 +46,7 @@ from core.rundir import (
     now,
 )
 from core.sweepdir import SweepDir
+from trainer.identity import EVALUATES
 
 
 @dataclass
@@ -97,8 +102,8 @@ def observe(run_dir: Path, *, check_jobs: bool = True) -> ArmView:
     writer = live_writer(run)
     try:
         spec = run.read_spec()
-        if spec is not None:
-            spec = spec.model_copy(update={"hash": recorded_hash(spec, run.config)})
+        if spec is not None and run.config.is_file():
+            read_config(run.config)  # what a resumption or a re-scoring reads: corrupt, the arm is unreadable
         status, job = run.read_status(), run.read_job()
     except Unreadable as e:
         if writer is not None:
@@ -179,12 +184,21 @@ class Decision:
     spec: RunSpec
     view: ArmView
     action: str
-    """submit (new) | resubmit (resume after failure) | rerun (move old aside, start fresh) | skip | blocked"""
+    """submit (new) | resubmit (resume after failure) | rerun (move old aside, start fresh) | rescore (score
+    its newest kept checkpoint again, no training) | skip | blocked"""
     reason: str
+    since: list[Change] = field(default_factory=list)
+    """each setting that differs from what the arm ran with, by role"""
+    step: int | None = None
+    """rescore: the checkpoint step scored again"""
 
     @property
     def launches(self) -> bool:
         return self.action in ("submit", "resubmit", "rerun")
+
+    def changes(self) -> list[str]:
+        """One line per setting changed since it ran: its role, old and new value, what this action does."""
+        return [c.line(self.action, self.step) for c in self.since]
 
 
 def plan(
@@ -193,51 +207,71 @@ def plan(
     """Decide, from what is on disk, what to do with each arm. Reads only; writes nothing.
 
     `rerun` names arms to start afresh (finished, failed, changed or unreadable); `force` does so
-    for every arm whose config changed. An in-flight arm is never touched.
+    for every arm whose config changed. An in-flight arm is never touched. Only a change in what an arm
+    trains makes it changed; one in how it is scored re-scores it; one in how it runs is recorded.
     """
     rerun = list(rerun)  # the names are the sweep's arms: `ablate run` checked them (check_names)
-    decisions = []
-    for spec in specs:
-        view = observe(SweepDir(root).run(spec.name).path)
-        asked = spec.name in rerun
-        changed = view.hash is not None and view.hash != spec.hash
-        if view.writer is not None:  # a live process writes the folder, however it was started
-            reason = f"in flight ({view.state}: {_writing(view.writer)})"
-            if changed or asked:
-                reason += "; stop that process before rerunning it"
-            d = Decision(spec, view, "skip", reason)
-        elif view.state == MISSING:
-            d = Decision(spec, view, "submit", "new")
-        elif view.state == UNREADABLE:
-            d = Decision(
-                spec,
-                view,
-                "rerun" if asked else "skip",
-                view.note
-                if asked
-                else (
-                    f"{view.note}; `--rerun {spec.name}` starts it afresh (the folder is kept under .replaced/)"
-                ),
-            )
-        elif view.state in IN_FLIGHT:
-            reason = f"{view.state}" + (f", job {view.job.job_id}" if view.job and view.job.job_id else "")
-            if changed or asked:
-                reason += "; cancel its job before rerunning it"
-            d = Decision(spec, view, "skip", f"in flight ({reason})")
-        elif (evaluating := eval_in_flight(view.run_dir)) is not None:
-            d = Decision(spec, view, "skip", f"in flight (being evaluated: {describe_eval_job(evaluating)})")
-        elif changed and not (asked or force):
-            d = Decision(
-                spec, view, "blocked", f"config changed since it ran (hash {view.hash} → {spec.hash})"
-            )
-        elif changed or asked:
-            d = Decision(spec, view, "rerun", "config changed" if changed else "--rerun")
-        elif view.state == DONE:
-            d = Decision(spec, view, "skip", "done")
-        else:
-            d = Decision(spec, view, "resubmit", f"{view.state}" + (f": {view.note}" if view.note else ""))
-        decisions.append(d)
-    return decisions
+    return [
+        _decide(spec, observe(SweepDir(root).run(spec.name).path), spec.name in rerun, force)
+        for spec in specs
+    ]
+
+
+def _decide(spec: RunSpec, view: ArmView, asked: bool, force: bool) -> Decision:
+    ran = None
+    if view.spec is not None and view.state != UNREADABLE:
+        try:
+            ran = ran_with(view.run_dir, view.spec)
+        except Unreadable as e:
+            if view.writer is None:
+                view.state, view.note = UNREADABLE, str(e)
+    since = [] if ran is None else since_ran(ran, spec)
+    changed = ran is not None and ran.hash is not None and ran.hash != spec.hash
+    if view.writer is not None:  # a live process writes the folder, however it was started
+        reason = f"in flight ({view.state}: {_writing(view.writer)})"
+        if changed or asked:
+            reason += "; stop that process before rerunning it"
+        return Decision(spec, view, "skip", reason, since)
+    if view.state == MISSING:
+        return Decision(spec, view, "submit", "new")
+    if view.state == UNREADABLE:
+        if asked:
+            return Decision(spec, view, "rerun", view.note)
+        again = f"`--rerun {spec.name}` starts it afresh (the folder is kept under .replaced/)"
+        return Decision(spec, view, "skip", f"{view.note}; {again}")
+    if view.state in IN_FLIGHT:
+        reason = f"{view.state}" + (f", job {view.job.job_id}" if view.job and view.job.job_id else "")
+        if changed or asked:
+            reason += "; cancel its job before rerunning it"
+        return Decision(spec, view, "skip", f"in flight ({reason})", since)
+    if (evaluating := eval_in_flight(view.run_dir)) is not None:
+        return Decision(
+            spec, view, "skip", f"in flight (being evaluated: {describe_eval_job(evaluating)})", since
+        )
+    if changed and not (asked or force):
+        return Decision(
+            spec, view, "blocked", f"config changed since it ran (hash {ran.hash} → {spec.hash})", since
+        )
+    if changed or asked:
+        return Decision(spec, view, "rerun", "config changed" if changed else "--rerun", since)
+    if view.state == DONE:
+        return _finished(spec, view, ran, since)
+    return Decision(spec, view, "resubmit", f"{view.state}" + (f": {view.note}" if view.note else ""), since)
+
+
+def _finished(spec: RunSpec, view: ArmView, ran: Ran | None, since: list[Change]) -> Decision:
+    """A done arm that trained what the sweep asks: skipped, or re-scored if its newest scores were made
+    with other evaluation settings than the sweep's now."""
+    if ran is None or ran.scored is None or ran.scored == spec.eval_hash:
+        return Decision(spec, view, "skip", "done", since)
+    why = "evaluation settings changed"
+    if not any(c.role == EVALUATES for c in since):  # its config.yaml has them, its newest scores do not
+        why = "its newest scores were made with other evaluation settings (a re-score that did not finish?)"
+    kept = RunDir(view.run_dir).checkpoint_steps()
+    if not kept:
+        again = f"no checkpoint kept to re-score; `--rerun {spec.name}` trains it again"
+        return Decision(spec, view, "skip", f"done; {why}, {again}", since)
+    return Decision(spec, view, "rescore", f"done; {why}: re-score step {kept[-1]}", since, kept[-1])
 
 
 def check_names(arms: list[str], names: Iterable[str], option: str) -> None:
@@ -292,7 +326,7 @@ def prepare(
                 moved.append((run.path, sweep.move_aside(run, d.view.hash)))
             if (problem := not_a_run_folder(run.path)) is not None:
                 raise UserError(f"{problem}; nothing submitted", f"`--rerun {d.spec.name}` to move it aside")
-            if d.action in ("submit", "rerun"):
+            if d.action in ("submit", "rerun") or d.since:  # a resubmission runs with the new settings
                 if not run.path.exists():
                     run.path.mkdir(parents=True)
                     created.append(run.path)

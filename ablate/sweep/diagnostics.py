@@ -9,7 +9,6 @@ unknown registry kinds list the valid kinds, and type errors say what was expect
 from __future__ import annotations
 
 import difflib
-import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from ablate.errors import UserError
 from ablate.sweep.loader import KeyPath
+from trainer.identity import as_model as _as_model
+from trainer.identity import union_members
 
 # Locates a config path: returns (file, line, display path) for the error message.
 Locator = Callable[[KeyPath], tuple[str | None, int | None, str]]
@@ -152,26 +153,3 @@ def _model_at(model: type[BaseModel], path: KeyPath, data: Any) -> type[BaseMode
         except (KeyError, IndexError, TypeError):
             node = None
     return _as_model(annotation, node)
-
-
-def union_members(annotation: Any) -> list[Any]:
-    """Union members, with Annotated/Optional unwrapped."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return union_members(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return [m for a in typing.get_args(annotation) for m in union_members(a)]
-    return [annotation]
-
-
-def _as_model(annotation: Any, node: Any) -> type[BaseModel] | None:
-    """The model class `annotation` stands for, choosing a tagged-union member by node['kind']."""
-    models = [a for a in union_members(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-    if len(models) <= 1:
-        return models[0] if models else None
-    kind = node.get("kind") if isinstance(node, Mapping) else None
-    for m in models:
-        field = m.model_fields.get("kind")
-        if field is not None and (kind in typing.get_args(field.annotation) or field.default == kind):
-            return m
-    return None

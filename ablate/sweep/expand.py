@@ -1,15 +1,16 @@
 """Expanding a sweep into its arms: one run spec per delta × seed, each validated against the trainer's
-schema, named, and identified by the hash of what it trains; the one deep merge of a delta into the
-baseline, and the leaf-by-leaf diff of two configs.
+schema, named, and identified by the hash of what it trains (`trainer.identity`: what each config field
+is to that identity); the one deep merge of a delta into the baseline, and the leaf-by-leaf diff of two
+configs.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from ablate.sweep.diagnostics import to_user_error
 from ablate.sweep.loader import KeyPath, format_path
 from ablate.sweep.schema import BASELINE, Sweep, arm_name, delta_tree
 from core.records import Spec
+from trainer.identity import HASH_VERSION, RUNS, Identity, digest, without
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One arm: what to train and its identity (name + hash of the resolved config)."""
+    """One arm: what to train and its identity (name + hash of what the resolved config trains)."""
 
     name: str
     delta: str
@@ -35,8 +37,9 @@ class RunSpec:
     """The resolved trainer config (TrainConfig(...).model_dump(mode='json')), seed included."""
     hash: str
     settings_hash: str | None = None
-    """The hash of what the sweep file sets for the arm, before defaults (`ablate.sweep.drift`): lets the
-    torch-free `ablate status` and `ablate rank` tell that the sweep file changed since it ran."""
+    """The hash of what the sweep file sets for the arm, before defaults, its execution settings left out
+    (`ablate.sweep.drift`): lets the torch-free `ablate status` and `ablate rank` tell that the sweep file
+    changed since it ran."""
     train: Any = field(default=None, compare=False, repr=False)
     """The validated trainer config (trainer.config.TrainConfig) `config` is the dump of; checks after
     expansion read it instead of validating the arm again."""
@@ -50,42 +53,57 @@ class RunSpec:
         file, line, shown = self.locate(path)
         return UserError(problem, expected, file=file, line=line, path=shown)
 
+    @cached_property
+    def identity(self) -> Identity:
+        """What the config trains, runs and evaluates, and their hashes (`trainer.identity`)."""
+        return config_identity(self.config)
+
+    @property
+    def eval_hash(self) -> str:
+        return self.identity.eval_hash
+
     def record(self, sweep_name: str) -> Spec:
         """The arm's spec.json."""
         return Spec(name=self.name, delta=self.delta, seed=self.seed, hash=self.hash, hash_version=HASH_VERSION,
-                    overrides=self.overrides, sweep=sweep_name, settings_hash=self.settings_hash)  # fmt: skip
+                    eval_hash=self.eval_hash, roles=self.identity.marks, overrides=self.overrides,
+                    sweep=sweep_name, settings_hash=self.settings_hash)  # fmt: skip
 
 
-# 2: the `log` section (how an arm reports — log lines, W&B — not what it trains) is not part of
-# its identity, so a logging change never makes a finished arm look changed. Run folders whose
-# spec.json predates it are hashed again from their config.yaml (`recorded_hash`).
-HASH_VERSION = 2
-NOT_IDENTITY = ("log",)
+LEGACY_MARKS = {"log": RUNS}
+"""The roles spec.json files from before HASH_VERSION 3 hashed settings by: only `log` left out."""
+
+
+def config_identity(config: dict[str, Any]) -> Identity:
+    """A resolved config's identity under the trainer's schema (imports torch)."""
+    from trainer.config import identity
+
+    return identity(config)
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """An arm's identity: first 12 hex digits of sha256 over the canonical JSON of its resolved config,
-    the `log` section left out."""
-    identity = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    """An arm's identity: first 12 hex digits of sha256 over the canonical JSON of what its resolved config
+    trains (the fields marked `runs` or `evaluates` left out, and those at their neutral value)."""
+    return config_identity(config).hash
 
 
-def recorded_hash(spec: Spec, config_file: Path) -> str | None:
-    """The identity of the config an arm ran with, in today's hash (older spec.json files hashed it
-    another way: their config.yaml is hashed again). Raises `Unreadable` for a corrupt config.yaml."""
-    if spec.hash_version == HASH_VERSION or not config_file.exists():
-        return spec.hash
+def settings_hash(settings: dict[str, Any], marks: dict[str, str]) -> str:
+    """The hash of what a sweep file sets for an arm, its execution settings (by `marks`) left out."""
+    return digest(without(settings, marks, RUNS))
+
+
+def read_config(config_file: Path) -> dict[str, Any]:
+    """A run folder's config.yaml, read within the sweep file's bounds (a planted billion laughs stays
+    small). Raises `Unreadable` for a corrupt one."""
     from ablate.sweep.loader import load_plain_yaml
     from core.atomic import Unreadable
 
     try:
         config = load_plain_yaml(config_file, "config file")
-    except UserError as e:  # read within the sweep file's bounds: a planted billion laughs stays small
+    except UserError as e:
         raise Unreadable(config_file, (f"line {e.line}: " if e.line else "") + e.problem) from None
     if not isinstance(config, dict):
         raise Unreadable(config_file, f"not the YAML of a config: a {type(config).__name__}")
-    return config_hash(config)
+    return config
 
 
 def expand(sweep: Sweep) -> list[RunSpec]:
@@ -141,8 +159,9 @@ class _Arms:
             raise UserError(f"{problem} (launcher: {launcher.nodes} node(s) × {per_node} task(s))",
                             expected, file=file, line=line, path=shown)  # fmt: skip
         config = train.model_dump(mode="json")
-        return RunSpec(arm_name(delta, seed), delta, seed, copy.deepcopy(overrides or {}), config,
-                       config_hash(config), config_hash(settings), train, locate)  # fmt: skip
+        ident = config_identity(config)
+        return RunSpec(arm_name(delta, seed), delta, seed, copy.deepcopy(overrides or {}), config, ident.hash,
+                       settings_hash(settings, ident.marks), train, locate)  # fmt: skip
 
 
 def _baseline_locator(sweep: Sweep):

@@ -393,10 +393,12 @@ def test_rank_and_status_say_when_the_sweep_changed_since_an_arm_ran(write_sweep
     assert "lr-high | done |" in rank.out  # still ranked
 
     if not legacy:  # a setting removed: no leaf differs, the recorded settings hash does
-        write_sweep(replace("  checkpoint: {every: 2}\n", ""))
+        write_sweep(replace("warmup_steps: 1, ", ""))
         assert "the sweep file's settings for it changed since it ran" in " ".join(
             cli("status", path).out.split()
         )
+        write_sweep(replace("  checkpoint: {every: 2}\n", ""))  # how it runs: not drift
+        assert "changed" not in " ".join(cli("status", path).out.split())
 
 
 # --- live writers ----------------------------------------------------------------------------------------------

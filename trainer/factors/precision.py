@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from trainer.identity import TRAINS, mark
 from trainer.registry import Config, Registry
 
 PRECISION = Registry("precision")
@@ -41,6 +42,7 @@ class BF16Config(Config):
         "fp32",
         description="dtype of the flow tensors: fp32 (only the weights are bf16) or bf16 as in PRX's bf16 "
         "run (x0, noise and v target in training; the Euler state and the net's timesteps in sampling)",
+        json_schema_extra=mark(TRAINS, neutral="fp32"),  # added after hashes existed: fp32 before
     )
 
 

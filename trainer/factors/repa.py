@@ -50,6 +50,7 @@ from eval.domain import GRID_STRIDE
 from eval.domain import WIDTH as ATTR_NET_WIDTH
 from eval.metrics import SYNTHETIC_SHAPES
 from trainer.factors.routing import gather_tokens
+from trainer.identity import TRAINS, mark
 from trainer.model import Factor, FactorContext, TokenState
 from trainer.registry import Config, Registry
 
@@ -268,11 +269,13 @@ class IREPAConfig(AlignConfig):
         "conv",
         description="conv = 3×3 conv on the token grid (the iREPA paper); attention = PRX's code: "
         f"{ATTENTION_HEADS}-head self-attention with 2-D RoPE, then Linear; it also runs inside a token route",
+        json_schema_extra=mark(TRAINS, neutral="conv"),  # added after hashes existed: conv before
     )
     target_norm: Literal["alpha", "per-token-mean"] = Field(
         "alpha",
         description="teacher tokens y ← (y − γ·mean_tokens(y)) / std_tokens: alpha = γ is the scalar "
         "`alpha` (the iREPA paper); per-token-mean = γ is each token's channel mean (PRX's code)",
+        json_schema_extra=mark(TRAINS, neutral="alpha"),  # added after hashes existed: alpha before
     )
     alpha: float = Field(0.6, ge=0, le=1, description="γ of target_norm alpha: 0.6 latent, 0.8 pixel space")
 

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from core.weights import HFWeights, load_pretrained
 from trainer.factors.captions import CLEANERS, Cleaning
+from trainer.identity import TRAINS, mark
 from trainer.registry import Config, Registry
 
 TEXT = Registry("text_encoder")
@@ -31,6 +32,7 @@ def clean_option(default: Cleaning):
         default,
         description="caption cleaning before tokenising: prx = PRX's (DeepFloyd IF's: lowercase, no URLs, "
         "@handles, HTML entities, file names, …), none = captions as written",
+        json_schema_extra=mark(TRAINS, neutral="none"),  # added after hashes existed: no cleaning before
     )
 
 

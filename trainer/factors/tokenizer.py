@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 
 from core.weights import HFWeights, load_pretrained
+from trainer.identity import TRAINS, mark
 from trainer.registry import Config, Registry
 
 # `needs_domain`: the data domain a tokenizer is trained on (None: any images); such a tokenizer is
@@ -250,6 +251,7 @@ class Flux2AEConfig(GaussianAutoencoderConfig):
         description="batchnorm: the AE's latent BatchNorm running statistics over 2x2 patches (BFL, "
         "diffusers); prx-plain: PRX's loading as a plain AutoencoderKL, latent · 0.18215 (the class "
         "default; the statistics are dropped)",
+        json_schema_extra=mark(TRAINS, neutral="batchnorm"),  # added after hashes existed: batchnorm before
     )
 
 
