@@ -118,9 +118,12 @@ class Sampler:
                                guidance=self.guidance, dtype=self.precision.flow)  # fmt: skip
         return self.inputs.tokenizer.decode(x0.float())
 
-    def latent_shape(self, image: torch.Tensor) -> tuple[int, ...]:
-        """(C, h, w) of the latent of one image (3, H, W): what the starting noise must be."""
-        return tuple(self.inputs.tokenizer.encode(image[None]).shape[1:])
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """(C, h, w) of the latent of a `resolution` px image: what the starting noise must be (the
+        tokenizer's stated channels and downsampling; nothing is encoded to learn it)."""
+        tokenizer = self.inputs.tokenizer
+        side = resolution // tokenizer.downsample
+        return (tokenizer.channels, side, side)
 
 
 class HeldOutLoss:
@@ -222,9 +225,9 @@ class GenerationMetrics:
     def sample(self, sampler: Sampler, indices: list[int]) -> np.ndarray:
         """Images for prompts `indices` (this process's share of the n prompts) as uint8 (N, H, W, 3)."""
         out = []
-        shape = sampler.latent_shape(self.val_set[0]["image"].to(self.dist.device)) if self.n else ()
+        shape = sampler.latent_shape(self.data.resolution)
         for chunk, counts in lockstep(indices, self.cfg.batch_size, self.n, self.dist.world):
-            captions = [self.val_set[j]["caption"] for j in chunk]
+            captions = [p["caption"] for p in self.val_set.prompts(chunk)]  # no image is decoded
             noise = torch.stack(
                 [torch.randn(shape, generator=sample_generator(PROMPT_SEED, j)) for j in chunk]
             )
@@ -246,7 +249,7 @@ class GenerationMetrics:
         feats, images = self._gather(feats, images)
         if not self.dist.main:
             return {}, images[:0], noise
-        attrs = np.stack([self.val_set[j]["attrs"].numpy() for j in range(self.n)])
+        attrs = np.stack([p["attrs"] for p in self.val_set.prompts(list(range(self.n)))])
         requested = requested_attributes(self.cfg.caption or getattr(self.data, "caption", ""), attrs)
         if resamples:
             noise.resamples = self.evaluator.resampled(feats, requested, resamples)
@@ -262,11 +265,13 @@ class GenerationMetrics:
         if world == 1:
             return feats, images
         parts: list = [None] * world
-        tdist.all_gather_object(parts, (self.mine, feats, images[: self.cfg.grid]))
+        in_grid = sum(j < self.cfg.grid for j in self.mine)  # the grid shows prompts 0 .. grid-1
+        tdist.all_gather_object(parts, (self.mine, feats, images[:in_grid]))
         order = np.argsort(np.concatenate([p[0] for p in parts]))
         feats = {k: np.concatenate([p[1][k] for p in parts])[order] for k in feats}
         grid = sorted(
-            ((j, img) for p in parts for j, img in zip(p[0], p[2], strict=True)), key=lambda x: x[0]
+            ((j, img) for p in parts for j, img in zip(p[0][: len(p[2])], p[2], strict=True)),
+            key=lambda x: x[0],
         )
         return feats, np.stack([img for _, img in grid])
 

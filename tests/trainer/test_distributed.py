@@ -23,7 +23,7 @@ def test_two_processes_match_one_process_for_the_same_global_batch(make_run, tmp
             "metrics": ["domain_fd", "prompt_adherence"],
             "samples": 9,
             "sample_steps": 4,
-            "grid": 9,
+            "grid": 4,  # fewer than a process's share: each sends only its prompts among the first 4
         },
     )
     one, two = make_run("one", **cfg), make_run("two", **cfg)

@@ -95,7 +95,7 @@ def test_prx_bf16_flow_trains_and_samples_in_bf16(tiny_cfg, tmp_path, monkeypatc
     grid = flow.shift_t(torch.linspace(1, 0, 4), 1.0)[:-1]  # (3,) fp32 Euler grid
     prompt = tr.val_set[0]
     noise = torch.randn(
-        1, *tr.sampler.latent_shape(prompt["image"]), generator=torch.Generator().manual_seed(0)
+        1, *tr.sampler.latent_shape(prompt["image"].shape[-1]), generator=torch.Generator().manual_seed(0)
     )
     for flow_dtype in (bf16, fp32):
         tr.precision = tr.sampler.precision = replace(tr.precision, flow=flow_dtype)

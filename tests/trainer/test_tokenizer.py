@@ -252,3 +252,14 @@ def test_the_domain_autoencoder_is_trained_once_and_reconstructs_the_domain(tmp_
                 "data": {"kind": "parquet", "path": "x.parquet", "caption": "c", "resolution": 16},
             }
         )
+
+
+@pytest.mark.parametrize("kind", ["pixel", "flux-vae", "repa-e-vae", "flux2-ae", "dc-ae"])
+def test_the_stated_grid_is_the_encoded_one_so_sampling_needs_no_encode(kind, weights):
+    tok = TOKENIZERS.build(config("pixel"), torch.device("cpu")) if kind == "pixel" else build(kind, weights)
+    side = 32
+    assert tuple(tok.encode(images(1, side)).shape[1:]) == (
+        tok.channels,
+        side // tok.downsample,
+        side // tok.downsample,
+    )

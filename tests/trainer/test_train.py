@@ -5,10 +5,12 @@ import torch
 import yaml
 from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
-from trainer_testing import crash_at, metrics_by_step
+from trainer_testing import TINY, crash_at, merge, metrics_by_step
 
 from trainer import job
+from trainer.config import TrainConfig
 from trainer.runtime import checkpoint
+from trainer.runtime.dist import Dist
 from trainer.train import Trainer
 
 
@@ -200,3 +202,25 @@ def test_the_last_eval_step_keeps_its_eval_noise_and_so_does_a_rescore(make_run,
     assert resamples["val_loss"] == pytest.approx(mean_resamples(per_row, resample_counts(len(per_row), 50)))
     job.rescore(d, step=4)
     assert sorted(run.eval_records()[4].resampled) == sorted(last.resampled)
+
+
+def test_generation_reads_prompts_without_decoding_an_image(tmp_path, domain_cache):
+    # the prompts' captions and attributes come from `prompts`; images are decoded only for the reference
+    ev = {"metrics": ["domain_fd", "prompt_adherence"], "samples": 6, "sample_steps": 2,
+          "cache_dir": str(domain_cache)}  # fmt: skip
+    tr = Trainer(
+        TrainConfig.model_validate(merge(TINY, {"eval": ev})), tmp_path, Dist(0, 1, 0, torch.device("cpu"))
+    )
+    generation = tr.evaluation.generation
+    first, *_ = generation(tr.sampler)  # computes (and caches) the reference from the held-out images
+
+    class PromptsOnly:  # what sampling may touch: no __getitem__, so an image decode would raise
+        def __init__(self, base):
+            self.prompts, self.n = base.prompts, len(base)
+
+        def __len__(self):
+            return self.n
+
+    generation.val_set = PromptsOnly(generation.val_set)
+    again, *_ = generation(tr.sampler)
+    assert again == first and set(again) == {"domain_fd", "prompt_adherence"}

@@ -280,6 +280,9 @@ class CachedSplit(Dataset):
             self._open[index] = (f, mask, offsets)
         return self._open[index]
 
+    def prompts(self, indices: list[int]) -> list[dict]:
+        return self.base.prompts(indices)
+
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 

@@ -1,7 +1,8 @@
 """Training data: the data registry, image-caption datasets on disk, the eval reference set, the step sampler.
 
 Every dataset yields `{"image": (3, H, W) float in [0, 1], "caption": str, "attrs": (A,) long}`
-(`attrs` is -1 for datasets without known attributes). The caption column is chosen by
+(`attrs` is -1 for datasets without known attributes), and `prompts(indices)` gives what evaluation
+needs of items — caption and attrs — without decoding an image. The caption column is chosen by
 config: that is how the study's long- vs short-caption factor is expressed. The eval reference
 set (`eval.reference`, real images the metrics compare against) is read here too, with the same
 image preparation.
@@ -198,6 +199,15 @@ class ImageTextDataset(Dataset):
         at = [self._index(i) for i in indices]
         rows = self.rows.take(at) if hasattr(self.rows, "take") else [self.rows[j] for j in at]
         return [self._item(row, j) for row, j in zip(rows, at, strict=True)]
+
+    def prompts(self, indices: list[int]) -> list[dict]:
+        """What evaluation asks of the items `indices` — their caption and attributes — without decoding
+        their images."""
+        at = [self._index(i) for i in indices]
+        rows = self.rows.take(at) if hasattr(self.rows, "take") else [self.rows[j] for j in at]
+        unknown = np.full(len(synthetic.ATTRIBUTES), -1, dtype=np.int64)
+        return [{"caption": "" if self.caption is None else str(row[self.caption]), "attrs": unknown}
+                for row in rows]  # fmt: skip
 
     def _item(self, row: dict, index: int) -> dict:
         from PIL import Image

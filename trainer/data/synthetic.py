@@ -116,6 +116,14 @@ class SyntheticShapes(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def prompts(self, indices: list[int]) -> list[dict]:
+        """The caption and attributes of items `indices`, without rendering them."""
+        out = []
+        for i in indices:
+            attrs = sample_attributes(self.cfg.domain_seed, self.offset + i)
+            out.append({"caption": self.caption_fn(attrs), "attrs": np.array([attrs[k] for k in ATTRIBUTES])})
+        return out
+
     def __getitem__(self, i: int) -> dict:
         index = self.offset + i
         attrs = sample_attributes(self.cfg.domain_seed, index)
