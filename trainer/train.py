@@ -81,6 +81,10 @@ class Trainer:
 
     def _build(self, run: RunDir, inputs: tuple | None) -> None:
         cfg, dist = self.cfg, self.dist
+        # `ablate run` checked the launcher's processes; a job started another way is checked here
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+        for _, problem, expected in cfg.world_problems(dist.world, per_node):
+            raise ValueError(f"{problem}; expected {expected}")
         if cfg.train.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights

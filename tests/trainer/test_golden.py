@@ -21,7 +21,7 @@ SHORT = {"train": {"steps": 6}, "log": {"every": 1}, "eval": {"every": 6}, "chec
 EVERY_FACTOR = {
     "optimizer": {"kind": "muon", "lr": 1e-3, "adam_lr": 1e-3},
     "ema": {"kind": "ema", "decay": 0.9},
-    "contrastive": {"kind": "contrastive"},
+    "contrastive": {"kind": "contrastive", "group": 4},  # the whole batch of 4
     "routing": {"kind": "tread", "start": 1, "end": 3},
     "repa": {"kind": "repa", "block": 0, "teacher": {"kind": "tiny"}},
     "flow": {"prediction": "x", "shift": 2.0},
