@@ -198,14 +198,26 @@ class _Sections(Config):
         """What this config cannot do on `world` processes, `per_node` to a node (the launcher's
         nodes × tasks_per_node): (key path, problem, expected). `ablate run` checks it before it
         submits; the trainer checks the same at start-up for jobs started another way."""
-        out = []
-        if self.train.batch_size % world:
+        out, batch = [], self.train.batch_size
+        if batch % world:
             out.append((("train", "batch_size"),
-                        f"train.batch_size {self.train.batch_size} does not split evenly over {world} processes",
+                        f"train.batch_size {batch} does not split evenly over {world} processes",
                         f"a multiple of {world}"))  # fmt: skip
         out += [(("parallel", key), problem, expected)
                 for key, problem, expected in self.parallel.world_problems(world, per_node)]  # fmt: skip
+        for key, group in self.batch_groups().items():  # samples one process must hold together
+            if not batch % world and (batch // world) % group:
+                out.append(((key, "group"),
+                            f"{key}.group {group} does not divide the per-process batch {batch // world} "
+                            f"(train.batch_size {batch} over {world} processes), so its groups would span "
+                            "processes", f"a divisor of {batch // world}"))  # fmt: skip
         return out
+
+    def batch_groups(self) -> dict[str, int]:
+        """Config key → the group of consecutive samples (by global index) that component needs on one
+        process, for every component that is on and states a `batch_group` (contrastive negatives)."""
+        parts = {c.key: getattr(self, c.key, None) for c in COMPONENTS}
+        return {key: part.batch_group for key, part in parts.items() if getattr(part, "batch_group", None)}
 
     @model_validator(mode="after")
     def _sharded_parameters_fit_the_optimizer(self):

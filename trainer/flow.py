@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from trainer.draws import Draws
 from trainer.registry import Config
 
 
@@ -28,7 +29,8 @@ class FlowConfig(Config):
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator that depends only on (seed, step): resumed and multi-process runs draw the same numbers."""
+    """A generator that depends only on (seed, step), for draws that are not per training sample (the
+    held-out set's noise is keyed by its own index). A train step draws per sample: trainer/draws.py."""
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
     return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
@@ -37,12 +39,24 @@ def shift_t(t: torch.Tensor, s: float) -> torch.Tensor:
     return s * t / (1 + (s - 1) * t)
 
 
+def times(z: torch.Tensor, u: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    """(n,) training times from standard normals z (n,) and uniforms u (n, 2) on [0, 1): sigmoid(z)
+    shifted and clamped, replaced by the uniform time from u[:, 0] where u[:, 1] < uniform_fraction."""
+    t = shift_t(torch.sigmoid(z), cfg.shift)
+    t = t.clamp(cfg.t_min, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item())
+    uniform = u[:, 0] * (1 - cfg.t_min) + cfg.t_min
+    return torch.where(u[:, 1] < cfg.uniform_fraction, uniform, t)
+
+
 def sample_t(n: int, cfg: FlowConfig, gen: torch.Generator) -> torch.Tensor:
     """(n,) training times on the CPU, a pure function of the generator's state."""
-    t = shift_t(torch.sigmoid(torch.randn(n, generator=gen)), cfg.shift)
-    t = t.clamp(cfg.t_min, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item())
-    uniform = torch.rand(n, generator=gen) * (1 - cfg.t_min) + cfg.t_min
-    return torch.where(torch.rand(n, generator=gen) < cfg.uniform_fraction, uniform, t)
+    z = torch.randn(n, generator=gen)
+    return times(z, torch.stack([torch.rand(n, generator=gen), torch.rand(n, generator=gen)], 1), cfg)
+
+
+def draw_t(draws: Draws, cfg: FlowConfig) -> torch.Tensor:
+    """(rows,) training times on the CPU, each a function of its sample's (seed, step, global index)."""
+    return times(draws.normal("t.logit", device="cpu"), draws.uniform("t.uniform", (2,), device="cpu"), cfg)
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,9 @@ class TokenState:
     pe: torch.Tensor  # (B, 1, L, head_dim/2, 2, 2) RoPE of the current image tokens
     mask: torch.Tensor | None  # (B, Lt) text padding mask, True = keep
     grid: tuple[int, int]  # token grid (h, w) of the full image
-    inputs: dict = field(default_factory=dict)  # extra batch inputs factors need (e.g. raw images)
+    # extra batch inputs factors need: in training "images" (B, 3, H, W), "step" and "draws", the step's
+    # per-sample random numbers (trainer/draws.py), the one source of randomness a factor may use
+    inputs: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)  # name → scalar auxiliary loss added by factors
     kept: torch.Tensor | None = (
         None  # (B, K) sorted indices of the image tokens `img` holds inside a token route
@@ -162,7 +164,8 @@ class Factor(nn.Module):
 
 @dataclass(frozen=True)
 class FactorContext:
-    """What a factor's builder may know about the run it joins."""
+    """What a factor's builder may know about the run it joins. No seed: a factor that draws random
+    numbers takes them from the step's per-sample draws (`TokenState.inputs["draws"]`, trainer/draws.py)."""
 
     hidden_size: int
     depth: int
@@ -171,7 +174,6 @@ class FactorContext:
     downsample: int  # image pixels per latent pixel (tokenizer)
     device: torch.device
     weights_dir: str | None = None
-    seed: int = 0  # the arm's seed, for factors that draw random numbers per step
     data: Any = None  # the data config (a domain's own teacher renders the domain)
     cache_dir: str | None = None  # where networks trained on first use are kept (the eval cache)
 

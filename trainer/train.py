@@ -25,6 +25,7 @@ from trainer import flow
 from trainer.config import TrainConfig, build_factors, identity
 from trainer.data import cache
 from trainer.data.datasets import StepBatchSampler
+from trainer.draws import Draws
 from trainer.evaluation import Evaluation, GenerationMetrics, HeldOutLoss, Sampler
 from trainer.factors.ema import NoEMA
 from trainer.factors.optimizer import OPTIMIZERS, lr_factor
@@ -82,6 +83,10 @@ class Trainer:
 
     def _build(self, run: RunDir, inputs: tuple | None) -> None:
         cfg, dist = self.cfg, self.dist
+        # `ablate run` checked the launcher's processes; a job started another way is checked here
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+        for _, problem, expected in cfg.world_problems(dist.world, per_node):
+            raise ValueError(f"{problem}; expected {expected}")
         if cfg.train.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)  # the denoiser's initial weights
@@ -119,7 +124,6 @@ class Trainer:
             resolution=cfg.data.resolution,
             downsample=cfg.tokenizer.downsample,
             device=self.device,
-            seed=cfg.seed,
             weights_dir=cfg.weights_dir,
             data=cfg.data,
             cache_dir=str(eval_cache),
@@ -135,13 +139,15 @@ class Trainer:
 
     # -- the train step ------------------------------------------------------------------------
     def train_step(self, step: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this process's share of the global batch. Returns (loss, grad norm)."""
+        """One optimizer step on this process's share of the global batch. Returns (loss, grad norm).
+
+        Every random number is drawn per sample, keyed by (seed, step, global sample index)
+        (trainer/draws.py): this process draws only its own rows, and the step is the same at any
+        number of processes."""
         cfg, dev = self.cfg, self.device
-        n, b = cfg.train.batch_size, len(batch["caption"])
-        mine = slice(self.dist.rank * b, (self.dist.rank + 1) * b)  # this process's rows of the global batch
-        gen = flow.step_generator(cfg.seed, step)
-        t = flow.sample_t(n, cfg.flow, gen)[mine].to(dev)  # (b,)
-        drop = (torch.rand(n, generator=gen) < cfg.train.caption_dropout)[mine].to(dev)  # (b,)
+        draws = Draws.of_rank(cfg.seed, step, self.dist.rank, len(batch["caption"]), dev)
+        t = flow.draw_t(draws, cfg.flow).to(dev)  # (b,)
+        drop = (draws.uniform("caption_dropout", device="cpu") < cfg.train.caption_dropout).to(dev)  # (b,)
 
         images = batch["image"].to(dev, non_blocking=True)  # (b, 3, H, W) in [0, 1]
         with torch.no_grad():
@@ -149,17 +155,19 @@ class Trainer:
             empty_txt, empty_mask = self.inputs.empty()
             txt = torch.where(drop[:, None, None], empty_txt, txt)  # dropped captions → encoded ""
             mask = torch.where(drop[:, None], empty_mask, mask)
-        gen_dev, shape = flow.step_generator(cfg.seed, step, dev), (n, *lat.mean.shape[1:])
-        noise = torch.randn(shape, generator=gen_dev, device=dev)[mine]
-        # posterior sample of an autoencoder, drawn after `noise`: the same with or without the cache
-        x0 = lat.sample(torch.randn(shape, generator=gen_dev, device=dev)[mine])  # (b, C, h, w)
+        shape = lat.mean.shape[1:]
+        noise = draws.normal("noise", shape)  # (b, C, h, w)
+        # the posterior sample of an autoencoder: the same with or without the cache
+        x0 = lat.draw(lambda: draws.normal("posterior", shape))  # (b, C, h, w)
         x0, noise = x0.to(self.precision.flow), noise.to(self.precision.flow)  # bf16: PRX's bf16 run
         xt = flow.interpolate(x0, noise, t)  # (b, C, h, w); fp32 t keeps it fp32 whatever x0's dtype
 
         self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
         with self.precision.context(), self.compiled.step():
             w = self.precision.weights
-            out = self.net(xt.to(w), t, txt.to(w), mask, inputs={"images": images, "step": step})
+            out = self.net(
+                xt.to(w), t, txt.to(w), mask, inputs={"images": images, "step": step, "draws": draws}
+            )
         loss, v_pred, v_true = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
         total = loss + sum(out.losses.values()) + sum(term(v_pred, v_true) for term in self.loss_terms)
         total.backward()

@@ -15,7 +15,7 @@ deltas:
   ema:
     ema: {kind: ema, decay: 0.9}
   contrastive:
-    contrastive: {kind: contrastive}
+    contrastive: {kind: contrastive, group: 2}
   clip:
     train.grad_clip: 0.5
 seeds: [0, 1]

@@ -304,3 +304,16 @@ def test_hsdp_replica_groups_must_divide_the_launchers_processes(write_sweep, cl
     line = run_bad(write_sweep, cli, text)
     expect(line, 17, "deltas.hsdp.parallel.hybrid", "3 replica groups, which do not divide the 2 processes",
            "expected a divisor of 2, true or false")  # fmt: skip
+
+
+def test_contrastive_groups_must_fit_the_launchers_per_process_batch(write_sweep, cli):
+    text = replace("launcher: {executor: debug}", "launcher: {executor: local, tasks_per_node: 2}")
+    text = replace(
+        "    optimizer.lr: 3e-3\n",
+        "    optimizer.lr: 3e-3\n  contrastive-fm:\n    contrastive: {kind: contrastive, group: 4}\n",
+        text,
+    )
+    line = run_bad(write_sweep, cli, text)
+    expect(line, 17, "deltas.contrastive-fm.contrastive.group",
+           "contrastive.group 4 does not divide the per-process batch 2 (train.batch_size 4 over 2 processes)",
+           "1 node(s) × 2 task(s)", "expected a divisor of 2")  # fmt: skip

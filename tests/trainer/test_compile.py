@@ -25,7 +25,7 @@ from trainer.train import Trainer
 FACTORS = {
     "routing": {"kind": "tread", "start": 1, "end": 3},
     "repa": {"kind": "repa", "teacher": {"kind": "tiny"}, "block": 3},
-    "contrastive": {"kind": "contrastive"},
+    "contrastive": {"kind": "contrastive", "group": 4},
 }
 
 

@@ -59,7 +59,7 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
     # one process runs unwrapped; tests/trainer/test_fsdp.py shards over two
     ("parallel", "fsdp"): {"parallel": {"kind": "fsdp"}},
     ("ema", "ema"): {"ema": {"kind": "ema", "decay": 0.9}},
-    ("contrastive", "contrastive"): {"contrastive": {"kind": "contrastive"}},
+    ("contrastive", "contrastive"): {"contrastive": {"kind": "contrastive", "group": 2}},
     ("routing", "tread"): {"routing": {"kind": "tread", "start": 1, "end": 3}},
     ("routing", "sprint"): {"routing": {"kind": "sprint", "start": 1, "end": 3}},
     ("repa", "repa"): {"repa": {"kind": "repa", "block": 1, "teacher": TEACHER}},

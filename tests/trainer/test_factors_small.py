@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from trainer_testing import final_metrics
@@ -12,13 +13,37 @@ from trainer.factors.ema import EMAConfig, ModelEMA
 from trainer.factors.precision import BF16Config, FP32Config, build_bf16, build_fp32
 
 
-def test_contrastive_term_is_minus_lambda_mse_to_rolled_targets():
+def test_contrastive_term_is_minus_lambda_mse_to_targets_rolled_within_groups():
     g = torch.Generator().manual_seed(0)
     v_pred, v_true = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
-    term = build_contrastive(ContrastiveConfig(weight=0.05))
+    whole = build_contrastive(ContrastiveConfig(weight=0.05, group=4))  # one group: PRX's roll by one
     expected = -0.05 * ((v_pred - v_true[[3, 0, 1, 2]]) ** 2).mean()
-    assert torch.allclose(term(v_pred, v_true), expected)
-    assert torch.allclose(term(v_pred, v_true), -0.05 * F.mse_loss(v_pred, v_true.roll(1, 0)))
+    assert torch.allclose(whole(v_pred, v_true), expected)
+    assert torch.allclose(whole(v_pred, v_true), -0.05 * F.mse_loss(v_pred, v_true.roll(1, 0)))
+    pairs = build_contrastive(ContrastiveConfig(weight=0.05, group=2))  # groups {0, 1}, {2, 3}
+    assert torch.allclose(pairs(v_pred, v_true), -0.05 * ((v_pred - v_true[[1, 0, 3, 2]]) ** 2).mean())
+    # a process holding samples 2, 3 of the global batch computes its part of the same term
+    assert torch.allclose(
+        (pairs(v_pred[:2], v_true[:2]) + pairs(v_pred[2:], v_true[2:])) / 2, pairs(v_pred, v_true)
+    )
+    with pytest.raises(ValueError, match="contrastive.group 4 does not divide this process's 2 samples"):
+        whole(v_pred[:2], v_true[:2])
+
+
+def test_contrastive_groups_must_fit_the_per_process_batch(tiny_cfg):
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(
+        {**tiny_cfg, "train": {"batch_size": 32}, "contrastive": {"kind": "contrastive", "group": 8}}
+    )
+    assert cfg.world_problems(4, 4) == []
+    [(path, problem, expected)] = cfg.world_problems(8, 8)
+    assert path == ("contrastive", "group") and expected == "a divisor of 4"
+    assert problem.startswith(
+        "contrastive.group 8 does not divide the per-process batch 4 (train.batch_size 32"
+    )
+    off = TrainConfig.model_validate({**tiny_cfg, "train": {"batch_size": 32}})
+    assert off.world_problems(8, 8) == []  # contrastive off: no group to fit
 
 
 def test_ema_update_and_swap():
@@ -48,7 +73,9 @@ def test_precision_kinds():
 
 def test_bf16_weights_train_and_store_bf16(make_run):
     d = make_run(
-        precision={"kind": "bf16"}, ema={"kind": "ema", "decay": 0.9}, contrastive={"kind": "contrastive"}
+        precision={"kind": "bf16"},
+        ema={"kind": "ema", "decay": 0.9},
+        contrastive={"kind": "contrastive", "group": 4},
     )
     job.run(d)
     assert final_metrics(d)["val_loss"] > 0

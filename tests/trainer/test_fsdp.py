@@ -1,20 +1,17 @@
 """FSDP2 (`parallel: {kind: fsdp}`) on two CPU processes (gloo), each running the real trainer job."""
 
 import json
-import os
 import shutil
-import socket
 
 import pytest
 import torch
 from diffusers import PRXTransformer2DModel
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from trainer_testing import TINY, logged_losses, merge, metrics_by_step
+from trainer_testing import TINY, logged_losses, merge, metrics_by_step, run_processes
 
 from ablate.sweep.diagnostics import to_user_error
 from core.rundir import RunDir
-from trainer import job
 from trainer.config import TrainConfig, describe_registries
 from trainer.runtime import checkpoint
 from trainer.runtime.parallel import lockstep
@@ -42,39 +39,17 @@ def final_state(run_dir):
     return weights, torch.load(ckpt / "state.pt", weights_only=False)
 
 
-def _task(rank: int, world: int, port: int, run_dir: str) -> None:
-    """One process of a job, given the env:// variables torchrun (or submitit, trainer.dist) exports."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    job.run(run_dir)
-
-
-def run_two_processes(run_dir) -> None:
-    """job.run in two processes. Forked: they start with torch, diffusers and transformers imported
-    (a submitit task imports them again, ~10 s a process on two cores). Raises a task's error."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(_task, args=(2, port, str(run_dir)), nprocs=2, start_method="fork")
-
-
 def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_diffusers_model(make_run):
     """Three two-process jobs: DDP, FSDP, and FSDP again from the FSDP run's checkpoint 4."""
     ddp = make_run("ddp", **TWO_RANKS)
     fsdp = make_run("fsdp", **TWO_RANKS, parallel=FSDP)
     resumed = make_run("resumed", **TWO_RANKS, parallel=FSDP)
 
-    run_two_processes(ddp)
-    run_two_processes(fsdp)
+    run_processes(ddp)
+    run_processes(fsdp)
     # a job killed after checkpoint 4: its folder holds that checkpoint; the job starts again
     shutil.copytree(checkpoint.complete(fsdp)[0], RunDir(resumed).checkpoint(4))
-    run_two_processes(resumed)
+    run_processes(resumed)
     for run in (ddp, fsdp, resumed):
         status = json.loads((run / "status.json").read_text())
         assert status["state"] == "done" and status["world_size"] == 2

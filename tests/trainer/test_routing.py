@@ -8,6 +8,7 @@ from trainer_testing import crash_at, logged_losses, merge
 
 from trainer import job
 from trainer.config import TrainConfig
+from trainer.draws import Draws
 from trainer.factors.routing import (
     SPRINT,
     TREAD,
@@ -16,7 +17,6 @@ from trainer.factors.routing import (
     gather_pe,
     gather_tokens,
     num_kept,
-    route_generator,
 )
 from trainer.model import Denoiser, Factor, FactorContext, ModelConfig, build_prx
 from trainer.runtime import checkpoint
@@ -79,11 +79,13 @@ def run_blocks(prx, blocks, img, seen):
     return img
 
 
-def routed_forward(route, step=5, train=True):
+def routed_forward(route, step=5, train=True, draws=None):
+    """`draws`: the step's per-sample draws (default: samples 0..2 of seed 0 at `step`)."""
     prx, before, after = tiny_prx(), Spy(), Spy()
     den = Denoiser(prx, [before, route, after]).train(train)
+    draws = draws or Draws(0, step, range(3))
     with torch.no_grad():
-        out = den(*inputs(), inputs={"step": step}).pred
+        out = den(*inputs(), inputs={"step": step, "draws": draws}).pred
     return prx, before.seen, after.seen, out
 
 
@@ -116,15 +118,16 @@ def test_tread_routes_kept_tokens_through_blocks_and_returns_the_others_bit_iden
     assert not torch.allclose(manual, gather_tokens(dense["img"], kept))  # and they were processed
 
 
-def test_tread_subset_depends_on_seed_and_step_only():
-    def kept(step, seed=0):
-        ctx = FactorContext(**{**CTX.__dict__, "seed": seed})
-        return routed_forward(TREAD(TREADConfig(start=1, end=3), ctx), step=step)[2]["before", 1]["kept"]
+def test_tread_subset_is_keyed_by_seed_step_and_global_sample_index_only():
+    def kept(step=5, seed=0, indices=range(3)):
+        route = TREAD(TREADConfig(start=1, end=3), CTX)
+        return routed_forward(route, step, draws=Draws(seed, step, indices))[2]["before", 1]["kept"]
 
-    assert torch.equal(kept(5), kept(5))
+    assert torch.equal(kept(), kept())
     assert not torch.equal(kept(5), kept(6)) and not torch.equal(kept(5), kept(5, seed=1))
-    g1, g2 = route_generator(0, 5, torch.device("cpu")), route_generator(0, 5, torch.device("cpu"))
-    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    # sample 4's subset is its own wherever it sits: row 1 of one process, or row 2 of another batch
+    assert torch.equal(kept(indices=[3, 4, 5])[1], kept(indices=[9, 0, 4])[2])
+    assert not torch.equal(kept(indices=[3, 4, 5])[1], kept(indices=[3, 5, 4])[1])
 
 
 def test_tread_is_off_at_eval():

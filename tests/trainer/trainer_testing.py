@@ -1,6 +1,8 @@
 """Helpers shared by the trainer tests (a unique module name: test files import it directly)."""
 
 import json
+import os
+import socket
 
 from ablate.sweep.expand import merge as deep_merge
 from core.rundir import RunDir
@@ -63,3 +65,32 @@ def final_metrics(run_dir) -> dict[str, float]:
     """The metrics of the run's last evaluated step."""
     by_step = metrics_by_step(run_dir)
     return by_step[max(by_step)]
+
+
+def _task(rank: int, world: int, ports: list[int], run_dirs: list[str]) -> None:
+    """One process of a job per run folder, given the env:// variables torchrun (or submitit) exports."""
+    import torch
+
+    from trainer import job
+
+    torch.set_num_threads(1)
+    for port, run_dir in zip(ports, run_dirs, strict=True):  # a fresh rendezvous per job
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+        job.run(run_dir)
+
+
+def run_processes(*run_dirs, world: int = 2) -> None:
+    """job.run of each folder in turn, in `world` forked processes (gloo): they start with torch, diffusers
+    and transformers imported (a submitit task imports them again, ~10 s a process on two cores), and
+    run every folder without starting again. Raises a task's error."""
+    import torch
+
+    sockets = [socket.socket() for _ in run_dirs]
+    for s in sockets:  # held open together: distinct free ports
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    args = (world, ports, [str(d) for d in run_dirs])
+    torch.multiprocessing.start_processes(_task, args=args, nprocs=world, start_method="fork")

@@ -15,19 +15,20 @@ half-open) and let the rest skip them. The study (PRX `TREAD.yaml` / `SPRINT.yam
 
 Inside the route `state.img` holds only the kept tokens, `state.pe` their RoPE entries and
 `state.kept` their indices (B, K), sorted, so factors reading the hidden state there (REPA)
-know which tokens they see. The kept subset is drawn from a generator seeded by (arm seed,
-step, rank): the same on a resumed run, different for every step.
+know which tokens they see. Each sample's kept subset comes from the step's per-sample draws
+(`state.inputs["draws"]`, trainer/draws.py), keyed by (arm seed, step, global sample index): the
+same on a resumed run and at any number of processes, different for every step and sample.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from trainer.draws import Draws
 from trainer.model import Factor, FactorContext, TokenState
 from trainer.registry import Config, Registry
 
@@ -83,18 +84,17 @@ def num_kept(num_tokens: int, keep: float) -> int:
     return min(num_tokens - 1, max(1, round(keep * num_tokens)))
 
 
-def route_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator depending only on (seed, step, rank): token choices repeat on resume."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    digest = hashlib.blake2b(f"route:{seed}:{step}:{rank}".encode(), digest_size=8).digest()
-    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
-
 def choose_tokens(
-    batch: int, num_tokens: int, keep: int, generator: torch.Generator | None, device: torch.device
+    batch: int, num_tokens: int, keep: int, draws: Draws | None, device: torch.device
 ) -> torch.Tensor:
-    """Per sample, a uniformly random subset of `keep` token indices, sorted: (B, keep) int64."""
-    noise = torch.rand(batch, num_tokens, generator=generator, device=device)  # (B, L)
+    """Per sample, a uniformly random subset of `keep` token indices, sorted: (B, keep) int64.
+
+    Sample i's from its own draws (`draws`, one row per sample); without them (a forward outside the
+    train step) from torch's global generator."""
+    if draws is None:
+        noise = torch.rand(batch, num_tokens, device=device)  # (B, L)
+    else:
+        noise = draws.uniform("route", (num_tokens,), device)  # (B, L), row i keyed by sample i alone
     return noise.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K)
 
 
@@ -120,7 +120,7 @@ class TokenRoute(Factor):
 
     def __init__(self, cfg: RouteConfig, ctx: FactorContext):
         super().__init__()
-        self.start, self.last, self.keep, self.seed = cfg.start, cfg.end - 1, cfg.keep, ctx.seed
+        self.start, self.last, self.keep = cfg.start, cfg.end - 1, cfg.keep
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # (img, pe) entering block start
 
     def begin(self, state: TokenState) -> None:
@@ -133,9 +133,9 @@ class TokenRoute(Factor):
         if not self.training:  # eval: every token sees every block
             return
         b, n, _ = state.img.shape
-        step = state.inputs.get("step")
-        gen = None if step is None else route_generator(self.seed, step, state.img.device)
-        kept = choose_tokens(b, n, num_kept(n, self.keep), gen, state.img.device)  # (B, K)
+        kept = choose_tokens(
+            b, n, num_kept(n, self.keep), state.inputs.get("draws"), state.img.device
+        )  # (B, K)
         state.img, state.pe, state.kept = gather_tokens(state.img, kept), gather_pe(state.pe, kept), kept
 
     def after_block(self, index: int, state: TokenState) -> None:

@@ -23,6 +23,7 @@ whether it happens here or from a latent cache (see trainer/data/cache.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -47,6 +48,10 @@ class Latents(NamedTuple):
     def sample(self, eps: torch.Tensor) -> torch.Tensor:
         """z = mean + std · ε (ε ~ N(0, I), shape of `mean`); the mean itself when deterministic."""
         return self.mean if self.std is None else self.mean + self.std * eps
+
+    def draw(self, eps: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`sample` with ε from `eps()`, called only when there is a spread to sample from."""
+        return self.mean if self.std is None else self.sample(eps())
 
 
 class Tokenizer(torch.nn.Module):
