@@ -1,21 +1,23 @@
 """Checkpoints: written whole to a temporary folder, flushed, then renamed, so a folder named step_N is complete.
 
 checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
-    transformer/          diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
+    transformer/          as diffusers' save_pretrained writes it: loadable by PRXTransformer2DModel.from_pretrained
     factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
     state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position,
                           throughput and timings so far
-    manifest.json         size and SHA-256 of every other file, written last
+    manifest.json         size and checksum (XXH3-128; SHA-256 in older ones) of every other file, written last
+
+Each file is hashed as it is written (trainer/runtime/checksum.py): nothing is read back to be hashed.
 
 A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
-and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`); one that
-does not is moved to checkpoints/.set-aside/ with a one-line warning and the next older one is used.
+and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`, which
+checks the newest and goes further back only past one that fails); one that does not is moved to
+checkpoints/.set-aside/ with a one-line warning and the next older one is used.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -29,11 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from core.atomic import atomic_write_json, commit_dir
 from core.rundir import RunDir
 from trainer.registry import Config
+from trainer.runtime.checksum import matches, write_bytes, write_safetensors, write_torch
 from trainer.runtime.clock import Cadence
 
 
@@ -53,16 +56,11 @@ def set_rng_state(state: dict) -> None:
 
 
 MANIFEST = "manifest.json"
-SINGLE_FILE = 2**50  # bytes: save_pretrained's max_shard_size that never splits the transformer's weights
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # the file diffusers' from_pretrained reads
 
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint's files do not match its manifest; the message names it and says how."""
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _files(folder: Path) -> dict[str, Path]:
@@ -71,30 +69,23 @@ def _files(folder: Path) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in files}
 
 
-def manifest(folder: Path) -> dict[str, dict]:
-    """{relative path: {size, sha256}} of every file in `folder` but the manifest itself."""
-    return {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in _files(folder).items()}
-
-
 def verify(path: Path) -> str | None:
     """Why checkpoint `path` cannot be trusted, or None when every file matches its manifest."""
     try:
         recorded = json.loads((path / MANIFEST).read_bytes())["files"]
-        expected = {str(name): (int(want["size"]), str(want["sha256"])) for name, want in recorded.items()}
+        expected = {str(name): dict(want, size=int(want["size"])) for name, want in recorded.items()}
     except FileNotFoundError:
         return f"no {MANIFEST}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} unreadable ({type(e).__name__})"
     present = _files(path)
-    for name, (size, digest) in expected.items():
+    for name, want in expected.items():
         file = present.get(name)
         try:
             if file is None or file.is_symlink():
                 return f"{name} missing"
-            if file.stat().st_size != size:
-                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-            if _sha256(file) != digest:
-                return f"{name} does not match its checksum"
+            if (problem := matches(file, want)) is not None:
+                return f"{name} {problem}"
         except OSError as e:
             return f"{name} unreadable ({e.strerror})"
     extra = sorted(set(present) - set(expected))
@@ -126,15 +117,16 @@ def clean_partial(run: RunDir | Path) -> list[Path]:
     return found
 
 
-def save(run: RunDir, step: int, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int) -> Path:
+def save(run: RunDir, step: int, config: bytes, weights: dict, state: dict, keep: int) -> Path:
     """Write checkpoint `step` of `run` atomically and keep the newest `keep`. If writing fails (a full
     disk), the partial folder is removed at once, so the space is free for the error to be recorded.
 
-    `weights`: the denoiser's whole state dict (prx.…, factors.…), gathered from every process when its
-    parameters are sharded (trainer/runtime/parallel.py); `denoiser` gives the transformer's config."""
+    `config`: the transformer's config.json (`transformer_config`); `weights`: the denoiser's whole
+    state dict (prx.…, factors.…), gathered from every process when its parameters are sharded
+    (trainer/runtime/parallel.py); `state` the rest."""
     tmp = run.checkpoint_tmp(step)
     try:
-        return _save(run, step, tmp, denoiser, weights, state, keep)
+        return _save(run, step, tmp, config, weights, state, keep)
     except BaseException as e:
         full = _nearly_full(tmp.parent)  # looked at before the partial folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,35 +148,32 @@ def _part(weights: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def _plain_prx(prx: torch.nn.Module, weights: dict) -> torch.nn.Module:
-    """A plain diffusers PRX holding `weights` (a sharded model cannot save_pretrained itself): built on
-    the meta device, so no memory is allocated before the given tensors are assigned."""
+def transformer_config(prx: torch.nn.Module) -> bytes:
+    """The config.json diffusers' save_pretrained writes for `prx` (a sharded model cannot save itself):
+    from a plain PRX built on the meta device, so nothing is allocated."""
     from diffusers import PRXTransformer2DModel
 
     with torch.device("meta"):
         plain = PRXTransformer2DModel.from_config(prx.config)
-    plain.load_state_dict(weights, strict=True, assign=True)
-    return plain
+    return plain.to_json_string().encode()
 
 
-def _save(
-    run: RunDir, step: int, tmp: Path, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int
-) -> Path:
+def _save(run: RunDir, step: int, tmp: Path, config: bytes, weights: dict, state: dict, keep: int) -> Path:
     final = run.checkpoint(step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # one file whatever the size (diffusers would split past 10 GB): `load` reads that file
-    _plain_prx(denoiser.prx, _part(weights, "prx.")).save_pretrained(
-        tmp / "transformer", safe_serialization=True, max_shard_size=SINGLE_FILE
-    )
-    factors = {k: v.detach().contiguous() for k, v in _part(weights, "factors.").items()}
-    save_file(factors, tmp / "factors.safetensors")
-    torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
-    atomic_write_json(tmp / MANIFEST, {"step": step, "files": manifest(tmp)})
+    (tmp / "transformer").mkdir(parents=True)
+    files = {  # each hashed as it is written
+        "transformer/config.json": write_bytes(tmp / "transformer" / "config.json", config),
+        # one file whatever the size (diffusers would split past 10 GB): `load` reads that file
+        WEIGHTS: write_safetensors(tmp / WEIGHTS, _part(weights, "prx."), {"format": "pt"}),
+        "factors.safetensors": write_safetensors(tmp / "factors.safetensors", _part(weights, "factors.")),
+        "state.pt": write_torch(tmp / "state.pt", state),
+    }
+    atomic_write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
     commit_dir(tmp, final)
-    for old in complete(run)[:-keep]:
+    for old in complete(run)[:-keep]:  # only now: the newest complete one is never the one deleted
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -202,7 +191,7 @@ def latest(run: RunDir | Path) -> Path | None:
 
 def load(path: Path) -> tuple[dict, dict]:
     """(the denoiser's whole state dict, the training state); trainer/runtime/parallel.py puts them in place."""
-    prx = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+    prx = load_file(path / WEIGHTS)
     factors = load_file(path / "factors.safetensors")
     weights = {**{f"prx.{k}": v for k, v in prx.items()}, **{f"factors.{k}": v for k, v in factors.items()}}
     return weights, torch.load(path / "state.pt", weights_only=False)
@@ -241,8 +230,8 @@ class Checkpointer:
         ema = held.parallel.ema_state(held.ema)
         if held.dist.main:
             state = {"optimizer": optimizer, "ema": ema, "data": {"seed": self.seed, "step": step},
-                     "timing": timing}  # fmt: skip
-            save(self.run, step, held.denoiser, weights, state, self.cfg.keep)
+                     "timing": timing, "step": step, "rng": rng_state()}  # fmt: skip
+            save(self.run, step, transformer_config(held.denoiser.prx), weights, state, self.cfg.keep)
         held.dist.barrier()
 
     def resume(self, note: Callable[[str], None]) -> tuple[int, dict | None]:

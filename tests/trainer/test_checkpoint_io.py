@@ -1,0 +1,79 @@
+"""How a checkpoint reaches the disk: hashed as written, and readable by the run folder's readers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+
+import pytest
+import torch
+import xxhash
+from safetensors.torch import load_file
+
+import core.atomic
+from core.rundir import RunDir
+from trainer.runtime import checkpoint
+
+
+def small_state() -> tuple[dict, dict]:
+    weights = {
+        "prx.w": torch.randn(3, 5),
+        "prx.h": torch.randn(7).to(torch.bfloat16),
+        "factors.p": torch.ones(2),
+    }
+    return weights, {"optimizer": {"m": torch.arange(6.0)}, "step": 3}
+
+
+def test_a_save_hashes_as_it_writes_and_reads_nothing_back(tmp_path, monkeypatch):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a save read a file back to hash it")
+
+    monkeypatch.setattr(hashlib, "file_digest", no_reading)
+    weights, state = small_state()
+    path = checkpoint.save(RunDir(tmp_path), 3, b'{"a": 1}', weights, state, keep=2)
+    monkeypatch.undo()
+    files = json.loads((path / checkpoint.MANIFEST).read_text())["files"]
+    for name, entry in files.items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+    back = load_file(path / checkpoint.WEIGHTS)  # safetensors' own reader
+    assert back.keys() == {"w", "h"} and torch.equal(back["h"], weights["prx.h"])
+    assert torch.equal(load_file(path / "factors.safetensors")["p"], weights["factors.p"])
+    assert checkpoint.verify(path) is None
+
+
+def test_a_manifest_of_sha256_checksums_still_verifies_and_still_catches_damage(tmp_path):
+    weights, state = small_state()
+    path = checkpoint.save(RunDir(tmp_path), 3, b"{}", weights, state, keep=2)
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    manifest["files"] = {
+        name: {"size": len(data := (path / name).read_bytes()), "sha256": hashlib.sha256(data).hexdigest()}
+        for name in manifest["files"]
+    }
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.verify(path) is None
+    data = bytearray((path / "state.pt").read_bytes())
+    data[-40] ^= 1
+    (path / "state.pt").write_bytes(bytes(data))
+    assert checkpoint.verify(path) == "state.pt does not match its checksum"
+    manifest["files"]["state.pt"] = {"size": len(data), "md5": "x"}
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.verify(path).startswith("state.pt no checksum of a known algorithm")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_file_of_a_checkpoint_gets_the_mode_of_a_normal_file(tmp_path, monkeypatch, umask):
+    """safetensors' own writer left the weights 0600: a teammate could not evaluate them."""
+    previous = os.umask(umask)
+    monkeypatch.setattr(core.atomic, "FILE_MODE", 0o666 & ~umask)  # read once at import, as the job does
+    try:
+        path = checkpoint.save(RunDir(tmp_path), 3, b"{}", *small_state(), keep=2)
+    finally:
+        os.umask(previous)
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert len(files) == 5
+    assert {p.relative_to(path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in files} == {
+        p.relative_to(path).as_posix(): 0o666 & ~umask for p in files
+    }
