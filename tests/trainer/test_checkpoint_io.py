@@ -1,4 +1,5 @@
-"""How a checkpoint reaches the disk: hashed as written, and readable by the run folder's readers."""
+"""How a checkpoint reaches the disk and comes back: hashed as written, readable by the run folder's
+readers, and loaded onto the trainer's device whatever device saved it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,25 @@ import pytest
 import torch
 import xxhash
 from safetensors.torch import load_file
+from trainer_testing import crash_at
 
 import core.atomic
 from core.rundir import RunDir
-from trainer.runtime import checkpoint
+from trainer import job
+from trainer.config import load
+from trainer.runtime import checkpoint, checksum
+from trainer.runtime.dist import Dist
+from trainer.train import Trainer
+
+# torch.save tags each storage with the device it lives on, and torch.load puts it back there. This
+# tagger (registered once: the registry cannot drop one) makes CPU storages read as saved from
+# `_SAVED_ON["as"]`, as rank 0 of a DDP run on GPUs writes its optimizer state and EMA (cuda:0).
+_SAVED_ON: dict[str, str | None] = {"as": None}
+torch.serialization.register_package(
+    -71,
+    lambda s: _SAVED_ON["as"] if _SAVED_ON["as"] and s.device.type == "cpu" else None,
+    lambda s, loc: None,
+)
 
 
 def small_state() -> tuple[dict, dict]:
@@ -24,6 +40,50 @@ def small_state() -> tuple[dict, dict]:
         "factors.p": torch.ones(2),
     }
     return weights, {"optimizer": {"m": torch.arange(6.0)}, "step": 3}
+
+
+def tensors_on(state) -> set[torch.device]:
+    if isinstance(state, torch.Tensor):
+        return {state.device}
+    if isinstance(state, dict):
+        return set().union(*map(tensors_on, state.values()))
+    return set()
+
+
+def test_resume_puts_state_saved_on_another_gpu_onto_the_trainers_own_device(make_run):
+    """A state.pt whose tensors say cuda:3 (on this CPU machine torch.load alone refuses it) resumes
+    through the real resume path, the optimizer's and the EMA's state on the trainer's device."""
+    d = make_run(train={"steps": 8}, checkpoint={"every": 4, "keep": 5}, ema={"kind": "ema", "decay": 0.9})
+    with crash_at(6), pytest.raises(KeyboardInterrupt):
+        job.run(d)
+    path = RunDir(d).checkpoint(4)
+    saved = torch.load(path / "state.pt", weights_only=False)
+    _SAVED_ON["as"] = "cuda:3"
+    try:
+        entry = checksum.write_torch(path / "state.pt", saved)
+    finally:
+        _SAVED_ON["as"] = None
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    manifest["files"]["state.pt"] = entry
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.verify(path) is None
+    if torch.cuda.device_count() > 3:
+        assert torch.load(path / "state.pt", weights_only=False)["ema"]["shadow"][
+            "prx.x_embedder.weight"
+        ].is_cuda
+    else:  # what every process of a node did: load onto the device the state was saved from
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path / "state.pt", weights_only=False)
+
+    tr = Trainer(load(d / "config.yaml"), d, Dist(0, 1, 0, torch.device("cpu")))
+    tr.resume()
+    assert tr.step == 4
+    moments = [opt.state for opt in tr.optimizer.optimizers.values()]
+    assert tensors_on(moments[0]) == tensors_on(tr.ema.shadow) == {tr.device}
+    for name, shadow in tr.ema.shadow.items():
+        assert torch.equal(shadow, saved["ema"]["shadow"][name])
+    job.run(d)
+    assert json.loads((d / "status.json").read_text())["state"] == "done"
 
 
 def test_a_save_hashes_as_it_writes_and_reads_nothing_back(tmp_path, monkeypatch):

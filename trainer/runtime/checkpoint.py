@@ -12,7 +12,9 @@ Each file is hashed as it is written (trainer/runtime/checksum.py): nothing is r
 A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
 and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`, which
 checks the newest and goes further back only past one that fails); one that does not is moved to
-checkpoints/.set-aside/ with a one-line warning and the next older one is used.
+checkpoints/.set-aside/ with a one-line warning and the next older one is used. Resume loads
+state.pt onto the CPU (memory-mapped: the processes of a node share its pages), whatever device
+saved it, and each process moves what it keeps to its own device.
 """
 
 from __future__ import annotations
@@ -194,7 +196,9 @@ def load(path: Path) -> tuple[dict, dict]:
     prx = load_file(path / WEIGHTS)
     factors = load_file(path / "factors.safetensors")
     weights = {**{f"prx.{k}": v for k, v in prx.items()}, **{f"factors.{k}": v for k, v in factors.items()}}
-    return weights, torch.load(path / "state.pt", weights_only=False)
+    # onto the CPU whatever device saved it (a DDP run's cuda:0): every process of a node would
+    # otherwise put the whole optimizer state and EMA on one GPU; mapped, so they share its pages
+    return weights, torch.load(path / "state.pt", map_location="cpu", mmap=True, weights_only=False)
 
 
 class CheckpointConfig(Config):
