@@ -1,12 +1,15 @@
-"""How a checkpoint reaches the disk and comes back: hashed as written, readable by the run folder's
-readers, and loaded onto the trainer's device whatever device saved it."""
+"""How a checkpoint reaches the disk and comes back: staged and written in the background while training
+goes on, hashed as written, readable by the run folder's readers, and loaded onto the trainer's device
+whatever device saved it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import stat
+import threading
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from core.rundir import RunDir
 from trainer import job
 from trainer.config import load
 from trainer.runtime import checkpoint, checksum
+from trainer.runtime.async_save import Stager
 from trainer.runtime.dist import Dist
 from trainer.train import Trainer
 
@@ -137,3 +141,80 @@ def test_every_file_of_a_checkpoint_gets_the_mode_of_a_normal_file(tmp_path, mon
     assert {p.relative_to(path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in files} == {
         p.relative_to(path).as_posix(): 0o666 & ~umask for p in files
     }
+
+
+def test_staged_state_is_a_copy_that_training_cannot_change_and_its_buffers_are_reused():
+    live = {"opt": {0: {"exp_avg": torch.zeros(4), "step": torch.tensor(1.0)}}, "groups": [{"lr": 0.1}]}
+    stager = Stager()
+    staged = stager.stage(live)
+    live["opt"][0]["exp_avg"].add_(1)
+    live["opt"][0]["step"] += 1
+    live["groups"][0]["lr"] = 0.2
+    assert staged == {"opt": {0: {"exp_avg": staged["opt"][0]["exp_avg"], "step": torch.tensor(1.0)}},
+                      "groups": [{"lr": 0.1}]}  # fmt: skip
+    assert torch.equal(staged["opt"][0]["exp_avg"], torch.zeros(4))
+    again = stager.stage(live)
+    assert again["opt"][0]["exp_avg"].data_ptr() == staged["opt"][0]["exp_avg"].data_ptr()
+    assert torch.equal(again["opt"][0]["exp_avg"], torch.ones(4))
+
+
+def gate_write_of(step: int, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(reached, release): state.pt of checkpoint `step` is written once `release` is set; `reached` is
+    set when its writer gets there (the other files are written by then)."""
+    reached, release, real = threading.Event(), threading.Event(), checkpoint.write_torch
+
+    def gated(path, obj):
+        if path.parent == RunDir(path.parents[2]).checkpoint_tmp(step):
+            reached.set()
+            assert release.wait(timeout=120), "the test never released the write"
+        return real(path, obj)
+
+    monkeypatch.setattr(checkpoint, "write_torch", gated)
+    return reached, release
+
+
+def test_training_goes_on_while_a_save_is_written_and_the_newest_complete_one_is_kept(make_run, monkeypatch):
+    """keep 1, saves at 2, 4, 6: while 4 is written, training runs steps 5 and 6 and checkpoint 2 stays
+    (the only complete one); the save at 6 waits for 4, and each one deletes the one before it."""
+    d = make_run(train={"steps": 6}, checkpoint={"every": 2, "keep": 1}, log={"every": 1})
+    (reached, release), seen = gate_write_of(4, monkeypatch), {}
+    real_step = Trainer.train_step
+
+    def watching(self, step, batch):
+        if step == 4:  # the 5th step: checkpoint 4 is being written
+            assert reached.wait(timeout=120)
+            run = RunDir(d)
+            seen["complete"] = [p.name for p in checkpoint.complete(run)]
+            seen["partial"] = [p.name for p in run.partial_checkpoints()]
+            seen["in_flight"] = self.checkpointer.writer.in_flight
+            release.set()
+        return real_step(self, step, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", watching)
+    job.run(d)
+    assert seen == {"complete": ["step_00000002"], "partial": [".step_00000004.tmp"], "in_flight": True}
+    assert [p.name for p in checkpoint.complete(d)] == ["step_00000006"]
+    assert checkpoint.verify(checkpoint.latest(d)) is None
+
+
+def test_a_save_that_fails_in_the_background_fails_the_arm_at_the_next_log_point(make_run, monkeypatch):
+    d = make_run(train={"steps": 8}, checkpoint={"every": 4}, log={"every": 1})
+
+    def full_disk(path, obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "write_torch", full_disk)
+    real_step = Trainer.train_step
+
+    def after_the_write(self, step, batch):
+        if step == 4:  # the write handed over at step 4 has ended (failed) before step 5's log point
+            self.checkpointer.writer.thread.join()
+        return real_step(self, step, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", after_the_write)
+    with pytest.raises(OSError):
+        job.run(d)
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == f"disk full: {RunDir(d).checkpoint(4)}"
+    assert [r.step for r in RunDir(d).log_rows()] == [1, 2, 3, 4]
+    assert RunDir(d).partial_checkpoints() == [] and checkpoint.complete(d) == []

@@ -7,7 +7,10 @@ checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkp
                           throughput and timings so far
     manifest.json         size and checksum (XXH3-128; SHA-256 in older ones) of every other file, written last
 
-Each file is hashed as it is written (trainer/runtime/checksum.py): nothing is read back to be hashed.
+A save stops the job only while the state is gathered and copied to host memory; the main process
+writes the copy in a background thread (trainer/runtime/async_save.py), hashing each file as it is
+written (trainer/runtime/checksum.py). The next save, the end of training and a stop signal wait for
+the write in flight, so a requeued job finds either a complete checkpoint or a temporary folder.
 
 A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
 and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`, which
@@ -19,14 +22,16 @@ saved it, and each process moves what it keeps to its own device.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from safetensors.torch import load_file
 from core.atomic import atomic_write_json, commit_dir
 from core.rundir import RunDir
 from trainer.registry import Config
+from trainer.runtime.async_save import Background, Stager, nbytes
 from trainer.runtime.checksum import matches, write_bytes, write_safetensors, write_torch
 from trainer.runtime.clock import Cadence
 
@@ -124,8 +130,7 @@ def save(run: RunDir, step: int, config: bytes, weights: dict, state: dict, keep
     disk), the partial folder is removed at once, so the space is free for the error to be recorded.
 
     `config`: the transformer's config.json (`transformer_config`); `weights`: the denoiser's whole
-    state dict (prx.…, factors.…), gathered from every process when its parameters are sharded
-    (trainer/runtime/parallel.py); `state` the rest."""
+    state dict (prx.…, factors.…) and `state` the rest, on the host (`Checkpointer.save` stages them)."""
     tmp = run.checkpoint_tmp(step)
     try:
         return _save(run, step, tmp, config, weights, state, keep)
@@ -144,6 +149,18 @@ def _nearly_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < (1 << 20)
     except OSError:
         return False
+
+
+def check_room(run: RunDir, step: int, need: int) -> None:
+    """Fail at once, before anything is written, when the disk has less room than the checkpoint's
+    `need` bytes of tensors (a write in the background would fail later, steps later)."""
+    folder = next(p for p in (run.checkpoints, run.path) if p.is_dir())
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run.checkpoint(step)))
 
 
 def _part(weights: dict, prefix: str) -> dict:
@@ -221,22 +238,56 @@ class Held:
 class Checkpointer:
     """An arm's whole training state in its run folder: saved on its own cadence (`should_save`), restored
     from the newest checkpoint that verifies. Every process takes part (FSDP gathers sharded state);
-    the main process writes and reads the folder."""
+    the main process writes and reads the folder, writing in the background (`writing`)."""
 
     def __init__(self, cfg: CheckpointConfig, run: RunDir, total_steps: int, seed: int, held: Held):
         self.cfg, self.run, self.seed, self.held = cfg, run, seed, held
         self.should_save = Cadence(cfg.every, total_steps)
+        self.stager, self.writer = Stager(), Background()
+        self.transformer_json: bytes | None = None  # the transformer's config.json, made at the first save
 
     def save(self, step: int, timing: dict) -> None:
+        """Gather the state, copy it to host memory and hand it to the background writer (after the
+        previous write is done); training goes on while it is written."""
         held = self.held
+        self.writer.wait()  # one write at a time; a failed one raises here
         weights = held.parallel.weights()
         optimizer = held.parallel.optimizer_state(held.optimizer)
         ema = held.parallel.ema_state(held.ema)
         if held.dist.main:
             state = {"optimizer": optimizer, "ema": ema, "data": {"seed": self.seed, "step": step},
                      "timing": timing, "step": step, "rng": rng_state()}  # fmt: skip
-            save(self.run, step, transformer_config(held.denoiser.prx), weights, state, self.cfg.keep)
+            weights, state = self.stager.stage((weights, state))
+            check_room(self.run, step, nbytes((weights, state)))
+            self.transformer_json = self.transformer_json or transformer_config(held.denoiser.prx)
+            self.writer.submit(
+                partial(save, self.run, step, self.transformer_json, weights, state, self.cfg.keep)
+            )
         held.dist.barrier()
+
+    def check(self) -> None:
+        """Raise a background write's error (a full disk) if it has failed; never waits."""
+        self.writer.check()
+
+    def wait(self) -> None:
+        """Until every save handed to the background is on disk, on every process."""
+        self.writer.wait()
+        self.held.dist.barrier()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around the training loop: the save in flight is on disk when it ends, however it ends (a
+        checkpoint of a consistent state is worth finishing after a crash too)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.writer.wait()
+            except BaseException as e:  # the loop's own error is the one to report
+                print(f"warning: {self.run.path}: the checkpoint being written failed too: {e}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            raise
+        self.wait()
 
     def resume(self, note: Callable[[str], None]) -> tuple[int, dict | None]:
         """(step, timing) of the newest checkpoint that verifies, its state put in place; (0, None) when
