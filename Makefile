@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/eval_bench.py
 	$(BIN)/python bench/rank_bench.py --repeats 3
+	$(BIN)/python bench/save_bench.py
 
 PY_SOURCES := ablate core trainer eval tests bench
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 import xxhash
 from safetensors.torch import load_file
-from trainer_testing import crash_at
+from trainer_testing import TINY, crash_at, merge
 
 import core.atomic
 from core.rundir import RunDir
 from trainer import job
-from trainer.config import load
+from trainer.config import TrainConfig, load
 from trainer.runtime import checkpoint, checksum
-from trainer.runtime.async_save import Stager
+from trainer.runtime.async_save import Stager, state_bytes
 from trainer.runtime.dist import Dist
 from trainer.train import Trainer
 
@@ -218,3 +218,17 @@ def test_a_save_that_fails_in_the_background_fails_the_arm_at_the_next_log_point
     assert status["state"] == "failed" and status["error"] == f"disk full: {RunDir(d).checkpoint(4)}"
     assert [r.step for r in RunDir(d).log_rows()] == [1, 2, 3, 4]
     assert RunDir(d).partial_checkpoints() == [] and checkpoint.complete(d) == []
+
+
+def test_a_checkpoints_projected_size_follows_the_model_precision_and_ema():
+    """PRX-1.2B is 1.17 B parameters (DESIGN.md): fp32 weights, two AdamW moments in the weights' dtype,
+    an fp32 EMA shadow when on."""
+    prx = merge(TINY, {"model": {"preset": "prx-1.2b"}, "tokenizer": {"kind": "flux-vae"}})
+    fp32 = state_bytes(TrainConfig.model_validate(prx))
+    n = fp32.parameters
+    assert round(n / 1e9, 2) == 1.17
+    assert (fp32.weights, fp32.optimizer, fp32.ema, fp32.total) == (4 * n, 8 * n, 0, 12 * n)
+    bf16 = state_bytes(
+        TrainConfig.model_validate(merge(prx, {"precision": {"kind": "bf16"}, "ema": {"kind": "ema"}}))
+    )
+    assert (bf16.parameters, bf16.weights, bf16.optimizer, bf16.ema) == (n, 2 * n, 4 * n, 4 * n)

@@ -7,12 +7,15 @@ save to the next, since a fresh allocation's page faults cost more than the copy
 2 GB/s against 12 GB/s). `Background` then writes the copy in a thread while training goes on, one
 write at a time: the next save, the end of training and a stop signal each wait for the one in
 flight, and its error (a full disk) comes back to the trainer at the next log point.
+
+`state_bytes(cfg)` projects what a checkpoint of an arm holds, from its model's real parameter count.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -108,3 +111,33 @@ class Background:
         """Raise a finished write's error now, without waiting for one still in flight."""
         if not self.in_flight:
             self.wait()
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """What one checkpoint of an arm holds, in bytes."""
+
+    parameters: int
+    weights: int
+    optimizer: int
+    ema: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.ema
+
+
+def state_bytes(cfg) -> StateBytes:
+    """Projected from a TrainConfig: PRX's parameters counted on the meta device (no memory), stored in
+    the precision's weight dtype; two optimizer moments per parameter in that dtype (AdamW's; Muon
+    keeps one for its matrices, so this is an upper bound); an fp32 EMA shadow when the EMA is on.
+    The modules factors add (projectors, fusions) are small and left out."""
+    from diffusers import PRXTransformer2DModel
+
+    from trainer.factors.precision import PRECISION
+
+    with torch.device("meta"):
+        kwargs = cfg.model.diffusers_kwargs(cfg.tokenizer.channels, cfg.text_encoder.dim)
+        n = sum(p.numel() for p in PRXTransformer2DModel(**kwargs).parameters())
+    width = PRECISION.build(cfg.precision, torch.device("cpu")).weights.itemsize
+    return StateBytes(n, n * width, 2 * n * width, 4 * n if cfg.ema is not None else 0)
