@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/rank_bench.py --repeats 3
 	$(BIN)/python bench/data_memory.py
 	$(BIN)/python bench/eval_split_bench.py
+	$(BIN)/python bench/save_bench.py
 
 PY_SOURCES := ablate core trainer eval tests bench
 

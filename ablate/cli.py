@@ -81,6 +81,7 @@ def run(
     from ablate.running.follow import Training, submit_and_follow
     from ablate.running.ownership import check_owner, make_root
     from ablate.running.resolve import second_stage
+    from ablate.running.stopcheck import stop_save_warning
     from ablate.running.store import check_names, plan
     from ablate.sweep.expand import expand
 
@@ -92,6 +93,8 @@ def run(
     needs_mark = check_owner(sweep)  # only in a folder ablate made (or one from before markers)
     wait = resolve_wait(sweep.launcher, wait)
     check_names([s.name for s in specs], rerun or (), "--rerun")
+    if warning := stop_save_warning(specs, sweep.launcher):
+        console.print(warning, style="yellow", markup=False)
     if dry_run:
         decisions = plan(specs, sweep.root, rerun=rerun or (), force=force)
         check_data(specs, console)

@@ -184,7 +184,8 @@ class Trainer:
         self.recorder.status(RUNNING, self.step, restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         self.recorder.start_wandb(self.cfg.model_dump(mode="json"), "train", self.step)
         try:
-            self.train_loop()
+            with self.checkpointer.writing():  # the last save is on disk before the result says done
+                self.train_loop()
             result = Result(name=self.recorder.name, step=self.step, throughput=self.clock.throughput(),
                             timings=self.clock.times, versions=versions(self.device), finished_at=now())  # fmt: skip
             self.recorder.result(result)
@@ -206,6 +207,7 @@ class Trainer:
             evaluate, save = self.evaluation.should_eval(self.step), self.checkpointer.should_save(self.step)
             if self.recorder.should_log(self.step) or evaluate or save:
                 bad.check(self.checkpointer.newest_kept)
+                self.checkpointer.check()  # a save that failed in the background (a full disk) stops here
                 window.sync()
                 self.log(window, grad_norm)
                 if self.preemption.pending(self.dist) and self.step < last:  # the job is stopping: save first
@@ -234,8 +236,11 @@ class Trainer:
         window.clear()
 
     def stop_for_requeue(self) -> None:
-        """Save, say so, flush W&B (SIGKILL may follow within the cluster's KillWait), hand over to submitit."""
+        """Save and wait until it is on disk, say so, flush W&B (SIGKILL may follow within the cluster's
+        KillWait), hand over to submitit."""
         self.save()
+        with self.clock.timed("checkpoint_s"):
+            self.checkpointer.wait()
         self.recorder.requeue(self.step, self.preemption.reason)
         self.recorder.finish()
         self.preemption.hand_over(self.dist)

@@ -63,6 +63,34 @@ def test_every_shipped_sweep_dry_runs_offline(path, cli, workdir, monkeypatch):
     assert "dry run: nothing created, nothing submitted" in result.out
 
 
+@pytest.mark.parametrize(
+    ("preset", "delay", "warned"), [("prx-1.2b", 30, True), ("prx-1.2b", 120, False), ("tiny", 30, False)]
+)
+def test_run_warns_in_one_line_when_a_save_would_not_fit_between_the_stop_signal_and_the_kill(
+    write_sweep, cli, workdir, preset, delay, warned
+):
+    """PRX-1.2B with AdamW: 14 GB, written twice (a save in flight, the stop's) at the assumed 0.5 GB/s."""
+    from ablate.running.stopcheck import WRITE_BYTES_PER_S
+    from trainer.config import TrainConfig
+    from trainer.runtime.async_save import state_bytes
+
+    text = SWEEP.replace("{preset: tiny}", f"{{preset: {preset}}}")
+    path = write_sweep(
+        text.replace("launcher: {executor: debug}", f"launcher: {{executor: local, signal_delay_s: {delay}}}")
+    )
+    result = cli("run", path, "--dry-run")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == warned
+    if warned:
+        cfg = TrainConfig.model_validate(yaml.safe_load(text)["baseline"])
+        needed = 2 * state_bytes(cfg).total / WRITE_BYTES_PER_S
+        assert warnings[0].startswith(
+            f"warning: arm baseline-s0 may need {needed:.0f} s to save after a stop signal"
+        )
+        assert f"launcher.signal_delay_s {delay}" in warnings[0] and "(2 of 2 arms)" in warnings[0]
+
+
 def test_dry_run_shows_what_a_real_run_would_skip_or_block(write_sweep, cli, workdir):
     path = write_sweep()
     assert cli("run", path, "--dry-run").code == 0

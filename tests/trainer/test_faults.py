@@ -109,6 +109,22 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert log_steps(d) == list(range(1, 13))
 
 
+def test_resume_verifies_the_newest_checkpoint_only_and_an_older_one_only_past_a_bad_one(
+    straight, tmp_path, monkeypatch
+):
+    d = finished_copy(straight, tmp_path)
+    read, real = [], checkpoint.matches
+    monkeypatch.setattr(
+        checkpoint, "matches", lambda path, want: read.append(path.parent) or real(path, want)
+    )
+    assert checkpoint.newest_verified(d).name == "step_00000012"
+    assert {p.relative_to(d / "checkpoints").parts[0] for p in read} == {"step_00000012"}
+    read.clear()
+    (checkpoint.latest(d) / "state.pt").write_bytes(b"rot")
+    assert checkpoint.newest_verified(d).name == "step_00000008"
+    assert {p.relative_to(d / "checkpoints").parts[0] for p in read} == {"step_00000012", "step_00000008"}
+
+
 def test_rescoring_never_uses_a_checkpoint_that_fails_verification(straight, tmp_path):
     d = finished_copy(straight, tmp_path)
     f = checkpoint.latest(d) / "state.pt"

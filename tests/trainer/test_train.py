@@ -146,9 +146,11 @@ def test_time_limit_signal_saves_a_checkpoint_then_hands_over_to_submitit(make_r
 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     requeued = []
+    d = make_run("preempted", train={"steps": 10}, checkpoint={"every": 100, "keep": 5}, log={"every": 2})
 
     def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
-        requeued.append(signum)
+        # the requeued job may start at once: the checkpoint is whole on disk before it is requeued
+        requeued.append((signum, checkpoint.verify(d / "checkpoints" / "step_00000006")))
         raise SystemExit(-1)
 
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
@@ -159,12 +161,11 @@ def test_time_limit_signal_saves_a_checkpoint_then_hands_over_to_submitit(make_r
             os.kill(os.getpid(), signal.SIGUSR2)
         return real_step(self, step, batch)
 
-    d = make_run("preempted", train={"steps": 10}, checkpoint={"every": 100, "keep": 5}, log={"every": 2})
     try:
         monkeypatch.setattr(Trainer, "train_step", signal_at_5)
         with pytest.raises(SystemExit):
             job.run(d)
-        assert requeued == [signal.SIGUSR2]
+        assert requeued == [(signal.SIGUSR2, None)]
         assert checkpoint.latest(d).name == "step_00000006"  # saved at the next log point
         assert json.loads((d / "status.json").read_text())["state"] == "submitted"  # in flight, not failed
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back

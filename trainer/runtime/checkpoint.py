@@ -1,39 +1,50 @@
 """Checkpoints: written whole to a temporary folder, flushed, then renamed, so a folder named step_N is complete.
 
 checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
-    transformer/          diffusers save_pretrained: loadable by PRXTransformer2DModel.from_pretrained
+    transformer/          as diffusers' save_pretrained writes it: loadable by PRXTransformer2DModel.from_pretrained
     factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
     state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position,
                           throughput and timings so far
-    manifest.json         size and SHA-256 of every other file, written last
+    manifest.json         size and checksum (XXH3-128; SHA-256 in older ones) of every other file, written last
+
+A save stops the job only while the state is gathered and copied to host memory; the main process
+writes the copy in a background thread (trainer/runtime/async_save.py), hashing each file as it is
+written (trainer/runtime/checksum.py). The next save, the end of training and a stop signal wait for
+the write in flight, so a requeued job finds either a complete checkpoint or a temporary folder.
 
 A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
-and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`); one that
-does not is moved to checkpoints/.set-aside/ with a one-line warning and the next older one is used.
+and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`, which
+checks the newest and goes further back only past one that fails); one that does not is moved to
+checkpoints/.set-aside/ with a one-line warning and the next older one is used. Resume loads
+state.pt onto the CPU (memory-mapped: the processes of a node share its pages), whatever device
+saved it, and each process moves what it keeps to its own device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from core.atomic import atomic_write_json, commit_dir
 from core.rundir import RunDir
 from trainer.registry import Config
+from trainer.runtime.async_save import Background, Stager, nbytes
+from trainer.runtime.checksum import matches, write_bytes, write_safetensors, write_torch
 from trainer.runtime.clock import Cadence
 
 
@@ -53,16 +64,11 @@ def set_rng_state(state: dict) -> None:
 
 
 MANIFEST = "manifest.json"
-SINGLE_FILE = 2**50  # bytes: save_pretrained's max_shard_size that never splits the transformer's weights
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # the file diffusers' from_pretrained reads
 
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint's files do not match its manifest; the message names it and says how."""
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _files(folder: Path) -> dict[str, Path]:
@@ -71,30 +77,23 @@ def _files(folder: Path) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in files}
 
 
-def manifest(folder: Path) -> dict[str, dict]:
-    """{relative path: {size, sha256}} of every file in `folder` but the manifest itself."""
-    return {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in _files(folder).items()}
-
-
 def verify(path: Path) -> str | None:
     """Why checkpoint `path` cannot be trusted, or None when every file matches its manifest."""
     try:
         recorded = json.loads((path / MANIFEST).read_bytes())["files"]
-        expected = {str(name): (int(want["size"]), str(want["sha256"])) for name, want in recorded.items()}
+        expected = {str(name): dict(want, size=int(want["size"])) for name, want in recorded.items()}
     except FileNotFoundError:
         return f"no {MANIFEST}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} unreadable ({type(e).__name__})"
     present = _files(path)
-    for name, (size, digest) in expected.items():
+    for name, want in expected.items():
         file = present.get(name)
         try:
             if file is None or file.is_symlink():
                 return f"{name} missing"
-            if file.stat().st_size != size:
-                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-            if _sha256(file) != digest:
-                return f"{name} does not match its checksum"
+            if (problem := matches(file, want)) is not None:
+                return f"{name} {problem}"
         except OSError as e:
             return f"{name} unreadable ({e.strerror})"
     extra = sorted(set(present) - set(expected))
@@ -126,15 +125,15 @@ def clean_partial(run: RunDir | Path) -> list[Path]:
     return found
 
 
-def save(run: RunDir, step: int, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int) -> Path:
+def save(run: RunDir, step: int, config: bytes, weights: dict, state: dict, keep: int) -> Path:
     """Write checkpoint `step` of `run` atomically and keep the newest `keep`. If writing fails (a full
     disk), the partial folder is removed at once, so the space is free for the error to be recorded.
 
-    `weights`: the denoiser's whole state dict (prx.…, factors.…), gathered from every process when its
-    parameters are sharded (trainer/runtime/parallel.py); `denoiser` gives the transformer's config."""
+    `config`: the transformer's config.json (`transformer_config`); `weights`: the denoiser's whole
+    state dict (prx.…, factors.…) and `state` the rest, on the host (`Checkpointer.save` stages them)."""
     tmp = run.checkpoint_tmp(step)
     try:
-        return _save(run, step, tmp, denoiser, weights, state, keep)
+        return _save(run, step, tmp, config, weights, state, keep)
     except BaseException as e:
         full = _nearly_full(tmp.parent)  # looked at before the partial folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,39 +151,48 @@ def _nearly_full(folder: Path) -> bool:
         return False
 
 
+def check_room(run: RunDir, step: int, need: int) -> None:
+    """Fail at once, before anything is written, when the disk has less room than the checkpoint's
+    `need` bytes of tensors (a write in the background would fail later, steps later)."""
+    folder = next(p for p in (run.checkpoints, run.path) if p.is_dir())
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run.checkpoint(step)))
+
+
 def _part(weights: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def _plain_prx(prx: torch.nn.Module, weights: dict) -> torch.nn.Module:
-    """A plain diffusers PRX holding `weights` (a sharded model cannot save_pretrained itself): built on
-    the meta device, so no memory is allocated before the given tensors are assigned."""
+def transformer_config(prx: torch.nn.Module) -> bytes:
+    """The config.json diffusers' save_pretrained writes for `prx` (a sharded model cannot save itself):
+    from a plain PRX built on the meta device, so nothing is allocated."""
     from diffusers import PRXTransformer2DModel
 
     with torch.device("meta"):
         plain = PRXTransformer2DModel.from_config(prx.config)
-    plain.load_state_dict(weights, strict=True, assign=True)
-    return plain
+    return plain.to_json_string().encode()
 
 
-def _save(
-    run: RunDir, step: int, tmp: Path, denoiser: torch.nn.Module, weights: dict, state: dict, keep: int
-) -> Path:
+def _save(run: RunDir, step: int, tmp: Path, config: bytes, weights: dict, state: dict, keep: int) -> Path:
     final = run.checkpoint(step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # one file whatever the size (diffusers would split past 10 GB): `load` reads that file
-    _plain_prx(denoiser.prx, _part(weights, "prx.")).save_pretrained(
-        tmp / "transformer", safe_serialization=True, max_shard_size=SINGLE_FILE
-    )
-    factors = {k: v.detach().contiguous() for k, v in _part(weights, "factors.").items()}
-    save_file(factors, tmp / "factors.safetensors")
-    torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
-    atomic_write_json(tmp / MANIFEST, {"step": step, "files": manifest(tmp)})
+    (tmp / "transformer").mkdir(parents=True)
+    files = {  # each hashed as it is written
+        "transformer/config.json": write_bytes(tmp / "transformer" / "config.json", config),
+        # one file whatever the size (diffusers would split past 10 GB): `load` reads that file
+        WEIGHTS: write_safetensors(tmp / WEIGHTS, _part(weights, "prx."), {"format": "pt"}),
+        "factors.safetensors": write_safetensors(tmp / "factors.safetensors", _part(weights, "factors.")),
+        "state.pt": write_torch(tmp / "state.pt", state),
+    }
+    atomic_write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
     commit_dir(tmp, final)
-    for old in complete(run)[:-keep]:
+    for old in complete(run)[:-keep]:  # only now: the newest complete one is never the one deleted
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -202,10 +210,12 @@ def latest(run: RunDir | Path) -> Path | None:
 
 def load(path: Path) -> tuple[dict, dict]:
     """(the denoiser's whole state dict, the training state); trainer/runtime/parallel.py puts them in place."""
-    prx = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+    prx = load_file(path / WEIGHTS)
     factors = load_file(path / "factors.safetensors")
     weights = {**{f"prx.{k}": v for k, v in prx.items()}, **{f"factors.{k}": v for k, v in factors.items()}}
-    return weights, torch.load(path / "state.pt", weights_only=False)
+    # onto the CPU whatever device saved it (a DDP run's cuda:0): every process of a node would
+    # otherwise put the whole optimizer state and EMA on one GPU; mapped, so they share its pages
+    return weights, torch.load(path / "state.pt", map_location="cpu", mmap=True, weights_only=False)
 
 
 class CheckpointConfig(Config):
@@ -228,22 +238,56 @@ class Held:
 class Checkpointer:
     """An arm's whole training state in its run folder: saved on its own cadence (`should_save`), restored
     from the newest checkpoint that verifies. Every process takes part (FSDP gathers sharded state);
-    the main process writes and reads the folder."""
+    the main process writes and reads the folder, writing in the background (`writing`)."""
 
     def __init__(self, cfg: CheckpointConfig, run: RunDir, total_steps: int, seed: int, held: Held):
         self.cfg, self.run, self.seed, self.held = cfg, run, seed, held
         self.should_save = Cadence(cfg.every, total_steps)
+        self.stager, self.writer = Stager(), Background()
+        self.transformer_json: bytes | None = None  # the transformer's config.json, made at the first save
 
     def save(self, step: int, timing: dict) -> None:
+        """Gather the state, copy it to host memory and hand it to the background writer (after the
+        previous write is done); training goes on while it is written."""
         held = self.held
+        self.writer.wait()  # one write at a time; a failed one raises here
         weights = held.parallel.weights()
         optimizer = held.parallel.optimizer_state(held.optimizer)
         ema = held.parallel.ema_state(held.ema)
         if held.dist.main:
             state = {"optimizer": optimizer, "ema": ema, "data": {"seed": self.seed, "step": step},
-                     "timing": timing}  # fmt: skip
-            save(self.run, step, held.denoiser, weights, state, self.cfg.keep)
+                     "timing": timing, "step": step, "rng": rng_state()}  # fmt: skip
+            weights, state = self.stager.stage((weights, state))
+            check_room(self.run, step, nbytes((weights, state)))
+            self.transformer_json = self.transformer_json or transformer_config(held.denoiser.prx)
+            self.writer.submit(
+                partial(save, self.run, step, self.transformer_json, weights, state, self.cfg.keep)
+            )
         held.dist.barrier()
+
+    def check(self) -> None:
+        """Raise a background write's error (a full disk) if it has failed; never waits."""
+        self.writer.check()
+
+    def wait(self) -> None:
+        """Until every save handed to the background is on disk, on every process."""
+        self.writer.wait()
+        self.held.dist.barrier()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around the training loop: the save in flight is on disk when it ends, however it ends (a
+        checkpoint of a consistent state is worth finishing after a crash too)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.writer.wait()
+            except BaseException as e:  # the loop's own error is the one to report
+                print(f"warning: {self.run.path}: the checkpoint being written failed too: {e}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            raise
+        self.wait()
 
     def resume(self, note: Callable[[str], None]) -> tuple[int, dict | None]:
         """(step, timing) of the newest checkpoint that verifies, its state put in place; (0, None) when
