@@ -30,7 +30,7 @@ from trainer.factors.routing import ROUTING
 from trainer.factors.text import TEXT
 from trainer.factors.tokenizer import TOKENIZERS
 from trainer.flow import FlowConfig
-from trainer.identity import EVALUATES, RUNS, TRAINS, Identity, mark
+from trainer.identity import EVALUATES, NUMERICS, RUNS, TRAINS, Identity, mark
 from trainer.identity import identity as identity_of
 from trainer.model import ModelConfig
 from trainer.recorder import LogConfig
@@ -347,7 +347,8 @@ def load(path) -> TrainConfig:
         return TrainConfig.model_validate(yaml.safe_load(f))
 
 
-def identity(config: dict[str, Any]) -> Identity:
+def identity(config: dict[str, Any], numerics: int = NUMERICS) -> Identity:
     """A resolved config's identity (or part of one, e.g. an old config.yaml): the hash of what it trains,
-    the hash of how it is scored, and its parts by role, as this schema's marks declare them."""
-    return identity_of(TrainConfig, config)
+    by the trainer's `numerics` (today's, or the one an older arm trained by), the hash of how it is
+    scored, and its parts by role, as this schema's marks declare them."""
+    return identity_of(TrainConfig, config, numerics)

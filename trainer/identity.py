@@ -36,10 +36,19 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+# 4: the trainer's numerics version is hashed with what an arm trains (contrastive.group added with it).
 # 3: only the fields that train are hashed; evaluation settings have their own hash; a field at its
 # declared neutral value is left out. Run folders with an older spec.json are hashed again from their
 # config.yaml. (2: the `log` section left out; 1: the whole resolved config.)
-HASH_VERSION = 3
+HASH_VERSION = 4
+
+# What the trainer's code computes from the same config, when that changes on purpose: an arm trained by
+# other numerics trained something else, though its config reads the same. 2: every per-sample random
+# draw keyed by (seed, step, global sample index), contrastive negatives in fixed global groups;
+# 1 (spec.json before HASH_VERSION 4): draws for the global batch from (seed, step), routed tokens
+# seeded per process, negatives rolled within each process's share.
+NUMERICS = 2
+NUMERICS_KEY = "numerics"
 
 TRAINS, RUNS, EVALUATES = "trains", "runs", "evaluates"
 ROLES = (TRAINS, RUNS, EVALUATES)
@@ -72,11 +81,14 @@ class Identity:
     else trains); recorded in spec.json so that torch-free commands tell the roles apart"""
 
 
-def identity(model: type[BaseModel], config: Mapping[str, Any]) -> Identity:
-    """The identity of `config` (a resolved config, or part of one) read against `model`'s roles."""
+def identity(model: type[BaseModel], config: Mapping[str, Any], numerics: int | None = None) -> Identity:
+    """The identity of `config` (a resolved config, or part of one) read against `model`'s roles; with
+    `numerics`, the trainer's numerics version it trains by is part of what it trains."""
     parts: dict[str, dict[str, Any]] = {role: {} for role in ROLES}
     marks: dict[str, str] = {}
     _walk(model, config, TRAINS, (), parts, marks)
+    if numerics is not None:
+        parts[TRAINS][NUMERICS_KEY] = numerics
     return Identity(digest(parts[TRAINS]), digest(parts[EVALUATES]), parts, marks)
 
 

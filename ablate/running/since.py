@@ -22,7 +22,7 @@ from ablate.sweep.expand import changes as leaf_changes
 from core.atomic import Unreadable
 from core.records import Spec
 from core.rundir import RunDir
-from trainer.identity import EVALUATES, HASH_VERSION, ROLES, RUNS, Identity, role_of
+from trainer.identity import EVALUATES, HASH_VERSION, NUMERICS, ROLES, RUNS, Identity, role_of
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,11 @@ def ran_with(run_dir: Path, spec: Spec) -> Ran:
     config.yaml."""
     run = RunDir(run_dir)
     config = read_config(run.config) if run.config.is_file() else None
-    ident = None if config is None else config_identity(config)
     current = spec.hash_version == HASH_VERSION
+    # trained before HASH_VERSION 4: by the trainer's first numerics (see trainer.identity.NUMERICS)
+    ident = (
+        None if config is None else config_identity(config, NUMERICS if (spec.hash_version or 0) >= 4 else 1)
+    )
     if current or ident is None:
         trained, evaluated = spec.hash, spec.eval_hash if current else None
     else:  # an older spec.json: its config.yaml hashed the way today's are

@@ -21,7 +21,7 @@ from ablate.sweep.diagnostics import to_user_error
 from ablate.sweep.loader import KeyPath, format_path
 from ablate.sweep.schema import BASELINE, Sweep, arm_name, delta_tree
 from core.records import Spec
-from trainer.identity import HASH_VERSION, RUNS, Identity, digest, without
+from trainer.identity import HASH_VERSION, NUMERICS, RUNS, Identity, digest, without
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,12 @@ LEGACY_MARKS = {"log": RUNS}
 """The roles spec.json files from before HASH_VERSION 3 hashed settings by: only `log` left out."""
 
 
-def config_identity(config: dict[str, Any]) -> Identity:
-    """A resolved config's identity under the trainer's schema (imports torch)."""
+def config_identity(config: dict[str, Any], numerics: int = NUMERICS) -> Identity:
+    """A resolved config's identity under the trainer's schema (imports torch), trained by the trainer's
+    `numerics` (today's by default)."""
     from trainer.config import identity
 
-    return identity(config)
+    return identity(config, numerics)
 
 
 def config_hash(config: dict[str, Any]) -> str:
