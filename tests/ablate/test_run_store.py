@@ -207,4 +207,15 @@ def test_a_run_folder_from_before_the_log_section_left_the_hash_is_still_recogni
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     now_config = {**config, "log": {"wandb": {"mode": "auto"}}}  # a new logging default
     (d,) = plan([RunSpec("x-s0", "x", 0, {}, now_config, config_hash(now_config))], tmp_path)
-    assert d.action == "skip" and d.reason == "done"  # not "config changed"
+    # recognised: what it trained differs only by the trainer's numerics (per-sample draws since
+    # HASH_VERSION 4), and the log section is how it ran, never what it trained
+    logged = 'runs: log.wandb.mode "disabled" → "auto"'
+    assert d.action == "blocked" and d.changes() == [
+        "trains: numerics 1 → 2 (config changed)",
+        f"{logged} (recorded, not rerun)",
+    ]
+    (d,) = plan([RunSpec("x-s0", "x", 0, {}, now_config, config_hash(now_config))], tmp_path, force=True)
+    assert d.action == "rerun" and d.changes() == [
+        "trains: numerics 1 → 2 (trained again)",
+        f"{logged} (the resubmission uses it)",
+    ]

@@ -29,6 +29,7 @@ from ablate.sweep.schema import Sweep, load_sweep
 from core.records import Status
 from core.rundir import CANCELLED, DONE, FAILED, STALE, RunDir
 from trainer import tracking
+from trainer.data.rows import DataError
 from trainer.runtime import checkpoint
 
 UNMOUNTED = "/ablate-test-not-mounted/train.parquet"
@@ -327,7 +328,8 @@ def test_slurm_a_failing_arm_leaves_the_others_and_run_resubmits_only_it(launche
     shown = ablate("status", item.path).stdout
     assert "nan-s0 failed: NonFiniteError" in shown and "bad-data-s0 failed: " in shown
     assert "  │ trainer.train.NonFiniteError: non-finite loss" in shown  # the last lines of its log
-    assert f"  │ trainer.data.datasets.DataError: {UNMOUNTED}: no such parquet file (data.path)" in shown
+    where = f"{DataError.__module__}.DataError"  # the traceback names the class by its module
+    assert f"  │ {where}: {UNMOUNTED}: no such parquet file (data.path)" in shown
     before = {n: job_id(item.arm(n)) for n in seen}
     again = ablate("run", item.path)
     assert again.returncode == 0 and "submitted 2 arm(s)" in again.stdout
