@@ -1,6 +1,7 @@
 """The latent / caption-embedding cache: keys, layout, and training from it equals training without it."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -24,6 +25,12 @@ SMALL = {"data": {"num_train": 64, "num_val": 8}, "eval": {"batch_size": 4}}
 def config(tiny_cfg):
     """TrainConfig of the tiny preset (conftest's TINY) at a smaller dataset, with overrides."""
     return lambda **over: TrainConfig.model_validate(merge(merge(tiny_cfg, SMALL), over))
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def final_weights(run_dir) -> dict:
@@ -70,9 +77,10 @@ def test_layout_shards_and_resume(config, tmp_path):
         "train-00001.safetensors",
         "train-00002.safetensors",
     ]  # 24 + 24 + 16
-    assert manifest["latent"] == {"shape": [3, 16, 16], "std": False} and manifest["text"]["length"] == 32
+    assert manifest["latent"] is None and manifest["text"]["length"] == 32  # pixels: nothing to cache
     shard = load_file(root / "train-00002.safetensors")
-    assert shard["latent_mean"].shape == (16, 3, 16, 16) and "latent_std" not in shard  # pixels: no posterior
+    assert set(shard) == {"text", "mask"}  # the caption embeddings only: x = 2·image − 1 costs nothing
+    assert {f.stat().st_mode & 0o777 for f in root.iterdir()} == {0o666 & ~umask()}  # teammates read it
     assert shard["text"].shape == (int(shard["mask"].sum()), 32)  # only unpadded tokens are stored
 
     # an item equals encoding it live, padded positions read back as zeros
@@ -83,7 +91,7 @@ def test_layout_shards_and_resume(config, tmp_path):
     emb, mask = live.text([item["caption"]])
     assert torch.equal(item["mask"], mask[0]) and torch.equal(item["text"][mask[0]], emb[0][mask[0]])
     assert not item["text"][~mask[0]].any()
-    assert torch.equal(item["latent_mean"], item["image"] * 2 - 1)
+    assert "latent_mean" not in item  # the trainer computes pixels' latents from the image
 
     # interrupted: the manifest and one shard are gone → only that shard is recomputed
     kept = (root / "train-00000.safetensors").stat().st_mtime_ns

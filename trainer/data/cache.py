@@ -11,7 +11,9 @@ Contents, per split (`train` with the training caption column, `val` with the ev
 - `{split}-{i:05d}.safetensors`, N samples each: `latent_mean` (N, C, h, w) float32 and, for a
   Gaussian autoencoder with `posterior: sample`, `latent_std` (N, C, h, w) — both already in the
   denoiser's normalised units; `mask` (N, L) bool; `text` (T, D), the embeddings of the unmasked
-  tokens of the N captions, concatenated, in the encoder's own dtype (lossless).
+  tokens of the N captions, concatenated, in the encoder's own dtype (lossless). A tokenizer whose
+  latents cost nothing (pixels: its config's `caches_latents` is False) stores no latents: they are
+  computed from the image each step, and the cache holds the caption embeddings only.
 - `empty.safetensors`: the encoded empty string (caption dropout, unconditional sampling).
 - `manifest.json`, written last: its presence marks a complete cache.
 
@@ -50,7 +52,8 @@ from trainer.factors.text import TEXT
 from trainer.factors.tokenizer import Latents, build_tokenizer
 from trainer.registry import Config
 
-FORMAT = 1  # bump when the layout or what is stored changes: old caches then get new keys
+FORMAT = 2  # bump when the layout or what is stored changes: old caches then get new keys
+# 2: a tokenizer whose latents cost nothing (pixels: caches_latents False) stores no latents
 MANIFEST = "manifest.json"  # written last: its presence marks a complete cache
 SPLITS = ("train", "val")
 
@@ -125,10 +128,12 @@ def build_encoders(enc: Encoded, device: torch.device, weights_dir: str | None) 
 # Writing
 # ---------------------------------------------------------------------------------------------
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+    """A shard, readable like any file the job writes (safetensors' own writer makes it 0600, so a
+    teammate's arms could not read the cache)."""
+    from trainer.runtime.checksum import write_safetensors
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        write_safetensors(tmp, tensors)
 
 
 def _encode_text(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,14 +145,16 @@ def _encode_text(text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 def _encode_rows(
     rows: Dataset, tokenizer, text, device, batch_size: int, num_workers: int
 ) -> dict[str, torch.Tensor]:
-    """One shard: the rows' latent moments (normalised) and caption embeddings (unpadded tokens only)."""
+    """One shard: the rows' latent moments (normalised; none from a tokenizer that costs nothing) and
+    caption embeddings (unpadded tokens only)."""
     parts: dict[str, list[torch.Tensor]] = {"latent_mean": [], "latent_std": [], "text": [], "mask": []}
     for batch in DataLoader(rows, batch_size=batch_size, num_workers=num_workers):
-        lat = tokenizer.moments(batch["image"].to(device))  # (B, C, h, w) normalised
         emb, mask = _encode_text(text, batch["caption"])
-        parts["latent_mean"].append(lat.mean.float().cpu())
-        if lat.std is not None:
-            parts["latent_std"].append(lat.std.float().cpu())
+        if tokenizer is not None:
+            lat = tokenizer.moments(batch["image"].to(device))  # (B, C, h, w) normalised
+            parts["latent_mean"].append(lat.mean.float().cpu())
+            if lat.std is not None:
+                parts["latent_std"].append(lat.std.float().cpu())
         parts["text"].append(emb)
         parts["mask"].append(mask)
     return {k: torch.cat(v) for k, v in parts.items() if v}
@@ -158,7 +165,11 @@ def _write_manifest(root: Path, enc: Encoded, splits: dict, text, length: int, s
     from safetensors import safe_open
 
     with safe_open(str(root / splits["train"]["shards"][0]), framework="pt") as f:
-        latent = {"shape": f.get_slice("latent_mean").get_shape()[1:], "std": "latent_std" in f.keys()}
+        latent = (
+            {"shape": f.get_slice("latent_mean").get_shape()[1:], "std": "latent_std" in f.keys()}
+            if "latent_mean" in f.keys()
+            else None  # computed per step from the image (caches_latents False)
+        )
     manifest = {
         "hash": cache_key(enc),
         "source": cache_source(enc),
@@ -204,7 +215,8 @@ def precompute(
             if path.exists():
                 continue
             rows = Subset(ds, range(start, min(start + shard_size, len(ds))))
-            _save_atomic(_encode_rows(rows, tokenizer, text, device, batch_size, num_workers), path)
+            latents = tokenizer if enc.tokenizer.caches_latents else None
+            _save_atomic(_encode_rows(rows, latents, text, device, batch_size, num_workers), path)
             log(f"cache {root.name}: {split} {min(start + shard_size, len(ds))}/{len(ds)} "
                 f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         splits[split] = {"size": len(ds), "shard_size": shard_size, "shards": shards}
@@ -299,14 +311,10 @@ class CachedSplit(Dataset):
         valid = f.get_slice("text")[int(offsets[row]) : int(offsets[row + 1])]  # (n_valid, D)
         txt = valid.new_zeros(self.length, valid.shape[1])  # (L, D): padded positions read back as zeros
         txt[mask] = valid
-        item = {
-            **raw,
-            "text": txt,
-            "mask": mask,
-            "latent_mean": f.get_slice("latent_mean")[row : row + 1][0],
-        }
-        if "latent_std" in f.keys():
-            item["latent_std"] = f.get_slice("latent_std")[row : row + 1][0]
+        item = {**raw, "text": txt, "mask": mask}
+        for key in ("latent_mean", "latent_std"):  # none where the tokenizer's latents are not cached
+            if key in f.keys():
+                item[key] = f.get_slice(key)[row : row + 1][0]
         return item
 
 
@@ -343,10 +351,13 @@ class CachedInputs:
 
     def __call__(self, batch: dict, device: torch.device) -> tuple[Latents, torch.Tensor, torch.Tensor]:
         std = batch.get("latent_std")
-        lat = Latents(
-            batch["latent_mean"].to(device, non_blocking=True),
-            None if std is None else std.to(device, non_blocking=True),
-        )  # (b, C, h, w)
+        if "latent_mean" not in batch:  # a tokenizer that costs nothing (pixels): its latents are not cached
+            lat = self.tokenizer.moments(batch["image"].to(device, non_blocking=True))
+        else:
+            lat = Latents(
+                batch["latent_mean"].to(device, non_blocking=True),
+                None if std is None else std.to(device, non_blocking=True),
+            )  # (b, C, h, w)
         return lat, batch["text"].to(device, non_blocking=True).float(), batch["mask"].to(device)
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from trainer.registry import Config
 
 class DomainAEConfig(Config):
     needs_domain: ClassVar[str | None] = SYNTHETIC_SHAPES
+    caches_latents: ClassVar[bool] = True
     kind: Literal["domain-ae"] = "domain-ae"
     latent_channels: int = Field(
         4, ge=1, description="channels of the latent grid (the denoiser's in_channels)"

@@ -77,6 +77,9 @@ class Tokenizer(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 class PixelConfig(Config):
     needs_domain: ClassVar[str | None] = None
+    caches_latents: ClassVar[bool] = False
+    """x = 2·image − 1 costs nothing to compute, and a 1024 px cache would hold 12 MB per image: a cache
+    stores the caption embeddings only"""
     kind: Literal["pixel"] = "pixel"
 
     @property
@@ -207,6 +210,7 @@ class AutoencoderConfig(Config):
     """Shared by the autoencoder tokenizers; each subclass names its model and its latent grid."""
 
     needs_domain: ClassVar[str | None] = None
+    caches_latents: ClassVar[bool] = True  # the encoder is the cost a cache saves
     MODEL: ClassVar[HFWeights]
     CHANNELS: ClassVar[int]
     DOWNSAMPLE: ClassVar[int]
