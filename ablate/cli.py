@@ -2,7 +2,8 @@
 `ablate/running/` (running a sweep) or `ablate/results/` (reading its results).
 
 Start-up imports no torch (the trainer's schema is imported only by the commands that
-validate arms: run, eval, weights, cache); a mistake in the user's input ends with one
+validate arms: run, eval, weights, cache; and by status and rank once the sweep file was edited since
+arms ran, to tell drift as `ablate run` does); a mistake in the user's input ends with one
 `error: ...` line and exit code 2.
 """
 

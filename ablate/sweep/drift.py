@@ -1,17 +1,15 @@
-"""Config drift: which arms ran with a config the sweep file no longer asks for.
+"""Config drift: which arms ran with another config than the one the sweep file resolves to now.
 
-`ablate run` compares each arm's identity (`expand`, which needs the trainer's schema and so torch) with
-its run folder's. `ablate status` and `ablate rank` stay torch-free, so they compare what the sweep file
-says now with what the arm ran with, reading each setting's role from the arm's spec.json (`roles`, which
-`ablate run` recorded; `log` alone for older ones):
+Drift is what `ablate run` decides with (`ablate.running.since`): an arm drifted when the hash of what it
+trains differs from the one its run folder says it trained (its results are for the old config), or when
+its newest scores were made with other evaluation settings (`ablate run` re-scores it). A change in how
+it runs only is no drift, nor is writing a default out (`flow: {prediction: v}`): the resolved config is
+compared, not the sweep file's text.
 
-- every setting the sweep file gives the arm (the baseline merged with its delta) against the arm's
-  recorded config.yaml, leaf by leaf: a differing value is named with its old and new value; a changed
-  execution setting (`runs`) is no drift, a changed evaluation setting is said as such (`ablate run`
-  re-scores the arm);
-- the hash of those settings (execution settings left out) against the one `ablate run` recorded in
-  spec.json (`settings_hash`): a difference no leaf shows (a setting removed, so a default applies now)
-  is said as such.
+`ablate status` and `ablate rank` stay torch-free while the sweep file is as it was when the arms were
+prepared: spec.json records the hash of what the sweep file set for the arm (`settings_hash`, execution
+settings left out), and the same settings resolve to the same config. Only arms whose settings differ (or
+whose spec.json is older) are resolved against the trainer's schema, as `ablate run` resolves them.
 
 A corrupt record is not drift: `observe` reports it as unreadable.
 """
@@ -22,12 +20,13 @@ import copy
 from typing import Any
 
 from ablate.errors import UserError
-from ablate.sweep.expand import LEGACY_MARKS, changes, merge, settings_hash, show_value
-from ablate.sweep.loader import load_plain_yaml
+from ablate.running.since import Change, Ran, ran_with, since
+from ablate.sweep.expand import RunSpec, merge, settings_hash, show_value
 from ablate.sweep.schema import BASELINE, Sweep, arm_name, delta_tree
 from core.atomic import Unreadable
+from core.records import Spec
 from core.rundir import RunDir
-from trainer.identity import EVALUATES, RUNS, TRAINS, role_of, without
+from trainer.identity import EVALUATES, HASH_VERSION, TRAINS
 
 SHOWN = 3  # changed settings named per arm
 RESCORE = "evaluation settings changed since it was scored"  # how an arm `ablate run` re-scores is said
@@ -46,65 +45,70 @@ def settings(sweep: Sweep, delta: str, seed: int, merged: dict[str, dict] | None
 
 
 def drift(sweep: Sweep) -> dict[str, str]:
-    """{arm: one line} for every arm whose run folder ran (or was scored) with other settings than the
-    sweep file's now; execution settings are not drift."""
-    out: dict[str, str] = {}
+    """{arm: one line} for every arm whose run folder trained (or was scored with) another config than the
+    sweep file's now resolves to; execution settings are not drift."""
+    unsettled: dict[str, Spec] = {}
     merged: dict[str, dict] = {}
     for delta, seed in sweep.arms():
         name = arm_name(delta, seed)
         run = RunDir(sweep.root / name)
         try:
             spec = run.read_spec()
-            if spec is None or run.path.is_symlink():
-                continue
-            now = settings(sweep, delta, seed, merged)
-            marks = spec.roles if spec.roles is not None else LEGACY_MARKS
-            recorded = spec.settings_hash
-            if recorded is not None and recorded == settings_hash(now, marks):
-                continue  # the fast path: the same settings as when it was prepared
-            if not run.config.is_file():
-                continue
-            config = load_plain_yaml(run.config, "config file")
+            if spec is None or run.path.is_symlink() or not run.config.is_file():
+                continue  # nothing ran there (or nothing to compare with)
+            if not _same_settings(spec, settings(sweep, delta, seed, merged)):
+                unsettled[name] = spec
         except (Unreadable, UserError, OSError):
             continue  # unreadable: `observe` says so; this is only about drift
-        if not isinstance(config, dict):
+    return _resolved(sweep, unsettled) if unsettled else {}
+
+
+def _same_settings(spec: Spec, now: dict[str, Any]) -> bool:
+    """Whether the sweep file sets what it set when the arm was prepared (by today's hashing): then the arm
+    resolves to the config it ran with, and no schema is needed to tell."""
+    return (
+        spec.hash_version == HASH_VERSION
+        and spec.roles is not None
+        and spec.settings_hash is not None
+        and spec.settings_hash == settings_hash(now, spec.roles)
+    )
+
+
+def _resolved(sweep: Sweep, arms: dict[str, Spec]) -> dict[str, str]:
+    """Drift of `arms` (name → its spec.json) by their resolved identity, as `ablate run` finds it."""
+    from ablate.sweep.expand import expand  # the trainer's schema: imports torch
+
+    try:
+        specs = {s.name: s for s in expand(sweep)}
+    except UserError as e:
+        why = f"the sweep file's settings for it changed since it ran, and do not validate now: {e.render()}"
+        return dict.fromkeys(arms, why)
+    out: dict[str, str] = {}
+    for name, recorded in arms.items():
+        try:
+            ran = ran_with(sweep.root / name, recorded)
+        except (Unreadable, OSError):
             continue
-        if (line := _line(_differs(now, config, marks), marks)) is not None:
+        if (line := _line(ran, specs[name])) is not None:
             out[name] = line
-        elif recorded is not None:
-            out[name] = (
-                "the sweep file's settings for it changed since it ran (a setting removed?); "
-                "`ablate run --dry-run` says whether its config did"
-            )
     return out
 
 
-def _line(changed: list[tuple[str, Any, Any]], marks: dict[str, str]) -> str | None:
-    """What an arm's changed settings say: changes in what it trains first; None when only how it runs did."""
-    if not changed:
-        return None
-    trains = [c for c in changed if role_of(c[0], marks) == TRAINS]
-    scored = [c for c in changed if role_of(c[0], marks) == EVALUATES]
-    shown = "; ".join(
-        f"{k}: {show_value(old)} → {show_value(new)}" for k, old, new in [*trains, *scored][:SHOWN]
-    )
-    more = f" (+{len(changed) - SHOWN} more)" if len(changed) > SHOWN else ""
-    if trains:
-        return f"config changed since it ran: {shown}{more}"
-    return f"{RESCORE}: {shown}{more}; `ablate run` re-scores it"
+def _line(ran: Ran, spec: RunSpec) -> str | None:
+    """What changed in what an arm trains (first) or in how it was scored; None when neither did."""
+    changed = since(ran, spec)
+    if ran.hash is not None and ran.hash != spec.hash:
+        shown = _shown([c for c in changed if c.role == TRAINS]) or f"hash {ran.hash} → {spec.hash}"
+        return f"config changed since it ran: {shown}"
+    if ran.scored is not None and ran.scored != spec.eval_hash:
+        shown = (
+            _shown([c for c in changed if c.role == EVALUATES]) or "its newest scores were made with others"
+        )
+        return f"{RESCORE}: {shown}; `ablate run` re-scores it"
+    return None
 
 
-def _differs(now: dict[str, Any], ran: dict[str, Any], marks: dict[str, str]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, value it ran with, value the sweep file sets now) for each setting that differs, but for
-    execution settings: expand's diff of the recorded config, cut down to the keys the sweep file sets."""
-    identity = without(now, marks, RUNS)
-    return [c for c in changes(_cut(ran, identity), identity) if role_of(c[0], marks) != RUNS]
-
-
-def _cut(ran: Any, now: Any) -> Any:
-    """`ran` with only the keys `now` has (recursively); what the file leaves unset is not compared."""
-    if isinstance(now, dict) and not now and ran is None:
-        return now  # `{}` and null both leave an optional component at its default
-    if not (isinstance(now, dict) and isinstance(ran, dict)):
-        return ran
-    return {k: _cut(ran[k], now[k]) for k in now if k in ran}
+def _shown(changed: list[Change]) -> str:
+    """The first SHOWN changes, 'key: old → new' each, and how many more."""
+    shown = "; ".join(f"{c.key}: {show_value(c.old)} → {show_value(c.new)}" for c in changed[:SHOWN])
+    return shown + (f" (+{len(changed) - SHOWN} more)" if len(changed) > SHOWN else "")

@@ -38,8 +38,8 @@ class RunSpec:
     hash: str
     settings_hash: str | None = None
     """The hash of what the sweep file sets for the arm, before defaults, its execution settings left out
-    (`ablate.sweep.drift`): lets the torch-free `ablate status` and `ablate rank` tell that the sweep file
-    changed since it ran."""
+    (`ablate.sweep.drift`): lets `ablate status` and `ablate rank` tell, torch-free, that the sweep file
+    sets what it set when the arm was prepared."""
     train: Any = field(default=None, compare=False, repr=False)
     """The validated trainer config (trainer.config.TrainConfig) `config` is the dump of; checks after
     expansion read it instead of validating the arm again."""
@@ -67,10 +67,6 @@ class RunSpec:
         return Spec(name=self.name, delta=self.delta, seed=self.seed, hash=self.hash, hash_version=HASH_VERSION,
                     eval_hash=self.eval_hash, roles=self.identity.marks, overrides=self.overrides,
                     sweep=sweep_name, settings_hash=self.settings_hash)  # fmt: skip
-
-
-LEGACY_MARKS = {"log": RUNS}
-"""The roles spec.json files from before HASH_VERSION 3 hashed settings by: only `log` left out."""
 
 
 def config_identity(config: dict[str, Any], numerics: int = NUMERICS) -> Identity:

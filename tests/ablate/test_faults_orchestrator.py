@@ -392,13 +392,39 @@ def test_rank_and_status_say_when_the_sweep_changed_since_an_arm_ran(write_sweep
     assert "† baseline-s0: config changed since it ran: optimizer.lr: 0.001 → 0.002" in rank.out
     assert "lr-high | done |" in rank.out  # still ranked
 
-    if not legacy:  # a setting removed: no leaf differs, the recorded settings hash does
-        write_sweep(replace("warmup_steps: 1, ", ""))
-        assert "the sweep file's settings for it changed since it ran" in " ".join(
-            cli("status", path).out.split()
-        )
-        write_sweep(replace("  checkpoint: {every: 2}\n", ""))  # how it runs: not drift
-        assert "changed" not in " ".join(cli("status", path).out.split())
+    write_sweep(replace("warmup_steps: 1, ", ""))  # a setting removed: its default applies now
+    assert "baseline-s0: config changed since it ran: train.warmup_steps: 1 → 0\n" in cli("status", path).out
+    write_sweep(replace("  checkpoint: {every: 2}\n", ""))  # how it runs: not drift
+    assert "changed" not in " ".join(cli("status", path).out.split())
+
+
+def test_a_default_written_out_or_an_execution_setting_is_not_drift(write_sweep, cli, workdir, submitted):
+    """Drift is what `ablate run` compares, the resolved identity, not the sweep file's text."""
+    path = write_sweep()
+    root = workdir / "runs" / "t"
+    for spec in specs_of(path).values():
+        ran(root, spec)
+    text = replace("  log: {every: 1}\n", "  log: {every: 1}\n  flow: {prediction: v}\n")  # the default
+    text = replace("lr: 1.0e-3}", "lr: 1.0e-3, betas: [0.9, 0.95]}", text)  # the default too
+    write_sweep(replace("threads: 1}", "threads: 1, num_workers: 2}", text))  # how it runs
+    planned = cli("run", path, "--dry-run")
+    assert planned.code == 0 and planned.out.count("│ skip ") == 2, planned.out  # `ablate run` keeps both
+    status = cli("status", path)
+    assert status.code == 0 and "changed" not in " ".join(status.out.split()), status.out
+    rank = cli("rank", path, "--format", "markdown")
+    assert rank.code == 0 and "†" not in rank.out + rank.err, rank.out
+    assert cli("run", path).code == 0 and submitted == []
+
+    write_sweep(replace("betas: [0.9, 0.95]", "betas: [0.8, 0.95]", text))  # what it trains
+    status = cli("status", path)
+    assert (
+        "baseline-s0: config changed since it ran: optimizer.betas: [0.9, 0.95] → [0.8, 0.95]\n" in status.out
+    )
+    assert "| baseline | done † |" in cli("rank", path, "--format", "markdown").out
+    write_sweep(replace("eval: {every: 2, batch_size: 8}", "eval: {every: 2, batch_size: 4}", text))  # scored
+    status = " ".join(cli("status", path).out.split())
+    assert "baseline-s0: evaluation settings changed since it was scored: eval.batch_size: 8 → 4" in status
+    assert "evaluation settings changed for 2 arm(s) since they were scored" in status
 
 
 # --- live writers ----------------------------------------------------------------------------------------------
