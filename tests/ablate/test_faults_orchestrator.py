@@ -575,7 +575,7 @@ def test_a_missing_data_file_or_column_is_refused_before_anything_is_submitted(
     for command in (["run", "--dry-run"], ["run"]):
         line = one_line(cli(*command, path), path)
         assert line == (
-            f"error: {path}:4: baseline.data.path: arm baseline-s0: data file data/train.parquet does not exist; "
+            f"error: {path}:4: baseline.data.path: arm baseline-s0: parquet file or folder data/train.parquet does not exist; "
             "nothing submitted; expected a data path that exists (relative paths are from the folder you submit from)"
         )
     (workdir / "data").mkdir()
@@ -590,6 +590,19 @@ def test_a_missing_data_file_or_column_is_refused_before_anything_is_submitted(
     (workdir / "data" / "train.parquet").write_bytes(b"not parquet at all")
     line = one_line(cli("run", path), path)
     assert "data/train.parquet is not a readable parquet file" in line
+    assert submitted == [] and not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "folder"])
+def test_a_missing_data_folder_is_not_called_a_file(write_sweep, cli, workdir, submitted, kind):
+    data = f"  data: {{kind: {kind}, path: data/shards, caption: c, resolution: 16, num_val: 2}}\n"
+    path = write_sweep(
+        replace("  data: {kind: synthetic, resolution: 16, caption: long, num_train: 64, num_val: 8}\n", data)
+    )
+    what = {"parquet": "parquet file or folder", "folder": "data folder"}[kind]
+    for command in (["run", "--dry-run"], ["run"]):
+        line = one_line(cli(*command, path), path)
+        assert f"arm baseline-s0: {what} data/shards does not exist; nothing submitted" in line
     assert submitted == [] and not (workdir / "runs").exists()
 
 
@@ -626,7 +639,7 @@ def test_a_missing_or_empty_eval_reference_set_is_refused(write_sweep, cli, work
     path = sweep_with("{kind: parquet, path: real/eval.parquet}")
     line = one_line(cli("run", path), path)
     assert line == (
-        f"error: {path}:11: baseline.eval.reference.path: arm baseline-s0: reference file real/eval.parquet "
+        f"error: {path}:11: baseline.eval.reference.path: arm baseline-s0: reference parquet file or folder real/eval.parquet "
         "does not exist; nothing submitted; expected eval.reference.path naming a parquet file or a folder "
         "of images that exists (relative paths are from the folder you submit from)"
     )

@@ -329,7 +329,7 @@ def test_slurm_a_failing_arm_leaves_the_others_and_run_resubmits_only_it(launche
     assert "nan-s0 failed: NonFiniteError" in shown and "bad-data-s0 failed: " in shown
     assert "  │ trainer.train.NonFiniteError: non-finite loss" in shown  # the last lines of its log
     where = f"{DataError.__module__}.DataError"  # the traceback names the class by its module
-    assert f"  │ {where}: {UNMOUNTED}: no such parquet file (data.path)" in shown
+    assert f"  │ {where}: {UNMOUNTED}: no such parquet file or folder (data.path)" in shown
     before = {n: job_id(item.arm(n)) for n in seen}
     again = ablate("run", item.path)
     assert again.returncode == 0 and "submitted 2 arm(s)" in again.stdout

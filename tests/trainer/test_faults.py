@@ -314,7 +314,7 @@ def test_data_faults_name_the_file_and_row(fault, tmp_path):
         job.run(d)
     error = json.loads((d / "status.json").read_text())["error"]
     expected = {
-        "missing file": f"DataError: {path}: no such parquet file (data.path)",
+        "missing file": f"DataError: {path}: no such parquet file or folder (data.path)",
         "missing image column": f"DataError: {path}: no column 'image'; columns: caption, img",
         "truncated image": f"DataError: {path} row 5: cannot read the image (",
     }[fault]

@@ -170,7 +170,7 @@ def test_bad_parquet_is_one_line_naming_the_file_and_what_was_expected(tmp_path,
         train, _ = build_parquet(config(path), "short")
         train.__getitems__(list(range(len(train))))
     expected = {
-        "missing": f"{path}: no such parquet file (data.path)",
+        "missing": f"{path}: no such parquet file or folder (data.path)",
         "corrupt": f"{second}: not a readable parquet file (",
         "column": f"{second}: no column 'short'; columns: caption, image, unused",
         "corrupt group": f"{second} row group 0: cannot be read (",

@@ -67,7 +67,9 @@ class ImageTextConfig(Config):
         columns; `val_caption` is the eval column), from a parquet footer or metadata.jsonl's first row."""
         path = Path(self.path)
         if not path.exists():
-            what = "data file" if self.kind == "parquet" else "data folder"
+            what = (
+                "parquet file or folder" if self.kind == "parquet" else "data folder"
+            )  # parquet: a file or a folder
             return _missing(path, what, ("data", "path"), "a data path that exists " + _RELATIVE)
         try:
             have, image = self._columns(path)
@@ -304,7 +306,8 @@ class ReferenceConfig(Config):
         path, at = Path(self.path), ("eval", "reference", "path")
         expected = "eval.reference.path naming a parquet file or a folder of images that exists " + _RELATIVE
         if not path.exists():
-            return _missing(path, f"reference {'file' if self.kind == 'parquet' else 'folder'}", at, expected)
+            what = "reference parquet file or folder" if self.kind == "parquet" else "reference folder"
+            return _missing(path, what, at, expected)
         try:
             if self.kind == "parquet" and self.image_column not in (have := _parquet_columns(path)):
                 problem = f"column '{self.image_column}' (eval.reference.image_column) is not in {path} (columns: {_listed(have)})"

@@ -139,7 +139,7 @@ def parquet_files(path: str, what: str) -> list[str]:
     import pyarrow.dataset as ds
 
     if not Path(path).exists():
-        raise DataError(f"{path}: no such parquet file ({what})")
+        raise DataError(f"{path}: no such parquet file or folder ({what})")
     if not Path(path).is_dir():
         return [path]
     try:
