@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
 
 from ablate.errors import UserError
 from ablate.options import (
@@ -45,6 +44,7 @@ from ablate.options import (
 from ablate.results import render
 from ablate.running.launch import resolve_wait
 from ablate.running.store import observe
+from ablate.shown import InertConsole, inert
 from ablate.sweep.schema import load_sweep
 
 app = typer.Typer(
@@ -60,9 +60,10 @@ weights_app = typer.Typer(
 app.add_typer(weights_app, name="weights")
 
 
-def _console() -> Console:
-    # soft_wrap: messages with long paths stay on one line (tables still fit the width)
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=True)
+def _console() -> InertConsole:
+    # soft_wrap: messages with long paths stay on one line (tables still fit the width); inert: whatever a
+    # record or a path holds is printed as text, its control characters escaped (ablate/shown.py)
+    return InertConsole(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -180,16 +181,16 @@ def rank(
     else:
         sys.stdout.write(table)
     for line in render.footer(sweep, arms, changed):
-        print(line, file=sys.stdout if out.footer_on_stdout else sys.stderr)
+        print(inert(line), file=sys.stdout if out.footer_on_stdout else sys.stderr)
     if to_wandb:
         from ablate.running.wandb_runs import log_table
 
         try:
             where = log_table(sweep, df, used)
         except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {inert(str(e))}", file=sys.stderr)
             raise typer.Exit(1) from None
-        print(f"impact table logged to {where}", file=sys.stderr)
+        print(inert(f"impact table logged to {where}"), file=sys.stderr)
 
 
 @app.command()
@@ -209,7 +210,7 @@ def plot(
     check_owner(sweep)  # figures go into the sweep's folder: only one ablate made
     df, _, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
     for name, path in plots.write(sweep, df, arms).items():
-        print(f"{name}: {path}")
+        print(inert(f"{name}: {path}"))
 
 
 @app.command()
@@ -228,7 +229,7 @@ def report(
     sweep = load_sweep(sweep_file)
     check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made
     path = build(sweep, step, by, Method.parse(interval, fdr))
-    print(f"report: {path}")
+    print(inert(f"report: {path}"))
 
 
 @app.command()
@@ -248,8 +249,8 @@ def stack(
     df, used, _ = ranking.rank(sweep, step, by)
     chosen = stacking.winners(df, sweep, top, by, any_change)
     path = stacking.write(sweep, chosen, df, by, out or sweep_file.with_name(f"{sweep_file.stem}-stack.yaml"))
-    print(f"stacked {', '.join(chosen)} (step {used}) into {path}; every arm validates")
-    print(f"next: ablate run {path}")
+    print(inert(f"stacked {', '.join(chosen)} (step {used}) into {path}; every arm validates"))
+    print(inert(f"next: ablate run {path}"))
 
 
 @app.command()
@@ -276,7 +277,7 @@ def sync(
         return
     problem = upload(todo, timeout_s)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {inert(problem)}", file=sys.stderr)
         raise typer.Exit(1)
     console.print(f"{len(todo)} run(s) synced", markup=False)
 
@@ -348,7 +349,7 @@ def weights_download(sweep_file: SweepFile, folder: WeightsDir = None) -> None:
     console.print(f"sweep {sweep.name}: {len(needed)} pretrained weight(s)", markup=False)
     if failures := weights.fetch_missing(needed, say=lambda line: console.print(line, markup=False)):
         problem = f"{failures} of {len(needed)} weight(s) not fetched"
-        print(f"error: {problem}: {weights.NETWORK_HINT}", file=sys.stderr)
+        print(inert(f"error: {problem}: {weights.NETWORK_HINT}"), file=sys.stderr)
         raise typer.Exit(1)
     console.print("all present", markup=False)
 

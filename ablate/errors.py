@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from ablate.shown import inert
+
 
 class UserError(Exception):
     """A mistake in the user's input: says what was wrong, where, and what would be right."""
@@ -38,7 +40,7 @@ class UserError(Exception):
         if self.path:
             parts.append(self.path)
         parts.append(self.problem if self.expected is None else f"{self.problem}; expected {self.expected}")
-        return ": ".join(parts)
+        return inert(": ".join(parts))  # a path or a record's text may hold control characters
 
 
 # Operating faults a user (or their admin) fixes, each with what would fix it.

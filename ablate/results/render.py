@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ablate.shown import inert
 from ablate.sweep.schema import BASELINE, Sweep
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def _rich_row(row: list[tuple[str, int]], metrics: int, Text) -> list:
         out = [Text(t, style="dim") for t, _ in row[:3]]
         noise = [Text(row[4 + PER_METRIC * i][0].replace(" · ", "\n"), style="dim") for i in range(metrics)]
         return out + noise + [Text("")] * 2
-    out = [Text(t) for t, _ in row[:3]]
+    out = [Text(inert(t)) for t, _ in row[:3]]
     for i in range(metrics):
         (value, _), (change, good), (q, _), (pct, _) = row[3 + PER_METRIC * i : 3 + PER_METRIC * (i + 1)]
         if pct in ("—", ""):
@@ -231,7 +232,7 @@ def _rich_row(row: list[tuple[str, int]], metrics: int, Text) -> list:
 def to_html(df: Table, metrics: list[tuple[str, str]], title: str) -> str:
     """The table as an HTML fragment (a `<table class="impact">` and its legend), for `--format html`
     and the report; better/worse cells carry the classes `better`/`worse`, significant ones `significant`."""
-    from html import escape
+    from ablate.shown import html as escape
 
     header, rows = cells(df, metrics)
     out = [f'<table class="impact"><caption>{escape(title)}</caption><thead><tr>']

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import yaml
 from ablate.results import plots, render
 from ablate.results import rank as ranking
 from ablate.running.store import observe
+from ablate.shown import html as escape
 from ablate.sweep.schema import BASELINE, Sweep, arm_name
 from core.atomic import atomic_write
 from core.rundir import CANCELLED, DONE, FAILED, STALE, UNREADABLE, RunDir

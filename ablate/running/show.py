@@ -16,6 +16,7 @@ from rich.text import Text
 from ablate.running.launch import resources
 from ablate.running.since import ran_with
 from ablate.running.store import ArmView, Decision, blocked_error, eval_note, observe
+from ablate.shown import inert, text
 from ablate.sweep.drift import RESCORE
 from ablate.sweep.expand import changes, show_value
 from ablate.sweep.schema import Sweep
@@ -49,7 +50,7 @@ def plan(console: Console, sweep: Sweep, decisions: list[Decision], *, detailed:
         else:
             last = "\n".join([d.reason, *d.changes()])
         style = {"skip": "dim", "blocked": "yellow", "rescore": "cyan"}.get(d.action, "")
-        table.add_row(Text(d.spec.name), Text(d.action, style=style), Text(d.spec.hash), Text(last))
+        table.add_row(text(d.spec.name), text(d.action, style), text(d.spec.hash), text(last))
     console.print(table)
     console.print(resources(sweep.launcher), markup=False)
 
@@ -92,9 +93,9 @@ def eval_plan(
             if ran != hashes[t.name]
             else ""
         )
-        table.add_row(t.name, t.state, str(t.step), Text(note, style="yellow"))
+        table.add_row(t.name, t.state, str(t.step), text(note, "yellow"))
     for name, reason in skipped:
-        table.add_row(Text(name, style="dim"), Text("left out", style="dim"), "", Text(reason, style="dim"))
+        table.add_row(text(name, "dim"), text("left out", "dim"), "", text(reason, "dim"))
     console.print(table)
     console.print(resources(sweep.launcher), markup=False)
 
@@ -158,7 +159,7 @@ def status_table(views: list[ArmView], changed: dict[str, str]) -> Table:
         drifted = "settings changed since it ran (below)" if view.name in changed else ""
         for extra in (drifted, _requeue_note(view), view.scheduler, eval_note(view.run_dir)):
             if extra:
-                cells[-1].append(("; " if cells[-1].plain else "") + extra)
+                cells[-1].append(inert(("; " if cells[-1].plain else "") + extra, lines=True))
         table.add_row(*cells)
     return table
 
@@ -209,7 +210,7 @@ def weights_table(needed: list[Weight], states: dict[Weight, str | None]) -> Tab
         table.add_column(column, overflow="fold")
     for w in needed:
         if not w.downloadable:
-            state = Text(w.note, style="dim")
+            state = text(w.note, "dim")
         elif states[w] is None:
             state = Text("present", style="green")
         else:
@@ -225,7 +226,7 @@ def cache_table(groups: list[CacheGroup]) -> Table:
         table.add_column(column, overflow="fold")
     for g in groups:
         style = {"complete": "green", "incomplete": "yellow"}.get(g.state, "")
-        table.add_row(g.key, str(g.path), Text(g.state, style=style), ", ".join(g.arms))
+        table.add_row(g.key, str(g.path), text(g.state, style), ", ".join(g.arms))
     return table
 
 
@@ -242,7 +243,7 @@ def _arm_cells(view: ArmView) -> list[Text]:
         view.note,
     ]
     style = {DONE: "green", FAILED: "red", STALE: "yellow", CANCELLED: "yellow"}.get(view.state, "")
-    return [Text(c, style=style if i == 1 else "") for i, c in enumerate(cells)]
+    return [text(c, style if i == 1 else "") for i, c in enumerate(cells)]
 
 
 def _requeue_note(view: ArmView) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ablate.shown import inert
 from ablate.sweep.expand import expand
 from ablate.sweep.schema import Sweep
 from core.sweepdir import SweepDir
@@ -140,7 +141,7 @@ def fetch_missing(needed: list[Weight], say: Callable[[str], None]) -> int:
             if (problem := fetch(w)) is not None:
                 failures += 1
                 sys.stdout.flush()
-                print(f"error: {problem}", file=sys.stderr, flush=True)
+                print(f"error: {inert(problem)}", file=sys.stderr, flush=True)
     return failures
 
 

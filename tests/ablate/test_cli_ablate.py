@@ -182,3 +182,12 @@ def test_ctrl_c_while_following_arms_exits_cleanly(write_sweep, cli, workdir, mo
     assert result.code == 130 and "Traceback" not in result.err
     assert "interrupted: arms running on this machine stop with it" in result.out
     assert "resubmits unfinished arms" in result.out
+
+
+def test_inert_escapes_every_control_character_and_keeps_newlines_only_when_asked():
+    from ablate.shown import inert
+
+    assert inert("a\x1b[2Jb\x9b1m\x7f\r\t\x00") == "a\\x1b[2Jb\\x9b1m\\x7f\\r\\t\\x00"
+    assert inert("a\nb") == "a\\nb" and inert("a\nb", lines=True) == "a\nb"
+    assert inert("\udcff\u202e") == "\\udcff\\u202e"  # an undecodable byte of a path; a bidi override
+    assert inert("café → ✓ [bold]x[/bold] :smile:") == "café → ✓ [bold]x[/bold] :smile:"

@@ -368,6 +368,51 @@ def test_report_and_plot_work_around_a_garbage_arm(write_sweep, cli, workdir):
     assert "unreadable" in page and "step_4.json" in page
 
 
+# --- text a record or a path holds, shown inert -------------------------------------------------------------
+
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07 [bold]b[/bold] :smile:"  # clear the screen, retitle the window; markup
+ESCAPED = "\\x1b[2J\\x1b]0;pwned\\x07 [bold]b[/bold] :smile:"  # what a reader sees instead
+
+
+def test_control_sequences_in_records_and_paths_are_shown_escaped(write_sweep, cli, workdir):
+    """An error note, a log tail and the sweep's folder (in every path) holding ESC sequences: status,
+    run --dry-run, rank, report and an error line show them escaped; the raw bytes never reach the terminal
+    or the page."""
+    path = write_sweep(SWEEP + 'output_dir: "out\\e]0;pwned\\a"\n')
+    root = workdir / "out\x1b]0;pwned\x07"
+    specs = specs_of(path)
+    run_dir = ran(root, specs["baseline-s0"], "failed")
+    log = run_dir / "stderr.log"
+    log.write_text(f"Traceback (most recent call last):\nValueError: {ESCAPES}\n")
+    write_json(
+        run_dir / "status.json", {"state": "failed", "step": 2, "total_steps": 4, "error": f"boom {ESCAPES}"}
+    )
+    write_json(run_dir / "job.json", {"executor": "debug", "job_id": "1", "stderr": str(log)})
+    (ran(root, specs["lr-high-s0"]) / "result.json").write_text("[")  # unreadable: its note names its path
+
+    def shown(*command: str) -> str:
+        result = cli(*command, path)
+        assert result.code == 0, result
+        printed = result.out + result.err
+        assert "\x1b" not in printed and "\x07" not in printed, printed
+        assert "out\\x1b]0;pwned\\x07" in squash(printed)  # the sweep's folder, escaped
+        return squash(printed)
+
+    status = shown("status")
+    assert squash(f"boom {ESCAPED}") in status and squash(f"│ ValueError: {ESCAPED}") in status  # note, log tail
+    assert squash(f"(failed: boom {ESCAPED})") in shown("run", "--dry-run")
+    shown("rank")
+    shown("report")
+    page = (root / "report.html").read_text()
+    assert "\x1b" not in page and "\x07" not in page and f"boom {ESCAPED}" in page
+
+    write_sweep(
+        parquet_sweep('"data/\\e[2J\\e]0;pwned\\a [bold]b[/bold] :smile:"', "c") + 'output_dir: "out"\n'
+    )
+    line = one_line(cli("run", "--dry-run", path), path)  # a data path
+    assert "\x1b" not in line and f"parquet file or folder data/{ESCAPED} does not exist" in line
+
+
 # --- config drift --------------------------------------------------------------------------------------------
 
 
