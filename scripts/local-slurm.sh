@@ -68,6 +68,7 @@ DB_SOCK=$RUN/mariadb.sock
 CTLD_PORT=6817
 SLURMD_PORT=6818
 DBD_PORT=6819
+APT_LOCK_WAIT=${ABLATE_APT_LOCK_WAIT:-600}  # seconds to wait for another apt-get or dpkg to finish
 
 # executable -> Debian package providing it
 declare -A NEEDED=(
@@ -239,6 +240,22 @@ cmd_check() {
 }
 
 # ----------------------------------------------------------------------------- install
+# apt_get ARGS: apt-get ARGS, waiting up to APT_LOCK_WAIT seconds while another apt-get or dpkg holds
+# its lock: dpkg's through apt's own DPkg::Lock::Timeout; the lists lock of `apt-get update`, which apt
+# does not wait for, by trying again.
+apt_get() {
+  local deadline=$((SECONDS + APT_LOCK_WAIT)) rc out
+  while :; do
+    rc=0
+    out=$(apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" 2>&1) || rc=$?
+    printf '%s\n' "$out"
+    if ((rc == 0)) || ! grep -qE 'Could not get lock|Unable to lock' <<<"$out" || ((SECONDS >= deadline)); then
+      return "$rc"
+    fi
+    sleep 2
+  done
+}
+
 install_packages() {
   STEP="apt install"
   STEP_LOG=$LOGS/apt.log
@@ -255,8 +272,8 @@ install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   # shellcheck disable=SC2086  # word splitting of the package list is intended
   {
-    apt-get update -q &&
-      apt-get install -y -q --no-install-recommends \
+    apt_get update -q &&
+      apt_get install -y -q --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         $missing
   } >>"$STEP_LOG" 2>&1 || rc=$?
@@ -636,6 +653,7 @@ usage() {
   exit 2
 }
 
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0 # sourced (tests/test_local_slurm_script.py): the functions only
 case ${1:-} in
   up) cmd_up ;;
   down) cmd_down ;;
