@@ -37,6 +37,7 @@ import datetime as dt
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -187,17 +188,18 @@ class RunDir:
         os.rename(checkpoint, target)
         return target
 
-    def planted_links(self) -> list[str]:
+    def planted_links(self, but: Iterable[str] = ()) -> list[str]:
         """Entries of the folder (and of eval/, checkpoints/) that are symbolic links, `launcher` aside:
-        ablate makes no others, and writes nothing through one."""
+        ablate makes no others, and writes nothing through one. `but`: entries left out (records about to
+        be written anew, which replaces a link)."""
         found = []
         for folder in (self.path, self.eval_dir, self.checkpoints):
             if folder.is_dir() and not folder.is_symlink():
                 found += [p for p in folder.iterdir() if p.is_symlink() and p != self.launcher]
-        return sorted(p.relative_to(self.path).as_posix() for p in found)
+        return sorted(name for p in found if (name := p.relative_to(self.path).as_posix()) not in but)
 
-    def refuse_planted_links(self) -> None:
-        if links := self.planted_links():
+    def refuse_planted_links(self, but: Iterable[str] = ()) -> None:
+        if links := self.planted_links(but):
             raise PlantedLink(
                 f"{self.path}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; "
                 f"ablate writes nothing through a link in a run folder (remove {'it' if len(links) == 1 else 'them'})"

@@ -20,12 +20,12 @@ from typing import Any
 import yaml
 
 from ablate.errors import UserError, os_fault
-from ablate.running.since import rescore_config
+from ablate.running.since import Ran, ran_with, rescore_config, unusable
 from ablate.running.store import Decision, describe_eval_job, eval_in_flight, mark_eval_queued, observe
 from ablate.sweep.expand import read_config
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
-from core.records import EvalJob
+from core.records import EvalJob, Spec
 from core.rundir import CANCELLED, DONE, FAILED, IN_FLIGHT, MISSING, STALE, RunDir
 
 ENDED = (DONE, FAILED, CANCELLED, STALE)
@@ -66,6 +66,8 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
             reason = f"{view.state}: {view.note}"
         elif (record := eval_in_flight(run.path)) is not None:
             reason = f"already being evaluated ({describe_eval_job(record)})"
+        elif (problem := unusable("eval", run.path, _ran(run.path, view.spec), None, [])) is not None:
+            reason = problem  # found here, not in the job
         if reason is not None:
             if explicit:
                 raise UserError(
@@ -92,6 +94,13 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
         why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
         raise UserError(f"no arm to evaluate ({why})", "arms that have ended and kept a checkpoint")
     return targets, skipped
+
+
+def _ran(run_dir: Path, spec: Spec) -> Ran | None:
+    try:
+        return ran_with(run_dir, spec)
+    except Unreadable:
+        return None
 
 
 def outcome(target: Target) -> EvalJob:

@@ -7,6 +7,9 @@ spec.json is older than HASH_VERSION), how it ran (config.yaml) and how its newe
 - a change in what it trains: the config changed (`--rerun NAME` or `--force` to train again);
 - in how it runs only: recorded, never rerun (a resubmission uses the new settings);
 - in how it is scored: its newest kept checkpoint is re-scored with the new settings, no training.
+
+A job that would use the arm's folder as it is (`unusable`) is refused before submission when the folder
+holds a planted link or a config.yaml the trainer's schema refuses, rather than failing inside the job.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ablate.sweep.expand import RunSpec, config_identity, read_config, show_value
+from ablate.sweep.expand import RunSpec, config_identity, config_problem, read_config, show_value
 from ablate.sweep.expand import changes as leaf_changes
 from core.atomic import Unreadable
 from core.records import Spec
-from core.rundir import RunDir
+from core.rundir import CODE, CODE_DIFF, CONFIG, EVAL_JOB, JOB, SPEC, STATUS, PlantedLink, RunDir
 from trainer.identity import EVALUATES, HASH_VERSION, NUMERICS, ROLES, RUNS, Identity, role_of
 
 
@@ -81,6 +84,40 @@ def ran_with(run_dir: Path, spec: Spec) -> Ran:
     else:  # an older spec.json: its config.yaml hashed the way today's are
         trained, evaluated = ident.hash, ident.eval_hash
     return Ran(trained, _scored(run) or evaluated, config, ident)
+
+
+# What is written before the job of each action (`store.prepare`, `rescore.queue`, `ablate eval`), replacing
+# a link planted there: config.yaml and spec.json too for a resubmission with a changed setting (or none).
+REWRITTEN = {
+    "submit": (CONFIG, SPEC, JOB, STATUS, CODE, CODE_DIFF),
+    "resubmit": (JOB, STATUS, CODE, CODE_DIFF),
+    "rescore": (CONFIG, SPEC, EVAL_JOB, CODE, CODE_DIFF),
+    "eval": (EVAL_JOB, CODE, CODE_DIFF),
+}
+
+
+def unusable(
+    action: str, run_dir: Path, ran: Ran | None, spec: RunSpec | None, changes: list[Change]
+) -> str | None:
+    """What keeps the job `action` submits (`ablate run`'s, or "eval") from using the arm's folder as it is,
+    or None; found before it is submitted, not by the job. A link planted in the folder that stays there
+    (the trainer refuses them), or the config.yaml the job reads as recorded (a resubmission with nothing
+    changed, a re-score's how-it-ran part, an `ablate eval`) when the trainer's schema refuses it."""
+    run = RunDir(run_dir)
+    if action not in REWRITTEN or not run.path.is_dir():
+        return None  # nothing submitted, or into a folder `prepare` makes
+    anew = action == "resubmit" and (changes or ran is None or ran.config is None)  # as `store.prepare` does
+    rewritten = REWRITTEN[action] + ((CONFIG, SPEC) if anew else ())
+    try:
+        run.refuse_planted_links(but=rewritten)
+    except PlantedLink as e:
+        return str(e)
+    if action == "submit" or anew:
+        return None  # its config.yaml is the sweep's, written anew
+    if ran is None or ran.config is None:
+        return f"{run.config}: {'not a file' if run.config.exists() else 'missing'}, and its job reads it"
+    problem = config_problem(rescore_config(ran.config, spec) if action == "rescore" else ran.config)
+    return None if problem is None else f"{run.config}: {problem}"
 
 
 def _scored(run: RunDir) -> str | None:

@@ -26,7 +26,7 @@ import yaml
 from ablate.errors import UserError, os_fault
 from ablate.running import launch
 from ablate.running.launch import job_alive, job_state, pid_alive
-from ablate.running.since import Change, Ran, ran_with
+from ablate.running.since import Change, Ran, ran_with, unusable
 from ablate.running.since import since as since_ran
 from ablate.sweep.expand import RunSpec, read_config
 from core.atomic import Unreadable
@@ -233,12 +233,11 @@ def _decide(spec: RunSpec, view: ArmView, asked: bool, force: bool) -> Decision:
             reason += "; stop that process before rerunning it"
         return Decision(spec, view, "skip", reason, since)
     if view.state == MISSING:
-        return Decision(spec, view, "submit", "new")
+        return _usable(Decision(spec, view, "submit", "new"), ran)
     if view.state == UNREADABLE:
         if asked:
             return Decision(spec, view, "rerun", view.note)
-        again = f"`--rerun {spec.name}` starts it afresh (the folder is kept under .replaced/)"
-        return Decision(spec, view, "skip", f"{view.note}; {again}")
+        return Decision(spec, view, "skip", f"{view.note}; {_afresh(spec.name)}")
     if view.state in IN_FLIGHT:
         reason = f"{view.state}" + (f", job {view.job.job_id}" if view.job and view.job.job_id else "")
         if changed or asked:
@@ -255,8 +254,23 @@ def _decide(spec: RunSpec, view: ArmView, asked: bool, force: bool) -> Decision:
     if changed or asked:
         return Decision(spec, view, "rerun", "config changed" if changed else "--rerun", since)
     if view.state == DONE:
-        return _finished(spec, view, ran, since)
-    return Decision(spec, view, "resubmit", f"{view.state}" + (f": {view.note}" if view.note else ""), since)
+        return _usable(_finished(spec, view, ran, since), ran)
+    note = f"{view.state}" + (f": {view.note}" if view.note else "")
+    return _usable(Decision(spec, view, "resubmit", note, since), ran)
+
+
+def _usable(d: Decision, ran: Ran | None) -> Decision:
+    """`d`, or a refusal (skipped, as an unreadable arm is) when its job could not use the arm's folder as
+    it is (`since.unusable`: a planted link, a config.yaml the trainer refuses)."""
+    if (problem := unusable(d.action, d.view.run_dir, ran, d.spec, d.since)) is None:
+        return d
+    if d.view.state != MISSING:  # `--rerun` moves a prepared folder aside
+        problem += f"; {_afresh(d.spec.name)}"
+    return Decision(d.spec, d.view, "skip", problem, d.since)
+
+
+def _afresh(name: str) -> str:
+    return f"`--rerun {name}` starts it afresh (the folder is kept under .replaced/)"
 
 
 def _finished(spec: RunSpec, view: ArmView, ran: Ran | None, since: list[Change]) -> Decision:
@@ -326,7 +340,7 @@ def prepare(
                 moved.append((run.path, sweep.move_aside(run, d.view.hash)))
             if (problem := not_a_run_folder(run.path)) is not None:
                 raise UserError(f"{problem}; nothing submitted", f"`--rerun {d.spec.name}` to move it aside")
-            if d.action in ("submit", "rerun") or d.since:  # a resubmission runs with the new settings
+            if d.action in ("submit", "rerun") or d.since or not run.config.is_file():  # the new settings
                 if not run.path.exists():
                     run.path.mkdir(parents=True)
                     created.append(run.path)

@@ -103,6 +103,21 @@ def read_config(config_file: Path) -> dict[str, Any]:
     return config
 
 
+def config_problem(config: dict[str, Any]) -> str | None:
+    """Why the trainer would refuse a run folder's config (it validates its config.yaml at start-up), or
+    None: one line, the first error's key path."""
+    from trainer.config import TrainConfig  # lazy: imports torch
+
+    try:
+        TrainConfig.model_validate(copy.deepcopy(config))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "(top level)"
+        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        return f"not a config the trainer reads: {where}: {first['msg']}{more}"
+    return None
+
+
 def expand(sweep: Sweep) -> list[RunSpec]:
     """Every arm of the sweep, baseline arms first, each validated against the trainer's schema.
 

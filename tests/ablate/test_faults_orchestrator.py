@@ -285,6 +285,47 @@ def test_links_planted_in_a_run_folder_are_replaced_never_followed(
     assert kept.is_symlink()
 
 
+def test_what_would_fail_inside_the_job_is_found_before_submission(
+    write_sweep, cli, workdir, tmp_path_factory, submitted
+):
+    """A link planted where only the trainer writes (log.jsonl), and a config.yaml the trainer's schema
+    refuses where the job reads it as recorded (`ablate eval`, a re-score): refused per arm, not submitted."""
+    path = write_sweep()
+    root = workdir / "runs" / "t"
+    specs = specs_of(path)
+    outside = tmp_path_factory.mktemp("outside") / "log.jsonl"
+    outside.write_text("")
+    failed = ran(root, specs["baseline-s0"], "failed")
+    (failed / "log.jsonl").symlink_to(outside)
+    done = ran(root, specs["lr-high-s0"])
+    config = yaml.safe_load((done / "config.yaml").read_text())
+    config["train"]["num_workers"] = -1  # how it ran: `ablate run` keeps it for a re-score
+    (done / "config.yaml").write_text(yaml.safe_dump(config))
+    for run_dir in (failed, done):
+        (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+
+    linked = squash(f"{failed}: log.jsonl is a symbolic link; ablate writes nothing through a link")
+    for command in (["run", "--dry-run"], ["run"]):
+        result = cli(*command, path)
+        assert result.code == 0 and linked in squash(result.out), result.out
+        assert squash("`--rerun baseline-s0` starts it afresh") in squash(result.out)
+    line = one_line(cli("eval", path, "--arm", "baseline-s0"))
+    assert line.startswith("error: --arm: arm 'baseline-s0': ") and "log.jsonl is a symbolic link" in line
+    line = one_line(cli("eval", path, "--arm", "lr-high-s0"))
+    assert (
+        f"{done / 'config.yaml'}: not a config the trainer reads: train.num_workers: Input should be" in line
+    )
+    write_sweep(replace("eval: {every: 2, batch_size: 8}", "eval: {every: 2, batch_size: 4}"))  # a re-score
+    result = cli("run", path)
+    assert result.code == 0 and squash(f"{done / 'config.yaml'}: not a config the trainer reads") in squash(
+        result.out
+    )
+    assert submitted == [] and outside.read_text() == ""
+
+    assert cli("run", path, "--rerun", "baseline-s0").code == 0 and submitted == ["baseline-s0"]
+    assert not (failed / "log.jsonl").exists() and outside.read_text() == ""  # moved aside, not followed
+
+
 # --- one garbage record marks one arm ----------------------------------------------------------------------
 
 
@@ -399,7 +440,9 @@ def test_control_sequences_in_records_and_paths_are_shown_escaped(write_sweep, c
         return squash(printed)
 
     status = shown("status")
-    assert squash(f"boom {ESCAPED}") in status and squash(f"│ ValueError: {ESCAPED}") in status  # note, log tail
+    assert (
+        squash(f"boom {ESCAPED}") in status and squash(f"│ ValueError: {ESCAPED}") in status
+    )  # note, log tail
     assert squash(f"(failed: boom {ESCAPED})") in shown("run", "--dry-run")
     shown("rank")
     shown("report")
