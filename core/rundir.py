@@ -13,7 +13,7 @@
         code.json         the commit and code snapshot its job runs   `ablate run`
         code.diff         uncommitted changes at submission, if any   `ablate run`
         status.json       state, step, loss, error (STATES)       `ablate run`, then the trainer
-        log.jsonl         one JSON line per log step              trainer
+        log.jsonl         one JSON line per log step (core.trainlog)   trainer
         checkpoints/step_00000100/   a complete checkpoint        trainer (contents: trainer/runtime/checkpoint.py)
         checkpoints/.set-aside/      checkpoints that failed verification (kept, never deleted)   trainer
         eval/step_N.json  metrics at step N: THE source of per-step metrics   trainer, `ablate eval` jobs
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import re
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core import trainlog
 from core.atomic import Unreadable, atomic_path, atomic_write, atomic_write_json, read_json
 from core.records import (
     Code,
@@ -247,21 +247,11 @@ class RunDir:
         return sorted(int(s) for s in steps if s.isdigit())
 
     def log_rows(self) -> list[LogRow]:
-        """Every complete line of log.jsonl; a torn or garbled line (a kill mid-write) is skipped."""
-        with contextlib.suppress(FileNotFoundError):
-            return [row for line in self.log.read_bytes().splitlines() if (row := _log_row(line))]
-        return []
+        """Every complete row of log.jsonl (`core.trainlog`)."""
+        return trainlog.rows(self.log)
 
     def last_log_row(self) -> LogRow | None:
-        """The last complete record of log.jsonl, reading only the file's tail."""
-        try:
-            with self.log.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 8192))
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return None
-        return next((row for line in reversed(lines) if (row := _log_row(line))), None)
+        return trainlog.last_row(self.log)
 
     # -- writing: before submission (`ablate run`) ----------------------------------------------------
     def write_config(self, text: str) -> None:
@@ -342,22 +332,13 @@ class RunDir:
 
     # -- writing: the trainer -----------------------------------------------------------------------
     def append_log(self, row: LogRow) -> None:
-        """One line more in log.jsonl; a symlink planted in its place is not followed."""
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row.to_json()) + "\n")
+        trainlog.append(self.log, row)
 
     def truncate_log(self, step: int) -> int:
-        """Keep only the log lines up to `step` (a resumed run redoes the steps after its checkpoint;
-        one restarted before its first checkpoint, `step` 0, starts an empty log). A torn or garbled
-        line (a kill mid-write) is dropped too. Returns how many such lines were dropped."""
-        if not self.log.exists():
-            return 0
-        lines = [line for line in self.log.read_bytes().splitlines() if line.strip()]
-        rows = self.log_rows()
-        kept = [r for r in rows if r.step <= step]
-        atomic_write(self.log, "".join(json.dumps(r.to_json()) + "\n" for r in kept))
-        return len(lines) - len(rows)
+        """Keep only the log rows up to `step` (a resumed run redoes the steps after its checkpoint; one
+        restarted before its first checkpoint, `step` 0, starts an empty log), reading only the tail;
+        a torn last line (a kill mid-write) is dropped too. Returns how many such lines were dropped."""
+        return trainlog.truncate(self.log, step)
 
     def write_eval(self, record: EvalRecord) -> None:
         atomic_write_json(self.eval_record(record.step), record.to_json())
@@ -426,13 +407,6 @@ def updated(record: R, fields: dict[str, Any]) -> R:
     if unknown:
         raise TypeError(f"{type(record).__name__} has no field {', '.join(sorted(unknown))}")
     return type(record).model_validate({**record.model_dump(), **fields})
-
-
-def _log_row(line: bytes) -> LogRow | None:
-    with contextlib.suppress(ValueError):  # a torn line, or one of another shape (ValidationError)
-        if isinstance(data := json.loads(line), dict):
-            return LogRow.model_validate(data)
-    return None
 
 
 class PlantedLink(RuntimeError):
