@@ -17,7 +17,7 @@ import yaml
 
 from ablate.results import plots, render
 from ablate.results import rank as ranking
-from ablate.running.store import observe
+from ablate.running.store import observe, set_aside_note
 from ablate.sweep.schema import BASELINE, Sweep, arm_name
 from core.atomic import atomic_write
 from core.rundir import CANCELLED, DONE, FAILED, STALE, UNREADABLE, RunDir
@@ -105,7 +105,7 @@ def _arms(sweep: Sweep, arms: list[Any]) -> list[str]:
     failed = []
     for arm in arms:
         view = observe(sweep.root / arm.name, check_jobs=False)
-        note = arm.note or view.note
+        note = "; ".join(n for n in (arm.note or view.note, set_aside_note(view.status)) if n)
         hours = arm.steps / arm.batches_per_s / 3600 * devices if arm.steps and arm.batches_per_s else None
         bad = arm.state in (FAILED, UNREADABLE, CANCELLED, STALE)
         cls = ' class="failed"' if bad else ""

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from ablate.running.launch import resources
 from ablate.running.since import ran_with
-from ablate.running.store import ArmView, Decision, blocked_error, eval_note, observe
+from ablate.running.store import ArmView, Decision, blocked_error, eval_note, observe, set_aside_note
 from ablate.sweep.drift import RESCORE
 from ablate.sweep.expand import changes, show_value
 from ablate.sweep.schema import Sweep
@@ -156,7 +156,14 @@ def status_table(views: list[ArmView], changed: dict[str, str]) -> Table:
     for view in views:
         cells = _arm_cells(view)
         drifted = "settings changed since it ran (below)" if view.name in changed else ""
-        for extra in (drifted, _requeue_note(view), view.scheduler, eval_note(view.run_dir)):
+        extras = (
+            drifted,
+            _requeue_note(view),
+            set_aside_note(view.status),
+            view.scheduler,
+            eval_note(view.run_dir),
+        )
+        for extra in extras:
             if extra:
                 cells[-1].append(("; " if cells[-1].plain else "") + extra)
         table.add_row(*cells)

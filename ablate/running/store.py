@@ -428,6 +428,19 @@ def eval_note(run_dir: Path) -> str:
     return f"eval step {record.step}: {state}{error}"
 
 
+def set_aside_note(status: Status | None) -> str:
+    """One line on the checkpoints set aside for failing verification and a restart from step 0 ('' when
+    none): `ablate status` and the report show it, so a `done` arm that trained twice says so."""
+    if status is None or not (status.set_aside or status.restarted_from_zero):
+        return ""
+    parts = [
+        f"{s.checkpoint or '?'} set aside ({s.reason or 'failed verification'})" for s in status.set_aside
+    ]
+    if status.restarted_from_zero:
+        parts.append("restarted from step 0")
+    return "; ".join(parts)
+
+
 def mark_eval_queued(run_dir: Path, step: int, executor: str) -> None:
     """Before submission: eval_job.json names this process as the owner of the arm's evaluation at `step`."""
     RunDir(run_dir).new_eval_job(QUEUED, step=step, executor=executor, job_id=None, host=socket.gethostname(),

@@ -150,6 +150,23 @@ def test_truncating_a_long_log_reads_only_its_tail(tmp_path):
     assert run.log.stat().st_size == size - 1000 * len(line.replace("STEP", "199500"))
 
 
+def test_a_fresh_status_keeps_what_happened_to_the_checkpoints(tmp_path):
+    """A re-queued arm resumes from the same folder: the set-aside checkpoints stay on its record."""
+    run = RunDir(tmp_path / "a-s0")
+    (run.checkpoint(4)).mkdir(parents=True)
+    run.set_status(RUNNING, step=4)
+    moved = run.set_aside(run.checkpoint(4), "state.pt does not match its checksum")
+    run.update_status(restarted_from_zero=True)
+    run.set_status(FAILED, error="boom")
+    run.set_status(QUEUED, fresh=True)
+    status = run.read_status()
+    assert status.error is None and status.step is None and status.restarted_from_zero
+    assert [(s.checkpoint, s.step, s.moved_to) for s in status.set_aside] == [
+        ("step_00000004", 4, moved.relative_to(run.path).as_posix())
+    ]
+    assert run.set_aside_checkpoints() == [(4, moved)] and run.checkpoint_steps() == []
+
+
 def test_a_corrupt_record_is_an_error_naming_its_file(tmp_path):
     run = RunDir(tmp_path / "a-s0")
     run.path.mkdir()
