@@ -68,6 +68,19 @@ class Requeue(Record):
     at: str | None = None
 
 
+class SetAside(Record):
+    """A checkpoint that failed verification, moved to checkpoints/.set-aside/ (`RunDir.set_aside`)."""
+
+    checkpoint: str | None = None
+    """its name: step_00000400"""
+    step: int | None = None
+    reason: str | None = None
+    """why it failed verification: 'state.pt does not match its checksum'"""
+    moved_to: str | None = None
+    """where it went, relative to the run folder (pruned later: docs/run-directory.md)"""
+    at: str | None = None
+
+
 def _job_id(value: Any) -> Any:
     """Scheduler job ids are strings; an integer written by hand or an older tool is taken as one."""
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -91,6 +104,10 @@ class Status(Record):
     requeues: int = 0
     last_requeue: Requeue | None = None
     restarts: int | None = None
+    set_aside: list[SetAside] = Field(default_factory=list)
+    """checkpoints that failed verification and were set aside, in the order they were"""
+    restarted_from_zero: bool = False
+    """checkpoints existed but none verified: training started again from step 0"""
     cancelled_at: str | None = None
     updated_at: str | None = None
 

@@ -13,9 +13,10 @@
         code.json         the commit and code snapshot its job runs   `ablate run`
         code.diff         uncommitted changes at submission, if any   `ablate run`
         status.json       state, step, loss, error (STATES)       `ablate run`, then the trainer
-        log.jsonl         one JSON line per log step              trainer
+        log.jsonl         one JSON line per log step (core.trainlog)   trainer
         checkpoints/step_00000100/   a complete checkpoint        trainer (contents: trainer/runtime/checkpoint.py)
-        checkpoints/.set-aside/      checkpoints that failed verification (kept, never deleted)   trainer
+        checkpoints/.set-aside/      checkpoints that failed verification (deleted once older than every one kept)
+        checkpoints/.pruning-…       a checkpoint being deleted: out of sight first (deleted at the next start)
         eval/step_N.json  metrics at step N: THE source of per-step metrics   trainer, `ablate eval` jobs
         eval/step_N.png   the sample grid at step N               trainer, `ablate eval` jobs
         result.json       final step, throughput, timings, versions (no metrics)   trainer
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -43,6 +43,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core import trainlog
 from core.atomic import Unreadable, atomic_path, atomic_write, atomic_write_json, read_json
 from core.records import (
     Code,
@@ -52,6 +53,7 @@ from core.records import (
     LogRow,
     R,
     Result,
+    SetAside,
     Spec,
     Status,
     Writer,
@@ -72,7 +74,9 @@ WRITER_LOCK, WRITER = ".writer.lock", "writer.json"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 SWEEP_MARK = ".ablate-sweep"  # in the sweep root: {"sweep": name}; the folder is ablate's
 STAGE2 = ".ablate-stage2"  # in the sweep root: the confirmatory second stage `ablate run --resolve` planned
-CHECKPOINT_PREFIX, SET_ASIDE = "step_", ".set-aside"
+CHECKPOINT_PREFIX, SET_ASIDE, PRUNING = "step_", ".set-aside", ".pruning-"
+# status.json fields about the folder's checkpoints: a fresh status (a re-queued arm) keeps them
+CHECKPOINT_HISTORY = ("set_aside", "restarted_from_zero")
 
 # The states written to status.json (and, for an `ablate eval` job, to eval_job.json), and who writes them:
 QUEUED = (
@@ -106,6 +110,7 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
 }
 
 _EVAL_RECORD = re.compile(r"^step_(\d+)\.json$")
+_SET_ASIDE_ENTRY = re.compile(r"^step_(\d+)-")
 
 
 def now() -> str:
@@ -175,18 +180,39 @@ class RunDir:
         return self.checkpoints / f".{CHECKPOINT_PREFIX}{step:08d}.tmp"
 
     def partial_checkpoints(self) -> list[Path]:
-        """Temporary checkpoint folders a killed writer left behind (never complete, safe to delete)."""
+        """Folders a killed writer left behind: a save's temporary folder and a deletion's (`pruning`);
+        never complete, safe to delete."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(self.checkpoints.glob(f".{CHECKPOINT_PREFIX}*.tmp"))
+        return sorted(
+            [*self.checkpoints.glob(f".{CHECKPOINT_PREFIX}*.tmp"), *self.checkpoints.glob(f"{PRUNING}*")]
+        )
 
-    def set_aside(self, checkpoint: Path) -> Path:
-        """Move a checkpoint that failed verification to checkpoints/.set-aside/ (kept for a post-mortem)."""
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        target = self.checkpoints / SET_ASIDE / f"{checkpoint.name}-{stamp}"
+    def pruning(self, folder: Path) -> Path:
+        """Where a checkpoint (or a set-aside one) is renamed before it is deleted: a kill during the
+        deletion leaves a folder no reader takes for a checkpoint."""
+        return self.checkpoints / f"{PRUNING}{folder.name}"
+
+    def set_aside(self, checkpoint: Path, reason: str) -> Path:
+        """Move a checkpoint that failed verification (`reason`) to checkpoints/.set-aside/ for a post-mortem,
+        and add it to status.json's `set_aside`."""
+        at = dt.datetime.now(dt.timezone.utc)
+        target = self.checkpoints / SET_ASIDE / f"{checkpoint.name}-{at:%Y%m%dT%H%M%S.%f}"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(checkpoint, target)
+        name = checkpoint.name  # a complete checkpoint's: step_N
+        entry = SetAside(checkpoint=name, step=int(name.removeprefix(CHECKPOINT_PREFIX)), reason=reason,
+                         moved_to=target.relative_to(self.path).as_posix(), at=now())  # fmt: skip
+        self.update_status(set_aside=[*(self.read_status() or Status()).set_aside, entry])
         return target
+
+    def set_aside_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, folder) of each checkpoint in checkpoints/.set-aside/, by step."""
+        folder = self.checkpoints / SET_ASIDE
+        if not folder.is_dir():
+            return []
+        found = ((_SET_ASIDE_ENTRY.match(p.name), p) for p in folder.iterdir() if p.is_dir())
+        return sorted((int(m.group(1)), p) for m, p in found if m)
 
     def planted_links(self, but: Iterable[str] = ()) -> list[str]:
         """Entries of the folder (and of eval/, checkpoints/) that are symbolic links, `launcher` aside:
@@ -245,25 +271,19 @@ class RunDir:
         """Steps of the complete checkpoints, oldest first (a folder named step_N is complete)."""
         if not self.checkpoints.is_dir():
             return []
-        steps = (p.name[len(CHECKPOINT_PREFIX) :] for p in self.checkpoints.iterdir() if p.is_dir())
+        steps = (
+            p.name[len(CHECKPOINT_PREFIX) :]
+            for p in self.checkpoints.iterdir()
+            if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir()
+        )
         return sorted(int(s) for s in steps if s.isdigit())
 
     def log_rows(self) -> list[LogRow]:
-        """Every complete line of log.jsonl; a torn or garbled line (a kill mid-write) is skipped."""
-        with contextlib.suppress(FileNotFoundError):
-            return [row for line in self.log.read_bytes().splitlines() if (row := _log_row(line))]
-        return []
+        """Every complete row of log.jsonl (`core.trainlog`)."""
+        return trainlog.rows(self.log)
 
     def last_log_row(self) -> LogRow | None:
-        """The last complete record of log.jsonl, reading only the file's tail."""
-        try:
-            with self.log.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 8192))
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return None
-        return next((row for line in reversed(lines) if (row := _log_row(line))), None)
+        return trainlog.last_row(self.log)
 
     # -- writing: before submission (`ablate run`) ----------------------------------------------------
     def write_config(self, text: str) -> None:
@@ -318,9 +338,14 @@ class RunDir:
         if only_from is not None and old.state not in only_from:
             return False
         check_transition(old.state, state, self.status)
-        new = updated(Status() if fresh else old, {**fields, "state": state, "updated_at": now()})
+        base = Status(**{k: getattr(old, k) for k in CHECKPOINT_HISTORY}) if fresh else old
+        new = updated(base, {**fields, "state": state, "updated_at": now()})
         atomic_write_json(self.status, new.to_json())
         return True
+
+    def update_status(self, **fields: Any) -> None:
+        """Add fields to status.json, its state unchanged (a set-aside checkpoint, a restart from zero)."""
+        atomic_write_json(self.status, updated(self.read_status() or Status(), fields).to_json())
 
     def set_eval_job(self, state: str, *, only_from: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """The `ablate eval` record: the same states and rule as `set_status`, in eval_job.json."""
@@ -344,22 +369,13 @@ class RunDir:
 
     # -- writing: the trainer -----------------------------------------------------------------------
     def append_log(self, row: LogRow) -> None:
-        """One line more in log.jsonl; a symlink planted in its place is not followed."""
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row.to_json()) + "\n")
+        trainlog.append(self.log, row)
 
     def truncate_log(self, step: int) -> int:
-        """Keep only the log lines up to `step` (a resumed run redoes the steps after its checkpoint;
-        one restarted before its first checkpoint, `step` 0, starts an empty log). A torn or garbled
-        line (a kill mid-write) is dropped too. Returns how many such lines were dropped."""
-        if not self.log.exists():
-            return 0
-        lines = [line for line in self.log.read_bytes().splitlines() if line.strip()]
-        rows = self.log_rows()
-        kept = [r for r in rows if r.step <= step]
-        atomic_write(self.log, "".join(json.dumps(r.to_json()) + "\n" for r in kept))
-        return len(lines) - len(rows)
+        """Keep only the log rows up to `step` (a resumed run redoes the steps after its checkpoint; one
+        restarted before its first checkpoint, `step` 0, starts an empty log), reading only the tail;
+        a torn last line (a kill mid-write) is dropped too. Returns how many such lines were dropped."""
+        return trainlog.truncate(self.log, step)
 
     def write_eval(self, record: EvalRecord) -> None:
         atomic_write_json(self.eval_record(record.step), record.to_json())
@@ -428,13 +444,6 @@ def updated(record: R, fields: dict[str, Any]) -> R:
     if unknown:
         raise TypeError(f"{type(record).__name__} has no field {', '.join(sorted(unknown))}")
     return type(record).model_validate({**record.model_dump(), **fields})
-
-
-def _log_row(line: bytes) -> LogRow | None:
-    with contextlib.suppress(ValueError):  # a torn line, or one of another shape (ValidationError)
-        if isinstance(data := json.loads(line), dict):
-            return LogRow.model_validate(data)
-    return None
 
 
 class PlantedLink(RuntimeError):

@@ -87,7 +87,8 @@ def run(run_dir: str | Path, preemption: Preemption | None = None) -> dict:
 def rescore(run_dir: str | Path, step: int | None = None) -> dict:
     """Evaluate checkpoint `step` (default: the newest) of a run again, e.g. after adding a metric.
 
-    Runs under the same launcher as training (`ablate eval`); the run's status is left alone.
+    Runs under the same launcher as training (`ablate eval`); the run's state is left alone (a checkpoint
+    that fails verification is set aside and recorded in status.json, as in training).
     """
     run = RunDir(run_dir)
     cfg = load(run.config)

@@ -16,6 +16,7 @@ import yaml
 
 from ablate.results import plots, render
 from ablate.results import rank as ranking
+from ablate.running.show import set_aside_note
 from ablate.running.store import observe
 from ablate.shown import html as escape
 from ablate.sweep.schema import BASELINE, Sweep, arm_name
@@ -105,7 +106,7 @@ def _arms(sweep: Sweep, arms: list[Any]) -> list[str]:
     failed = []
     for arm in arms:
         view = observe(sweep.root / arm.name, check_jobs=False)
-        note = arm.note or view.note
+        note = "; ".join(n for n in (arm.note or view.note, set_aside_note(view.status)) if n)
         hours = arm.steps / arm.batches_per_s / 3600 * devices if arm.steps and arm.batches_per_s else None
         bad = arm.state in (FAILED, UNREADABLE, CANCELLED, STALE)
         cls = ' class="failed"' if bad else ""

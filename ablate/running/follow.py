@@ -22,8 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.errors import os_fault
+from ablate.running import evaljobs, launch, ownership, show, snapshot, store
 from ablate.running import jobs as arm_jobs
-from ablate.running import launch, ownership, show, snapshot, store
 from ablate.running.rescore import Target, queue, select
 from ablate.sweep.expand import RunSpec
 from ablate.sweep.schema import Sweep
@@ -215,7 +215,7 @@ class Evaluation(Submission):
         show.eval_plan(self.console, self.sweep, self.targets, skipped, self.hashes)
         for t in self.targets:
             try:
-                store.mark_eval_queued(t.run_dir, t.step, self.sweep.launcher.executor)
+                evaljobs.mark_eval_queued(t.run_dir, t.step, self.sweep.launcher.executor)
             except OSError as e:
                 raise os_fault(e, "cannot queue the evaluation; nothing submitted", t.run_dir) from None
         return True

@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from ablate.errors import UserError, os_fault
+from ablate.running.evaljobs import describe_eval_job, eval_in_flight, mark_eval_queued
 from ablate.running.since import Ran, ran_with, rescore_config, unusable
-from ablate.running.store import Decision, describe_eval_job, eval_in_flight, mark_eval_queued, observe
+from ablate.running.store import Decision, observe
 from ablate.sweep.expand import read_config
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable

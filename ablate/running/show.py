@@ -13,9 +13,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ablate.running.evaljobs import eval_note
 from ablate.running.launch import resources
 from ablate.running.since import ran_with
-from ablate.running.store import ArmView, Decision, blocked_error, eval_note, observe
+from ablate.running.store import ArmView, Decision, blocked_error, observe
 from ablate.shown import inert, text
 from ablate.sweep.drift import RESCORE
 from ablate.sweep.expand import changes, show_value
@@ -157,7 +158,14 @@ def status_table(views: list[ArmView], changed: dict[str, str]) -> Table:
     for view in views:
         cells = _arm_cells(view)
         drifted = "settings changed since it ran (below)" if view.name in changed else ""
-        for extra in (drifted, _requeue_note(view), view.scheduler, eval_note(view.run_dir)):
+        extras = (
+            drifted,
+            _requeue_note(view),
+            set_aside_note(view.status),
+            view.scheduler,
+            eval_note(view.run_dir),
+        )
+        for extra in extras:
             if extra:
                 cells[-1].append(inert(("; " if cells[-1].plain else "") + extra, lines=True))
         table.add_row(*cells)
@@ -266,3 +274,16 @@ def _tail(path: Path | None, n: int) -> list[str]:
     except OSError:
         return []
     return [line.rstrip() for line in lines if line.strip()][-n:]
+
+
+def set_aside_note(status: Status | None) -> str:
+    """One line on the checkpoints set aside for failing verification and a restart from step 0 ('' when
+    none): `ablate status` and the report show it, so a `done` arm that trained twice says so."""
+    if status is None or not (status.set_aside or status.restarted_from_zero):
+        return ""
+    parts = [
+        f"{s.checkpoint or '?'} set aside ({s.reason or 'failed verification'})" for s in status.set_aside
+    ]
+    if status.restarted_from_zero:
+        parts.append("restarted from step 0")
+    return "; ".join(parts)

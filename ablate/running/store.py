@@ -25,13 +25,14 @@ import yaml
 
 from ablate.errors import UserError, os_fault
 from ablate.running import launch
+from ablate.running.evaljobs import describe_eval_job, eval_in_flight
 from ablate.running.launch import job_alive, job_state, pid_alive
 from ablate.running.since import Change, Ran, ran_with, unusable
 from ablate.running.since import since as since_ran
 from ablate.sweep.expand import RunSpec, read_config
 from core.atomic import Unreadable
 from core.lock import describe_writer, live_writer
-from core.records import EvalJob, Job, Spec, Status, Writer
+from core.records import Job, Spec, Status, Writer
 from core.rundir import (
     CANCELLED,
     DONE,
@@ -397,52 +398,8 @@ def cancel(run_dir: Path) -> tuple[bool, str]:
     return True, "; ".join(done) or f"nothing in flight ({view.state})"
 
 
-# --- `ablate eval` jobs ---------------------------------------------------------------------------
-
-
-def eval_in_flight(run_dir: Path) -> EvalJob | None:
-    """The arm's `ablate eval` record (eval_job.json) while its job is queued or running, else None."""
-    try:
-        record = RunDir(run_dir).read_eval_job()
-    except Unreadable:
-        return None
-    if record is None or record.state not in IN_FLIGHT:
-        return None
-    try:
-        alive = job_alive(record)
-    except (ValueError, TypeError, OSError):  # a job id no scheduler knows: taken as gone
-        return None
-    return None if alive is False else record
-
-
 def _job_alive(job: Job | None) -> bool:
     try:
         return job is not None and job_alive(job) is True
     except (ValueError, TypeError, OSError):
         return False
-
-
-def describe_eval_job(record: EvalJob) -> str:
-    owner = f"job {record.job_id}" if record.job_id else f"pid {record.submitter_pid}"
-    return f"step {record.step}, {record.state}, {owner}"
-
-
-def eval_note(run_dir: Path) -> str:
-    """One line on the arm's latest `ablate eval` job for `ablate status` ('' when there was none)."""
-    try:
-        record = RunDir(run_dir).read_eval_job()
-    except Unreadable as e:
-        return str(e)
-    if record is None:
-        return ""
-    state = record.state
-    if state in IN_FLIGHT and eval_in_flight(run_dir) is None:
-        state = f"was {state}, its job is gone"
-    error = f": {record.error}" if state == FAILED and record.error else ""
-    return f"eval step {record.step}: {state}{error}"
-
-
-def mark_eval_queued(run_dir: Path, step: int, executor: str) -> None:
-    """Before submission: eval_job.json names this process as the owner of the arm's evaluation at `step`."""
-    RunDir(run_dir).new_eval_job(QUEUED, step=step, executor=executor, job_id=None, host=socket.gethostname(),
-                                 submitter_pid=os.getpid(), queued_at=now())  # fmt: skip

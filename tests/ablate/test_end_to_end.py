@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from ablate_testing import SWEEP
 
 from ablate.running.store import observe
 from ablate.sweep.schema import load_sweep
+from trainer import job as trainer_job
 
 LOCAL = "launcher: {executor: local, time_limit_min: 5, array_parallelism: 2}"
 
@@ -88,3 +90,44 @@ def test_local_executor_never_double_submits_then_reruns_a_changed_arm(write_swe
     assert spec["overrides"] == {"optimizer.lr": 0.002}
     (replaced,) = (root / ".replaced").iterdir()
     assert json.loads((replaced / "spec.json").read_text())["overrides"] == {"optimizer.lr": 0.003}
+
+
+def note_of(table: str, arm: str) -> str:
+    """The note cell of `arm`'s row in `ablate status`'s table, its folded lines joined."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"│ {arm} "))
+    cells = []
+    for line in lines[start:]:
+        if not line.startswith("│") or (cells and line.split("│")[1].strip()):
+            break  # the table's end, or the next arm's row
+        cells.append(line.split("│")[-2].strip())
+    return " ".join(cells)
+
+
+def test_status_and_report_show_the_checkpoints_set_aside_and_the_restart_from_zero(
+    write_sweep, cli, workdir, capsys
+):
+    """Both kept checkpoints of a finished arm rot; its job runs again, trains from step 0 and is `done`
+    again: `ablate status` and the report say what happened, in one line."""
+    path = write_sweep()
+    assert cli("run", path).code == 0
+    run_dir = workdir / "runs" / "t" / "baseline-s0"
+    for step in (2, 4):  # zeroed bytes in the middle of state.pt: the size stays, the checksum fails
+        f = run_dir / "checkpoints" / f"step_{step:08d}" / "state.pt"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+        f.write_bytes(bytes(data))
+
+    trainer_job.run(run_dir)  # the arm's job again (a requeue, or by hand)
+
+    line = (
+        "step_00000004 set aside (state.pt does not match its checksum); "
+        "step_00000002 set aside (state.pt does not match its checksum); restarted from step 0"
+    )
+    capsys.readouterr()  # the job's own output
+    status = cli("status", path)
+    assert status.code == 0
+    assert re.sub(r"\s", "", line) in re.sub(r"\s", "", note_of(status.out, "baseline-s0"))
+    assert "set aside" not in note_of(status.out, "lr-high-s0")
+    assert cli("report", path).code == 0
+    assert line in (workdir / "runs" / "t" / "report.html").read_text()

@@ -14,7 +14,8 @@ from ablate_testing import SWEEP, write_json
 
 from ablate.cli import main
 from ablate.running import jobs as arm_jobs
-from ablate.running.store import eval_note, mark_eval_queued, observe, plan, prepare
+from ablate.running.evaljobs import eval_note, mark_eval_queued
+from ablate.running.store import observe, plan, prepare
 from ablate.sweep.expand import RunSpec, config_hash
 from core.rundir import EVAL_JOB, RunDir
 

@@ -4,6 +4,7 @@ metrics, tolerant readers."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import pytest
 
@@ -95,6 +96,75 @@ def test_a_torn_last_log_line_is_skipped_and_truncation_keeps_whole_lines(tmp_pa
     assert [r.step for r in run.log_rows()] == [1, 2, 3] and run.last_log_row().step == 3
     run.truncate_log(2)
     assert [json.loads(line)["step"] for line in run.log.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("tail", ["", '{"step": 9, "lo', '{"step": 9, "loss": 0.1}', "\n\n", "garbage\n"])
+@pytest.mark.parametrize("step", [0, 3, 5, 8])
+def test_truncation_keeps_the_rows_up_to_the_step_and_drops_later_ones_and_a_torn_tail(tmp_path, step, tail):
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    for i in range(1, 9):
+        run.append_log(LogRow(step=i, loss=1.0 / i))
+    with run.log.open("a") as f:
+        f.write(tail)  # what a kill mid-write leaves: a torn line, a whole line without its newline, …
+    kept = run.log.read_bytes()[: sum(len(line) for line in run.log.read_bytes().splitlines(True)[:step])]
+
+    torn = run.truncate_log(step)
+
+    assert run.log.read_bytes() == kept  # a prefix: the rows up to `step`, byte for byte
+    assert [r.step for r in run.log_rows()] == list(range(1, step + 1))
+    assert torn == (tail in ('{"step": 9, "lo', "garbage\n"))
+    run.append_log(LogRow(step=step + 1, loss=0.5))  # the next row starts a line of its own
+    assert [r.step for r in run.log_rows()] == list(range(1, step + 2))
+
+
+def test_a_row_whose_newline_was_not_written_is_kept_whole(tmp_path):
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    run.log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}')
+    assert run.truncate_log(2) == 0
+    assert run.log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+
+
+def test_truncating_a_long_log_reads_only_its_tail(tmp_path):
+    """A resume on a long log (the issue's: 477 MB, 4.8 GB peak when it was parsed whole): memory is
+    bounded by what is dropped, not by the log's length."""
+    run = RunDir(tmp_path / "a-s0")
+    run.path.mkdir()
+    row = LogRow(
+        step=0, loss=0.5, lr=1e-4, grad_norm=0.2, batches_per_s=3.9, time="2026-01-01T00:00:00+00:00"
+    )
+    line = json.dumps(row.to_json()).replace('"step": 0', '"step": STEP') + "\n"
+    with run.log.open("w") as f:
+        for start in range(1, 200_001, 10_000):
+            f.write("".join(line.replace("STEP", str(i)) for i in range(start, start + 10_000)))
+    size = run.log.stat().st_size
+    tracemalloc.start()
+    try:
+        run.truncate_log(199_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 30e6 and peak < 2e6, (size, peak)
+    assert run.last_log_row().step == 199_000
+    assert run.log.stat().st_size == size - 1000 * len(line.replace("STEP", "199500"))
+
+
+def test_a_fresh_status_keeps_what_happened_to_the_checkpoints(tmp_path):
+    """A re-queued arm resumes from the same folder: the set-aside checkpoints stay on its record."""
+    run = RunDir(tmp_path / "a-s0")
+    (run.checkpoint(4)).mkdir(parents=True)
+    run.set_status(RUNNING, step=4)
+    moved = run.set_aside(run.checkpoint(4), "state.pt does not match its checksum")
+    run.update_status(restarted_from_zero=True)
+    run.set_status(FAILED, error="boom")
+    run.set_status(QUEUED, fresh=True)
+    status = run.read_status()
+    assert status.error is None and status.step is None and status.restarted_from_zero
+    assert [(s.checkpoint, s.step, s.moved_to) for s in status.set_aside] == [
+        ("step_00000004", 4, moved.relative_to(run.path).as_posix())
+    ]
+    assert run.set_aside_checkpoints() == [(4, moved)] and run.checkpoint_steps() == []
 
 
 def test_a_corrupt_record_is_an_error_naming_its_file(tmp_path):

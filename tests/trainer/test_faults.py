@@ -133,8 +133,100 @@ def test_rescoring_never_uses_a_checkpoint_that_fails_verification(straight, tmp
         job.rescore(d, step=12)
 
 
-def run_in_process(run_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+def rot(checkpoint_dir: Path) -> None:
+    """Zero 4 KiB in the middle of state.pt, as a bad disk does: the size stays, the checksum fails."""
+    f = checkpoint_dir / "state.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    f.write_bytes(bytes(data))
+
+
+def keep_checkpoints(run_dir: Path, keep: int) -> None:
+    """Set checkpoint.keep in the run's config.yaml (how it runs: the arm trains the same)."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["checkpoint"]["keep"] = keep
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_when_no_checkpoint_verifies_the_set_asides_and_the_restart_from_zero_are_recorded_and_pruned(
+    straight, tmp_path, capsys
+):
+    """Every checkpoint of a finished arm rotted: the job sets each aside, trains again from step 0 (the
+    same weights) and says so in status.json; `.set-aside/` is pruned with the checkpoints."""
+    d = finished_copy(straight, tmp_path)
+    keep_checkpoints(d, 2)
+    for step in (4, 8, 12):
+        rot(RunDir(d).checkpoint(step))
+
+    job.run(d)
+
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "done" and status["restarted_from_zero"] is True
+    entries = status["set_aside"]
+    assert [(e["checkpoint"], e["step"], e["reason"]) for e in entries] == [
+        (f"step_{step:08d}", step, "state.pt does not match its checksum") for step in (12, 8, 4)
+    ]
+    assert "no checkpoint verifies; training starts again from step 0" in capsys.readouterr().err
+    assert RunDir(d).checkpoint_steps() == [8, 12]
+    # the set-aside step 4 is older than the oldest checkpoint kept: pruned; 12 and 8 are kept
+    assert sorted(
+        p.relative_to(d).as_posix() for p in (d / "checkpoints" / ".set-aside").iterdir()
+    ) == sorted(e["moved_to"] for e in entries[:2])
+    assert_same_weights(straight, d)
+    assert log_steps(d) == list(range(1, 13))
+
+
+# Installed as sitecustomize in a real trainer process: SIGKILL to itself at the second file the
+# deletion of a checkpoint folder removes (shutil.rmtree's removals are relative to a folder's fd).
+KILL_WHILE_PRUNING = """
+import os, re, signal, sys
+
+removed = []
+
+def hook(event, args):
+    if event == "shutil.rmtree" and re.fullmatch(r"(\\.pruning-)?step_\\d+", os.path.basename(os.fspath(args[0]))):
+        removed.append(0)
+    elif event == "os.remove" and removed and args[1] not in (None, -1):
+        removed.append(args[0])
+        if len(removed) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+"""
+
+
+def test_a_kill_9_while_pruning_leaves_no_partial_checkpoint_to_resume_from(straight, tmp_path, capsys):
+    """keep 1: the save of step 8 deletes step 4; the trainer is killed half-way through deleting it.
+    Resume sees only complete checkpoints, never more than `keep`, and ends bitwise equal."""
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(straight / "config.yaml", d / "config.yaml")
+    keep_checkpoints(d, 1)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_WHILE_PRUNING)
+    proc = run_in_process(d, pythonpath=[hook])
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, err
+    run = RunDir(d)
+    assert run.checkpoint_steps() == [8] and checkpoint.verify(run.checkpoint(8)) is None
+    assert [p.name for p in run.partial_checkpoints()] == [".pruning-step_00000004"]  # killed mid-deletion
+
+    job.run(d)
+
+    assert "removed .pruning-step_00000004, left by a killed save or deletion" in capsys.readouterr().out
+    assert run.partial_checkpoints() == [] and run.checkpoint_steps() == [12]
+    assert json.loads((d / "status.json").read_text())["set_aside"] == []  # nothing was mistaken for rot
+    assert_same_weights(straight, d)
+    assert log_steps(d) == list(range(1, 13))
+
+
+def run_in_process(run_dir: Path, pythonpath: list[Path] = ()) -> subprocess.Popen:
+    path = os.pathsep.join(map(str, [*pythonpath, REPO]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.Popen(
         [sys.executable, "-m", "trainer.job", str(run_dir)],
         cwd=REPO,

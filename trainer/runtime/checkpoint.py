@@ -15,9 +15,15 @@ the write in flight, so a requeued job finds either a complete checkpoint or a t
 A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
 and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`, which
 checks the newest and goes further back only past one that fails); one that does not is moved to
-checkpoints/.set-aside/ with a one-line warning and the next older one is used. Resume loads
+checkpoints/.set-aside/ with a one-line warning, recorded in status.json (`set_aside`, and
+`restarted_from_zero` when none was left), and the next older one is used. Resume loads
 state.pt onto the CPU (memory-mapped: the processes of a node share its pages), whatever device
 saved it, and each process moves what it keeps to its own device.
+
+Pruning keeps the newest `keep` checkpoints, and the set-aside ones no older (by step) than the oldest
+of those. Each folder deleted is first renamed out of sight (`RunDir.pruning`), so a kill during a
+deletion never leaves a partial checkpoint under a complete name, nor more than `keep` of them;
+the next start deletes what it left.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file
 
-from core.atomic import atomic_write_json, commit_dir
+from core.atomic import atomic_write_json, commit_dir, fsync_dir
 from core.rundir import RunDir
 from trainer.registry import Config
 from trainer.runtime.async_save import Background, Stager, nbytes
@@ -108,7 +114,7 @@ def newest_verified(run: RunDir | Path, *, set_aside: bool = True) -> Path | Non
         problem = verify(path)
         if problem is None:
             return path
-        where = run.set_aside(path) if set_aside else path
+        where = run.set_aside(path, problem) if set_aside else path
         print(
             f"warning: {path}: fails verification ({problem}); set aside as {where}",
             file=sys.stderr,
@@ -118,11 +124,35 @@ def newest_verified(run: RunDir | Path, *, set_aside: bool = True) -> Path | Non
 
 
 def clean_partial(run: RunDir | Path) -> list[Path]:
-    """Delete the temporary folders of checkpoints whose writer died (they hold no complete state)."""
+    """Delete the folders a killed save or deletion left (they hold no complete state)."""
     found = RunDir(run).partial_checkpoints()
     for tmp in found:
         shutil.rmtree(tmp, ignore_errors=True)
     return found
+
+
+def prune(run: RunDir, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints, and the set-aside ones no older than the oldest of them."""
+    for old in complete(run)[:-keep]:  # after a save: the newest complete one is never the one deleted
+        _delete(run, old)
+    oldest = min(run.checkpoint_steps(), default=None)
+    for step, folder in run.set_aside_checkpoints():
+        if oldest is not None and step < oldest:
+            _delete(run, folder)
+
+
+def _delete(run: RunDir, folder: Path) -> None:
+    """Rename `folder` out of sight, then delete it: a kill half-way leaves a `.pruning-…` folder that no
+    reader takes for a checkpoint (the next start deletes it), never a partial `step_N`."""
+    target = run.pruning(folder)
+    shutil.rmtree(target, ignore_errors=True)  # what a failed deletion of the same name left
+    try:
+        os.rename(folder, target)
+        fsync_dir(target.parent)
+    except OSError as e:
+        print(f"warning: {folder}: not deleted ({e.strerror})", file=sys.stderr, flush=True)
+        return
+    shutil.rmtree(target, ignore_errors=True)
 
 
 def save(run: RunDir, step: int, config: bytes, weights: dict, state: dict, keep: int) -> Path:
@@ -190,10 +220,9 @@ def _save(run: RunDir, step: int, tmp: Path, config: bytes, weights: dict, state
     }
     atomic_write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
     if final.exists():  # a re-run of the same step after a resume: replace it whole
-        shutil.rmtree(final)
+        _delete(run, final)
     commit_dir(tmp, final)
-    for old in complete(run)[:-keep]:  # only now: the newest complete one is never the one deleted
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run, keep)
     return final
 
 
@@ -296,8 +325,13 @@ class Checkpointer:
         held, path = self.held, None
         if held.dist.main:
             for tmp in clean_partial(self.run):
-                note(f"removed the partial checkpoint {tmp.name} of a killed save")
+                note(f"removed {tmp.name}, left by a killed save or deletion")
+            existed = complete(self.run)
             path = newest_verified(self.run)
+            if path is None and existed:
+                self.run.update_status(restarted_from_zero=True)
+                print(f"warning: {self.run.path}: no checkpoint verifies; training starts again from step 0",
+                      file=sys.stderr, flush=True)  # fmt: skip
         path = held.dist.broadcast_object(path)
         if path is None:
             return 0, None
@@ -313,7 +347,9 @@ class Checkpointer:
         """Put checkpoint `step`'s weights (default: the newest that verifies) and EMA in place, for
         evaluating it again; returns its step."""
         run = self.run
-        path = newest_verified(run) if step is None else run.checkpoint(step)
+        path = run.checkpoint(step) if step is not None else None
+        if step is None:  # one process verifies (and sets aside): the others take its answer
+            path = self.held.dist.broadcast_object(newest_verified(run) if self.held.dist.main else None)
         if path is None or not path.exists():
             kept = ", ".join(map(str, run.checkpoint_steps())) or "none"
             raise FileNotFoundError(
