@@ -1,11 +1,12 @@
 """Evaluation during training (and `ablate eval`): the held-out loss, the generation metrics, a sample grid.
 
-The prompt set is the first `eval.samples` images of the held-out split, with their captions in the
-eval caption column; prompt j always starts from the same noise (seeded by j), so every arm and every
-step is scored on the same prompts and noises. Sampling is sharded over processes (prompt j on rank
-j mod world) and the features are gathered; the number of samples never depends on the number of
-processes. The real images the metrics compare against are those held-out images, or the first
-`eval.samples` of `eval.reference` when it is set.
+The eval set is the first `eval.samples` rows of one image-caption set: the held-out split (captions
+in the eval caption column), or `eval.reference` when it is set (photos with their own captions, as PRX
+prompts Unsplash photos with theirs). Row j's caption is prompt j, which always starts from the same
+noise (seeded by j), and row j's image is a real image the metrics compare against; so every arm and
+every step is scored on the same prompts, noises and real images. Sampling is sharded over processes
+(prompt j on rank j mod world) and the features are gathered; the number of samples never depends on
+the number of processes.
 
 `Sampler` is the one way images come out of a denoiser (prompts and noise in, images out); the metrics
 get a sampler and the settings they need, never the trainer.
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as tdist
 from pydantic import Field, model_validator
 
-from eval.metrics import ALWAYS, GENERATED, unknown
+from eval.metrics import ALWAYS, GENERATED, METRICS, unknown
 from trainer import flow
 from trainer.data.datasets import ReferenceConfig, ReferenceSet
 from trainer.data.synthetic import ATTRIBUTES, SyntheticConfig, attribute_net
@@ -41,8 +42,8 @@ class EvalConfig(Config):
     every: int = Field(1000, ge=1, description="evaluate every N steps (and at the end)")
     caption: str | None = Field(
         None,
-        description="caption column of the held-out set and the eval prompts; "
-        "keep it equal across arms (default: the training column)",
+        description="caption column of the held-out set: the held-out loss's captions, and the eval prompts "
+        "unless eval.reference brings its own; keep it equal across arms (default: the training column)",
     )
     batch_size: int = Field(64, ge=1, description="held-out / sampling batch size per process")
     metrics: list[str] = Field(
@@ -54,7 +55,8 @@ class EvalConfig(Config):
     samples: int = Field(
         1000,
         ge=1,
-        description="generated images per eval step (prompts of the held-out set), whatever the number of processes",
+        description="generated images per eval step (the first rows of the held-out set, or of eval.reference), "
+        "whatever the number of processes",
     )
     sample_steps: int = Field(50, ge=1, description="Euler steps per sample")
     guidance: float = Field(3.5, ge=0, description="classifier-free guidance scale")
@@ -74,8 +76,10 @@ class EvalConfig(Config):
     )
     reference: ReferenceConfig | None = Field(
         None,
-        description="real images the metrics compare against: {kind: parquet|folder, path}, the first "
-        "`samples` of them, prepared like training images (PRX: an Unsplash set); null = the held-out rows",
+        description="photos with their own captions: {kind: parquet|folder, path, caption, image_column}; "
+        "their first `samples` rows are the eval prompts (the captions) and the real images the metrics "
+        "compare against, prepared like training images (PRX: Unsplash photos, caption_llm_s); "
+        "null = the held-out rows",
         json_schema_extra=mark(EVALUATES, neutral=None),  # added after hashes existed
     )
 
@@ -88,6 +92,12 @@ class EvalConfig(Config):
                 )
             if (problem := unknown(name, GENERATED)) is not None:
                 raise ValueError(f"{problem}; eval.metrics takes {', '.join(GENERATED)}")
+        asking = [name for name in self.metrics if not METRICS[name].needs_reference]
+        if self.reference is not None and asking:
+            raise ValueError(
+                f"eval.metrics {asking} score what the demo domain's own prompts ask for; eval.reference "
+                "brings its own captions, which ask for no known attributes: drop one of them"
+            )
         return self
 
 
@@ -180,14 +190,18 @@ def _uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class GenerationMetrics:
-    """The generation metrics of `eval.metrics` on the fixed prompt set. Built at set-up, so a missing
-    weight fails before training starts; with no metrics, nothing is sampled."""
+    """The generation metrics of `eval.metrics` on the fixed eval set: prompts, their noise and the real
+    images, all from `eval.reference` when it is set, else from the held-out rows. Built at set-up, so a
+    missing weight or reference set fails before training starts; with no metrics, nothing is sampled."""
 
     def __init__(
         self, cfg: EvalConfig, data: Any, val_set: Any, dist: Dist, weights_dir: str | None, cache_dir: Path
     ):
-        self.cfg, self.data, self.val_set, self.dist = cfg, data, val_set, dist
-        self.n = min(cfg.samples, len(val_set)) if cfg.metrics else 0
+        self.cfg, self.data, self.dist = cfg, data, dist
+        # listed now: a missing reference set fails at set-up
+        self.real = ReferenceSet(cfg.reference, data.resolution) if cfg.metrics and cfg.reference else None
+        self.rows = val_set if self.real is None else self.real.items  # row j: prompt j and real image j
+        self.n = min(cfg.samples, len(self.rows)) if cfg.metrics else 0
         self.mine = list(range(dist.rank, self.n, dist.world))  # the prompts this process samples
         self.cache_dir = cache_dir
         self.evaluator = self._evaluator(weights_dir) if cfg.metrics else None
@@ -208,26 +222,23 @@ class GenerationMetrics:
                          device=self.dist.device, batch_size=self.cfg.batch_size)  # fmt: skip
 
     def _reference(self):
-        """The real images: `eval.reference` (listed now: a missing set fails at set-up), else the held-out rows."""
+        """The real images: the first n rows' images, named for the reference-feature cache."""
         from eval.evaluator import Reference
 
-        batch = self.cfg.batch_size
-        if self.cfg.reference is None:
+        if self.real is None:
             held_out = {k: v for k, v in self.data.model_dump(mode="json").items() if k != "caption"}
             name = "heldout:" + ",".join(f"{k}={v}" for k, v in sorted(held_out.items()))
-            return Reference(
-                name, self.n, lambda: _uint8_batches(self.val_set, self.n, batch), self.cache_dir
-            )
-        real = ReferenceSet(self.cfg.reference, self.data.resolution)
-        n = min(self.cfg.samples, len(real))
-        return Reference(real.identity(), n, lambda: _uint8_batches(real.images(n), n, batch), self.cache_dir)
+        else:
+            name = self.real.identity()
+        rows, n, batch = self.rows, self.n, self.cfg.batch_size
+        return Reference(name, n, lambda: _uint8_batches(rows, n, batch), self.cache_dir)
 
     def sample(self, sampler: Sampler, indices: list[int]) -> np.ndarray:
         """Images for prompts `indices` (this process's share of the n prompts) as uint8 (N, H, W, 3)."""
         out = []
         shape = sampler.latent_shape(self.data.resolution)
         for chunk, counts in lockstep(indices, self.cfg.batch_size, self.n, self.dist.world):
-            captions = [p["caption"] for p in self.val_set.prompts(chunk)]  # no image is decoded
+            captions = [p["caption"] for p in self.rows.prompts(chunk)]  # no image is decoded
             noise = torch.stack(
                 [torch.randn(shape, generator=sample_generator(PROMPT_SEED, j)) for j in chunk]
             )
@@ -249,7 +260,7 @@ class GenerationMetrics:
         feats, images = self._gather(feats, images)
         if not self.dist.main:
             return {}, images[:0], noise
-        attrs = np.stack([p["attrs"] for p in self.val_set.prompts(list(range(self.n)))])
+        attrs = np.stack([p["attrs"] for p in self.rows.prompts(list(range(self.n)))])
         requested = requested_attributes(self.cfg.caption or getattr(self.data, "caption", ""), attrs)
         if resamples:
             noise.resamples = self.evaluator.resampled(feats, requested, resamples)

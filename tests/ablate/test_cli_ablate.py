@@ -63,6 +63,54 @@ def test_every_shipped_sweep_dry_runs_offline(path, cli, workdir, monkeypatch):
     assert "dry run: nothing created, nothing submitted" in result.out
 
 
+STUDY_REFERENCE = "/shared/data/prx-eval-reference.parquet"
+
+
+@pytest.mark.parametrize("name", ["prx.yaml", "prx-pixel-1024.yaml"])
+def test_the_study_sweeps_score_on_reference_photos_and_refuse_a_missing_set_before_submitting(
+    name, cli, workdir, monkeypatch
+):
+    """The study's protocol: prompts, noise and real images from photos with their own captions, at a path the
+    user supplies. Missing there: one line naming the sweep file, the key and what is expected, exit 2, before
+    anything is created or submitted (on a SLURM login node as off it); present: the sweep validates."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = (SWEEPS / name).read_text()
+    reference = yaml.safe_load(text)["baseline"]["eval"]["reference"]
+    assert reference == {
+        "kind": "parquet",
+        "path": STUDY_REFERENCE,
+        "image_column": "image",
+        "caption": "caption_llm_s",
+    }
+    photos = workdir / "photos" / "eval.parquet"  # a folder this machine has: the path is checked
+    path = workdir / name
+    path.write_text(text.replace(STUDY_REFERENCE, str(photos)))
+    line = next(n for n, ln in enumerate(text.splitlines(), 1) if STUDY_REFERENCE in ln)
+    bin_dir = workdir / "bin"  # an `srun` on PATH, as on a login node (nothing gets as far as calling it)
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for args in (["--dry-run"], []):
+        result = cli("run", path, *args)
+        assert result.code == 2 and len(result.err.splitlines()) == 1, result.err
+        assert result.err.startswith(
+            f"error: {path}:{line}: baseline.eval.reference.path: arm baseline-s0: reference parquet file or folder {photos} "
+            "does not exist; nothing submitted; expected eval.reference.path naming photos with their own "
+            "captions that exist"
+        ), result.err
+        assert "or eval.reference: null to score on the held-out rows" in result.err
+        assert listing(workdir) == ["bin", "bin/srun", name]
+    photos.parent.mkdir()
+    pq.write_table(pa.table({"image": [b"\x89PNG"], "caption_llm_s": ["a lighthouse at dusk"]}), photos)
+    result = cli("run", path, "--dry-run")
+    assert result.code == 0, result.err
+    assert "dry run: nothing created, nothing submitted" in result.out
+
+
 @pytest.mark.parametrize(
     ("preset", "delay", "warned"), [("prx-1.2b", 30, True), ("prx-1.2b", 120, False), ("tiny", 30, False)]
 )

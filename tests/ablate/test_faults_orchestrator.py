@@ -724,26 +724,51 @@ def test_a_missing_or_empty_eval_reference_set_is_refused(write_sweep, cli, work
     def sweep_with(ref: str) -> Path:
         return write_sweep(replace("  eval: {every: 2, batch_size: 8}\n", f"  eval: {{reference: {ref}}}\n"))
 
-    path = sweep_with("{kind: parquet, path: real/eval.parquet}")
+    expected = (
+        "expected eval.reference.path naming photos with their own captions that exist: a parquet file, or a "
+        "folder of images with metadata.jsonl (relative paths are from the folder you submit from); or "
+        "eval.reference: null to score on the held-out rows"
+    )
+    path = sweep_with("{kind: parquet, path: real/eval.parquet, caption: caption_llm_s}")
     line = one_line(cli("run", path), path)
     assert line == (
         f"error: {path}:11: baseline.eval.reference.path: arm baseline-s0: reference parquet file or folder real/eval.parquet "
-        "does not exist; nothing submitted; expected eval.reference.path naming a parquet file or a folder "
-        "of images that exists (relative paths are from the folder you submit from)"
+        f"does not exist; nothing submitted; {expected}"
     )
     (workdir / "real").mkdir()
     pq.write_table(pa.table({"caption": ["a"]}), workdir / "real" / "eval.parquet")
     line = one_line(cli("run", "--dry-run", path), path)
     assert line.startswith(f"error: {path}:11: baseline.eval.reference.image_column: arm baseline-s0: ")
     assert "'image' (eval.reference.image_column) is not in real/eval.parquet (columns: caption)" in line
-    path = sweep_with("{kind: folder, path: real}")
+    pq.write_table(pa.table({"image": [b""], "caption": ["a"]}), workdir / "real" / "eval.parquet")
+    line = one_line(cli("run", "--dry-run", path), path)
+    assert line.startswith(f"error: {path}:11: baseline.eval.reference.caption: arm baseline-s0: ")
+    assert (
+        "'caption_llm_s' (eval.reference.caption) is not in real/eval.parquet (columns: caption, image)"
+        in line
+    )
+    assert line.endswith(
+        "expected eval.reference.caption set to the column of the reference set's own captions"
+    )
+    path = sweep_with("{kind: folder, path: real, caption: caption_llm_s}")
     (workdir / "real" / "eval.parquet").unlink()
     line = one_line(cli("run", "--dry-run", path), path)
     assert line.endswith(
-        "eval.reference.path: arm baseline-s0: no images (.png, .jpg, .jpeg, .bmp, .webp) "
-        "under real; nothing submitted; expected eval.reference.path naming a parquet file "
-        "or a folder of images that exists (relative paths are from the folder you submit from)"
+        "eval.reference.path: arm baseline-s0: real/metadata.jsonl does not exist (a folder dataset needs one "
+        f"JSON line per image); nothing submitted; {expected}"
     )
+    (workdir / "real" / "metadata.jsonl").write_text(
+        '{"file_name": "0.webp", "caption_llm_s": "a grey square"}\n'
+    )
+    line = one_line(cli("run", "--dry-run", path), path)
+    assert "image real/0.webp (first row of real/metadata.jsonl) does not exist" in line
     assert submitted == [] and not (workdir / "runs").exists()
     Image.new("RGB", (8, 8)).save(workdir / "real" / "0.webp")
     assert cli("run", "--dry-run", path).code == 0
+    # a reference without its captions: one line at validation, before any file is looked at
+    path = sweep_with("{kind: folder, path: real}")
+    line = one_line(cli("run", "--dry-run", path), path)
+    assert (
+        "baseline.eval.reference" in line
+        and "eval.reference needs caption: the column of its own captions" in line
+    )

@@ -64,7 +64,7 @@ def test_the_role_table_marks_every_execution_and_evaluation_setting():
             "checkpoint.keep", "log.every", "log.wandb.mode", "eval.cache_dir", "cache", "cache.dir", "parallel",
             "parallel<fsdp>.hybrid", "parallel<fsdp>.mixed_precision", "parallel<fsdp>.reshard_after_forward"]  # fmt: skip
     evaluates = ["eval.every", "eval.batch_size", "eval.metrics", "eval.samples", "eval.sample_steps",
-                 "eval.guidance", "eval.caption", "eval.resamples", "eval.reference.path"]  # fmt: skip
+                 "eval.guidance", "eval.caption", "eval.resamples", "eval.reference.path", "eval.reference.caption"]  # fmt: skip
     trains = ["seed", "model.preset", "model.init", "flow.shift", "train.steps", "train.batch_size",
               "train.caption_dropout", "data<synthetic>.num_val", "data<parquet>.path", "optimizer<adamw>.lr",
               "precision<bf16>.autocast", "ema", "ema.decay", "repa<repa>.teacher<dinov2-vitl14>.kind"]  # fmt: skip

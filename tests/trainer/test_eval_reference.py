@@ -1,6 +1,8 @@
-"""`eval.reference` (real images from a parquet file or an image folder) and the `fid_prx` metric,
-through the trainer's real set-up: the config, `GenerationEval`, the evaluator, the reference cache,
-and torch-fidelity's Inception loaded from a weights folder (random weights, the real architecture).
+"""`eval.reference` (photos with their own captions, from a parquet file or an image folder) and the
+`fid_prx` metric, through the trainer's real set-up: the config, `GenerationMetrics`, the sampler, the
+evaluator, the reference cache, and torch-fidelity's Inception loaded from a weights folder (random
+weights, the real architecture). A reference set brings its prompts: the eval prompts are its captions,
+each sampled from its row's noise, and the real images are its photos, the same for every arm.
 
 The reference features are checked against PRX's own FID code path: torchmetrics'
 `FrechetInceptionDistance(normalize=True)` fed uint8 images, as PRX's eval callback does.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 import numpy as np
@@ -82,38 +85,46 @@ def torchmetrics_features(weights, images: np.ndarray) -> tuple[torch.Tensor, to
     return fid.real_features_sum, fid.real_features_cov_sum
 
 
+def encoded(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def caption_folder(root, imgs: list[Image.Image], names: list[str]):
+    """An image folder as the reference kind reads it: the files, and metadata.jsonl naming each beside its
+    caption (caption_llm_s, as PRX's Unsplash set)."""
+    rows = []
+    for i, (img, name) in enumerate(zip(imgs, names, strict=True)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        img.save(root / name, **({"quality": 90} if name.endswith(".jpg") else {"lossless": True}))
+        rows.append({"file_name": name, "caption_llm_s": f"folder photo {i}", "other": "x"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
 def test_reference_sets_from_a_folder_and_a_parquet_file_as_prx_scores_them(tmp_path, prx_weights):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = tmp_path / "real"
-    (folder / "b").mkdir(parents=True)
-    imgs = random_images(seed=1)
-    imgs[0].save(folder / "a.png")
-    imgs[1].save(folder / "b" / "c.jpg", quality=90)
-    imgs[2].save(folder / "d.webp", lossless=True)
+    # row order, not path order: metadata.jsonl lists d.webp first
+    folder = caption_folder(tmp_path / "real", random_images(seed=1), ["d.webp", "b/c.jpg", "a.png"])
     (folder / "notes.txt").write_text("not an image")
-    ev = trainer(
-        tmp_path, "folder", prx_weights, {"kind": "folder", "path": str(folder)}
-    ).evaluation.generation.evaluator
-    assert ev.reference.num_samples == 2  # eval.samples of the 3 images, in path order
+    reference = {"kind": "folder", "path": str(folder), "caption": "caption_llm_s"}
+    ev = trainer(tmp_path, "folder", prx_weights, reference).evaluation.generation.evaluator
+    assert ev.reference.num_samples == 2  # eval.samples of the 3 rows, in row order
     feats = ev.reference_features()["inception-prx"].feats  # (2, 2048)
     expected = np.stack(
-        [prepared(Image.open(folder / "a.png")), prepared(Image.open(folder / "b" / "c.jpg"))]
+        [prepared(Image.open(folder / "d.webp")), prepared(Image.open(folder / "b" / "c.jpg"))]
     )
     total, cov = torchmetrics_features(prx_weights, expected)  # PRX's FID on these real images
     np.testing.assert_allclose(feats.sum(0, dtype=np.float64), total.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(feats.T.astype(np.float64) @ feats, cov.numpy(), rtol=1e-4, atol=1e-3)
 
-    def encoded(img: Image.Image) -> bytes:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
-
     imgs = random_images(seed=2)
     path = tmp_path / "real.parquet"
     pq.write_table(pa.table({"img": [encoded(im) for im in imgs], "caption": ["x"] * 3}), path)
-    reference = {"kind": "parquet", "path": str(path), "image_column": "img"}
+    reference = {"kind": "parquet", "path": str(path), "image_column": "img", "caption": "caption"}
     ev2 = trainer(tmp_path, "parquet", prx_weights, reference).evaluation.generation.evaluator
     np.testing.assert_array_equal(
         np.concatenate(list(ev2.reference.images())), [prepared(im) for im in imgs[:2]]
@@ -129,19 +140,119 @@ def test_reference_sets_from_a_folder_and_a_parquet_file_as_prx_scores_them(tmp_
     same = ReferenceSet(ReferenceConfig.model_validate(reference), 16)
     assert same.identity() == ev2.reference.dataset
     assert ReferenceSet(ReferenceConfig.model_validate(reference), 32).identity() != same.identity()
-    pq.write_table(pa.table({"img": [encoded(im) for im in random_images(seed=3)]}), path)
-    assert ReferenceSet(ReferenceConfig.model_validate(reference), 16).identity() != ev2.reference.dataset
+    # the captions are not the images': another caption column reads the same features
+    pq.write_table(
+        pa.table({"img": [encoded(im) for im in imgs], "caption": ["x"] * 3, "alt": ["y"] * 3}), path
+    )
+    stamp = ReferenceSet(ReferenceConfig.model_validate(reference), 16).identity()
+    assert (
+        ReferenceSet(ReferenceConfig.model_validate({**reference, "caption": "alt"}), 16).identity() == stamp
+    )
+    pq.write_table(
+        pa.table({"img": [encoded(im) for im in random_images(seed=3)], "caption": ["x"] * 3}), path
+    )
+    assert ReferenceSet(ReferenceConfig.model_validate(reference), 16).identity() != stamp
+    # a folder's image changed under the same metadata.jsonl is a changed set too
+    random_images(seed=4)[2].save(folder / "a.png")
+    os.utime(folder / "a.png", ns=(1, 1))
+    folder_ref = {"kind": "folder", "path": str(folder), "caption": "caption_llm_s"}
+    assert ReferenceSet(ReferenceConfig.model_validate(folder_ref), 16).identity() != ev.reference.dataset
+
+
+class Recording:
+    """The trainer's own sampler, recording the captions and starting noise each call is given."""
+
+    def __init__(self, sampler):
+        self.sampler, self.captions, self.noise = sampler, [], []
+
+    def latent_shape(self, resolution: int):
+        return self.sampler.latent_shape(resolution)
+
+    def __call__(self, captions: list[str], noise: torch.Tensor) -> torch.Tensor:
+        self.captions += captions
+        self.noise.append(noise.clone())
+        return self.sampler(captions, noise)
+
+
+def test_a_reference_set_brings_its_prompts_their_noise_and_its_photos_to_every_arm(tmp_path, prx_weights):
+    """Two arms that train on different captions and seeds, scored against one reference set: both sample
+    its captions in its row order from the same per-row noise (not the held-out rows' captions), and the
+    real images are its photos."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    imgs = random_images(seed=5)
+    captions = ["a red fox in snow", "a lighthouse at dusk", "three pears on a table"]
+    path = tmp_path / "unsplash.parquet"
+    pq.write_table(pa.table({"image": [encoded(im) for im in imgs], "caption_llm_s": captions}), path)
+    reference = {"kind": "parquet", "path": str(path), "caption": "caption_llm_s"}
+    arms = {
+        "baseline": {},
+        "short-captions": {"seed": 1, "data": {"caption": "short"}, "eval": {"caption": "short"}},
+    }
+    seen = {}
+    for name, over in arms.items():
+        ev = {
+            "metrics": ["fid_prx"],
+            "samples": 2,
+            "reference": reference,
+            "cache_dir": str(tmp_path / "cache"),
+        }
+        cfg = TrainConfig.model_validate(
+            merge(merge(TINY, {"weights_dir": str(prx_weights), "eval": ev}), over)
+        )
+        (tmp_path / name).mkdir()
+        tr = Trainer(cfg, tmp_path / name, Dist(0, 1, 0, torch.device("cpu")))
+        held_out = [p["caption"] for p in tr.val_set.prompts([0, 1])]
+        recording = Recording(tr.sampler)
+        metrics, grid, _ = tr.evaluation(tr.denoiser, recording)
+        assert np.isfinite(metrics["fid_prx"]) and len(grid) == 2
+        assert recording.captions == captions[:2] and not set(held_out) & set(captions)
+        generation = tr.evaluation.generation
+        np.testing.assert_array_equal(  # the real images are the reference's photos, prepared
+            np.concatenate(list(generation.evaluator.reference.images())), [prepared(im) for im in imgs[:2]]
+        )
+        seen[name] = (recording.captions, torch.cat(recording.noise), generation.evaluator.reference.dataset)
+    (base_captions, base_noise, base_set), (captions_b, noise_b, set_b) = seen.values()
+    assert base_captions == captions_b and base_set == set_b
+    torch.testing.assert_close(base_noise, noise_b, rtol=0, atol=0)  # row j's noise, whatever the arm's seed
+    assert not torch.equal(base_noise[0], base_noise[1])
+    # one reference-feature entry for both arms
+    assert [json.loads(p.read_text())["dataset"] for p in (tmp_path / "cache").glob("*.json")] == [base_set]
+
+
+def test_the_reference_caption_column_is_part_of_the_eval_identity_not_of_what_trains():
+    from ablate.sweep.expand import config_identity
+
+    def identity(caption: str):
+        ref = {"kind": "parquet", "path": "u.parquet", "caption": caption}
+        cfg = TrainConfig.model_validate(merge(TINY, {"eval": {"reference": ref}}))
+        return config_identity(cfg.model_dump(mode="json"))
+
+    long, short = identity("caption_llm_s"), identity("caption_moondream")
+    assert long.hash == short.hash and long.eval_hash != short.eval_hash
 
 
 def test_a_bad_reference_is_one_line(tmp_path):
+    def config(reference: dict, **ev):
+        return TrainConfig.model_validate(merge(TINY, {"eval": {"reference": reference, **ev}}))
+
     with pytest.raises(ValueError, match="image_column applies to a parquet reference set"):
-        TrainConfig.model_validate(
-            merge(TINY, {"eval": {"reference": {"kind": "folder", "path": "x", "image_column": "y"}}})
-        )
+        config({"kind": "folder", "path": "x", "image_column": "y", "caption": "c"})
+    with pytest.raises(
+        ValueError, match=r"eval.reference needs caption: the column of its own captions"
+    ) as e:
+        config({"kind": "parquet", "path": "x"})
+    with pytest.raises(ValueError, match=r"eval.metrics \['prompt_adherence'\] score what the demo domain"):
+        config({"kind": "parquet", "path": "x", "caption": "c"}, metrics=["prompt_adherence"])
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "metadata.jsonl").write_text('{"file_name": "0.png", "caption": "a"}\n')
     for reference, message in [
         ({"kind": "parquet", "path": str(tmp_path / "none.parquet")}, "none.parquet: no such parquet file"),
-        ({"kind": "folder", "path": str(tmp_path)}, "no images (.png, .jpg, .jpeg, .bmp, .webp) under it"),
-    ]:
+        ({"kind": "folder", "path": str(tmp_path)}, "metadata.jsonl does not exist (eval.reference.path"),
+        ({"kind": "folder", "path": str(tmp_path / "meta"), "caption": "long"},
+         "no column 'long' (eval.reference.caption); columns: caption, file_name"),
+    ]:  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)) as e:
-            ReferenceSet(ReferenceConfig.model_validate(reference), 16)
-        assert "\n" not in str(e.value) and "eval.reference.path" in str(e.value)
+            ReferenceSet(ReferenceConfig.model_validate({"caption": "caption", **reference}), 16)
+        assert "\n" not in str(e.value) and "eval.reference." in str(e.value)

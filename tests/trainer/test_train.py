@@ -222,6 +222,6 @@ def test_generation_reads_prompts_without_decoding_an_image(tmp_path, domain_cac
         def __len__(self):
             return self.n
 
-    generation.val_set = PromptsOnly(generation.val_set)
+    generation.rows = PromptsOnly(generation.rows)
     again, *_ = generation(tr.sampler)
     assert again == first and set(again) == {"domain_fd", "prompt_adherence"}

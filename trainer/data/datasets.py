@@ -4,8 +4,8 @@ Every dataset yields `{"image": (3, H, W) float in [0, 1], "caption": str, "attr
 (`attrs` is -1 for datasets without known attributes), and `prompts(indices)` gives what evaluation
 needs of items — caption and attrs — without decoding an image. The caption column is chosen by
 config: that is how the study's long- vs short-caption factor is expressed. The eval reference
-set (`eval.reference`, real images the metrics compare against) is read here too, with the same
-image preparation.
+set (`eval.reference`: photos with their own captions, the eval prompts and the real images the metrics
+compare against) is read here too, with the same image preparation.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from trainer.data.rows import DataError, JsonlRows, ParquetRows
+from trainer.identity import EVALUATES, mark
 from trainer.registry import Config, Registry
 
 # `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None;
@@ -65,32 +66,9 @@ class ImageTextConfig(Config):
     def file_problem(self, val_caption: str | None) -> FileProblem | None:
         """What keeps this data from being read (its path, its image column or file names, its caption
         columns; `val_caption` is the eval column), from a parquet footer or metadata.jsonl's first row."""
-        path = Path(self.path)
-        if not path.exists():
-            what = (
-                "parquet file or folder" if self.kind == "parquet" else "data folder"
-            )  # parquet: a file or a folder
-            return _missing(path, what, ("data", "path"), "a data path that exists " + _RELATIVE)
-        try:
-            have, image = self._columns(path)
-        except (DataError, OSError) as e:
-            return FileProblem(_read_error(e, path), ("data", "path"), "a data path that exists " + _RELATIVE)
-        where = path / META if self.kind == "folder" else path
-        for column, key, expected in self._needed(val_caption):
-            if column not in have:
-                named = ".".join(key) if key != ("data", "path") else "file_name"
-                problem = f"column '{column}' ({named}) is not in {where} (columns: {_listed(have)})"
-                return FileProblem(problem, key, expected)
-        if image is not None and not image.exists():
-            return FileProblem(f"image {image} (first row of {path / META}) does not exist", ("data", "path"),
-                               "a data path that exists " + _RELATIVE)  # fmt: skip
-        return None
-
-    def _columns(self, path: Path) -> tuple[set[str], Path | None]:
-        """(the data's columns, the first row's image file for a folder)."""
-        if self.kind == "parquet":
-            return _parquet_columns(path), None
-        return _first_row(path)
+        what = "parquet file or folder" if self.kind == "parquet" else "data folder"  # parquet: either
+        return _source_problem(self.kind, Path(self.path), what, ("data", "path"),
+                               "a data path that exists " + _RELATIVE, self._needed(val_caption))  # fmt: skip
 
     def _needed(self, val_caption: str | None) -> list[tuple[str, tuple[str, ...], str]]:
         """(column, the key that names it, what would be right), in the order they are checked."""
@@ -113,6 +91,34 @@ class FolderConfig(ImageTextConfig):
 
 
 _RELATIVE = "(relative paths are from the folder you submit from)"
+
+
+def _source_problem(
+    kind: str,
+    path: Path,
+    what: str,
+    at: tuple[str, ...],
+    expected: str,
+    needed: list[tuple[str, tuple[str, ...], str]],
+) -> FileProblem | None:
+    """What keeps a parquet file or an image folder (its metadata.jsonl) from being read: a missing or
+    unreadable path (key `at`), a column of `needed` (column, the key naming it, what would be right) it
+    lacks, or a folder's first image missing. From a parquet footer or metadata.jsonl's first row."""
+    if not path.exists():
+        return _missing(path, what, at, expected)
+    try:
+        have, image = (_parquet_columns(path), None) if kind == "parquet" else _first_row(path)
+    except (DataError, OSError) as e:
+        return FileProblem(_read_error(e, path), at, expected)
+    where = path / META if kind == "folder" else path
+    for column, key, column_expected in needed:
+        if column not in have:
+            named = "file_name" if key == at else ".".join(key)
+            return FileProblem(f"column '{column}' ({named}) is not in {where} (columns: {_listed(have)})", key,
+                               column_expected)  # fmt: skip
+    if image is not None and not image.exists():
+        return FileProblem(f"image {image} (first row of {path / META}) does not exist", at, expected)
+    return None
 
 
 def _missing(path: Path, what: str, key: tuple[str, ...], expected: str) -> FileProblem:
@@ -174,12 +180,9 @@ class ImageTextDataset(Dataset):
 
     `rows`: a list of row dicts, or a row source read on demand (`trainer.data.rows`: its `take` reads
     each block a batch needs once). `where(row, index)` names a row's source for errors (the file, and
-    the row of a parquet file). `caption` None: images only (the eval reference set), every caption
-    is ""."""
+    the row of a parquet file). `caption`: the column read as each item's caption."""
 
-    def __init__(
-        self, rows, load_image, resolution: int, caption: str | None, where, first: int = 0, size=None
-    ):
+    def __init__(self, rows, load_image, resolution: int, caption: str, where, first: int = 0, size=None):
         self.rows, self.load_image, self.resolution, self.caption = rows, load_image, resolution, caption
         self.where, self.first = where, first
         self.size = len(rows) - first if size is None else size
@@ -208,8 +211,7 @@ class ImageTextDataset(Dataset):
         at = [self._index(i) for i in indices]
         rows = self.rows.take(at) if hasattr(self.rows, "take") else [self.rows[j] for j in at]
         unknown = np.full(len(synthetic.ATTRIBUTES), -1, dtype=np.int64)
-        return [{"caption": "" if self.caption is None else str(row[self.caption]), "attrs": unknown}
-                for row in rows]  # fmt: skip
+        return [{"caption": str(row[self.caption]), "attrs": unknown} for row in rows]
 
     def _item(self, row: dict, index: int) -> dict:
         from PIL import Image
@@ -226,7 +228,7 @@ class ImageTextDataset(Dataset):
         arr = np.asarray(img, dtype=np.float32) / 255.0
         return {
             "image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),
-            "caption": "" if self.caption is None else str(row[self.caption]),
+            "caption": str(row[self.caption]),
             "attrs": torch.full((len(synthetic.ATTRIBUTES),), -1, dtype=torch.long),  # unknown attributes
         }
 
@@ -281,99 +283,134 @@ def build_folder(cfg: FolderConfig, val_caption: str | None = None) -> tuple[Dat
 
 
 # ---------------------------------------------------------------------------------------------
-# The eval reference set: real images the metrics compare against (PRX scores on Unsplash photos).
+# The eval reference set: real images with their own captions (PRX: Unsplash photos, prompted with them).
 # ---------------------------------------------------------------------------------------------
 class ReferenceConfig(Config):
-    """`eval.reference`: a separate set of real images, instead of the held-out rows' images."""
+    """`eval.reference`: a separate set of photos with their own captions, instead of the held-out rows.
+    Its first `eval.samples` rows are the eval set: each row's caption is a prompt, sampled from that
+    row's noise, and its image is a real image the metrics compare with."""
 
     kind: Literal["parquet", "folder"] = Field(
-        description="parquet: a file (or folder of parquet files) with a column of encoded images; "
-        "folder: image files (png, jpg, webp, ...), recursive, read in path order"
+        description="parquet: a file (or folder of parquet files) with a column of encoded images and the "
+        f"caption column; folder: images and a {META} naming each in file_name beside its captions "
+        "(as data kind folder), read in row order"
     )
     path: str = Field(description="the parquet file or the image folder")
     image_column: str = Field("image", description="parquet: column of encoded image bytes")
+    caption: str = Field(
+        description="the column of the set's own captions: the eval prompts, each the caption of the image "
+        "it is compared with (PRX's Unsplash set: caption_llm_s)",
+        # never None: a reference recorded before this field no longer validates (it must name its
+        # captions), so no recorded eval hash holds a reference without one
+        json_schema_extra=mark(EVALUATES, neutral=None),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_its_captions(cls, data):
+        if isinstance(data, dict) and "caption" not in data:
+            raise ValueError(
+                "eval.reference needs caption: the column of its own captions, which are the eval prompts "
+                "(a reference set brings its prompts: samples are compared with the photos they describe)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _folder_has_no_image_column(self):
         if self.kind == "folder" and self.image_column != "image":
             raise ValueError(
-                "image_column applies to a parquet reference set; a folder's images are its files"
+                f"image_column applies to a parquet reference set; a folder names its images in {META}"
             )
         return self
 
     def file_problem(self) -> FileProblem | None:
-        """What keeps the reference set from being read, from its footer or its folder listing, or None."""
-        path, at = Path(self.path), ("eval", "reference", "path")
-        expected = "eval.reference.path naming a parquet file or a folder of images that exists " + _RELATIVE
-        if not path.exists():
-            what = "reference parquet file or folder" if self.kind == "parquet" else "reference folder"
-            return _missing(path, what, at, expected)
-        try:
-            if self.kind == "parquet" and self.image_column not in (have := _parquet_columns(path)):
-                problem = f"column '{self.image_column}' (eval.reference.image_column) is not in {path} (columns: {_listed(have)})"
-                return FileProblem(problem, ("eval", "reference", "image_column"),
-                                   "eval.reference.image_column set to the column of encoded images")  # fmt: skip
-            if self.kind == "folder" and not path.is_dir():
-                return FileProblem(f"{path} is not a folder (eval.reference kind: folder needs one holding images)",
-                                   at, expected)  # fmt: skip
-            if self.kind == "folder":
-                from eval.images import IMAGE_SUFFIXES, image_files
-
-                if not image_files(path):
-                    return FileProblem(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}", at, expected)
-        except (DataError, OSError) as e:
-            return FileProblem(_read_error(e, path), at, expected)
-        return None
+        """What keeps the reference set from being read (its path, image column or file names, caption
+        column), from its parquet footer or its metadata.jsonl's first row, or None."""
+        at, kind = (
+            ("eval", "reference", "path"),
+            "parquet file or folder" if self.kind == "parquet" else "folder",
+        )
+        expected = (f"eval.reference.path naming photos with their own captions that exist: a parquet file, or a "
+                    f"folder of images with {META} {_RELATIVE}; or eval.reference: null to score on the held-out "
+                    "rows")  # fmt: skip
+        image = ((self.image_column, ("eval", "reference", "image_column"),
+                  "eval.reference.image_column set to the column of encoded images")
+                 if self.kind == "parquet" else
+                 ("file_name", at, f"a {META} whose rows name their image in file_name"))  # fmt: skip
+        caption = (self.caption, ("eval", "reference", "caption"),
+                   "eval.reference.caption set to the column of the reference set's own captions")  # fmt: skip
+        return _source_problem(
+            self.kind, Path(self.path), f"reference {kind}", at, expected, [image, caption]
+        )
 
 
 class ReferenceSet:
-    """The images of `eval.reference`, prepared exactly like training images (centre crop, bicubic
-    resize to the data resolution), in order: parquet rows, or files sorted by path.
+    """The rows of `eval.reference` in order (parquet rows, or metadata.jsonl lines) as a dataset of
+    training-style items: the caption, and the image prepared exactly like training images (centre
+    crop, bicubic resize to the data resolution).
 
     Listed at construction, so a missing, empty or unreadable set fails at set-up, before training;
-    decoded only when the metrics' reference features are not cached yet."""
+    images are decoded only when the metrics' reference features are not cached yet."""
 
     def __init__(self, cfg: ReferenceConfig, resolution: int):
         self.cfg, self.resolution, self.root = cfg, resolution, Path(cfg.path)
         if cfg.kind == "parquet":  # footers only; rows are read a row group at a time
-            hint = {cfg.image_column: "eval.reference.image_column"}
-            self._parquet = ParquetRows(cfg.path, [cfg.image_column], "eval.reference.path", hint)
-            self.files = [Path(f) for f in self._parquet.files]
-            self.size = len(self._parquet)
+            hints = {cfg.image_column: "eval.reference.image_column", cfg.caption: "eval.reference.caption"}
+            rows = ParquetRows(cfg.path, [cfg.image_column, cfg.caption], "eval.reference.path", hints)
+            self.files = [Path(f) for f in rows.files]
+            load, where = lambda row: open_encoded(row[cfg.image_column]), lambda row, i: rows.name(i)
         else:
-            from eval.images import IMAGE_SUFFIXES, image_files
+            rows = self._listed_folder()
+            self.files = [rows.meta, *(self.root / str(r["file_name"]) for r in rows.take(range(len(rows))))]
+            load = lambda row: _open_image(self.root / row["file_name"])  # noqa: E731
+            where = lambda row, i: f"{self.root / str(row.get('file_name', '?'))} ({META} row {i})"  # noqa: E731
+        if not len(rows):
+            raise DataError(f"{cfg.path}: no rows (eval.reference.path)")
+        self.items = ImageTextDataset(rows, load, resolution, cfg.caption, where)
 
-            if not self.root.is_dir():
-                raise DataError(f"{cfg.path}: no such image folder (eval.reference.path)")
-            self.files = image_files(self.root)
-            self.size = len(self.files)
-            if not self.files:
+    def _listed_folder(self) -> JsonlRows:
+        meta = self.root / META
+        if not self.root.is_dir():
+            raise DataError(f"{self.cfg.path}: no such folder (eval.reference.path)")
+        if not meta.is_file():
+            raise DataError(f"{meta} does not exist (eval.reference.path: a reference folder needs one JSON "
+                            "line per image, naming it in file_name beside its caption)")  # fmt: skip
+        rows = JsonlRows(meta)
+        for column, key in (
+            ("file_name", "eval.reference.path"),
+            (self.cfg.caption, "eval.reference.caption"),
+        ):
+            if len(rows) and column not in rows.columns:
                 raise DataError(
-                    f"{cfg.path}: no images ({', '.join(IMAGE_SUFFIXES)}) under it (eval.reference.path)"
+                    f"{meta}: no column {column!r} ({key}); columns: {', '.join(sorted(rows.columns))}"
                 )
+        return rows
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.items)
 
     def identity(self) -> str:
         """The set's name in the reference-feature cache key: kind, path, image column, resolution and
-        a digest of each file's name, size and modification time. Every arm reading the same files
-        shares one entry; a changed, added or removed file makes a new one (never a stale reuse)."""
-        stats = [(os.path.relpath(f, self.root), (s := f.stat()).st_size, s.st_mtime_ns) for f in self.files]
+        a digest of each file's name, size and modification time (a folder's: metadata.jsonl and every
+        image it names). Every arm reading the same files shares one entry; a changed, added or removed
+        file makes a new one (never a stale reuse). The captions are not in it: the features are the
+        images'."""
+        stats = []
+        for f in self.files:
+            try:
+                s = f.stat()
+            except OSError as e:
+                raise DataError(f"{f}: {e.strerror or type(e).__name__} (eval.reference.path)") from None
+            stats.append((os.path.relpath(f, self.root), s.st_size, s.st_mtime_ns))
         digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:12]
         column = f"[{self.cfg.image_column}]" if self.cfg.kind == "parquet" else ""
         return f"reference:{self.cfg.kind}:{self.root.resolve()}{column}@{self.resolution}px#{digest}"
 
-    def images(self, n: int) -> ImageTextDataset:
-        """The first `n` images as a dataset of training-style items (decoded on access)."""
-        if self.cfg.kind == "parquet":
-            rows, column = self._parquet, self.cfg.image_column
-            return ImageTextDataset(rows, lambda row: open_encoded(row[column]), self.resolution, None,
-                                    lambda row, i: rows.name(i), 0, min(n, len(rows)))  # fmt: skip
-        from PIL import Image
 
-        return ImageTextDataset([{"file": f} for f in self.files[:n]], lambda row: Image.open(row["file"]),
-                                self.resolution, None, lambda row, i: str(row["file"]))  # fmt: skip
+def _open_image(path: Path):
+    from PIL import Image
+
+    return Image.open(path)
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
