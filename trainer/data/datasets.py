@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -24,25 +23,13 @@ from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from trainer.data.rows import DataError, JsonlRows, ParquetRows
+from trainer.data.sources import META, RELATIVE, FileProblem, source_problem
 from trainer.identity import EVALUATES, mark
 from trainer.registry import Config, Registry
 
 # `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None;
 # `file_problem(val_caption)`: what keeps its files from being read, checked before submission.
 DATA = Registry("data", facts=("domain", "file_problem"))
-META = "metadata.jsonl"  # a folder dataset's index: one JSON line per image, naming it in file_name
-
-
-@dataclass(frozen=True)
-class FileProblem:
-    """Why a data source cannot be read, found from its metadata alone before anything is submitted, and
-    the config key at fault. `unseen`: the path's top folder is not on this machine (a file system
-    mounted only on the compute nodes), so it was not checked."""
-
-    problem: str
-    key: tuple[str, ...]
-    expected: str = ""
-    unseen: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +54,8 @@ class ImageTextConfig(Config):
         """What keeps this data from being read (its path, its image column or file names, its caption
         columns; `val_caption` is the eval column), from a parquet footer or metadata.jsonl's first row."""
         what = "parquet file or folder" if self.kind == "parquet" else "data folder"  # parquet: either
-        return _source_problem(self.kind, Path(self.path), what, ("data", "path"),
-                               "a data path that exists " + _RELATIVE, self._needed(val_caption))  # fmt: skip
+        return source_problem(self.kind, Path(self.path), what, ("data", "path"),
+                               "a data path that exists " + RELATIVE, self._needed(val_caption))  # fmt: skip
 
     def _needed(self, val_caption: str | None) -> list[tuple[str, tuple[str, ...], str]]:
         """(column, the key that names it, what would be right), in the order they are checked."""
@@ -88,90 +75,6 @@ class ParquetConfig(ImageTextConfig):
 
 class FolderConfig(ImageTextConfig):
     kind: Literal["folder"] = "folder"
-
-
-_RELATIVE = "(relative paths are from the folder you submit from)"
-
-
-def _source_problem(
-    kind: str,
-    path: Path,
-    what: str,
-    at: tuple[str, ...],
-    expected: str,
-    needed: list[tuple[str, tuple[str, ...], str]],
-) -> FileProblem | None:
-    """What keeps a parquet file or an image folder (its metadata.jsonl) from being read: a missing or
-    unreadable path (key `at`), a column of `needed` (column, the key naming it, what would be right) it
-    lacks, or a folder's first image missing. From a parquet footer or metadata.jsonl's first row."""
-    if not path.exists():
-        return _missing(path, what, at, expected)
-    try:
-        have, image = (_parquet_columns(path), None) if kind == "parquet" else _first_row(path)
-    except (DataError, OSError) as e:
-        return FileProblem(_read_error(e, path), at, expected)
-    where = path / META if kind == "folder" else path
-    for column, key, column_expected in needed:
-        if column not in have:
-            named = "file_name" if key == at else ".".join(key)
-            return FileProblem(f"column '{column}' ({named}) is not in {where} (columns: {_listed(have)})", key,
-                               column_expected)  # fmt: skip
-    if image is not None and not image.exists():
-        return FileProblem(f"image {image} (first row of {path / META}) does not exist", at, expected)
-    return None
-
-
-def _missing(path: Path, what: str, key: tuple[str, ...], expected: str) -> FileProblem:
-    """A path that does not exist, or one on a file system this machine does not mount (unseen)."""
-    parts = path.absolute().parts
-    unseen = len(parts) > 1 and not Path(parts[0], parts[1]).exists()
-    return FileProblem(f"{what} {path} does not exist", key, expected, unseen=unseen)
-
-
-def _read_error(e: BaseException, path: Path) -> str:
-    if isinstance(e, OSError):
-        return f"cannot read {e.filename or path}: {e.strerror or type(e).__name__}"
-    return str(e)
-
-
-def _listed(columns: set[str]) -> str:
-    return ", ".join(sorted(columns)[:12]) + (" ..." if len(columns) > 12 else "")
-
-
-def _parquet_columns(path: Path) -> set[str]:
-    """Column names from the parquet footer(s) only; a folder is read as a parquet dataset."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
-
-    try:
-        schema = ds.dataset(str(path), format="parquet").schema if path.is_dir() else pq.read_schema(path)
-    except (pa.ArrowException, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path} is not a readable parquet file ({first[:160]})") from None
-    return set(schema.names)
-
-
-def _first_row(path: Path) -> tuple[set[str], Path | None]:
-    """The keys of metadata.jsonl's first row, and that row's image file."""
-    if not path.is_dir():
-        raise DataError(f"{path} is not a folder (kind: folder needs one holding images and {META})")
-    meta = path / META
-    if not meta.is_file():
-        raise DataError(f"{meta} does not exist (a folder dataset needs one JSON line per image)")
-    with meta.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                raise DataError(f"{meta}:{number}: not a JSON line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{meta}:{number}: not a JSON object")
-            image = row.get("file_name")
-            return set(row), (path / image) if isinstance(image, str) else None
-    raise DataError(f"{meta} has no rows")
 
 
 class ImageTextDataset(Dataset):
@@ -331,7 +234,7 @@ class ReferenceConfig(Config):
             "parquet file or folder" if self.kind == "parquet" else "folder",
         )
         expected = (f"eval.reference.path naming photos with their own captions that exist: a parquet file, or a "
-                    f"folder of images with {META} {_RELATIVE}; or eval.reference: null to score on the held-out "
+                    f"folder of images with {META} {RELATIVE}; or eval.reference: null to score on the held-out "
                     "rows")  # fmt: skip
         image = ((self.image_column, ("eval", "reference", "image_column"),
                   "eval.reference.image_column set to the column of encoded images")
@@ -339,9 +242,7 @@ class ReferenceConfig(Config):
                  ("file_name", at, f"a {META} whose rows name their image in file_name"))  # fmt: skip
         caption = (self.caption, ("eval", "reference", "caption"),
                    "eval.reference.caption set to the column of the reference set's own captions")  # fmt: skip
-        return _source_problem(
-            self.kind, Path(self.path), f"reference {kind}", at, expected, [image, caption]
-        )
+        return source_problem(self.kind, Path(self.path), f"reference {kind}", at, expected, [image, caption])
 
 
 class ReferenceSet:
