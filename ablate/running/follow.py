@@ -10,6 +10,7 @@ What differs between the two commands is their `Submission`: `Training` (`ablate
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -78,10 +79,12 @@ class Submission(ABC):
 
 
 def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -> int:
-    """Submit under the sweep lock; with `wait`, follow the jobs until they end and print how they did.
-    Returns the exit code: 0, 1 when a job did not finish, 130 on Ctrl-C."""
+    """Plan and prepare under the sweep lock, then submit (each wave under it again: `ablate cancel` can
+    come in between); with `wait`, follow the jobs until they end and print how they did. Returns the
+    exit code: 0, 1 when a job did not finish, 130 on Ctrl-C (which stops the jobs that die with `ablate`)."""
     console, sweep = submission.console, submission.sweep
     launcher = sweep.launcher
+    batches: list[tuple[list[Path], Callable[[str], Any] | None]] = []
     try:
         with contextlib.ExitStack() as display:
             with ownership.sweep_lock(sweep.root):  # not while another `ablate run` or `ablate eval` submits
@@ -92,23 +95,31 @@ def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -
                 code = _snapshot(sweep, console)
                 run_dirs = submission.prepare(code)
                 executor = launch.build_executor(launcher, sweep.root, submission.job_name, code.job_setup())
-                if wait and submission.live and run_dirs:
-                    display.enter_context(_live_progress(console, sweep, [d.name for d in run_dirs]))
-                try:
-                    jobs = [
-                        job
-                        for dirs, fn in submission.batches(run_dirs)
-                        for job in arm_jobs.submit(
-                            executor, dirs, parallelism=launcher.array_parallelism, fn=fn, poll_s=POLL_S
-                        )
-                    ]
-                except OSError as e:
-                    raise submission.fault(e, run_dirs) from None
+            if wait and submission.live and run_dirs:
+                display.enter_context(_live_progress(console, sweep, [d.name for d in run_dirs]))
+            batches = submission.batches(run_dirs)
+            hold = functools.partial(ownership.sweep_lock, sweep.root, wait_s=-1)
+            try:
+                jobs = [
+                    job
+                    for dirs, fn in batches
+                    for job in arm_jobs.submit(
+                        executor,
+                        dirs,
+                        parallelism=launcher.array_parallelism,
+                        fn=fn,
+                        poll_s=POLL_S,
+                        hold=hold,
+                    )
+                ]
+            except OSError as e:
+                raise submission.fault(e, run_dirs) from None
             if not wait:
                 console.print(submission.submitted(len(jobs)))
                 return 0
             arm_jobs.wait(jobs, poll_s=POLL_S)
     except KeyboardInterrupt:
+        launch.stop(arm_jobs.recorded(batches))
         local_note, again = submission.interrupted()
         note = "jobs already submitted keep running" if launcher.kind.outlives_cli else local_note
         console.print(f"\ninterrupted: {note}; {again}", style="yellow", markup=False)
