@@ -104,7 +104,11 @@ def run(
     check_data(specs, console)  # where this machine sees the data: files and columns exist
     make_root(sweep)  # everything checked: from here on, things get created
     training = Training(console, sweep, sweep_file, specs, rerun=rerun or (), force=force)
-    if code := submit_and_follow(training, needs_mark=needs_mark, wait=wait):
+    code = submit_and_follow(training, needs_mark=needs_mark, wait=wait)
+    if code in (0, 1) and (not_done := training.rerun_not_done()):
+        print(f"error: {not_done}", file=sys.stderr)  # what was asked was not done: not a success
+        code = 1
+    if code:
         raise typer.Exit(code)
 
 

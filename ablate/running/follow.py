@@ -159,6 +159,15 @@ class Training(Submission):
             return False
         return True
 
+    def rerun_not_done(self) -> str | None:
+        """What `--rerun` asked and was not done (arms skipped as in flight), as one line; None when all was."""
+        skipped = [
+            f"{d.spec.name}: {d.reason}"
+            for d in self.decisions
+            if d.spec.name in self.rerun and not d.launches
+        ]
+        return f"--rerun not done for {'; '.join(skipped)}" if skipped else None
+
     def prepare(self, code: snapshot.Snapshot) -> list[Path]:
         sweep, executor = self.sweep, self.sweep.launcher.executor
         run_dirs = store.prepare(self.decisions, sweep.root, sweep.name, executor, code=code)
