@@ -286,23 +286,30 @@ def _snapshot(sweep: Sweep, console: Console) -> snapshot.Snapshot:
 
 @contextlib.contextmanager
 def _live_progress(console: Console, sweep: Sweep, names: list[str]) -> Iterator[None]:
-    """A live line per arm on a terminal; elsewhere (logs, CI) a line each time an arm changes state."""
+    """A live line per arm on a terminal; elsewhere (logs, CI) a line each time an arm changes state. The
+    last table asks whether each job still runs (a job gone shows `stale`, as the summary below it says)."""
     if console.is_terminal:
+        final = False
 
         def render() -> Group:
             return Group(
-                Text("following the arms (Ctrl-C to stop)", style="dim"), _progress_table(sweep, names)
+                Text("following the arms (Ctrl-C to stop)", style="dim"),
+                _progress_table(sweep, names, final=final),
             )
 
-        with Live(get_renderable=render, console=console, refresh_per_second=1, transient=False):
-            yield
+        with Live(get_renderable=render, console=console, refresh_per_second=1, transient=False) as live:
+            try:
+                yield
+            finally:
+                final = True
+                live.refresh()
         return
 
     seen: dict[str, str] = {}
 
-    def report() -> None:
+    def report(final: bool = False) -> None:
         for name in names:
-            state, status = _status(RunDir(sweep.root / name))
+            state, status = _status(RunDir(sweep.root / name), final=final)
             if seen.get(name) != state:
                 seen[name] = state
                 step = f" at step {status.step}/{status.total_steps}" if status.step else ""
@@ -321,17 +328,17 @@ def _live_progress(console: Console, sweep: Sweep, names: list[str]) -> Iterator
     finally:
         stop.set()
         thread.join()
-        report()
-        console.print(_progress_table(sweep, names))
+        report(final=True)
+        console.print(_progress_table(sweep, names, final=True))
 
 
-def _progress_table(sweep: Sweep, names: list[str]) -> Table:
+def _progress_table(sweep: Sweep, names: list[str], *, final: bool = False) -> Table:
     table = Table(box=None, pad_edge=False)
     for column in ("arm", "state", "step", "loss", "ETA"):
         table.add_column(column)
     for name in names:
         run = RunDir(sweep.root / name)
-        state, status = _status(run)
+        state, status = _status(run, final=final)
         last = run.last_log_row()
         step, total, loss = status.step, status.total_steps, status.loss
         eta = last.eta_s if last is not None and state == RUNNING else None
@@ -354,8 +361,12 @@ def _duration(seconds: float) -> str:
     )
 
 
-def _status(run: RunDir) -> tuple[str, Status]:
-    """The arm's state and status for progress lines ('?' while absent; a corrupt one says so)."""
+def _status(run: RunDir, *, final: bool = False) -> tuple[str, Status]:
+    """The arm's state and status for progress lines ('?' while absent; a corrupt one says so). While
+    following, the state as status.json says; with `final`, as `ablate status` says (a job gone: stale)."""
+    if final:
+        view = store.observe(run.path)
+        return view.state, view.status or Status()
     try:
         status = run.read_status() or Status()
     except Unreadable as e:

@@ -168,6 +168,29 @@ def jobs_started(workdir: Path) -> list[str]:
     return [p.name for p in (workdir / "runs" / "t" / ".submitit").iterdir() if p.name.isdigit()]
 
 
+def test_the_last_progress_table_says_stale_when_the_summary_does(write_sweep, workdir):
+    path = write_sweep(sweep_text(arms=1))
+    run_dir = workdir / "runs" / "t" / "baseline-s0"
+
+    def trainer() -> int | None:
+        job_id = job(run_dir).job_id
+        for pid in group(int(job_id)) if job_id else []:
+            with contextlib.suppress(OSError):
+                if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
+    with reaped(run_dir), ablate_run(path, workdir) as run:
+        poll("started", lambda: trainer() is not None)
+        os.kill(trainer(), signal.SIGKILL)  # the trainer dies without a word (the OOM killer): its job ends
+        poll("ended", lambda: run.poll() is not None, timeout_s=60)
+    out = (workdir / "ablate-run.out").read_text()
+    table = out[out.rindex("arm ") : out.index("arm(s) done")]
+    assert re.search(r"baseline-s0\s+stale", table), out
+    assert not re.search(r"submitted|running", table), out
+    assert re.search(r"baseline-s0: stale \(was (submitted|running), its job \d+ is gone\)", out), out
+
+
 def test_ctrl_c_on_run_stops_the_local_jobs_it_started(write_sweep, workdir):
     path = write_sweep(sweep_text(arms=1))
     run_dir = workdir / "runs" / "t" / "baseline-s0"
