@@ -106,7 +106,11 @@ def run(
     check_data(specs, console)  # where this machine sees the data: files and columns exist
     make_root(sweep)  # everything checked: from here on, things get created
     training = Training(console, sweep, sweep_file, specs, rerun=rerun or (), force=force)
-    if code := submit_and_follow(training, needs_mark=needs_mark, wait=wait):
+    code = submit_and_follow(training, needs_mark=needs_mark, wait=wait)
+    if code in (0, 1) and (not_done := training.rerun_not_done()):
+        print(f"error: {not_done}", file=sys.stderr)  # what was asked was not done: not a success
+        code = 1
+    if code:
         raise typer.Exit(code)
 
 
@@ -125,14 +129,18 @@ def status(sweep_file: SweepFile) -> None:
     show.problems(console, sweep_file, views, changed)
 
 
+CANCEL_WAIT_S = 60  # how long `ablate cancel` waits for an `ablate run` to finish planning or submitting
+
+
 @app.command()
 def cancel(
     sweep_file: SweepFile,
     arm: CancelArms = None,
 ) -> None:
-    """Cancel arms' jobs through their scheduler; they show as cancelled, and `ablate run` resubmits them."""
+    """Stop arms' jobs (a local job's whole process group, seen gone; a SLURM job through scancel); they show
+    as cancelled, and `ablate run` resubmits them."""
+    from ablate.running.cancel import cancel as cancel_arm
     from ablate.running.ownership import check_owner, sweep_lock
-    from ablate.running.store import cancel as cancel_arm
     from ablate.running.store import check_names
 
     console = _console()
@@ -143,7 +151,8 @@ def cancel(
         return
     check_owner(sweep)
     not_cancelled = 0
-    with sweep_lock(sweep.root):  # not while `ablate run` submits
+    # Not while `ablate run` plans or submits a wave; it takes the lock again for each wave it feeds.
+    with sweep_lock(sweep.root, wait_s=CANCEL_WAIT_S, nothing="nothing cancelled"):
         for name in arm or sweep.arm_names():
             ok, what = cancel_arm(sweep.root / name)
             not_cancelled += not ok

@@ -10,6 +10,7 @@ file system). Folders (checkpoints) are committed the same way with `commit_dir`
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -21,6 +22,19 @@ from typing import Any
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive flock on the file `lock` (created, never through a link) around a read-modify-write
+    several processes make (the trainer, `ablate run`, `ablate cancel`): none loses another's write. The
+    kernel drops it when its holder dies, however it dies."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

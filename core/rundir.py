@@ -23,6 +23,7 @@
         eval_job.json     the latest `ablate eval` job (state, step, metrics or error)   `ablate eval`, its job
         launcher          symlink to the job's submitit folder    `ablate run`
         .writer.lock      flock held by the one live trainer (or eval job) writing the folder
+        .state.lock       flock held for a moment around each write of status.json or eval_job.json
         writer.json       who holds it: host, pid, started_at     that trainer
 
 What each record holds is a typed model of `core.records`; every record is written through
@@ -44,7 +45,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core import trainlog
-from core.atomic import Unreadable, atomic_path, atomic_write, atomic_write_json, read_json
+from core.atomic import Unreadable, atomic_path, atomic_write, atomic_write_json, exclusive, read_json
 from core.records import (
     Code,
     EvalJob,
@@ -70,7 +71,7 @@ CONFIG, SPEC, JOB, STATUS, RESULT, LOG = (
 )
 EVAL_JOB, EVAL, CHECKPOINTS, LAUNCHER = "eval_job.json", "eval", "checkpoints", "launcher"
 CODE, CODE_DIFF = "code.json", "code.diff"
-WRITER_LOCK, WRITER = ".writer.lock", "writer.json"
+WRITER_LOCK, WRITER, STATE_LOCK = ".writer.lock", "writer.json", ".state.lock"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 SWEEP_MARK = ".ablate-sweep"  # in the sweep root: {"sweep": name}; the folder is ablate's
 STAGE2 = ".ablate-stage2"  # in the sweep root: the confirmatory second stage `ablate run --resolve` planned
@@ -332,30 +333,34 @@ class RunDir:
 
         With `only_from`, nothing is written unless the current state is one of those (e.g. `ablate
         run` marks an arm submitted only while it is still queued: its job may already be running).
-        Returns whether it wrote. A transition TRANSITIONS does not allow is a programming error.
+        Returns whether it wrote. A transition TRANSITIONS does not allow is a programming error. Under
+        the folder's state lock: a cancelled arm stays cancelled while its trainer writes its last steps.
         """
-        old = self.read_status() or Status()
-        if only_from is not None and old.state not in only_from:
-            return False
-        check_transition(old.state, state, self.status)
-        base = Status(**{k: getattr(old, k) for k in CHECKPOINT_HISTORY}) if fresh else old
-        new = updated(base, {**fields, "state": state, "updated_at": now()})
-        atomic_write_json(self.status, new.to_json())
-        return True
+        with exclusive(self.path / STATE_LOCK):
+            old = self.read_status() or Status()
+            if only_from is not None and old.state not in only_from:
+                return False
+            check_transition(old.state, state, self.status)
+            base = Status(**{k: getattr(old, k) for k in CHECKPOINT_HISTORY}) if fresh else old
+            new = updated(base, {**fields, "state": state, "updated_at": now()})
+            atomic_write_json(self.status, new.to_json())
+            return True
 
     def update_status(self, **fields: Any) -> None:
         """Add fields to status.json, its state unchanged (a set-aside checkpoint, a restart from zero)."""
-        atomic_write_json(self.status, updated(self.read_status() or Status(), fields).to_json())
+        with exclusive(self.path / STATE_LOCK):
+            atomic_write_json(self.status, updated(self.read_status() or Status(), fields).to_json())
 
     def set_eval_job(self, state: str, *, only_from: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """The `ablate eval` record: the same states and rule as `set_status`, in eval_job.json."""
-        old = self.read_eval_job() or EvalJob()
-        if only_from is not None and old.state not in only_from:
-            return False
-        check_transition(old.state, state, self.eval_job)
-        new = updated(old, {**fields, "state": state, "updated_at": now()})
-        atomic_write_json(self.eval_job, new.to_json())
-        return True
+        with exclusive(self.path / STATE_LOCK):
+            old = self.read_eval_job() or EvalJob()
+            if only_from is not None and old.state not in only_from:
+                return False
+            check_transition(old.state, state, self.eval_job)
+            new = updated(old, {**fields, "state": state, "updated_at": now()})
+            atomic_write_json(self.eval_job, new.to_json())
+            return True
 
     def update_eval_job(self, **fields: Any) -> None:
         """Add fields (the job's id and logs) to eval_job.json, its state unchanged."""

@@ -10,6 +10,7 @@ What differs between the two commands is their `Submission`: `Training` (`ablate
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -78,10 +79,12 @@ class Submission(ABC):
 
 
 def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -> int:
-    """Submit under the sweep lock; with `wait`, follow the jobs until they end and print how they did.
-    Returns the exit code: 0, 1 when a job did not finish, 130 on Ctrl-C."""
+    """Plan and prepare under the sweep lock, then submit (each wave under it again: `ablate cancel` can
+    come in between); with `wait`, follow the jobs until they end and print how they did. Returns the
+    exit code: 0, 1 when a job did not finish, 130 on Ctrl-C (which stops the jobs that die with `ablate`)."""
     console, sweep = submission.console, submission.sweep
     launcher = sweep.launcher
+    batches: list[tuple[list[Path], Callable[[str], Any] | None]] = []
     try:
         with contextlib.ExitStack() as display:
             with ownership.sweep_lock(sweep.root):  # not while another `ablate run` or `ablate eval` submits
@@ -92,23 +95,31 @@ def submit_and_follow(submission: Submission, *, needs_mark: bool, wait: bool) -
                 code = _snapshot(sweep, console)
                 run_dirs = submission.prepare(code)
                 executor = launch.build_executor(launcher, sweep.root, submission.job_name, code.job_setup())
-                if wait and submission.live and run_dirs:
-                    display.enter_context(_live_progress(console, sweep, [d.name for d in run_dirs]))
-                try:
-                    jobs = [
-                        job
-                        for dirs, fn in submission.batches(run_dirs)
-                        for job in arm_jobs.submit(
-                            executor, dirs, parallelism=launcher.array_parallelism, fn=fn, poll_s=POLL_S
-                        )
-                    ]
-                except OSError as e:
-                    raise submission.fault(e, run_dirs) from None
+            if wait and submission.live and run_dirs:
+                display.enter_context(_live_progress(console, sweep, [d.name for d in run_dirs]))
+            batches = submission.batches(run_dirs)
+            hold = functools.partial(ownership.sweep_lock, sweep.root, wait_s=-1)
+            try:
+                jobs = [
+                    job
+                    for dirs, fn in batches
+                    for job in arm_jobs.submit(
+                        executor,
+                        dirs,
+                        parallelism=launcher.array_parallelism,
+                        fn=fn,
+                        poll_s=POLL_S,
+                        hold=hold,
+                    )
+                ]
+            except OSError as e:
+                raise submission.fault(e, run_dirs) from None
             if not wait:
                 console.print(submission.submitted(len(jobs)))
                 return 0
             arm_jobs.wait(jobs, poll_s=POLL_S)
     except KeyboardInterrupt:
+        launch.stop(arm_jobs.recorded(batches))
         local_note, again = submission.interrupted()
         note = "jobs already submitted keep running" if launcher.kind.outlives_cli else local_note
         console.print(f"\ninterrupted: {note}; {again}", style="yellow", markup=False)
@@ -147,6 +158,15 @@ class Training(Submission):
             self.console.print("nothing to submit: every arm is done or in flight")
             return False
         return True
+
+    def rerun_not_done(self) -> str | None:
+        """What `--rerun` asked and was not done (arms skipped as in flight), as one line; None when all was."""
+        skipped = [
+            f"{d.spec.name}: {d.reason}"
+            for d in self.decisions
+            if d.spec.name in self.rerun and not d.launches
+        ]
+        return f"--rerun not done for {'; '.join(skipped)}" if skipped else None
 
     def prepare(self, code: snapshot.Snapshot) -> list[Path]:
         sweep, executor = self.sweep, self.sweep.launcher.executor
@@ -266,23 +286,30 @@ def _snapshot(sweep: Sweep, console: Console) -> snapshot.Snapshot:
 
 @contextlib.contextmanager
 def _live_progress(console: Console, sweep: Sweep, names: list[str]) -> Iterator[None]:
-    """A live line per arm on a terminal; elsewhere (logs, CI) a line each time an arm changes state."""
+    """A live line per arm on a terminal; elsewhere (logs, CI) a line each time an arm changes state. The
+    last table asks whether each job still runs (a job gone shows `stale`, as the summary below it says)."""
     if console.is_terminal:
+        final = False
 
         def render() -> Group:
             return Group(
-                Text("following the arms (Ctrl-C to stop)", style="dim"), _progress_table(sweep, names)
+                Text("following the arms (Ctrl-C to stop)", style="dim"),
+                _progress_table(sweep, names, final=final),
             )
 
-        with Live(get_renderable=render, console=console, refresh_per_second=1, transient=False):
-            yield
+        with Live(get_renderable=render, console=console, refresh_per_second=1, transient=False) as live:
+            try:
+                yield
+            finally:
+                final = True
+                live.refresh()
         return
 
     seen: dict[str, str] = {}
 
-    def report() -> None:
+    def report(final: bool = False) -> None:
         for name in names:
-            state, status = _status(RunDir(sweep.root / name))
+            state, status = _status(RunDir(sweep.root / name), final=final)
             if seen.get(name) != state:
                 seen[name] = state
                 step = f" at step {status.step}/{status.total_steps}" if status.step else ""
@@ -301,17 +328,17 @@ def _live_progress(console: Console, sweep: Sweep, names: list[str]) -> Iterator
     finally:
         stop.set()
         thread.join()
-        report()
-        console.print(_progress_table(sweep, names))
+        report(final=True)
+        console.print(_progress_table(sweep, names, final=True))
 
 
-def _progress_table(sweep: Sweep, names: list[str]) -> Table:
+def _progress_table(sweep: Sweep, names: list[str], *, final: bool = False) -> Table:
     table = Table(box=None, pad_edge=False)
     for column in ("arm", "state", "step", "loss", "ETA"):
         table.add_column(column)
     for name in names:
         run = RunDir(sweep.root / name)
-        state, status = _status(run)
+        state, status = _status(run, final=final)
         last = run.last_log_row()
         step, total, loss = status.step, status.total_steps, status.loss
         eta = last.eta_s if last is not None and state == RUNNING else None
@@ -334,8 +361,12 @@ def _duration(seconds: float) -> str:
     )
 
 
-def _status(run: RunDir) -> tuple[str, Status]:
-    """The arm's state and status for progress lines ('?' while absent; a corrupt one says so)."""
+def _status(run: RunDir, *, final: bool = False) -> tuple[str, Status]:
+    """The arm's state and status for progress lines ('?' while absent; a corrupt one says so). While
+    following, the state as status.json says; with `final`, as `ablate status` says (a job gone: stale)."""
+    if final:
+        view = store.observe(run.path)
+        return view.state, view.status or Status()
     try:
         status = run.read_status() or Status()
     except Unreadable as e:

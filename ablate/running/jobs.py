@@ -9,16 +9,20 @@ array element at once, at most `array_parallelism` at a time); `wait` follows th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
 import submitit
 
 from ablate.running.launch import EXECUTORS, kind_of
-from core.rundir import DONE, FAILED, RUNNING, RunDir
+from core.atomic import Unreadable
+from core.records import Job
+from core.rundir import DONE, FAILED, QUEUED, RUNNING, RunDir
 
 
 class RunArm(submitit.helpers.Checkpointable):
@@ -83,12 +87,15 @@ def submit(
     parallelism: int | None = None,
     fn: Callable[[str], Any] | None = None,
     poll_s: float = 1.0,
+    hold: Callable[[], ContextManager[object]] = contextlib.nullcontext,
 ) -> list[submitit.Job[Any]]:
     """Submit one job per run directory, recording each job in its run directory.
 
     One array (`executor.batch()`) for every executor, except where the executor kind leaves the
     throttle to us (local: it would start each array element at once): at most `parallelism` run
     at a time, and this call blocks, polling every `poll_s` seconds, until the last arm started.
+    Each submission happens under `hold()` (the sweep lock, which `ablate cancel` takes too), and only
+    for run folders still queued: an arm cancelled while it waited for a slot is never submitted.
     `fn` is the job callable: `RunArm()` (default; recorded in job.json and status.json) or an
     `EvalArm` (recorded in eval_job.json).
     """
@@ -96,7 +103,16 @@ def submit(
     if not run_dirs:
         return []
     if kind_of(executor).throttle_here and parallelism is not None and parallelism < len(run_dirs):
-        return _submit_in_waves(executor, run_dirs, parallelism, fn, poll_s)
+        return _submit_in_waves(executor, run_dirs, parallelism, fn, poll_s, hold)
+    with hold():
+        return _submit_now(executor, [d for d in run_dirs if _queued(fn, d)], fn)
+
+
+def _submit_now(
+    executor: submitit.Executor, run_dirs: Sequence[Path], fn: Callable[[str], Any]
+) -> list[submitit.Job[Any]]:
+    if not run_dirs:
+        return []
     with executor.batch():
         jobs = [executor.submit(fn, str(run_dir)) for run_dir in run_dirs]
     for run_dir, job in zip(run_dirs, jobs, strict=True):
@@ -110,21 +126,46 @@ def _submit_in_waves(
     parallelism: int,
     fn: Callable[[str], Any],
     poll_s: float,
+    hold: Callable[[], ContextManager[object]],
 ) -> list[submitit.Job[Any]]:
     pending = list(run_dirs)
     jobs: list[submitit.Job[Any]] = []
     running: list[submitit.Job[Any]] = []
     while pending:
         running = [job for job in running if not job.done()]
-        while pending and len(running) < parallelism:
-            run_dir = pending.pop(0)
-            job = executor.submit(fn, str(run_dir))
-            _record(fn, run_dir, job, executor)
-            jobs.append(job)
-            running.append(job)
+        if len(running) < parallelism:
+            with hold():
+                pending = [d for d in pending if _queued(fn, d)]
+                while pending and len(running) < parallelism:
+                    (job,) = _submit_now(executor, [pending.pop(0)], fn)
+                    jobs.append(job)
+                    running.append(job)
         if pending:
             time.sleep(poll_s)
     return jobs
+
+
+def _queued(fn: Callable[[str], Any], run_dir: Path) -> bool:
+    """Whether the run folder still waits for its job (not cancelled meanwhile, nor unreadable)."""
+    run = RunDir(run_dir)
+    try:
+        record = run.read_eval_job() if isinstance(fn, EvalArm) else run.read_status()
+    except Unreadable:
+        return False
+    return record is not None and record.state == QUEUED
+
+
+def recorded(batches: Sequence[tuple[Sequence[Path], Callable[[str], Any] | None]]) -> list[Job]:
+    """The jobs this process has submitted for `batches` ((run folders, job callable) pairs), as recorded."""
+    found = []
+    for run_dirs, fn in batches:
+        for run_dir in run_dirs:
+            run = RunDir(run_dir)
+            with contextlib.suppress(Unreadable, OSError):
+                job = run.read_eval_job() if isinstance(fn, EvalArm) else run.read_job()
+                if job is not None and job.job_id and job.submitter_pid == os.getpid():
+                    found.append(job)
+    return found
 
 
 def _record(

@@ -2,17 +2,14 @@
 
 Everything that differs between executor kinds lives in one row of `EXECUTORS`: how to build
 the submitit executor, which `launcher` fields it uses, whether `ablate run` follows its jobs by
-default, whether they outlive `ablate`, who enforces `array_parallelism`, and how to tell whether
-a recorded job still runs. No other module branches on an executor's name.
+default, whether they outlive `ablate`, who enforces `array_parallelism`, how to tell whether
+a recorded job still runs, and how to cancel it. No other module branches on an executor's name.
 
 The jobs themselves and their submission are `ablate/running/jobs.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from submitit.slurm.slurm import SlurmExecutor
 
 from ablate.errors import UserError
+from ablate.running import processes
+from ablate.running.processes import pid_alive
 from core.records import Job
 from core.sweepdir import SweepDir
 
@@ -35,28 +34,7 @@ _SLURM_ALIVE = {
 }  # fmt: skip
 
 
-# --- is a recorded job still running? ----------------------------------------------------------------
-
-
-def pid_alive(pid: int | None, must_contain: bytes = b"") -> bool:
-    """Whether process `pid` on this host runs (a zombie is dead; with `must_contain`, a reused pid
-    whose command line lacks it is someone else's)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path(f"/proc/{pid}")
-    if proc.exists():
-        with contextlib.suppress(OSError):
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-            if must_contain and must_contain not in (proc / "cmdline").read_bytes():
-                return False
-    return True
+# --- is a recorded job still running? Cancelling it -------------------------------------------------
 
 
 def _owner_alive(job: Job) -> tuple[bool | None, str]:
@@ -67,26 +45,56 @@ def _owner_alive(job: Job) -> tuple[bool | None, str]:
 
 
 def _local_alive(job: Job) -> tuple[bool | None, str]:
+    """A local job lives while what submitit started (its id) does, or anything of its process group that
+    submitit runs (the controller, the trainer)."""
     if job.host != socket.gethostname():
         return None, ""
-    return pid_alive(int(job.job_id), must_contain=b"submitit"), ""  # the local job's controller process
+    pid = int(job.job_id)
+    return pid_alive(pid, must_contain=b"submitit") or bool(processes.members(pid, b"submitit")), ""
 
 
-def _cannot_cancel(job: Job) -> str | None:
-    return "its job runs inside the `ablate` process that submitted it: stop that one (Ctrl-C)"
+def _cannot_cancel(job: Job, record: Callable[[], object], trainer: int | None) -> tuple[bool, str]:
+    return (
+        False,
+        "not cancelled: its job runs inside the `ablate` process that submitted it: stop that one (Ctrl-C)",
+    )
 
 
-def _cancel_local(job: Job) -> str | None:
+def _cancel_local(job: Job, record: Callable[[], object], trainer: int | None) -> tuple[bool, str]:
+    """Stop the job's whole process group and see it gone (and `trainer`, its trainer's pid, with it)."""
     if job.host != socket.gethostname():
-        return f"its job runs on {job.host}: cancel it there"
-    if _local_alive(job)[0]:
-        os.kill(int(job.job_id), signal.SIGINT)  # the controller stops its tasks, as submitit's cancel does
-    return None
+        return False, f"not cancelled: its job runs on {job.host}: cancel it there"
+    group = int(job.job_id)
+    if not processes.members(group) and pid_alive(group, must_contain=b"submitit"):
+        return False, (
+            f"not cancelled: its job (pid {group}) was started by an older ablate, in the process group of "
+            f"the `ablate` that submitted it; stop it and its children by hand (pkill -INT -P {group})"
+        )
+    record()  # before the signal: a trainer stopping leaves a cancelled status alone
+    left, last = processes.stop([group], [trainer] if trainer else [])
+    if left:
+        return False, (
+            f"job {group} cancelled, but not confirmed: process(es) {', '.join(map(str, left))} still run after "
+            f"{', '.join(s.name for s, _ in processes.STOP_STEPS)}; `ablate status` shows them until they end"
+        )
+    how = "" if last == "SIGINT" else f" ({last}: it outlived the signals before)"
+    return True, f"job {group} cancelled: its processes are gone{how}"
 
 
-def _cancel_slurm(job: Job) -> str | None:
+def _stop_local(jobs: Sequence[Job]) -> None:
+    here = [int(j.job_id) for j in jobs if j.job_id and j.host == socket.gethostname()]
+    processes.stop(here)
+
+
+def _cancel_slurm(job: Job, record: Callable[[], object], trainer: int | None) -> tuple[bool, str]:
     done = subprocess.run(["scancel", str(job.job_id)], capture_output=True, text=True)
-    return None if done.returncode == 0 else f"scancel {job.job_id} failed: {done.stderr.strip()[:200]}"
+    if done.returncode != 0:
+        return False, f"not cancelled: scancel {job.job_id} failed: {done.stderr.strip()[:200]}"
+    record()
+    return (
+        True,
+        f"job {job.job_id} cancelled (scancel: SLURM stops its processes, SIGKILL after the cluster's KillWait)",
+    )
 
 
 def _slurm_alive(job: Job) -> tuple[bool | None, str]:
@@ -104,7 +112,7 @@ def _build_debug(launcher: Launcher, folder: Path, job_name: str) -> submitit.Ex
 
 
 def _build_local(launcher: Launcher, folder: Path, job_name: str) -> submitit.Executor:
-    executor = submitit.LocalExecutor(folder, max_num_timeout=launcher.max_requeues)
+    executor = processes.LocalExecutor(folder, max_num_timeout=launcher.max_requeues)
     executor.update_parameters(**local_parameters(launcher))
     return executor
 
@@ -137,8 +145,12 @@ class ExecutorKind:
     job_state: Callable[[Job], tuple[bool | None, str]]
     """whether a job it runs, recorded in job.json, still runs (True, False, or None: cannot tell from here),
     and what its scheduler says of it ('' when nothing more)"""
-    cancel: Callable[[Job], str | None]
-    """cancel a job recorded in job.json; None, or one line saying why it could not"""
+    cancel: Callable[[Job, Callable[[], object], int | None], tuple[bool, str]]
+    """cancel a job recorded in job.json: (job, record, its trainer's pid on this host or None) → (whether
+    it is cancelled for sure, one line saying what happened); calls `record()` (which writes the arm
+    cancelled) once the cancellation can no longer be refused, before the job's processes can record their end"""
+    stop: Callable[[Sequence[Job]], None] = lambda jobs: None
+    """on Ctrl-C, stop the jobs `ablate` submitted that do not outlive it (`outlives_cli` False)"""
     in_process: bool = False
     """jobs run inside `ablate` itself: it must wait for them (no --no-wait)"""
     waits: bool = True
@@ -173,7 +185,7 @@ EXECUTORS: dict[str, ExecutorKind] = {
     ),
     "local": ExecutorKind(
         "local", "subprocesses on this machine", submitit.LocalExecutor, _build_local, _LOCAL_FIELDS,
-        _local_alive, _cancel_local, throttle_here=True,
+        _local_alive, _cancel_local, stop=_stop_local, throttle_here=True,
     ),
     "slurm": ExecutorKind(
         "slurm", "one sbatch job array", SlurmExecutor, _build_slurm,
@@ -297,12 +309,22 @@ def job_alive(job: Job) -> bool | None:
     return job_state(job)[0]
 
 
-def cancel(job: Job) -> str | None:
-    """Cancel the job recorded in job.json (or eval_job.json) through its executor; None, or why it could not."""
+def cancel(job: Job, record: Callable[[], object], trainer: int | None = None) -> tuple[bool, str]:
+    """Cancel the job recorded in job.json (or eval_job.json) through its executor, calling `record()` once
+    it is sure to go (ExecutorKind.cancel); returns whether it is cancelled for sure, and what happened."""
     kind = EXECUTORS.get(job.executor or "")
     if kind is None or not job.job_id:
-        return "no job submitted yet (the `ablate` process that queued it still owns it)"
-    return kind.cancel(job)
+        return (
+            False,
+            "not cancelled: no job submitted yet (the `ablate` process that queued it still owns it)",
+        )
+    return kind.cancel(job, record, trainer)
+
+
+def stop(jobs: Sequence[Job]) -> None:
+    """On Ctrl-C: stop the jobs this `ablate` submitted, where they do not outlive it (local ones)."""
+    for name, kind in EXECUTORS.items():
+        kind.stop([job for job in jobs if job.executor == name])
 
 
 def resolve_wait(launcher: Launcher, wait: bool | None) -> bool:

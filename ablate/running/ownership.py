@@ -104,21 +104,23 @@ def claim(sweep: Sweep) -> None:
 
 
 @contextlib.contextmanager
-def sweep_lock(root: Path) -> Iterator[None]:
-    """Hold the sweep's lock; a second `ablate run` on the same sweep fails fast instead of double-submitting."""
+def sweep_lock(root: Path, *, wait_s: float = 0, nothing: str = "nothing submitted") -> Iterator[None]:
+    """Hold the sweep's lock; a second `ablate run` on the same sweep fails fast instead of double-submitting.
+
+    `wait_s`: how long to wait for it (-1: as long as it takes); `nothing`: what the refusal says was not done."""
     import filelock
 
     path = SweepDir(root).lock
     lock = filelock.FileLock(path)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=wait_s, poll_interval=0.1)
     except filelock.Timeout:
         raise UserError(
-            f"another `ablate run` is submitting this sweep (lock {path} is held); nothing submitted",
+            f"another `ablate run` is submitting this sweep (lock {path} is held); {nothing}",
             "to run again once it has finished submitting (`ablate status` shows the arms meanwhile)",
         ) from None
     except OSError as e:
-        raise os_fault(e, "cannot take the sweep's lock; nothing submitted", path) from None
+        raise os_fault(e, f"cannot take the sweep's lock; {nothing}", path) from None
     try:
         yield
     finally:

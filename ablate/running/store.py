@@ -24,9 +24,8 @@ from typing import Any
 import yaml
 
 from ablate.errors import UserError, os_fault
-from ablate.running import launch
 from ablate.running.evaljobs import describe_eval_job, eval_in_flight
-from ablate.running.launch import job_alive, job_state, pid_alive
+from ablate.running.launch import job_state, pid_alive
 from ablate.running.since import Change, Ran, ran_with, unusable
 from ablate.running.since import since as since_ran
 from ablate.sweep.expand import RunSpec, read_config
@@ -371,35 +370,3 @@ def _undo(created: list[Path], moved: list[tuple[Path, Path]]) -> None:
             if back.exists():
                 shutil.rmtree(back)
             os.rename(aside, back)
-
-
-def cancel(run_dir: Path) -> tuple[bool, str]:
-    """Cancel an arm's jobs in flight (training, and an `ablate eval` job) through their scheduler; the
-    arm is then `cancelled` until `ablate run` resubmits it. Returns (whether all went, what happened)."""
-    run, view = RunDir(run_dir), observe(run_dir)
-    done: list[str] = []
-    if view.writer is not None and not _job_alive(view.job) and eval_in_flight(run_dir) is None:
-        pid, host = view.writer.pid, view.writer.host
-        return False, (
-            f"not cancelled: {describe_writer(view.writer)} writes it, not a job ablate submitted; "
-            f"stop that process (kill {pid} on {host})"
-        )
-    if view.state in IN_FLIGHT:
-        job = view.job or Job()
-        if (problem := launch.cancel(job)) is not None:
-            return False, f"not cancelled: {problem}"
-        run.set_status(CANCELLED, only_from=IN_FLIGHT, cancelled_at=now())
-        done.append(f"job {job.job_id} cancelled")
-    if (record := eval_in_flight(run_dir)) is not None:
-        if (problem := launch.cancel(record)) is not None:
-            return False, "; ".join([*done, f"its `ablate eval` job not cancelled: {problem}"])
-        run.set_eval_job(CANCELLED, only_from=IN_FLIGHT)
-        done.append(f"`ablate eval` job {record.job_id} cancelled")
-    return True, "; ".join(done) or f"nothing in flight ({view.state})"
-
-
-def _job_alive(job: Job | None) -> bool:
-    try:
-        return job is not None and job_alive(job) is True
-    except (ValueError, TypeError, OSError):
-        return False

@@ -572,6 +572,23 @@ def test_a_trainer_started_by_hand_is_in_flight_and_never_submitted_twice(
     assert cli("run", path).code == 0 and submitted == ["baseline-s0"]
 
 
+def test_rerun_of_an_arm_in_flight_is_not_done_and_exits_1_saying_why(write_sweep, cli, workdir, submitted):
+    path = write_sweep()
+    root = workdir / "runs" / "t"
+    specs = specs_of(path)
+    run_dir = ran(root, specs["baseline-s0"])
+    ran(root, specs["lr-high-s0"])
+    with writer_in_another_process(run_dir) as pid:  # a trainer writes it: `--rerun` cannot start it afresh
+        result = cli("run", path, "--rerun", "baseline-s0")
+    assert result.code == 1 and submitted == [] and "Traceback" not in result.err
+    (line,) = result.err.splitlines()
+    assert line.startswith(
+        f"error: --rerun not done for baseline-s0: in flight (running: process {pid} on"
+    ), line
+    assert line.endswith("is writing it); stop that process before rerunning it"), line
+    assert (run_dir / "result.json").exists()  # nothing moved aside
+
+
 # --- operating faults --------------------------------------------------------------------------------------------
 
 
