@@ -129,7 +129,7 @@ def cancel(
     arm: CancelArms = None,
 ) -> None:
     """Cancel arms' jobs through their scheduler; they show as cancelled, and `ablate run` resubmits them."""
-    from ablate.running.ownership import check_owner, sweep_lock
+    from ablate.running.ownership import own, sweep_lock
     from ablate.running.store import cancel as cancel_arm
     from ablate.running.store import check_names
 
@@ -139,7 +139,7 @@ def cancel(
     if not sweep.root.is_dir():
         console.print(f"nothing to cancel: {sweep.root} does not exist", markup=False)
         return
-    check_owner(sweep)
+    own(sweep)  # status.json is written only in a folder of this sweep's
     not_cancelled = 0
     with sweep_lock(sweep.root):  # not while `ablate run` submits
         for name in arm or sweep.arm_names():
@@ -170,6 +170,10 @@ def rank(
     if (out := render.FORMATS.get(fmt)) is None:
         raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(render.FORMATS)}", path="--format")
     sweep = load_sweep(sweep_file)
+    if to_wandb:
+        from ablate.running.ownership import check_owner
+
+        check_owner(sweep)  # W&B writes its folder into the sweep's: only one ablate made
     df, used, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
     changed = drift(sweep)
     ranking.flag_changed(df, sweep, changed)
@@ -181,8 +185,10 @@ def rank(
     for line in render.footer(sweep, arms, changed):
         print(line, file=sys.stdout if out.footer_on_stdout else sys.stderr)
     if to_wandb:
+        from ablate.running.ownership import own
         from ablate.running.wandb_runs import log_table
 
+        own(sweep)
         try:
             where = log_table(sweep, df, used)
         except RuntimeError as e:
@@ -202,11 +208,12 @@ def plot(
     """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
     from ablate.results import plots
     from ablate.results import rank as ranking
-    from ablate.running.ownership import check_owner
+    from ablate.running.ownership import check_owner, own
 
     sweep = load_sweep(sweep_file)
-    check_owner(sweep)  # figures go into the sweep's folder: only one ablate made
+    check_owner(sweep)  # figures go into the sweep's folder: only one ablate made (before ranking)
     df, _, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
+    own(sweep)  # and marked as this sweep's before anything is written there
     for name, path in plots.write(sweep, df, arms).items():
         print(f"{name}: {path}")
 
@@ -220,13 +227,15 @@ def report(
     fdr: FdrOption = "bh",
 ) -> None:
     """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
-    from ablate.results.rank import Method
+    from ablate.results import rank as ranking
     from ablate.results.report import build
-    from ablate.running.ownership import check_owner
+    from ablate.running.ownership import check_owner, own
 
     sweep = load_sweep(sweep_file)
-    check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made
-    path = build(sweep, step, by, Method.parse(interval, fdr))
+    check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made (before ranking)
+    df, used, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
+    own(sweep)  # and marked as this sweep's before anything is written there
+    path = build(sweep, df, used, arms)
     print(f"report: {path}")
 
 
@@ -258,11 +267,13 @@ def sync(
     timeout_s: SyncTimeout = 900,
 ) -> None:
     """Upload the W&B runs the sweep's arms logged offline (on nodes without internet) with `wandb sync`."""
+    from ablate.running.ownership import check_owner, own
     from ablate.running.wandb_runs import offline_runs
     from ablate.running.wandb_runs import sync as upload
 
     console = _console()
     sweep = load_sweep(sweep_file)
+    check_owner(sweep)  # `wandb sync` marks the runs it uploaded in their folders
     runs = offline_runs(sweep)
     todo = [r for r in runs if not r.synced]
     console.print(
@@ -273,6 +284,7 @@ def sync(
     if dry_run or not todo:
         console.print("dry run: nothing uploaded" if dry_run else "nothing to upload", markup=False)
         return
+    own(sweep)
     problem = upload(todo, timeout_s)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -363,6 +375,7 @@ def cache(
     """
     from ablate.running import caches as caches
     from ablate.running import show
+    from ablate.running.ownership import own_if_within
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -376,6 +389,8 @@ def cache(
         console.print("dry run: nothing computed", style="bold")
         return
     todo = [g for g in groups if g.state != "complete"]
+    for g in todo:  # a cache inside the sweep's output folder: only one ablate made, reached by no link
+        own_if_within(sweep, g.config.cache.dir)
     for g in todo:
         caches.fill(g, log=lambda line: console.print(line, markup=False))
     console.print(f"{len(todo)} cache(s) computed, {len(groups) - len(todo)} already complete", markup=False)

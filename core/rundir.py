@@ -5,7 +5,11 @@
       .ablate.lock                     held by `ablate run` / `ablate eval` while they plan and submit
       .submitit/<job id>/              submitit's pickles and each job's stdout/stderr
       .replaced/<arm>-<hash>-<time>/   run folders moved aside by `--rerun` / `--force`
+      .ablate-stage2                   the confirmatory second stage `ablate run --resolve` planned
       .eval-cache/                     reference features, the demo's attribute net (eval.cache_dir default)
+      .code/<commit>[-<changes>]/      code snapshots the jobs import (ablate/running/snapshot.py)
+      figures/, report.html            `ablate plot`, `ablate report`
+      wandb/                           `ablate rank --wandb` (W&B's own folder)
       <delta>-s<seed>/                 RunDir, one per arm
         config.yaml       the resolved trainer config             `ablate run`, before submission
         spec.json         name, delta, seed, hash, overrides      `ablate run`, before submission
@@ -23,6 +27,9 @@
         launcher          symlink to the job's submitit folder    `ablate run`
         .writer.lock      flock held by the one live trainer (or eval job) writing the folder
         writer.json       who holds it: host, pid, started_at     that trainer
+
+Ablate makes no symbolic link under the sweep root but each run folder's `launcher`, and writes through
+none: a link planted where it writes is refused (`SweepDir.planted_links`, `RunDir.planted_links`).
 
 What each record holds is a typed model of `core.records`; every record is written through
 `core.atomic` (a reader never sees a torn file) and read back through its model, so a corrupt or
@@ -70,6 +77,7 @@ CODE, CODE_DIFF = "code.json", "code.diff"
 WRITER_LOCK, WRITER = ".writer.lock", "writer.json"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 SWEEP_MARK = ".ablate-sweep"  # in the sweep root: {"sweep": name}; the folder is ablate's
+CODE_FOLDER, FIGURES, REPORT, WANDB = ".code", "figures", "report.html", "wandb"  # in the sweep root
 STAGE2 = ".ablate-stage2"  # in the sweep root: the confirmatory second stage `ablate run --resolve` planned
 CHECKPOINT_PREFIX, SET_ASIDE = "step_", ".set-aside"
 
@@ -436,4 +444,4 @@ def _log_row(line: bytes) -> LogRow | None:
 
 
 class PlantedLink(RuntimeError):
-    """A record or folder in a run folder is a symbolic link (see RunDir.planted_links)."""
+    """A record or folder where ablate writes is a symbolic link (RunDir.planted_links, SweepDir.planted_links)."""

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from core.atomic import commit_dir
 from core.records import Code
+from core.rundir import CODE_FOLDER
 
 PACKAGES = ("ablate", "core", "trainer", "eval")
-CODE_FOLDER = ".code"
 
 
 @dataclass(frozen=True)
