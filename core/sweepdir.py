@@ -100,9 +100,10 @@ class SweepDir:
         return self.root / SUBMITIT / "%j"
 
     def move_aside(self, run: RunDir, hash_: str | None) -> Path:
-        """Move a run folder to .replaced/<arm>-<hash>-<time>/ (kept, never deleted); returns where."""
+        """Move a run folder to .replaced/<arm>-<hash>-<time>/ (kept, never deleted); returns where. An arm
+        whose spec.json is missing or unreadable has no hash: `unreadable` stands in for it."""
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        target = self.root / REPLACED / f"{run.name}-{hash_}-{stamp}"
+        target = self.root / REPLACED / f"{run.name}-{hash_ or 'unreadable'}-{stamp}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(run.path), target)
         return target

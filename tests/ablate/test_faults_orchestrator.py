@@ -513,6 +513,19 @@ def test_one_garbage_record_marks_only_its_arm_unreadable(write_sweep, cli, work
         assert squash("`--rerun lr-high-s0` starts it afresh") in squash(result.out)
 
 
+def test_an_unreadable_arm_moved_aside_is_named_so(write_sweep, cli, workdir, submitted):
+    path = write_sweep()
+    root = workdir / "runs" / "t"
+    specs = specs_of(path)
+    ran(root, specs["baseline-s0"])
+    ran(root, specs["lr-high-s0"], "failed")
+    (root / "lr-high-s0" / "spec.json").write_bytes(b"\x00" * 16)
+    assert cli("run", path, "--rerun", "lr-high-s0").code == 0 and submitted == ["lr-high-s0"]
+    (kept,) = (root / ".replaced").iterdir()
+    assert re.fullmatch(r"lr-high-s0-unreadable-\d{8}T\d{6}", kept.name), kept.name
+    assert (kept / "spec.json").read_bytes() == b"\x00" * 16
+
+
 def test_report_and_plot_work_around_a_garbage_arm(write_sweep, cli, workdir):
     path = write_sweep()
     root = workdir / "runs" / "t"
