@@ -140,7 +140,7 @@ def cancel(
     """Stop arms' jobs (a local job's whole process group, seen gone; a SLURM job through scancel); they show
     as cancelled, and `ablate run` resubmits them."""
     from ablate.running.cancel import cancel as cancel_arm
-    from ablate.running.ownership import check_owner, sweep_lock
+    from ablate.running.ownership import own, sweep_lock
     from ablate.running.store import check_names
 
     console = _console()
@@ -149,7 +149,7 @@ def cancel(
     if not sweep.root.is_dir():
         console.print(f"nothing to cancel: {sweep.root} does not exist", markup=False)
         return
-    check_owner(sweep)
+    own(sweep)  # status.json is written only in a folder of this sweep's
     not_cancelled = 0
     # Not while `ablate run` plans or submits a wave; it takes the lock again for each wave it feeds.
     with sweep_lock(sweep.root, wait_s=CANCEL_WAIT_S, nothing="nothing cancelled"):
@@ -181,6 +181,10 @@ def rank(
     if (out := render.FORMATS.get(fmt)) is None:
         raise UserError(f"unknown format '{fmt}'", f"one of: {', '.join(render.FORMATS)}", path="--format")
     sweep = load_sweep(sweep_file)
+    if to_wandb:
+        from ablate.running.ownership import check_owner
+
+        check_owner(sweep)  # W&B writes its folder into the sweep's: only one ablate made
     df, used, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
     changed = drift(sweep)
     ranking.flag_changed(df, sweep, changed)
@@ -192,8 +196,10 @@ def rank(
     for line in render.footer(sweep, arms, changed):
         print(inert(line), file=sys.stdout if out.footer_on_stdout else sys.stderr)
     if to_wandb:
+        from ablate.running.ownership import own
         from ablate.running.wandb_runs import log_table
 
+        own(sweep)
         try:
             where = log_table(sweep, df, used)
         except RuntimeError as e:
@@ -213,11 +219,12 @@ def plot(
     """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
     from ablate.results import plots
     from ablate.results import rank as ranking
-    from ablate.running.ownership import check_owner
+    from ablate.running.ownership import check_owner, own
 
     sweep = load_sweep(sweep_file)
-    check_owner(sweep)  # figures go into the sweep's folder: only one ablate made
+    check_owner(sweep)  # figures go into the sweep's folder: only one ablate made (before ranking)
     df, _, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
+    own(sweep)  # and marked as this sweep's before anything is written there
     for name, path in plots.write(sweep, df, arms).items():
         print(inert(f"{name}: {path}"))
 
@@ -231,13 +238,15 @@ def report(
     fdr: FdrOption = "bh",
 ) -> None:
     """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
-    from ablate.results.rank import Method
+    from ablate.results import rank as ranking
     from ablate.results.report import build
-    from ablate.running.ownership import check_owner
+    from ablate.running.ownership import check_owner, own
 
     sweep = load_sweep(sweep_file)
-    check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made
-    path = build(sweep, step, by, Method.parse(interval, fdr))
+    check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made (before ranking)
+    df, used, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
+    own(sweep)  # and marked as this sweep's before anything is written there
+    path = build(sweep, df, used, arms)
     print(inert(f"report: {path}"))
 
 
@@ -269,11 +278,13 @@ def sync(
     timeout_s: SyncTimeout = 900,
 ) -> None:
     """Upload the W&B runs the sweep's arms logged offline (on nodes without internet) with `wandb sync`."""
+    from ablate.running.ownership import check_owner, own
     from ablate.running.wandb_runs import offline_runs
     from ablate.running.wandb_runs import sync as upload
 
     console = _console()
     sweep = load_sweep(sweep_file)
+    check_owner(sweep)  # `wandb sync` marks the runs it uploaded in their folders
     runs = offline_runs(sweep)
     todo = [r for r in runs if not r.synced]
     console.print(
@@ -284,6 +295,7 @@ def sync(
     if dry_run or not todo:
         console.print("dry run: nothing uploaded" if dry_run else "nothing to upload", markup=False)
         return
+    own(sweep)
     problem = upload(todo, timeout_s)
     if problem is not None:
         print(f"error: {inert(problem)}", file=sys.stderr)
@@ -374,6 +386,7 @@ def cache(
     """
     from ablate.running import caches as caches
     from ablate.running import show
+    from ablate.running.ownership import own_if_within
 
     console = _console()
     sweep = load_sweep(sweep_file)
@@ -387,6 +400,8 @@ def cache(
         console.print("dry run: nothing computed", style="bold")
         return
     todo = [g for g in groups if g.state != "complete"]
+    for g in todo:  # a cache inside the sweep's output folder: only one ablate made, reached by no link
+        own_if_within(sweep, g.config.cache.dir)
     for g in todo:
         caches.fill(g, log=lambda line: console.print(line, markup=False))
     console.print(f"{len(todo)} cache(s) computed, {len(groups) - len(todo)} already complete", markup=False)

@@ -80,6 +80,29 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def atomic_create(path: str | os.PathLike[str], data: str | bytes) -> bool:
+    """Create `path` holding `data` atomically, only if it does not exist: a file another process made
+    meanwhile is kept, never replaced (the written temporary file is hard-linked into place, which fails
+    on an existing name). Returns whether this call created it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Replace `path` with `obj` as indented JSON atomically."""
     atomic_write(path, json.dumps(obj, indent=2) + "\n")

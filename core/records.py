@@ -156,6 +156,9 @@ class Code(Record):
     commit: str | None = None
     dirty: bool = False
     untracked: list[str] = Field(default_factory=list)
+    """untracked source files copied into the snapshot"""
+    left_out: list[str] = Field(default_factory=list)
+    """untracked files in the packages not copied: not source (`snapshot.SOURCE_SUFFIXES`)"""
     snapshot: str | None = None
     """the snapshot folder jobs import from"""
     source: str | None = None

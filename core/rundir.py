@@ -5,7 +5,11 @@
       .ablate.lock                     held by `ablate run` / `ablate eval` while they plan and submit
       .submitit/<job id>/              submitit's pickles and each job's stdout/stderr
       .replaced/<arm>-<hash>-<time>/   run folders moved aside by `--rerun` / `--force`
+      .ablate-stage2                   the confirmatory second stage `ablate run --resolve` planned
       .eval-cache/                     reference features, the demo's attribute net (eval.cache_dir default)
+      .code/<commit>[-<changes>]/      code snapshots the jobs import (ablate/running/snapshot.py)
+      figures/, report.html            `ablate plot`, `ablate report`
+      wandb/                           `ablate rank --wandb` (W&B's own folder)
       <delta>-s<seed>/                 RunDir, one per arm
         config.yaml       the resolved trainer config             `ablate run`, before submission
         spec.json         name, delta, seed, hash, overrides      `ablate run`, before submission
@@ -26,6 +30,9 @@
         .state.lock       flock held for a moment around each write of status.json or eval_job.json
         writer.json       who holds it: host, pid, started_at     that trainer
 
+Ablate makes no symbolic link under the sweep root but each run folder's `launcher`, and writes through
+none: a link planted where it writes is refused (`SweepDir.planted_links`, `RunDir.planted_links`).
+
 What each record holds is a typed model of `core.records`; every record is written through
 `core.atomic` (a reader never sees a torn file) and read back through its model, so a corrupt or
 mistyped record raises `Unreadable` naming the file. This module is the only place that spells
@@ -44,8 +51,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from core import trainlog
-from core.atomic import Unreadable, atomic_path, atomic_write, atomic_write_json, exclusive, read_json
+from core import arrays, trainlog
+from core.atomic import Unreadable, atomic_write, atomic_write_json, exclusive, read_json
 from core.records import (
     Code,
     EvalJob,
@@ -61,19 +68,14 @@ from core.records import (
     shape_problem,
 )
 
-CONFIG, SPEC, JOB, STATUS, RESULT, LOG = (
-    "config.yaml",
-    "spec.json",
-    "job.json",
-    "status.json",
-    "result.json",
-    "log.jsonl",
-)
+CONFIG, SPEC, JOB = "config.yaml", "spec.json", "job.json"
+STATUS, RESULT, LOG = "status.json", "result.json", "log.jsonl"
 EVAL_JOB, EVAL, CHECKPOINTS, LAUNCHER = "eval_job.json", "eval", "checkpoints", "launcher"
 CODE, CODE_DIFF = "code.json", "code.diff"
 WRITER_LOCK, WRITER, STATE_LOCK = ".writer.lock", "writer.json", ".state.lock"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 SWEEP_MARK = ".ablate-sweep"  # in the sweep root: {"sweep": name}; the folder is ablate's
+CODE_FOLDER, FIGURES, REPORT, WANDB = ".code", "figures", "report.html", "wandb"  # in the sweep root
 STAGE2 = ".ablate-stage2"  # in the sweep root: the confirmatory second stage `ablate run --resolve` planned
 CHECKPOINT_PREFIX, SET_ASIDE, PRUNING = "step_", ".set-aside", ".pruning-"
 # status.json fields about the folder's checkpoints: a fresh status (a re-queued arm) keeps them
@@ -388,33 +390,17 @@ class RunDir:
     def write_resamples(self, step: int, resamples: dict[str, Any]) -> list[str]:
         """Write {metric: (B,)} as one (metrics, B) array; returns the metrics in its row order (the eval
         record names them: `EvalRecord.resampled`)."""
-        import numpy as np
-
-        names = list(resamples)
-        with atomic_path(self.eval_resamples(step)) as tmp, tmp.open("wb") as f:
-            np.save(f, np.stack([np.asarray(resamples[n], np.float32) for n in names]))
-        return names
+        return arrays.write_rows(self.eval_resamples(step), resamples)
 
     def write_eval_items(self, step: int, items: dict[str, Any]) -> None:
-        _write_arrays(self.eval_items(step), items)
+        arrays.write_npz(self.eval_items(step), items)
 
     def read_resamples(self, record: EvalRecord) -> dict[str, Any] | None:
         """{metric: (B,) float64} of an eval step, None when it kept none. Raises `Unreadable` naming a
         damaged file."""
         if not record.resampled:
             return None
-        path = self.eval_resamples(record.step)
-        try:
-            import numpy as np
-
-            found = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:  # not an .npy, a truncated one
-            raise Unreadable(path, f"not resamples: {type(e).__name__}") from None
-        if found.ndim != 2 or len(found) != len(record.resampled):
-            raise Unreadable(path, f"{found.shape} resamples for {len(record.resampled)} metrics")
-        return {name: row.astype(np.float64) for name, row in zip(record.resampled, found, strict=True)}
+        return arrays.read_rows(self.eval_resamples(record.step), record.resampled)
 
     def write_result(self, result: Result) -> None:
         atomic_write_json(self.result, result.to_json())
@@ -434,15 +420,6 @@ def read_record(path: Path, model: type[R]) -> R | None:
         raise Unreadable(path, shape_problem(e)) from None
 
 
-def _write_arrays(path: Path, arrays: dict[str, Any]) -> None:
-    """{name: numpy array} as one .npz, written atomically."""
-    import numpy as np
-
-    with atomic_path(path) as tmp:
-        with tmp.open("wb") as f:
-            np.savez(f, **arrays)
-
-
 def updated(record: R, fields: dict[str, Any]) -> R:
     """`record` with `fields` replaced, validated again (a field the record does not have is a bug)."""
     unknown = set(fields) - set(type(record).model_fields)
@@ -452,4 +429,4 @@ def updated(record: R, fields: dict[str, Any]) -> R:
 
 
 class PlantedLink(RuntimeError):
-    """A record or folder in a run folder is a symbolic link (see RunDir.planted_links)."""
+    """A record or folder where ablate writes is a symbolic link (RunDir.planted_links, SweepDir.planted_links)."""

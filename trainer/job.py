@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.lock import Busy, WriterLock
 from core.rundir import FAILED, RunDir
+from core.sweepdir import SweepDir
 from trainer.config import load
 from trainer.runtime import dist as distributed
 from trainer.runtime.preempt import Preemption
@@ -41,6 +42,13 @@ def describe_failure(e: BaseException, run: RunDir) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _refuse_planted_links(run: RunDir) -> None:
+    """Before writing: no link planted in the run folder, nor where the job writes in its sweep's folder
+    (the default eval cache `.eval-cache/`, above all), raises `PlantedLink`."""
+    run.refuse_planted_links()
+    SweepDir(run.path.parent).refuse_planted_links()
+
+
 def run(run_dir: str | Path, preemption: Preemption | None = None) -> dict:
     """Train the arm in `run_dir`. `preemption`: stop signals caught since the job started (installed
     by the job before its heavy imports); by default installed here.
@@ -56,7 +64,7 @@ def run(run_dir: str | Path, preemption: Preemption | None = None) -> dict:
     try:
         if d.main:
             owner.acquire()
-            run.refuse_planted_links()
+            _refuse_planted_links(run)
         trainer = Trainer(cfg, run.path, d, preemption=preemption)
         return trainer.run()
     except Busy:
@@ -97,7 +105,7 @@ def rescore(run_dir: str | Path, step: int | None = None) -> dict:
     try:
         if d.main:
             owner.acquire()
-            run.refuse_planted_links()
+            _refuse_planted_links(run)
         return Trainer(cfg, run.path, d).rescore(step)
     finally:
         owner.release()

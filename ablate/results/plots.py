@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ablate.sweep.schema import BASELINE
+from core.rundir import FIGURES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from ablate.results.rank import ArmResult, Table
 
 BETTER, WORSE, UNSURE, BASE = "#1b7f3b", "#b3261e", "#b8b8b8", "#111111"
-FIGURES = "figures"
 
 
 def _pyplot():

@@ -21,9 +21,8 @@ from ablate.running.store import observe
 from ablate.shown import html as escape
 from ablate.sweep.schema import BASELINE, Sweep, arm_name
 from core.atomic import atomic_write
-from core.rundir import CANCELLED, DONE, FAILED, STALE, UNREADABLE, RunDir
+from core.rundir import CANCELLED, DONE, FAILED, REPORT, STALE, UNREADABLE, RunDir
 
-REPORT = "report.html"
 PAGE_STYLE = render.TABLE_STYLE + (
     "h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}"
     "figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555}"
@@ -39,9 +38,9 @@ def _img(path: Path, alt: str, **attrs: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}"{extra}>'
 
 
-def build(sweep: Sweep, step: int | None = None, by: str | None = None, method: Any = None) -> Path:
-    """Write `<sweep root>/report.html` (and the figures it embeds); returns its path."""
-    df, used, arms = ranking.rank(sweep, step, by, method or ranking.Method())
+def build(sweep: Sweep, df: ranking.Table, used: int | None, arms: list[ranking.ArmResult]) -> Path:
+    """Write `<sweep root>/report.html` (and the figures it embeds) for the table `ranking.rank` made at
+    step `used` from `arms`; returns its path."""
     figures = plots.write(sweep, df, arms)
     title = render.title(sweep, used)
     body = [

@@ -276,6 +276,8 @@ def _snapshot(sweep: Sweep, console: Console) -> snapshot.Snapshot:
         code = snapshot.take(sweep.root)
     except OSError as e:
         raise os_fault(e, "cannot snapshot the code for the jobs; nothing submitted", sweep.root) from None
+    if note := snapshot.left_out_note(code.record):
+        console.print(note, style="yellow", markup=False)
     if code.folder is not None and (warning := snapshot.shadowing_warning()):
         console.print(f"warning: {warning}", style="yellow", markup=False)
     return code

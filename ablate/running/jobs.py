@@ -23,6 +23,7 @@ from ablate.running.launch import EXECUTORS, kind_of
 from core.atomic import Unreadable
 from core.records import Job
 from core.rundir import DONE, FAILED, QUEUED, RUNNING, RunDir
+from core.sweepdir import SweepDir
 
 
 class RunArm(submitit.helpers.Checkpointable):
@@ -36,6 +37,7 @@ class RunArm(submitit.helpers.Checkpointable):
         from trainer.runtime.preempt import Preemption
 
         stops = Preemption()  # before the heavy imports: a stop signal from now on waits for a checkpoint
+        _drop_pattern_folder(run_dir)
         from trainer.job import run  # lazy: the orchestrator does not import torch
 
         run(run_dir, preemption=stops)
@@ -56,6 +58,7 @@ class EvalArm(submitit.helpers.Checkpointable):
     def __call__(self, run_dir: str) -> dict[str, float]:
         from trainer.job import rescore  # lazy: the orchestrator does not import torch
 
+        _drop_pattern_folder(run_dir)
         run, step, main = RunDir(run_dir), self.steps[run_dir], _main_process()
         if main:
             run.set_eval_job(RUNNING, step=step, error=None, metrics=None)
@@ -68,6 +71,15 @@ class EvalArm(submitit.helpers.Checkpointable):
         if main:
             run.set_eval_job(DONE, metrics=metrics)
         return metrics
+
+
+def _drop_pattern_folder(run_dir: str) -> None:
+    """submitit's local controller creates the folder it is given, the pattern `.submitit/%j` itself,
+    before it starts its job (whose files go to `.submitit/<job id>/`): the job removes that empty,
+    literal `%j` folder, so none is left once the jobs have started."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        with contextlib.suppress(OSError):  # not empty, gone already (another job), or never made
+            SweepDir(Path(run_dir).parent).job_folder.rmdir()
 
 
 def _main_process() -> bool:

@@ -1,67 +1,66 @@
 """Which folders ablate writes into: a sweep's output folder is ablate's only when it made (and marked) it,
 and one `ablate run` or `ablate eval` submits into it at a time.
 
-`check_owner` reads only and refuses a folder of the user's own, one marked for another sweep, or a
-link where ablate writes; `make_root` and `claim` create and mark the folder (the latter under the
-sweep lock, `sweep_lock`).
+Every command that writes into a sweep's folder (run, eval, cancel, report, plot, rank --wandb, sync,
+cache, run --resolve) first calls `check_owner`, which reads only and refuses a folder of the user's own,
+one marked for another sweep, or a link planted where ablate writes (`SweepDir.planted_links`); then
+`make_root` and `claim` create and mark the folder where it had no marker. Nothing is adopted by the
+names of its entries: a folder without a marker is ablate's only when it is new or empty, or holds a
+run folder whose spec.json says it is this sweep's arm (a sweep folder from before markers: every
+spec.json ablate ever wrote names its arm, its hash and its sweep), beside nothing but ablate's own
+entries and the sweep's arms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from ablate.errors import UserError, os_fault
 from ablate.sweep.schema import Sweep
 from core.atomic import Unreadable
-from core.rundir import EVAL_CACHE, JOB, LOCK, REPLACED, SPEC, STATUS, SUBMITIT, SWEEP_MARK
-from core.sweepdir import SweepDir
-
-# What ablate itself puts in a sweep folder besides run folders (.code: the code snapshot, figures and
-# report.html: `ablate plot` / `ablate report`, wandb: `ablate rank --wandb`).
-SWEEP_FILES = frozenset(
-    {LOCK, SUBMITIT, REPLACED, EVAL_CACHE, SWEEP_MARK, ".code", "figures", "report.html", "wandb"}
-)
-NO_LINKS = (LOCK, SWEEP_MARK, REPLACED)  # written (or moved into) by the orchestrator itself
+from core.records import Spec
+from core.rundir import LOCK, SPEC, read_record
+from core.sweepdir import ENTRIES, SweepDir
 
 
 def check_owner(sweep: Sweep) -> bool:
     """Whether ablate may write in the sweep's output folder; reads only. Returns whether the folder still
-    needs its marker (`claim` writes it): a new or empty folder, or a sweep folder from before markers
-    (its entries are all ablate's: run folders with records, .submitit, ...). Raises a UserError, located
-    at output_dir, for a folder ablate did not make (a user's own files), one marked for another sweep,
-    or a link where ablate writes."""
+    needs its marker (`claim` writes it): a new or empty folder, or a sweep folder from before markers.
+    Raises a UserError, located at output_dir, for a folder ablate did not make (a user's own files, even
+    named as ablate names its own), one marked for another sweep, or a link where ablate writes."""
     root, folder = sweep.root, SweepDir(sweep.root)
-    key = ("output_dir",) if sweep.output_dir else ("name",)
+    key = _key(sweep)
     fix = "an output_dir of the sweep's own: a new or empty folder (ablate marks the folders it makes)"
     try:
         if not root.exists():
             return True
-        for name in NO_LINKS:
-            if (root / name).is_symlink():
-                raise sweep.error(
-                    key,
-                    f"{root / name} is a symbolic link; ablate does not write through links",
-                    "it removed",
-                )
+        if links := folder.planted_links():
+            raise sweep.error(key, folder.links_problem(links), None)
         try:
             mark = folder.read_mark()
         except Unreadable as e:
             raise sweep.error(
-                key, f"the folder's marker is unreadable ({e})", f"{SWEEP_MARK} as ablate wrote it"
+                key, f"the folder's marker is unreadable ({e})", f"{folder.mark} as ablate wrote it"
             ) from None
         if mark is not None:
-            owner = mark.sweep
-            if owner != sweep.name:
-                raise sweep.error(
-                    key,
-                    f"the output folder {root} belongs to sweep {owner!r} ({folder.mark}); nothing written",
-                    f"an output_dir of its own, or name: {owner}",
-                )
+            _check_mark(sweep, mark.sweep)
             return False
+        entries = list(root.iterdir())
         arms = set(sweep.arm_names())
-        foreign = sorted(entry.name for entry in root.iterdir() if not _ablates(entry, arms))
+        runs = {entry.name for entry in entries if _is_run_folder(entry, sweep.name)}
+        # Beside run folders of this sweep's, ablate's own names and the arms' folders are ablate's (an arm's
+        # record may be unreadable). With none, only what holds nothing: an arm's empty folder or link, an
+        # empty lock (a command stopped after taking the lock, before marking the folder).
+        ours = (ENTRIES | arms) if runs else set()
+        empty = arms | {LOCK}
+        foreign = sorted(
+            entry.name
+            for entry in entries
+            if not (entry.name in runs or entry.name in ours or (entry.name in empty and _placeholder(entry)))
+        )
     except OSError as e:
         raise os_fault(e, "cannot look into the sweep's output folder", root) from None
     if foreign:
@@ -72,35 +71,91 @@ def check_owner(sweep: Sweep) -> bool:
     return True
 
 
-def _ablates(entry: Path, arms: set[str]) -> bool:
-    """Whether an entry of a sweep folder without a marker is something ablate puts there."""
-    if entry.name in SWEEP_FILES or _is_run_folder(entry):
+def _key(sweep: Sweep) -> tuple[str, ...]:
+    return ("output_dir",) if sweep.output_dir else ("name",)
+
+
+def _check_mark(sweep: Sweep, owner: str | None) -> None:
+    if owner != sweep.name:
+        raise sweep.error(
+            _key(sweep),
+            f"the output folder {sweep.root} belongs to sweep {owner!r} ({SweepDir(sweep.root).mark}); "
+            "nothing written",
+            f"an output_dir of its own, or name: {owner}",
+        )
+
+
+def _is_run_folder(path: Path, sweep: str) -> bool:
+    """A folder (not a link) whose spec.json says it is arm `path.name` of `sweep`, as ablate wrote it
+    (name, hash and sweep have been in every spec.json since the first version)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        spec = read_record(path / SPEC, Spec)
+    except Unreadable:
+        return False
+    return spec is not None and spec.name == path.name and spec.sweep == sweep and bool(spec.hash)
+
+
+def _placeholder(entry: Path) -> bool:
+    """An entry that holds nothing of anyone's: a link (shown unreadable, never written through; `--rerun`
+    moves it aside), an empty folder or an empty file."""
+    if entry.is_symlink():
         return True
-    # an arm's name: a link (shown unreadable, never written through) or an empty folder
-    return entry.name in arms and (entry.is_symlink() or (entry.is_dir() and not any(entry.iterdir())))
+    return not any(entry.iterdir()) if entry.is_dir() else entry.is_file() and entry.stat().st_size == 0
 
 
-def _is_run_folder(path: Path) -> bool:
-    """A folder (not a link) holding an arm's records: a run folder from before sweep markers."""
-    return path.is_dir() and not path.is_symlink() and any((path / n).is_file() for n in (SPEC, STATUS, JOB))
-
-
-def make_root(sweep: Sweep) -> None:
-    """Create the sweep's output folder (after `check_owner`)."""
+def make_root(sweep: Sweep, nothing: str = "nothing submitted") -> None:
+    """Create the sweep's output folder (after `check_owner`); `nothing` ends a fault's line."""
     try:
         sweep.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise os_fault(e, "cannot create the sweep's output folder; nothing submitted", sweep.root) from None
+        raise os_fault(e, f"cannot create the sweep's output folder; {nothing}", sweep.root) from None
 
 
-def claim(sweep: Sweep) -> None:
-    """Mark the sweep's output folder as ablate's (under the sweep lock, where `check_owner` said so)."""
+def claim(sweep: Sweep, nothing: str = "nothing submitted") -> None:
+    """Mark the sweep's output folder as ablate's, for this sweep, where `check_owner` said it needs it. The
+    marker is created, never replaced: if another command marked the folder for another sweep meanwhile,
+    this one stops with nothing written."""
     try:
-        SweepDir(sweep.root).write_mark(sweep.name)
+        mark = SweepDir(sweep.root).write_mark(sweep.name)
     except OSError as e:
         raise os_fault(
-            e, "cannot mark the sweep's output folder; nothing submitted", SweepDir(sweep.root).mark
+            e, f"cannot mark the sweep's output folder; {nothing}", SweepDir(sweep.root).mark
         ) from None
+    except Unreadable as e:
+        raise sweep.error(_key(sweep), f"the folder's marker is unreadable ({e})", None) from None
+    _check_mark(sweep, mark.sweep)
+
+
+def own(sweep: Sweep) -> None:
+    """For a command that writes a few files in the sweep's folder: check it is ablate's, for this sweep
+    (`check_owner`), and create and mark it where it needs its marker."""
+    if check_owner(sweep):
+        make_root(sweep, "nothing written")
+        claim(sweep, "nothing written")
+
+
+def own_if_within(sweep: Sweep, path: str | Path) -> None:
+    """Before a command writes the folder `path` that the sweep's config names (a cache root, say): if it
+    lies in the sweep's output folder, that folder must be ablate's (`own`) and no link may lead from it
+    to `path` (a link there would take the writes outside it)."""
+    path = Path(os.path.abspath(path))
+    chain = [*reversed(path.parents), path]
+    try:
+        start = next((i for i, p in enumerate(chain) if p.exists() and p.resolve() == sweep.root), None)
+        if start is None:
+            return
+        if link := next((p for p in chain[start + 1 :] if p.is_symlink()), None):
+            raise sweep.error(
+                _key(sweep),
+                f"{link} is a symbolic link in the sweep's output folder; ablate writes nothing through "
+                f"a link there ({path} would be written through it)",
+                "it removed, or a folder outside output_dir",
+            )
+    except OSError as e:
+        raise os_fault(e, "cannot look into the sweep's output folder", sweep.root) from None
+    own(sweep)
 
 
 @contextlib.contextmanager

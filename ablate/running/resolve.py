@@ -148,7 +148,7 @@ def second_stage(
     """Plan the confirmatory second stage of `--resolve` and say what it re-tests at what cost; record it
     in the sweep's folder (its arms then belong to the sweep) unless `dry_run`. Whether there is one."""
     from ablate.results import rank as ranking
-    from ablate.running.ownership import check_owner, sweep_lock
+    from ablate.running.ownership import own, sweep_lock
     from ablate.sweep.expand import expand
     from core.sweepdir import SweepDir
 
@@ -166,7 +166,7 @@ def second_stage(
     if dry_run:
         console.print("dry run: the second stage is not recorded, nothing submitted", style="bold")
         return False
-    check_owner(sweep)
+    own(sweep)
     with sweep_lock(sweep.root):
         SweepDir(sweep.root).write_stage2(found.stage2)
     return True

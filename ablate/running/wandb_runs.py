@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ablate.errors import UserError
 from ablate.sweep.schema import Sweep
+from core.rundir import WANDB
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,18 @@ class OfflineRun:
 
 
 def offline_runs(sweep: Sweep) -> list[OfflineRun]:
-    """Every offline W&B run the sweep's arms wrote (training and `ablate eval` jobs), arm by arm."""
+    """Every offline W&B run the sweep's arms wrote (training and `ablate eval` jobs), arm by arm. `wandb
+    sync` marks each run it uploads in its folder: one reached through a symbolic link is refused."""
     found = []
     for arm in sweep.arm_names():
-        for folder in sorted((sweep.root / arm / "wandb").glob("offline-run-*")):
-            found.append(OfflineRun(arm, folder))
+        runs = sorted((sweep.root / arm / WANDB).glob("offline-run-*"))
+        for path in (sweep.root / arm, sweep.root / arm / WANDB, *runs):
+            if path.is_symlink():
+                raise UserError(
+                    f"{path} is a symbolic link; `wandb sync` would write through it, nothing uploaded",
+                    "it removed (ablate makes no links there)",
+                )
+        found += [OfflineRun(arm, folder) for folder in runs]
     return found
 
 

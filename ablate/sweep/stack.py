@@ -120,6 +120,13 @@ def write(sweep: Sweep, chosen: list[str], df: Any, by: str | None, out: Path) -
     tmp.write_text(text)
     try:
         expand(load_sweep(tmp))  # the new sweep must validate, arm by arm, before it is handed over
+    except UserError as e:  # said of the user's sweep file: the temporary file is gone
+        where = f"{e.path}: " if e.path else ""
+        raise UserError(
+            f"the stacked sweep for {out} does not validate, nothing written: {where}{e.problem}",
+            e.expected,
+            file=sweep.file,
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     from core.atomic import atomic_write

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from ablate_testing import SWEEP, write_json
 
+from core.sweepdir import SweepDir
+
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 SLURM = "launcher:\n  executor: slurm\n  partition: gpu\n  gpus_per_node: 8\n  array_parallelism: 1\n"
 
@@ -143,6 +145,7 @@ def test_dry_run_shows_what_a_real_run_would_skip_or_block(write_sweep, cli, wor
     path = write_sweep()
     assert cli("run", path, "--dry-run").code == 0
     root = workdir / "runs" / "t"
+    SweepDir(root).write_mark("t")  # the folder as `ablate run` made it
     write_json(root / "baseline-s0" / "spec.json", {"hash": "000000000000"})
     write_json(root / "baseline-s0" / "status.json", {"state": "done"})
     write_json(root / "baseline-s0" / "result.json", {})

@@ -75,6 +75,8 @@ def test_local_executor_never_double_submits_then_reruns_a_changed_arm(write_swe
         except ChildProcessError:
             pass  # already reaped
     assert states(path) == {"baseline-s0": "done", "lr-high-s0": "done"}, [job_log(job) for job in jobs]
+    # each job's files are in .submitit/<job id>/; no folder named after submitit's pattern is left
+    assert sorted(p.name for p in (root / ".submitit").iterdir()) == sorted(job["job_id"] for job in jobs)
     third = cli("run", path)
     assert third.code == 0 and "nothing to submit" in third.out
     ranked = cli("rank", path, "--format", "csv")

@@ -245,6 +245,84 @@ def test_a_sweep_folder_from_before_markers_is_adopted_and_another_sweeps_refuse
     assert submitted == ["lr-high-s0"]
 
 
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: what must come out of a refused command unchanged."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_of_names_ablate_also_uses_is_not_adopted(write_sweep, cli, workdir, submitted):
+    mine = workdir / "paper"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "wandb").mkdir()
+    (mine / "report.html").write_text("<h1>my own report</h1>\n")
+    (mine / "figures" / "impact.png").write_bytes(b"\x89PNG\r\n\x1a\nmy own figure")
+    (mine / "wandb" / "settings").write_text("[default]\n")
+    before = contents(mine)
+    path = write_sweep("name: t\noutput_dir: paper\n" + SWEEP.split("\n", 1)[1])
+    for command in (
+        ["report"],
+        ["plot"],
+        ["run"],
+        ["run", "--dry-run"],
+        ["cancel"],
+        ["sync"],
+        ["rank", "--wandb"],
+    ):
+        line = one_line(cli(*command, path), path)
+        assert line.startswith(
+            f"error: {path}:2: output_dir: the output folder {mine} was not made by ablate "
+            "(it holds figures, report.html, wandb); nothing written; expected an output_dir of the sweep's own"
+        ), (command, line)
+    assert contents(mine) == before and not (mine / ".ablate-sweep").exists() and submitted == []
+
+
+def test_a_folder_holding_status_records_is_not_adopted_without_this_sweeps_spec(
+    write_sweep, cli, workdir, submitted
+):
+    path = write_sweep()
+    root = workdir / "runs" / "t"
+    write_json(root / "baseline-s0" / "status.json", {"state": "done"})  # the shape of a run folder
+    write_json(root / "notes" / "status.json", {"state": "my own"})
+    specs = specs_of(path)
+    other = root / "lr-high-s0"
+    write_json(other / "spec.json", specs["lr-high-s0"].record("u").to_json())  # another sweep's arm
+    before = contents(root)
+    for command in (["run"], ["report"], ["plot"]):
+        line = one_line(cli(*command, path), path)
+        assert f"the output folder {root} was not made by ablate (it holds " in line, (command, line)
+    assert contents(root) == before and submitted == []
+
+    # A folder from before markers is still adopted: its run folders' spec.json say they are this sweep's.
+    write_json(other / "spec.json", specs["lr-high-s0"].record("t").to_json())
+    (root / "notes" / "status.json").unlink()
+    (root / "notes").rmdir()
+    assert cli("run", path).code == 0
+    assert json.loads((root / ".ablate-sweep").read_text())["sweep"] == "t"
+
+
+def _mark(args: tuple[str, str, object]) -> str | None:
+    folder, sweep, start = args
+    from core.sweepdir import SweepDir
+
+    start.wait()  # every process marks at once
+    return SweepDir(folder).write_mark(sweep).sweep
+
+
+def test_a_marker_is_created_never_replaced_when_two_sweeps_mark_one_folder_at_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Manager().Event()
+    names = [f"sweep{i}" for i in range(8)]
+    with ctx.Pool(len(names)) as pool:
+        pending = pool.map_async(_mark, [(str(tmp_path), name, start) for name in names])
+        start.set()
+        seen = pending.get(timeout=60)
+    winner = json.loads((tmp_path / ".ablate-sweep").read_text())["sweep"]
+    assert winner in names and seen == [winner] * len(names)  # each process sees the one marker made
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ablate-sweep"]  # no temporary file left
+
+
 def test_links_planted_in_a_run_folder_are_replaced_never_followed(
     write_sweep, cli, workdir, tmp_path_factory, submitted
 ):
@@ -326,6 +404,86 @@ def test_what_would_fail_inside_the_job_is_found_before_submission(
     assert not (failed / "log.jsonl").exists() and outside.read_text() == ""  # moved aside, not followed
 
 
+SWEEP_LINKS = {  # where ablate writes in a sweep folder → what a link planted there points at
+    ".eval-cache": "folder",
+    "figures": "folder",
+    ".code": "folder",
+    ".submitit": "folder",
+    ".replaced": "folder",
+    "report.html": "file",
+    "figures/impact.png": "file",
+    ".eval-cache/reference.lock": "file",
+    ".submitit/123": "folder",
+}
+
+
+@pytest.mark.parametrize("where", list(SWEEP_LINKS))
+def test_a_link_planted_where_ablate_writes_in_the_sweep_folder_is_refused(
+    write_sweep, cli, workdir, tmp_path_factory, submitted, where
+):
+    from core.sweepdir import SweepDir
+
+    path = write_sweep(replace("seeds: [0]", "seeds: [0, 1]"))
+    root = workdir / "runs" / "t"
+    SweepDir(root).write_mark("t")
+    specs = specs_of(path)
+    for name in ("baseline-s0", "lr-high-s0"):  # two more arms to submit, two done to report on
+        ran(root, specs[name])
+    outside = tmp_path_factory.mktemp("outside")
+    target = outside / "target"
+    if SWEEP_LINKS[where] == "folder":
+        target.mkdir()
+        (target / "mine.txt").write_text("the user's own\n")
+    else:
+        target.write_bytes(b"\x89PNG the user's own")
+    (root / where).parent.mkdir(parents=True, exist_ok=True)
+    (root / where).symlink_to(target)
+    before = contents(outside)
+    for command in (["run"], ["report"], ["plot"], ["cancel"], ["rank", "--wandb"], ["sync"]):
+        line = one_line(cli(*command, path), path)
+        assert line.startswith(
+            f"error: {path}:1: name: {root}: {where} is a symbolic link; "
+            "ablate writes nothing through a link in a sweep folder (remove it"
+        ), (command, line)
+    assert contents(outside) == before and sorted(os.listdir(outside)) == ["target"] and submitted == []
+    (root / where).unlink()
+    assert cli("run", path).code == 0 and submitted == ["baseline-s1", "lr-high-s1"]
+
+
+def test_the_link_submitit_leaves_after_a_slurm_submission_is_not_taken_for_a_planted_one(tmp_path):
+    from submitit.core.utils import JobPaths
+
+    from core.sweepdir import SweepDir
+
+    folder = SweepDir(tmp_path).job_folder
+    folder.parent.mkdir()
+    sbatch = folder.parent / ".submission_file_0a1b.sh"  # what submitit writes, then moves and links
+    sbatch.write_text("#!/bin/bash\n")
+    JobPaths(folder, "17").move_temporary_file(sbatch, "submission_file", keep_as_symlink=True)
+    assert sbatch.is_symlink() and SweepDir(tmp_path).planted_links() == []
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.sh"
+    outside.write_text("mine\n")
+    (folder.parent / ".submission_file_2c3d.sh").symlink_to(outside)  # the same name, pointing elsewhere
+    assert SweepDir(tmp_path).planted_links() == [".submitit/.submission_file_2c3d.sh"]
+
+
+def test_a_cache_inside_the_sweep_folder_is_written_through_no_link(
+    write_sweep, cli, workdir, tmp_path_factory
+):
+    from core.sweepdir import SweepDir
+
+    root = workdir / "runs" / "t"
+    path = write_sweep(
+        replace("  log: {every: 1}", f"  log: {{every: 1}}\n  cache: {{dir: {root / 'cache'}}}")
+    )
+    SweepDir(root).write_mark("t")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (root / "cache").symlink_to(elsewhere, target_is_directory=True)
+    line = one_line(cli("cache", path), path)
+    assert f"{root / 'cache'} is a symbolic link in the sweep's output folder" in line
+    assert os.listdir(elsewhere) == []
+
+
 # --- one garbage record marks one arm ----------------------------------------------------------------------
 
 
@@ -394,6 +552,19 @@ def test_one_garbage_record_marks_only_its_arm_unreadable(write_sweep, cli, work
         case != "eval-step"
     ):  # a garbled metric record leaves a finished arm finished (`ablate eval` rewrites it)
         assert squash("`--rerun lr-high-s0` starts it afresh") in squash(result.out)
+
+
+def test_an_unreadable_arm_moved_aside_is_named_so(write_sweep, cli, workdir, submitted):
+    path = write_sweep()
+    root = workdir / "runs" / "t"
+    specs = specs_of(path)
+    ran(root, specs["baseline-s0"])
+    ran(root, specs["lr-high-s0"], "failed")
+    (root / "lr-high-s0" / "spec.json").write_bytes(b"\x00" * 16)
+    assert cli("run", path, "--rerun", "lr-high-s0").code == 0 and submitted == ["lr-high-s0"]
+    (kept,) = (root / ".replaced").iterdir()
+    assert re.fullmatch(r"lr-high-s0-unreadable-\d{8}T\d{6}", kept.name), kept.name
+    assert (kept / "spec.json").read_bytes() == b"\x00" * 16
 
 
 def test_report_and_plot_work_around_a_garbage_arm(write_sweep, cli, workdir):

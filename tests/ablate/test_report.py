@@ -16,6 +16,7 @@ from PIL import Image
 from ablate.results import plots
 from ablate.results import rank as ranking
 from ablate.sweep.schema import load_sweep
+from core.sweepdir import SweepDir
 
 SWEEP = """\
 name: rep
@@ -46,6 +47,7 @@ def arm(root, name, by_step, bps, grid_value):
 @pytest.fixture
 def sweep(write_sweep):
     s = load_sweep(write_sweep(SWEEP))
+    SweepDir(s.root).write_mark(s.name)  # a sweep folder as `ablate run` makes it
     for delta, loss in LOSS.items():
         for seed in (0, 1):
             jitter = 0.01 * (seed - 0.5)

@@ -82,3 +82,20 @@ def test_stack_needs_a_significant_winner_or_any(write_sweep, cli):
     finally:
         LOSS.clear()
         LOSS.update(LOSS_BACKUP)
+
+
+def test_a_stacked_name_too_long_is_said_of_the_users_sweep_file(write_sweep, cli, workdir):
+    name = "n" * 96  # the stacked sweep is named n...n-stack: 102 characters, two over the limit
+    text = SWEEP.replace("name: t", f"name: {name}").replace(
+        "deltas:\n  lr-high:\n    optimizer.lr: 3e-3\nseeds: [0]\n", DELTAS
+    )
+    path = write_sweep(text)
+    results(load_sweep(path).root)
+    refused = cli("stack", path, "--top", "2")
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert refused.err.startswith(
+        f"error: {path}: the stacked sweep for {workdir / 'sweep-stack.yaml'} does not validate, nothing written: "
+        "name: "
+    ), refused.err
+    assert "102" in refused.err and ".tmp" not in refused.err
+    assert sorted(p.name for p in workdir.iterdir()) == ["runs", "sweep.yaml"]

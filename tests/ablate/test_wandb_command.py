@@ -8,6 +8,8 @@ import pytest
 from ablate_testing import SWEEP, write_json
 from wandb_records import read_run
 
+from core.sweepdir import SweepDir
+
 OFFLINE = SWEEP.replace("  log: {every: 1}", "  log: {every: 1, wandb: {mode: offline, project: t}}")
 
 
@@ -19,6 +21,7 @@ def offline_arm(write_sweep, workdir):
     path = write_sweep(OFFLINE)
     run_dir = workdir / "runs" / "t" / "baseline-s0"
     run_dir.mkdir(parents=True)
+    SweepDir(run_dir.parent).write_mark("t")  # the sweep folder as `ablate run` made it
     run = wandb.init(project="t", mode="offline", id="arm0", dir=str(run_dir))
     run.log({"train/loss": 1.0}, step=1)
     run.finish()
@@ -48,6 +51,7 @@ def test_sync_lists_then_uploads_and_says_in_one_line_when_it_cannot(offline_arm
 
 def test_rank_logs_the_impact_table_in_the_sweep_group(write_sweep, cli, workdir):
     path = write_sweep(OFFLINE)
+    SweepDir(workdir / "runs" / "t").write_mark("t")
     for arm, loss in (("baseline-s0", 1.0), ("lr-high-s0", 0.8)):
         write_json(workdir / "runs" / "t" / arm / "spec.json", {"name": arm})
         write_json(workdir / "runs" / "t" / arm / "status.json", {"state": "done", "step": 4})

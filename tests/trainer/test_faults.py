@@ -333,6 +333,24 @@ def test_a_symlink_planted_in_a_run_folder_is_not_written_through(straight, tmp_
     )
 
 
+def test_a_link_planted_as_the_sweeps_eval_cache_is_not_written_through(tmp_path):
+    """Planted after `ablate run` checked the sweep folder, before the job started: the job refuses it."""
+    d = tmp_path / "sweep" / "run"
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(merge(TINY, LONG)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (d.parent / ".eval-cache").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(Exception, match="symbolic link"):
+        job.run(d)
+    assert list(elsewhere.iterdir()) == [] and not (d / "checkpoints").exists()
+    error = json.loads((d / "status.json").read_text())["error"]
+    assert error.startswith(
+        f"PlantedLink: {d.parent}: .eval-cache is a symbolic link; ablate writes nothing through a link in a "
+        "sweep folder (remove it; to share reference features between sweeps, set eval.cache_dir)"
+    )
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs: room for a run's records, not for a checkpoint of the tiny model."""
