@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,11 @@ class Extractor(abc.ABC):
     name: str  # registry name
     version: str  # identifies weights + preprocessing; part of every reference-cache key
     device: torch.device
+    # How float images in [0, 1] become its uint8 (eval/images.py): round (as a PNG is written) or floor
+    # (PRX's `.to(torch.uint8)`); and how the trainer resizes the real images for it: pil (bicubic, as
+    # the training images) or torch (PRX's eval set: torchvision's antialiased bilinear, on floats)
+    quantise: ClassVar[str] = "round"
+    resize: ClassVar[str] = "pil"
 
     @abc.abstractmethod
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
@@ -34,7 +39,7 @@ class Extractor(abc.ABC):
     def features(self, images, batch_size: int = 64) -> np.ndarray:
         """Features of an image array/tensor or of an iterable of batches, (N, D) float32."""
         with torch.no_grad():
-            pixels = prefetched(iter_batches(images, batch_size), self.preprocess)
+            pixels = prefetched(iter_batches(images, batch_size, self.quantise), self.preprocess)
             return np.concatenate([self.embed(p).float().cpu().numpy() for p in pixels])
 
 

@@ -22,7 +22,7 @@ import torch
 
 from eval.base import Extractor, prefetched
 from eval.extractors import load_extractor
-from eval.images import iter_batches, save_grid, take
+from eval.images import iter_batches, save_grid, take, to_uint8_nhwc
 from eval.metrics import GENERATED, METRICS, Metric, MetricInput, unknown
 from eval.reference_cache import CacheKey, ReferenceCache, ReferenceFeatures
 
@@ -48,6 +48,12 @@ class Reference:
     num_samples: int  # how many real images; the first `num_samples` of `images()` are used
     images: Callable[[], object]  # -> uint8 NHWC / float NCHW array, or an iterable of such batches
     cache_dir: str | Path
+    # the same images resized with torch as PRX's eval set is, for extractors with `resize = "torch"`
+    # (fid_prx's); None: `images` serves every extractor
+    torch_images: Callable[[], object] | None = None
+
+    def images_for(self, resize: str) -> Callable[[], object]:
+        return self.torch_images if resize == "torch" and self.torch_images is not None else self.images
 
 
 class Evaluator:
@@ -79,7 +85,7 @@ class Evaluator:
 
     def features(self, images) -> dict[str, np.ndarray]:
         """One pass over `images` (array or batches); each batch goes through every extractor."""
-        return _features_of(iter_batches(images, self.batch_size), self.extractors)
+        return _features_of(iter_batches(images, self.batch_size, quantise=None), self.extractors)
 
     def reference_features(self) -> dict[str, ReferenceFeatures]:
         """Reference features per extractor, from disk when cached, else from one pass over the real images."""
@@ -96,11 +102,14 @@ class Evaluator:
         if missing:
             with cache.locked(missing.values()):
                 missing = {n: k for n, k in missing.items() if not self._load(cache, n, k)}
-                if missing:
-                    real = take(iter_batches(ref.images(), self.batch_size), ref.num_samples)
-                    feats = _features_of(real, {n: self.extractors[n] for n in missing})
-                    for n, k in missing.items():
-                        self._ref[n] = cache.save(k, feats[n])
+                by_source: dict[Callable, list[str]] = {}  # one pass over each set of real images
+                for n in missing:
+                    by_source.setdefault(ref.images_for(self.extractors[n].resize), []).append(n)
+                for source, names in by_source.items():
+                    real = take(iter_batches(source(), self.batch_size, quantise=None), ref.num_samples)
+                    feats = _features_of(real, {n: self.extractors[n] for n in names})
+                    for n in names:
+                        self._ref[n] = cache.save(missing[n], feats[n])
         return self._ref
 
     def _load(self, cache: ReferenceCache, name: str, key: CacheKey) -> bool:
@@ -151,11 +160,13 @@ class Evaluator:
         return self.compute(self.features(images), requested)
 
 
-def _features_of(batches: Iterable[np.ndarray], extractors: Mapping[str, Extractor]) -> dict[str, np.ndarray]:
-    """Each batch through every extractor; the next batch is preprocessed while this one runs."""
+def _features_of(batches: Iterable, extractors: Mapping[str, Extractor]) -> dict[str, np.ndarray]:
+    """Each batch (uint8 NHWC, or float NCHW that each extractor quantises its own way) through every
+    extractor; the next batch is preprocessed while this one runs."""
 
-    def preprocess(batch: np.ndarray) -> dict[str, torch.Tensor]:
-        return {n: ext.preprocess(batch) for n, ext in extractors.items()}
+    def preprocess(batch) -> dict[str, torch.Tensor]:
+        quantised = {q: to_uint8_nhwc(batch, q) for q in {ext.quantise for ext in extractors.values()}}
+        return {n: ext.preprocess(quantised[ext.quantise]) for n, ext in extractors.items()}
 
     parts: dict[str, list[np.ndarray]] = {n: [] for n in extractors}
     with torch.no_grad():

@@ -7,7 +7,7 @@ documented resize and normalisation; `embed` runs the network and the final norm
 | name               | network                                              | preprocessing                                          | features |
 |--------------------|------------------------------------------------------|--------------------------------------------------------|----------|
 | inception          | clean-fid's Inception-2015-12-05 TorchScript (`InceptionV3W`) | clean-fid mode "clean": `build_resizer("clean")`, PIL bicubic per channel in float32 to 299, [0, 255]; the net applies (x−128)/128 | 2048-d pool, raw |
-| inception-prx      | torch-fidelity's `FeatureExtractorInceptionV3` (the network of torchmetrics' FID) | PRX's FID input: uint8 wrapped by `(x * 255).byte()` (x ↦ (256 − x) mod 256, near colour inversion); the net resizes to 299 (TF1-compatible bilinear) and applies (x−128)/128 | 2048-d pool, raw |
+| inception-prx      | torch-fidelity's `FeatureExtractorInceptionV3` (the network of torchmetrics' FID) | PRX's FID input: float images truncated to uint8 (`clamp(x·255, 0, 255).to(uint8)`; real images resized by torch's antialiased bilinear on floats first, as PRX's eval set), then wrapped by `(x * 255).byte()` (x ↦ (256 − x) mod 256, near colour inversion); the net resizes to 299 (TF1-compatible bilinear) and applies (x−128)/128 | 2048-d pool, raw |
 | clip-vit-l14-336   | transformers `CLIPVisionModelWithProjection`, `openai/clip-vit-large-patch14-336` | centre-crop to the shorter side, PIL bicubic on uint8 to 336 (antialiased, as google-research `cmmd`), /255, CLIP mean/std | `image_embeds`, L2-normalised, 768-d |
 | dinov2-vitl14-reg  | transformers `Dinov2WithRegistersModel`, `facebook/dinov2-with-registers-large` | /255, `F.interpolate(bicubic, 518, align_corners=False)` (no antialias, no crop, as PRX), ImageNet mean/std | CLS after the final norm (`pooler_output`), L2-normalised, 1024-d |
 | domain-attr        | `eval.domain.AttributeNet`, trained on the demo domain | /255 at native size | penultimate layer, L2-normalised |
@@ -113,12 +113,18 @@ class InceptionPRXExtractor(Extractor):
     """PRX's own FID features (metric `fid_prx`): what torchmetrics' `FrechetInceptionDistance(normalize=True)`
     extracts from the uint8 images PRX's eval callback feeds it, in torchmetrics 1.7.4 (PRX's uv.lock).
 
-    `preprocess` applies the wrap (`prx_wrap`) and returns uint8 (N, 3, H, W) at the images' own size:
-    the network resizes. `model` maps that to (N, 2048): torch-fidelity's `FeatureExtractorInceptionV3`
+    The uint8 images are PRX's too: float images are truncated, not rounded (`quantise = "floor"`, PRX's
+    `torch.clamp(x * 255, 0, 255).to(torch.uint8)`), and the trainer resizes the real images for it with
+    torch (`resize = "torch"`: PRX's eval set goes through torchvision's `resize(antialias=True)`,
+    bilinear, on float images in [0, 1]), not PIL. Images handed over as uint8 (a folder of PNGs) are
+    taken as they are. `preprocess` applies the wrap (`prx_wrap`) and returns uint8 (N, 3, H, W) at the
+    images' own size: the network resizes. `model` maps that to (N, 2048): torch-fidelity's `FeatureExtractorInceptionV3`
     with its TF1-compatible bilinear resize to 299 (torchmetrics' FID before 1.8; `antialias=False`
     since), or any module with the contract of torchmetrics' `feature=` argument."""
 
     name = "inception-prx"
+    quantise = "floor"
+    resize = "torch"
 
     def __init__(
         self, model: torch.nn.Module, device: str | torch.device = "cpu", version: str | None = None
@@ -129,7 +135,7 @@ class InceptionPRXExtractor(Extractor):
         self.model = model.to(self.device).eval()
         self.version = version or (
             f"inception-2015-12-05-6726825d/torch-fidelity-{package_version('torch-fidelity')}"
-            "-tf1bilinear299/prx-uint8-wrap"
+            "-tf1bilinear299/prx-uint8-wrap/floor/torch-resize"
         )
 
     @classmethod

@@ -2,7 +2,9 @@
 
 Generated images arrive as uint8 NHWC (numpy or torch) or float NCHW in [0, 1]. Float images are
 quantised exactly as writing a PNG would (clamp, ×255, round), so a metric computed on images in
-memory equals the same metric computed on those images saved to a folder and read back.
+memory equals the same metric computed on those images saved to a folder and read back. An extractor
+may ask for PRX's quantisation instead (`quantise: floor`, `fid_prx`'s): ×255, clamp to [0, 255] and
+`.to(torch.uint8)`, which truncates; images that arrive as uint8 are taken as they are.
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ from core.atomic import atomic_path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def to_uint8_nhwc(images) -> np.ndarray:
-    """uint8 NHWC (numpy/torch) passes through; float NCHW in [0, 1] is quantised like a PNG."""
+QUANTISE = ("round", "floor")
+
+
+def to_uint8_nhwc(images, quantise: str = "round") -> np.ndarray:
+    """uint8 NHWC (numpy/torch) passes through; float NCHW in [0, 1] is quantised like a PNG (`round`),
+    or as PRX's eval callback does (`floor`: `torch.clamp(x * 255, 0, 255).to(torch.uint8)` truncates)."""
+    if quantise not in QUANTISE:
+        raise ValueError(f"quantise {quantise!r}; one of {', '.join(QUANTISE)}")
     if isinstance(images, torch.Tensor):
         if images.dtype == torch.uint8:
             images = images.cpu().numpy()
         else:
             _check_nchw(tuple(images.shape))
-            q = images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)  # (N, 3, H, W)
+            x = images.detach().float().mul(255.0).clamp(0.0, 255.0)  # (N, 3, H, W)
+            q = (x.round() if quantise == "round" else x.floor()).to(torch.uint8)
             return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (N, H, W, 3)
     images = np.asarray(images)
     if images.dtype == np.uint8:
@@ -36,7 +45,8 @@ def to_uint8_nhwc(images) -> np.ndarray:
         return images
     if np.issubdtype(images.dtype, np.floating):
         _check_nchw(images.shape)
-        q = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)  # (N, 3, H, W)
+        x = np.clip(images * 255.0, 0.0, 255.0)  # (N, 3, H, W)
+        q = (np.rint(x) if quantise == "round" else np.floor(x)).astype(np.uint8)
         return np.ascontiguousarray(q.transpose(0, 2, 3, 1))
     raise ValueError(f"images must be uint8 NHWC or float NCHW in [0, 1], got dtype {images.dtype}")
 
@@ -46,14 +56,19 @@ def _check_nchw(shape: tuple) -> None:
         raise ValueError(f"float images must be NCHW with 3 channels in [0, 1], got shape {shape}")
 
 
-def iter_batches(images, batch_size: int) -> Iterator[np.ndarray]:
-    """Yields uint8 NHWC batches from one array/tensor or from an iterable of batches."""
+def iter_batches(images, batch_size: int, quantise: str | None = "round") -> Iterator:
+    """Yields uint8 NHWC batches from one array/tensor or from an iterable of batches; with `quantise`
+    None, batches as they come (float NCHW stays float: each extractor quantises its own way)."""
+
+    def prepared(batch):
+        return batch if quantise is None else to_uint8_nhwc(batch, quantise)
+
     if isinstance(images, (np.ndarray, torch.Tensor)):
         for lo in range(0, len(images), batch_size):
-            yield to_uint8_nhwc(images[lo : lo + batch_size])
+            yield prepared(images[lo : lo + batch_size])
         return
     for batch in images:
-        batch = to_uint8_nhwc(batch)
+        batch = prepared(batch)
         for lo in range(0, len(batch), batch_size):
             yield batch[lo : lo + batch_size]
 

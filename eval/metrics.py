@@ -13,7 +13,10 @@
 
 `fid_prx` reproduces PRX's FID, torchmetrics' `FrechetInceptionDistance(normalize=True)` fed uint8
 images: `(imgs * 255).byte()` wraps each value to (256 − x) mod 256, colour-inverting the images
-before Inception. Its values are comparable only with PRX's published numbers; `fid` is standard.
+before Inception. Its uint8 images are made as PRX's eval callback makes them: float images truncated
+(`clamp(x·255, 0, 255).to(uint8)`, where the other metrics round), real images resized by torch
+(antialiased bilinear on floats, as PRX's eval set) where the others' are PIL-resized. Its values are
+comparable only with PRX's published numbers; `fid` is standard.
 
 Torch-free at import: the sweep loader checks `rank_by` against this table (`ablate status` and `ablate
 rank` never import torch), the trainer's config checks `eval.metrics` against it, and

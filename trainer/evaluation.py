@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from eval.metrics import ALWAYS, GENERATED, METRICS, unknown
 from trainer import flow
-from trainer.data.datasets import ReferenceConfig, ReferenceSet
+from trainer.data.datasets import ImageTextDataset, ReferenceConfig, ReferenceSet
 from trainer.data.synthetic import ATTRIBUTES, SyntheticConfig, attribute_net
 from trainer.factors.precision import Precision
 from trainer.identity import EVALUATES, RUNS, mark
@@ -231,21 +231,29 @@ class GenerationMetrics:
         else:
             name = self.real.identity()
         rows, n, batch = self.rows, self.n, self.cfg.batch_size
-        return Reference(name, n, lambda: _uint8_batches(rows, n, batch), self.cache_dir)
+        # fid_prx's real images: resized with torch as PRX's eval set (a synthetic set is drawn at size)
+        prx = rows.resized_with("torch") if isinstance(rows, ImageTextDataset) else rows
+        return Reference(name, n, lambda: _uint8_batches(rows, n, batch), self.cache_dir,
+                         torch_images=lambda: _float_batches(prx, n, batch))  # fmt: skip
 
-    def sample(self, sampler: Sampler, indices: list[int]) -> np.ndarray:
-        """Images for prompts `indices` (this process's share of the n prompts) as uint8 (N, H, W, 3)."""
-        out = []
+    def sample(self, sampler: Sampler, indices: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(the metrics' features, the images as uint8 (N, H, W, 3)) for prompts `indices` (this process's
+        share of the n prompts). Features are taken from each chunk's float images, which each metric's
+        extractor quantises its own way (fid_prx truncates as PRX does; the others round, as a PNG)."""
+        feats, out = [], []
         shape = sampler.latent_shape(self.data.resolution)
         for chunk, counts in lockstep(indices, self.cfg.batch_size, self.n, self.dist.world):
             captions = [p["caption"] for p in self.rows.prompts(chunk)]  # no image is decoded
             noise = torch.stack(
                 [torch.randn(shape, generator=sample_generator(PROMPT_SEED, j)) for j in chunk]
             )
-            images = sampler(captions, noise.to(self.dist.device))
+            images = sampler(captions, noise.to(self.dist.device))  # (b, 3, H, W) in [0, 1]
             if counts:  # else a throw-away chunk that keeps this process in step with the others
+                feats.append(self.evaluator.features(images))
                 out.append(_uint8(images))
-        return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+        if not out:
+            return {}, np.zeros((0, 1, 1, 3), np.uint8)
+        return {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}, np.concatenate(out)
 
     def __call__(
         self, sampler: Sampler, resamples: int = 0
@@ -255,8 +263,7 @@ class GenerationMetrics:
         noise = EvalNoise()
         if self.evaluator is None:
             return {}, np.zeros((0, 1, 1, 3), np.uint8), noise
-        images = self.sample(sampler, self.mine)
-        feats = self.evaluator.features(images) if len(images) else {}
+        feats, images = self.sample(sampler, self.mine)
         feats, images = self._gather(feats, images)
         if not self.dist.main:
             return {}, images[:0], noise
@@ -287,11 +294,17 @@ class GenerationMetrics:
         return feats, np.stack([img for _, img in grid])
 
 
-def _uint8_batches(dataset, n: int, batch_size: int):
-    """The first `n` images of a dataset of training items as uint8 (b, H, W, 3) batches, decoded one
-    batch at a time (10k images at 256 px never sit in memory as floats)."""
+def _float_batches(dataset, n: int, batch_size: int):
+    """The first `n` images of a dataset of training items as float (b, 3, H, W) batches in [0, 1], decoded
+    one batch at a time (10k images at 256 px never sit in memory)."""
     for lo in range(0, n, batch_size):
-        yield _uint8(torch.stack([dataset[j]["image"] for j in range(lo, min(n, lo + batch_size))]))
+        yield torch.stack([dataset[j]["image"] for j in range(lo, min(n, lo + batch_size))])
+
+
+def _uint8_batches(dataset, n: int, batch_size: int):
+    """`_float_batches` quantised as a PNG is, uint8 (b, H, W, 3)."""
+    for images in _float_batches(dataset, n, batch_size):
+        yield _uint8(images)
 
 
 @dataclass

@@ -162,6 +162,25 @@ class Factor(nn.Module):
     def after_block(self, index: int, state: TokenState) -> None: ...
 
 
+class Stored(nn.Module):
+    """A factor's module whose parameters keep a storage dtype of their own, whatever the denoiser is
+    cast to (`Denoiser.to(device, precision.weights)`): PRX stores REPA's projector in bf16 beside fp32
+    weights. Its gradients and the optimizer's state for it (made like its parameters) share that dtype,
+    and its input is cast to it, so it runs with or without autocast. FSDP shards it as a unit of its own
+    (trainer/runtime/parallel.py): FSDP holds one dtype per unit."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.module = module.to(dtype)
+
+    def _apply(self, fn, recurse=True):  # every cast (.to, .float(), …) lands on `dtype`
+        return super()._apply(lambda t: fn(t).to(self.dtype) if t.is_floating_point() else fn(t), recurse)
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        return self.module(x.to(self.dtype), *args)
+
+
 @dataclass(frozen=True)
 class FactorContext:
     """What a factor's builder may know about the run it joins. No seed: a factor that draws random

@@ -75,3 +75,37 @@ def test_fid_prx_weights_are_torchmetrics_and_a_missing_file_names_the_command(t
     line = str(e.value)
     assert "\n" not in line and "weights-inception-2015-12-05-6726825d.pth" in line
     assert f"ablate weights download SWEEP --dir {tmp_path / 'weights'}" in line
+
+
+def test_fid_prx_truncates_float_images_where_the_other_metrics_round(tmp_path):
+    """PRX's eval callback makes uint8 with `torch.clamp(x * 255, 0, 255).to(torch.uint8)`, which truncates;
+    the other metrics quantise as a PNG is written (round). By hand: 255·x = 10.6, 254.7, 127.5, −3, 300
+    → truncated 10, 254, 127, 0, 255; rounded 11, 255, 128, 0, 255."""
+    from eval.images import to_uint8_nhwc
+
+    scaled = torch.tensor([10.6, 254.7, 127.5, -3.0, 300.0], dtype=torch.float64)
+    x = (
+        (scaled / 255).float().view(1, 1, 1, 5).expand(2, 3, 6, 5).contiguous()
+    )  # (2, 3, 6, 5) float in ~[0, 1]
+    floor = np.array([10, 254, 127, 0, 255], np.uint8)
+    assert torch.equal(
+        torch.clamp(x * 255.0, 0, 255).to(torch.uint8)[0, 0, 0], torch.from_numpy(floor)
+    )  # PRX's
+    assert (to_uint8_nhwc(x, "floor")[0, 0, :, 0] == floor).all()
+    assert (to_uint8_nhwc(x)[0, 0, :, 0] == [11, 255, 128, 0, 255]).all()  # round: what a PNG holds
+    assert (to_uint8_nhwc(x.numpy(), "floor") == to_uint8_nhwc(x, "floor")).all()  # numpy alike
+
+    # through the evaluator: fid_prx's extractor sees the truncated images, the others the rounded ones
+    ext = InceptionPRXExtractor(TinyFeature())
+    # its real images come from the reference's torch-resized set when it has one (the trainer's)
+    pil = np.zeros((2, 6, 5, 3), np.uint8)
+    ref = Reference("r", 2, lambda: pil, tmp_path, torch_images=lambda: iter([x[:1], x[1:]]))
+    ev = Evaluator(["fid_prx"], ref, extractors={"inception-prx": ext})
+    feats = ev.reference_features()["inception-prx"].feats
+    np.testing.assert_array_equal(feats, ext.features(to_uint8_nhwc(x, "floor")))
+    got = ev.features(x)["inception-prx"]
+    np.testing.assert_array_equal(got, ext.features(to_uint8_nhwc(x, "floor")))
+    assert not np.allclose(got, ext.features(to_uint8_nhwc(x)))
+    np.testing.assert_array_equal(
+        ev.features(to_uint8_nhwc(x))["inception-prx"], ext.features(to_uint8_nhwc(x))
+    )

@@ -66,6 +66,22 @@ def prepared(img: Image.Image, side: int = 16) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + s, top + s)).resize((side, side), Image.Resampling.BICUBIC))
 
 
+def prx_prepared(img: Image.Image, side: int = 16) -> np.ndarray:
+    """The same centre square as PRX prepares and scores its eval images: uint8 / 255 (`image_to_tensor`),
+    torchvision's resize (antialias=True) on the float tensor, clamped, then its eval callback's
+    `torch.clamp(x * 255, 0, 255).to(torch.uint8)`."""
+    import torchvision.transforms.v2.functional as TF
+    from torchvision import tv_tensors
+
+    img = img.convert("RGB")
+    s = min(img.size)
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    x = torch.from_numpy(np.array(img.crop((left, top, left + s, top + s)))).permute(2, 0, 1)
+    x = TF.resize(tv_tensors.Image(x.to(torch.float32).div(255.0)), [side, side], antialias=True)
+    x = torch.clamp(x.as_subclass(torch.Tensor), 0.0, 1.0)
+    return torch.clamp(x * 255.0, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def trainer(tmp_path, name: str, weights, reference: dict | None) -> Trainer:
     ev = {"metrics": ["fid_prx"], "samples": 2, "reference": reference, "cache_dir": str(tmp_path / "cache")}
     run = tmp_path / name
@@ -115,8 +131,10 @@ def test_reference_sets_from_a_folder_and_a_parquet_file_as_prx_scores_them(tmp_
     assert ev.reference.num_samples == 2  # eval.samples of the 3 rows, in row order
     feats = ev.reference_features()["inception-prx"].feats  # (2, 2048)
     expected = np.stack(
-        [prepared(Image.open(folder / "d.webp")), prepared(Image.open(folder / "b" / "c.jpg"))]
+        [prx_prepared(Image.open(folder / "d.webp")), prx_prepared(Image.open(folder / "b" / "c.jpg"))]
     )
+    pil = np.stack([prepared(Image.open(folder / "d.webp")), prepared(Image.open(folder / "b" / "c.jpg"))])
+    assert (expected != pil).mean() > 0.5  # PRX's resize and truncation: most values differ from ours
     total, cov = torchmetrics_features(prx_weights, expected)  # PRX's FID on these real images
     np.testing.assert_allclose(feats.sum(0, dtype=np.float64), total.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(feats.T.astype(np.float64) @ feats, cov.numpy(), rtol=1e-4, atol=1e-3)
@@ -231,6 +249,29 @@ def test_the_reference_caption_column_is_part_of_the_eval_identity_not_of_what_t
 
     long, short = identity("caption_llm_s"), identity("caption_moondream")
     assert long.hash == short.hash and long.eval_hash != short.eval_hash
+
+
+def test_prx_resize_is_torchvision_antialiased_bilinear_on_floats_by_hand():
+    """A 4×4 image whose rows are 0, 60, 120, 240 brought to 2×2. Antialiased bilinear at scale 2 weighs the
+    input pixels at distances 0.5 and 1.5 from an output pixel's centre by 0.75 and 0.25 (a triangle twice
+    as wide), dropping those outside the image and renormalising: (0.75·0 + 0.75·60 + 0.25·120) / 1.75 =
+    300/7 and (0.25·60 + 0.75·120 + 0.75·240) / 1.75 = 1140/7, i.e. 42.86 and 162.86 of 255. PRX truncates
+    them to 42 and 162; PIL's bicubic (the training images') gives 33 and 172."""
+    import torchvision.transforms.v2.functional as TF
+    from torchvision import tv_tensors
+
+    from trainer.data.datasets import torch_resize
+
+    row = np.array([0, 60, 120, 240], np.uint8)
+    img = Image.fromarray(np.broadcast_to(row[None, :, None], (4, 4, 3)).copy())
+    x = torch_resize(img, 2)  # (3, 2, 2) float
+    torch.testing.assert_close(x * 255, torch.tensor([300 / 7, 1140 / 7]).expand(3, 2, 2), rtol=0, atol=1e-4)
+    prx = TF.resize(
+        tv_tensors.Image(torch.from_numpy(np.array(img)).permute(2, 0, 1) / 255.0), [2, 2], antialias=True
+    )
+    assert torch.equal(x, prx.as_subclass(torch.Tensor).clamp(0, 1))  # the call PRX's ArAwareResize makes
+    assert torch.clamp(x * 255, 0, 255).to(torch.uint8)[0, 0].tolist() == [42, 162]
+    assert np.asarray(img.resize((2, 2), Image.Resampling.BICUBIC))[0, :, 0].tolist() == [33, 172]
 
 
 def test_a_bad_reference_is_one_line(tmp_path):

@@ -64,6 +64,10 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
     ("routing", "sprint"): {"routing": {"kind": "sprint", "start": 1, "end": 3}},
     ("repa", "repa"): {"repa": {"kind": "repa", "block": 1, "teacher": TEACHER}},
     ("repa", "irepa"): {"repa": {"kind": "irepa", "block": 1, "teacher": TEACHER}},
+    # an option that changes what trains, beyond a registry entry: PRX's bf16 projector
+    ("repa.projector_dtype", "bf16"): {
+        "repa": {"kind": "repa", "block": 1, "teacher": TEACHER, "projector_dtype": "bf16"}
+    },
     **{
         ("repa.teacher", kind): {"repa": {"kind": "repa", "block": 1, "teacher": {"kind": kind}}}
         for kind in REGISTRIES["repa.teacher"].kinds

@@ -145,3 +145,42 @@ def test_bf16_gathers_keep_fp32_shards_and_a_ddp_checkpoint_is_refused_in_one_li
             sharded.load_optimizer_state(adamw, ddp_state)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_bf16_projector_is_an_fsdp_unit_of_its_own_beside_fp32_shards(tmp_path):
+    """FSDP holds one dtype per unit: REPA's bf16 projector (PRX's storage) is sharded apart from the
+    fp32 root, and stays bf16 with its gradients. One process, one-rank gloo group, autocast as on CUDA."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from trainer.factors.precision import Precision
+    from trainer.factors.repa import REPAConfig, build_repa
+    from trainer.model import Denoiser, FactorContext, ModelConfig, build_prx
+    from trainer.runtime.parallel import FSDPConfig, shard
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
+    try:
+        ctx = FactorContext(
+            hidden_size=64, depth=4, patch_size=2, resolution=16, downsample=1, device=torch.device("cpu")
+        )
+        repa = build_repa(REPAConfig(teacher={"kind": "tiny"}, block=1, projector_dtype="bf16"), ctx)
+        den = Denoiser(build_prx(ModelConfig(preset="tiny"), 3, 32), [repa]).to("cpu", torch.float32).train()
+        shard(den, init_device_mesh("cpu", (1,)), FSDPConfig(), Precision(torch.float32, True, "cpu"))
+        assert isinstance(repa.projector, FSDPModule)
+        images = torch.rand(2, 3, 16, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = den(
+                images * 2 - 1,
+                torch.rand(2),
+                torch.randn(2, 5, 32),
+                None,
+                inputs={"images": images, "step": 0},
+            )
+        (out.pred.float().square().mean() + out.losses["repa"]).backward()
+        dtypes = {n: (p.dtype, p.grad.dtype) for n, p in den.named_parameters()}
+        assert {d for n, d in dtypes.items() if ".projector." in n} == {(torch.bfloat16, torch.bfloat16)}
+        assert {d for n, d in dtypes.items() if ".projector." not in n} == {(torch.float32, torch.float32)}
+    finally:
+        torch.distributed.destroy_process_group()

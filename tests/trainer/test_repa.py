@@ -274,6 +274,50 @@ def test_irepa_attention_inside_a_tread_route_aligns_the_kept_tokens():
     assert out.losses["repa"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        REPAConfig(teacher=TINY_TEACHER, block=1, projector_dtype="bf16"),
+        IREPAConfig(teacher=TINY_TEACHER, block=1, projector="conv", projector_dtype="bf16"),
+        IREPAConfig(teacher=TINY_TEACHER, block=1, projector="attention", projector_dtype="bf16"),
+    ],
+    ids=["repa", "irepa-conv", "irepa-attention"],
+)
+def test_a_bf16_projector_is_stored_and_trained_in_bf16_beside_fp32_weights(cfg):
+    """PRX's storage: the projector cast to bf16 once built, its gradients and AdamW moments bf16 too."""
+    build = build_repa if cfg.kind == "repa" else build_irepa
+    torch.manual_seed(0)
+    fp32 = build(cfg.model_copy(update={"projector_dtype": "fp32"}), CTX)
+    torch.manual_seed(0)
+    factor, spy = build(cfg, CTX), Spy(1)
+    # the same initial draws, rounded to bf16
+    init = dict(fp32.projector.named_parameters())
+    assert all(
+        torch.equal(p, init[n.removeprefix("module.")].bfloat16())
+        for n, p in factor.projector.named_parameters()
+    )
+
+    # the trainer casts the denoiser to the weights' dtype: the projector stays bf16
+    den = Denoiser(build_prx(ModelConfig(preset="tiny"), 3, 32), [factor]).to("cpu", torch.float32).float()
+    assert {p.dtype for n, p in den.named_parameters() if ".projector." in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in den.named_parameters() if ".projector." not in n} == {torch.float32}
+
+    out, images = forward([factor, spy])  # fp32 hidden states, no autocast (CPU)
+    y = factor.target(factor.teacher(images, (8, 8)))
+    pred = factor.project(spy.h, TokenState(*[None] * 5, grid=(8, 8)))  # fp32 in, cast: bf16 out
+    assert pred.dtype == torch.bfloat16
+    expected = -0.5 * F.cosine_similarity(pred.float(), y, dim=-1, eps=1e-8).mean()
+    assert out.losses["repa"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    out.losses["repa"].backward()
+    opt = torch.optim.AdamW(factor.projector.parameters(), lr=1e-2, eps=1e-15)
+    before = {n: p.detach().clone() for n, p in factor.projector.named_parameters()}
+    opt.step()
+    for n, p in factor.projector.named_parameters():
+        assert p.grad.dtype == p.dtype == opt.state[p]["exp_avg"].dtype == torch.bfloat16, n
+    assert any(not torch.equal(p, before[n]) for n, p in factor.projector.named_parameters())
+
+
 def test_after_stop_step_no_teacher_no_projector_no_loss():
     repa = build_repa(REPAConfig(teacher=TINY_TEACHER, block=1, stop_step=3), CTX)
     calls = {"teacher": 0, "projector": 0}
@@ -373,8 +417,19 @@ def test_repa_validation_names_the_fix(tiny_cfg):
             },
             "routing": {"kind": "tread", "start": 1, "end": 4},
         },
+        {  # as PRX ran iREPA: its projector stored and trained in bf16
+            "repa": {
+                "kind": "irepa",
+                "teacher": TINY_TEACHER,
+                "block": 1,
+                "projector": "attention",
+                "target_norm": "per-token-mean",
+                "projector_dtype": "bf16",
+            },
+            "routing": {"kind": "tread", "start": 1, "end": 4},
+        },
     ],
-    ids=["repa", "irepa-stop4", "repa-in-sprint", "irepa-prx-in-tread"],
+    ids=["repa", "irepa-stop4", "repa-in-sprint", "irepa-prx-in-tread", "irepa-prx-in-tread-bf16"],
 )
 def test_repa_run_trains_checkpoints_and_resumes_exactly(make_run, monkeypatch, over):
     cfg = dict(over, train={"steps": 8}, checkpoint={"every": 4, "keep": 3})

@@ -10,6 +10,7 @@ compare against) is read here too, with the same image preparation.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -83,12 +84,23 @@ class ImageTextDataset(Dataset):
 
     `rows`: a list of row dicts, or a row source read on demand (`trainer.data.rows`: its `take` reads
     each block a batch needs once). `where(row, index)` names a row's source for errors (the file, and
-    the row of a parquet file). `caption`: the column read as each item's caption."""
+    the row of a parquet file). `caption`: the column read as each item's caption.
+
+    Images are resized with PIL (bicubic on uint8), unless `resized_with("torch")`: PRX's eval set's
+    resize, for the metric that reproduces PRX's FID (`torch_resize`)."""
+
+    resize: str = "pil"
 
     def __init__(self, rows, load_image, resolution: int, caption: str, where, first: int = 0, size=None):
         self.rows, self.load_image, self.resolution, self.caption = rows, load_image, resolution, caption
         self.where, self.first = where, first
         self.size = len(rows) - first if size is None else size
+
+    def resized_with(self, resize: Literal["pil", "torch"]) -> ImageTextDataset:
+        """The same items, their images resized by `resize`: pil (the training images') or torch."""
+        view = copy.copy(self)
+        view.resize = resize
+        return view
 
     def __len__(self) -> int:
         return self.size
@@ -125,15 +137,29 @@ class ImageTextDataset(Dataset):
             raise DataError(f"{self.where(row, index)}: cannot read the image ({e})") from None
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize(
-            (self.resolution, self.resolution), Image.Resampling.BICUBIC
-        )
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+        img = img.crop((left, top, left + side, top + side))
+        if self.resize == "torch":
+            image = torch_resize(img, self.resolution)
+        else:
+            img = img.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+            image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
         return {
-            "image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),
+            "image": image,
             "caption": str(row[self.caption]),
             "attrs": torch.full((len(synthetic.ATTRIBUTES),), -1, dtype=torch.long),  # unknown attributes
         }
+
+
+def torch_resize(img, side: int) -> torch.Tensor:
+    """An RGB PIL image → (3, side, side) float in [0, 1], as PRX prepares its eval images
+    (prx/dataset/transforms.py): uint8 / 255 in float32 (`image_to_tensor`), torchvision's
+    `resize(..., antialias=True)` on that float tensor (bilinear, antialiased, align_corners False:
+    `F.interpolate`), clamped to [0, 1]. Not quantised: PRX's eval callback truncates it to uint8."""
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255.0)  # (3, H, W)
+    x = F.interpolate(x[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].clamp(0.0, 1.0)
 
 
 def _split(rows, cfg: ImageTextConfig, val_caption: str | None, loader, where, columns: list[str]):

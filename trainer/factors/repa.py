@@ -30,6 +30,12 @@ in a SPRINT route, where 75 % of the tokens are gone, it must be asked for with
 must lie outside any route; the attention projector takes any subset of tokens (the positions come
 from their indices), which is why PRX added it for TREAD.
 
+`projector_dtype: bf16` stores the projector in bf16 whatever the denoiser's weights are, as PRX does
+(its REPA/iREPA cast the projector `.to(torch.bfloat16)` before the optimizer is built; the same AdamW
+then keeps its moments in bf16 and updates the weights in bf16, with no fp32 master copy). The
+projector's input is cast to bf16 (what bf16 autocast does to a matmul's operands anyway). Left as
+they were: PRX also runs its teacher in bf16 and takes the cosine of bf16 tensors; ours does both in fp32.
+
 The teacher is frozen, in eval mode, run without grad, and kept out of the module tree: it is
 neither a parameter nor in the factors' state dict, so checkpoints hold only the projector.
 After `stop_step` (the study's advice: switch REPA off after ~200k steps) neither the teacher nor
@@ -51,7 +57,7 @@ from eval.domain import WIDTH as ATTR_NET_WIDTH
 from eval.metrics import SYNTHETIC_SHAPES
 from trainer.factors.routing import gather_tokens
 from trainer.identity import TRAINS, mark
-from trainer.model import Factor, FactorContext, TokenState
+from trainer.model import Factor, FactorContext, Stored, TokenState
 from trainer.registry import Config, Registry
 
 # `needs_domain`: the data domain a teacher is trained on (None: any images).
@@ -255,6 +261,12 @@ class AlignConfig(Config):
         None,
         description="block inside a SPRINT route: gather = align only the kept tokens (TREAD implies it)",
     )
+    projector_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="the projector's weights, gradients and optimizer state: fp32 = as the denoiser's "
+        "weights (bf16 under precision bf16); bf16 = always bf16, as PRX stores and trains every projector",
+        json_schema_extra=mark(TRAINS, neutral="fp32"),  # added after hashes existed: fp32 before
+    )
 
 
 class REPAConfig(AlignConfig):
@@ -351,6 +363,11 @@ class AttentionProjector(nn.Module):
 PROJECTORS = {"conv": ConvProjector, "attention": AttentionProjector}
 
 
+def stored(projector: nn.Module, cfg: AlignConfig) -> nn.Module:
+    """The projector in its `projector_dtype`: fp32 follows the denoiser's weights, bf16 stays bf16."""
+    return projector if cfg.projector_dtype == "fp32" else Stored(projector, torch.bfloat16)
+
+
 def spatial_norm(y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
     """iREPA's target normalisation over tokens, per sample and channel: y (B, L, D) → (B, L, D).
 
@@ -411,11 +428,11 @@ class IREPAFactor(REPAFactor):
 @REPA.register(REPAConfig)
 def build_repa(cfg: REPAConfig, ctx: FactorContext) -> REPAFactor:
     dt = cfg.teacher.width
-    projector = mlp_projector(ctx.hidden_size, cfg.projector_dim or dt, dt)
+    projector = stored(mlp_projector(ctx.hidden_size, cfg.projector_dim or dt, dt), cfg)
     return REPAFactor(cfg, TEACHERS.build(cfg.teacher, ctx), projector)
 
 
 @REPA.register(IREPAConfig)
 def build_irepa(cfg: IREPAConfig, ctx: FactorContext) -> IREPAFactor:
-    projector = PROJECTORS[cfg.projector](ctx.hidden_size, cfg.teacher.width)
+    projector = stored(PROJECTORS[cfg.projector](ctx.hidden_size, cfg.teacher.width), cfg)
     return IREPAFactor(cfg, TEACHERS.build(cfg.teacher, ctx), projector)

@@ -31,6 +31,7 @@ from pydantic import Field, PositiveInt, StrictBool
 from torch import nn
 
 from trainer.factors.precision import Precision
+from trainer.model import Stored
 from trainer.registry import Config, Registry
 from trainer.runtime.dist import Dist
 
@@ -254,6 +255,9 @@ def shard(denoiser: nn.Module, mesh, cfg: FSDPConfig, precision: Precision) -> N
     )
     for block in denoiser.prx.blocks:  # one all-gather per block; the factor hooks run between them
         fully_shard(block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)
+    for module in denoiser.factors.modules():  # a storage dtype of its own (REPA's bf16 projector):
+        if isinstance(module, Stored):  # FSDP holds one dtype per unit
+            fully_shard(module, mesh=mesh, mp_policy=policy)
     # the rest (embeddings, final layer, factor modules): kept gathered from forward to backward, whose
     # start needs them at once (FSDP's default for the root)
     fully_shard(denoiser, mesh=mesh, mp_policy=policy)
