@@ -24,8 +24,10 @@ from trainer.evaluation import EvalConfig
 from trainer.factors.contrastive import CONTRASTIVE
 from trainer.factors.ema import EMA
 from trainer.factors.optimizer import OPTIMIZERS
+from trainer.factors.perceptual import LPIPS, PERCEPTUAL_DINO
 from trainer.factors.precision import PRECISION
 from trainer.factors.repa import REPA
+from trainer.factors.resolution import RESOLUTION
 from trainer.factors.routing import ROUTING
 from trainer.factors.text import TEXT
 from trainer.factors.tokenizer import TOKENIZERS
@@ -116,6 +118,27 @@ COMPONENTS: tuple[Component, ...] = (
     Component("routing", ROUTING, "token routing around middle blocks", optional=True, joins="denoiser"),
     Component(
         "repa", REPA, "representation alignment with a frozen teacher", optional=True, joins="denoiser"
+    ),
+    Component(
+        "resolution_aware",
+        RESOLUTION,
+        "the input's height and width as two extra text tokens or added to the timestep vector",
+        optional=True,
+        joins="denoiser",
+    ),
+    Component(
+        "lpips",
+        LPIPS,
+        "LPIPS between the predicted clean image and the real one",
+        optional=True,
+        joins="loss",
+    ),
+    Component(
+        "perceptual_dino",
+        PERCEPTUAL_DINO,
+        "1 − cos of DINO patch tokens of the predicted clean image and the real one",
+        optional=True,
+        joins="loss",
     ),
 )
 
@@ -261,6 +284,9 @@ class _Sections(Config):
     @model_validator(mode="after")
     def _domain_tokenizer_needs_the_domain(self):
         self._trained_on_the_data("tokenizer", self.tokenizer, "a pretrained tokenizer (pixel, flux-vae, …)")
+        if self.perceptual_dino is not None:
+            self._trained_on_the_data("perceptual_dino.encoder", self.perceptual_dino.encoder,
+                                      "a pretrained encoder (dinov2-*, dinov3-*)")  # fmt: skip
         return self
 
     @model_validator(mode="after")

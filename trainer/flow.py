@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -64,8 +65,9 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
     return (1 - t) * x0 + t * noise
 
 
-# Each prediction type says how the net's output and the regression target read as velocities;
-# the loss and the sampler use only velocities, so neither branches on the prediction type.
+# Each prediction type says how the net's output and the regression target read as velocities, and the
+# output as a clean estimate (the perceptual losses'); the loss and the sampler use only velocities, so
+# neither branches on the prediction type.
 def _clamped(t: torch.Tensor, x: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
     return t.clamp(min=cfg.x_min_t).view(-1, *[1] * (x.dim() - 1))
 
@@ -74,10 +76,12 @@ PREDICTIONS: dict[str, dict[str, Callable]] = {
     "v": {
         "velocity": lambda pred, xt, t, cfg: pred,
         "target": lambda x0, noise, xt, t, cfg: noise - x0,
+        "clean": lambda pred, xt, t, cfg: xt - t.view(-1, *[1] * (xt.dim() - 1)) * pred,
     },
     "x": {  # the net outputs x0; v = (x_t - x0) / max(t, x_min_t) for prediction and target alike
         "velocity": lambda pred, xt, t, cfg: (xt - pred) / _clamped(t, xt, cfg),
         "target": lambda x0, noise, xt, t, cfg: (xt - x0) / _clamped(t, xt, cfg),
+        "clean": lambda pred, xt, t, cfg: pred,  # the raw output, as PRX's perceptual losses take it
     },
 }
 
@@ -101,6 +105,25 @@ def loss(
     v_pred = velocity(pred.float(), xt, t, cfg)
     v_true = PREDICTIONS[cfg.prediction]["target"](x0, noise, xt, t, cfg).float()
     return F.mse_loss(v_pred, v_true), v_pred, v_true
+
+
+def clean(pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    """The net's estimate of x0 (B, C, h, w): its output under x-prediction, x_t − t·v under v-prediction."""
+    return PREDICTIONS[cfg.prediction]["clean"](pred.float(), xt, t, cfg)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A train step's prediction as a loss term sees it (trainer/config.py, `joins="loss"`): this
+    process's rows, each tensor (b, …)."""
+
+    v_pred: torch.Tensor  # (b, C, h, w) fp32, the predicted velocity
+    v_true: torch.Tensor  # (b, C, h, w) fp32, the target velocity
+    x0_pred: torch.Tensor  # (b, C, h, w) fp32, the net's clean estimate in the denoiser's space (`clean`)
+    t: torch.Tensor  # (b,) fp32
+    images: torch.Tensor  # (b, 3, H, W) in [0, 1], the batch's real images
+    to_images: Callable[[torch.Tensor], torch.Tensor]  # denoiser space → (b, 3, H, W) in about [-1, 1],
+    # differentiable (the tokenizer's `signed`: the identity for pixels, the frozen decoder for latents)
 
 
 @torch.no_grad()

@@ -261,7 +261,7 @@ class Denoiser(nn.Module):
             )  # (B, L', C)
             for f in self.factors:
                 f.after_block(i, state)
-        out = prx.final_layer(state.img, vec)  # (B, L, p²·C_in)
+        out = prx.final_layer(state.img, state.vec)  # (B, L, p²·C_in); a factor may add to vec (resolution)
         return DenoiserOutput(pred=seq2img(out, p, x.shape), losses=state.losses)
 
 

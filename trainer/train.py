@@ -169,7 +169,12 @@ class Trainer:
                 xt.to(w), t, txt.to(w), mask, inputs={"images": images, "step": step, "draws": draws}
             )
         loss, v_pred, v_true = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
-        total = loss + sum(out.losses.values()) + sum(term(v_pred, v_true) for term in self.loss_terms)
+        # the tokenizer is looked up only by a term that decodes (with a cache it is built on first use)
+        pred = flow.Prediction(v_pred, v_true, flow.clean(out.pred, xt, t, cfg.flow), t, images,
+                               lambda z: self.tokenizer.signed(z))  # fmt: skip
+        with self.precision.context():  # the perceptual terms' frozen networks run under the arm's autocast
+            terms = [term(pred) for term in self.loss_terms]
+        total = loss + sum(out.losses.values()) + sum(terms)
         total.backward()
         grad_norm = self.parallel.clip_grad_norm_(cfg.train.grad_clip or math.inf)
         self.optimizer.step()

@@ -74,6 +74,13 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
         if kind != "tiny"
     },
     ("repa.teacher", "tiny"): {},  # the repa cases above use it
+    ("resolution_aware", "token"): {"resolution_aware": {"kind": "token"}},
+    ("resolution_aware", "vec"): {"resolution_aware": {"kind": "vec"}},
+    # a random trunk with the package's real linear layers; 16 px reaches VGG's fifth block at 1 px
+    ("lpips", "lpips"): {"lpips": {"kind": "lpips", "backbone": "random", "weight": 0.5}},
+    ("perceptual_dino", "p-dino"): {
+        "perceptual_dino": {"kind": "p-dino", "encoder": TEACHER, "resolution": 8}
+    },
 }
 
 

@@ -11,16 +11,22 @@ from trainer import job
 from trainer.factors.contrastive import ContrastiveConfig, build_contrastive
 from trainer.factors.ema import EMAConfig, ModelEMA
 from trainer.factors.precision import BF16Config, FP32Config, build_bf16, build_fp32
+from trainer.flow import Prediction
 
 
 def test_contrastive_term_is_minus_lambda_mse_to_targets_rolled_within_groups():
     g = torch.Generator().manual_seed(0)
     v_pred, v_true = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
-    whole = build_contrastive(ContrastiveConfig(weight=0.05, group=4))  # one group: PRX's roll by one
+
+    def term(cfg):  # the term reads only the velocities of the step's prediction
+        built = build_contrastive(cfg)
+        return lambda a, b: built(Prediction(a, b, a, torch.zeros(len(a)), a, lambda z: z))
+
+    whole = term(ContrastiveConfig(weight=0.05, group=4))  # one group: PRX's roll by one
     expected = -0.05 * ((v_pred - v_true[[3, 0, 1, 2]]) ** 2).mean()
     assert torch.allclose(whole(v_pred, v_true), expected)
     assert torch.allclose(whole(v_pred, v_true), -0.05 * F.mse_loss(v_pred, v_true.roll(1, 0)))
-    pairs = build_contrastive(ContrastiveConfig(weight=0.05, group=2))  # groups {0, 1}, {2, 3}
+    pairs = term(ContrastiveConfig(weight=0.05, group=2))  # groups {0, 1}, {2, 3}
     assert torch.allclose(pairs(v_pred, v_true), -0.05 * ((v_pred - v_true[[1, 0, 3, 2]]) ** 2).mean())
     # a process holding samples 2, 3 of the global batch computes its part of the same term
     assert torch.allclose(

@@ -70,12 +70,24 @@ CASES = {  # name → (overrides of TINY + COMMON, relative tolerance)
     # a Gaussian autoencoder (the study's Flux VAE, tiny): its posterior sample is a per-sample draw too
     "flux-vae": ({"tokenizer": {"kind": "flux-vae", "dtype": "float32"}, "data": {"resolution": 32}}, 1e-5),
     "fsdp": ({"parallel": {"kind": "fsdp"}}, 1e-5),  # sharded over two, whole in one
+    # the perceptual terms average over each process's rows, the rows at or above t_threshold as zeros
+    "lpips-flux-vae": (
+        {
+            "tokenizer": {"kind": "flux-vae", "dtype": "float32"},
+            "data": {"resolution": 32},
+            "lpips": {"kind": "lpips", "backbone": "random", "t_threshold": 0.5},
+        },
+        1e-5,
+    ),  # fmt: skip
+    "perceptual-dino": ({"perceptual_dino": {"kind": "p-dino", "encoder": TEACHER, "resolution": 8}}, 1e-5),
+    "resolution-aware": ({"resolution_aware": {"kind": "token"}}, 1e-5),
     # sweeps/prx-pixel-1024.yaml: its baseline and each of its deltas on it
     "pixel-x": (PIXEL, 1e-5),
     "pixel-v": ({"flow": {"prediction": "v", "shift": 3.0}}, 1e-5),
     "pixel-tread": ({**PIXEL, "routing": {"kind": "tread", **ROUTE}}, 1e-5),
     "pixel-sprint": ({**PIXEL, "routing": {"kind": "sprint", **ROUTE}}, 1e-5),
     "pixel-contrastive": ({**PIXEL, "contrastive": {"kind": "contrastive", "group": 2}}, 1e-5),
+    "pixel-lpips": ({**PIXEL, "lpips": {"kind": "lpips", "backbone": "random", "t_threshold": 0.5}}, 1e-5),
 }
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from trainer.flow import Prediction
 from trainer.model import FactorContext
 from trainer.registry import Config, Registry
 
@@ -59,9 +60,9 @@ class ContrastiveTerm:
     def __init__(self, weight: float, group: int):
         self.weight, self.group = weight, group
 
-    def __call__(self, v_pred: torch.Tensor, v_true: torch.Tensor) -> torch.Tensor:
+    def __call__(self, p: Prediction) -> torch.Tensor:
         # (B, C, H, W) each, this process's rows: whole groups of the global batch
-        return -self.weight * F.mse_loss(v_pred, rolled_in_groups(v_true, self.group))
+        return -self.weight * F.mse_loss(p.v_pred, rolled_in_groups(p.v_true, self.group))
 
 
 @CONTRASTIVE.register(ContrastiveConfig)

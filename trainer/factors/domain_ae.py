@@ -72,9 +72,8 @@ class DomainAETokenizer(Tokenizer):
     def moments(self, images: torch.Tensor) -> Latents:
         return Latents((self.ae.encoder(images * 2 - 1) - self.mean) / self.std, None)  # (B, C, h, w)
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return ((self.ae.decoder(z * self.std + self.mean) + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
+    def signed(self, z: torch.Tensor) -> torch.Tensor:
+        return self.ae.decoder(z * self.std + self.mean)  # (B, 3, H, W) in about [-1, 1]
 
 
 def train_domain_ae(cfg: DomainAEConfig, data) -> dict:

@@ -153,9 +153,14 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         size = (grid[0] * self.patch_size, grid[1] * self.patch_size)  # e.g. 16×14 = 224 for DINOv2
         x = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
-        x = (x - self.mean) / self.std  # (B, 3, h·p, w·p)
-        tokens = self.model(pixel_values=x).last_hidden_state  # (B, prefix + h·w, Dt), final norm applied
-        return tokens[:, self.prefix :].float()  # (B, h·w, Dt)
+        return self.tokens(x)  # (B, h·w, Dt)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1], at a multiple of the patch → patch tokens (B, H·W/p², Dt), with
+        gradients to the images (the perceptual DINO loss, trainer/factors/perceptual.py)."""
+        x = (images - self.mean) / self.std  # (B, 3, H, W)
+        tokens = self.model(pixel_values=x).last_hidden_state  # (B, prefix + H·W/p², Dt), final norm applied
+        return tokens[:, self.prefix :].float()  # (B, H·W/p², Dt)
 
 
 def build_hf_teacher(cfg: HFTeacherConfig, ctx: FactorContext) -> Teacher:
@@ -232,7 +237,11 @@ class DomainTeacher(nn.Module):
         x = images.float()
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        features = self.net.grid_features(x * 2 - 1)  # the net's input range [-1, 1]; (B, C, h, w)
+        return self.tokens(x)  # (B, h·w, C)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] → the grid features (B, h·w, C) at stride GRID_STRIDE, with gradients."""
+        features = self.net.grid_features(images * 2 - 1)  # the net's input range [-1, 1]; (B, C, h, w)
         return features.flatten(2).transpose(1, 2)  # (B, h·w, C)
 
 

@@ -68,8 +68,15 @@ class Tokenizer(torch.nn.Module):
             return lat.mean
         return lat.sample(torch.randn(lat.mean.shape, generator=generator, device=lat.mean.device))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def signed(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) → images (B, 3, H, W) in about [-1, 1], unclamped and differentiable (the
+        perceptual losses decode the predicted x0 through it; the weights stay frozen)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) → images (B, 3, H, W) in [0, 1]."""
+        return ((self.signed(z).float() + 1) / 2).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,8 +109,8 @@ class PixelTokenizer(Tokenizer):
     def moments(self, images: torch.Tensor) -> Latents:
         return Latents(images * 2 - 1, None)  # (B, 3, H, W) in [-1, 1]
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1) / 2).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+    def signed(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # (B, 3, H, W) in [-1, 1]
 
 
 @TOKENIZERS.register(PixelConfig)
@@ -191,12 +198,10 @@ class AutoencoderTokenizer(Tokenizer):
             mean, std = self.posterior(x)  # (B, C, h, w) raw latent units
         return Latents(self.norm(mean.float()), None if std is None else self.norm.scale_std(std.float()))
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def signed(self, z: torch.Tensor) -> torch.Tensor:
         x = self.norm.inverse(z.float()).to(self.dtype)  # (B, C, h, w) raw latent units
         with torch.autocast(z.device.type, enabled=False):
-            images = self.vae.decode(x).sample  # (B, 3, H, W) in [-1, 1]
-        return ((images.float() + 1) / 2).clamp(0, 1)
+            return self.vae.decode(x).sample  # (B, 3, H, W) in about [-1, 1]
 
 
 class DeterministicAutoencoderTokenizer(AutoencoderTokenizer):
