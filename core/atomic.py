@@ -54,16 +54,27 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside `path` (same folder, so a rename or link is atomic) with the mode every
+    file ablate writes gets, open: (its descriptor, its path)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    return fd, Path(name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yields a temporary path beside `path` for a writer that wants a file name (PIL, numpy,
     safetensors, torch.save); on success it becomes `path` atomically, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
+    fd, tmp = _temp_beside(path)
     try:
-        os.fchmod(fd, FILE_MODE)
         os.close(fd)
         yield tmp
         fsync_file(tmp)
@@ -85,11 +96,8 @@ def atomic_create(path: str | os.PathLike[str], data: str | bytes) -> bool:
     meanwhile is kept, never replaced (the written temporary file is hard-linked into place, which fails
     on an existing name). Returns whether this call created it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
+    fd, tmp = _temp_beside(path)
     try:
-        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()

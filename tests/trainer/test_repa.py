@@ -398,6 +398,15 @@ def test_repa_validation_names_the_fix(tiny_cfg):
     assert study.repa.teacher.patch_size == 16 and study.repa.teacher.width == 1024 and study.repa.block == 7
 
 
+IREPA_PRX = {  # iREPA as PRX's configs run it
+    "kind": "irepa",
+    "teacher": TINY_TEACHER,
+    "block": 1,
+    "projector": "attention",
+    "target_norm": "per-token-mean",
+}
+
+
 @pytest.mark.parametrize(
     "over",
     [
@@ -407,25 +416,10 @@ def test_repa_validation_names_the_fix(tiny_cfg):
             "repa": {"kind": "repa", "teacher": TINY_TEACHER, "block": 1, "routed_target": "gather"},
             "routing": {"kind": "sprint", "start": 1, "end": 4},
         },
+        {"repa": IREPA_PRX, "routing": {"kind": "tread", "start": 1, "end": 4}},
+        # as PRX ran iREPA: its projector stored and trained in bf16
         {
-            "repa": {
-                "kind": "irepa",
-                "teacher": TINY_TEACHER,
-                "block": 1,
-                "projector": "attention",
-                "target_norm": "per-token-mean",
-            },
-            "routing": {"kind": "tread", "start": 1, "end": 4},
-        },
-        {  # as PRX ran iREPA: its projector stored and trained in bf16
-            "repa": {
-                "kind": "irepa",
-                "teacher": TINY_TEACHER,
-                "block": 1,
-                "projector": "attention",
-                "target_norm": "per-token-mean",
-                "projector_dtype": "bf16",
-            },
+            "repa": {**IREPA_PRX, "projector_dtype": "bf16"},
             "routing": {"kind": "tread", "start": 1, "end": 4},
         },
     ],
