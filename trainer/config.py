@@ -273,6 +273,26 @@ class _Sections(Config):
             )
         return self
 
+    @model_validator(mode="after")
+    def _buckets_fit_the_tokens_and_the_cache(self):
+        buckets = self.data.train_buckets() if hasattr(self.data, "train_buckets") else None
+        if buckets is None:
+            return self
+        if self.cache is not None and self.tokenizer.caches_latents:
+            raise ValueError(
+                f"data.buckets: prx with cache: tokenizer {self.tokenizer.kind!r}'s latents are cached at one "
+                "square shape, not per aspect-ratio bucket; set cache: null (encode each step) or data.buckets: "
+                "square"
+            )
+        per_token = self.tokenizer.downsample * self.model.sizes()["patch_size"]
+        if any(side % per_token for hw in buckets for side in hw):
+            raise ValueError(
+                f"data.bucket_px {self.data.bucket_px} is not a multiple of the model's {per_token} px per token "
+                "(tokenizer downsample × model patch_size), so a bucket's sides would not fall on whole tokens; "
+                f"use a bucket_px divisible by {per_token}"
+            )
+        return self
+
     def _trained_on_the_data(self, key: str, component, instead: str) -> None:
         domain = component.needs_domain
         if domain not in (None, self.data.domain):

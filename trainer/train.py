@@ -24,7 +24,7 @@ from core.rundir import DONE, RUNNING, RunDir, now
 from trainer import flow
 from trainer.config import TrainConfig, build_factors, identity
 from trainer.data import cache
-from trainer.data.datasets import StepBatchSampler
+from trainer.data.datasets import train_sampler
 from trainer.draws import Draws
 from trainer.evaluation import Evaluation, GenerationMetrics, HeldOutLoss, Sampler
 from trainer.factors.ema import NoEMA
@@ -227,8 +227,8 @@ class Trainer:
     def loader(self) -> DataLoader:
         """The training batches from the current step on (this process's rows of each global batch)."""
         cfg = self.cfg
-        sampler = StepBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.seed, self.step,
-                                   cfg.train.steps, self.dist.rank, self.dist.world)  # fmt: skip
+        sampler = train_sampler(self.train_set, cfg.data, cfg.train.batch_size, cfg.seed, self.step,
+                                cfg.train.steps, self.dist.rank, self.dist.world)  # fmt: skip
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.train.num_workers,
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=cfg.train.num_workers > 0)  # fmt: skip

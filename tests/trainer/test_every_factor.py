@@ -74,6 +74,13 @@ CASES = {  # (config path, kind) → overrides of the tiny base config
         if kind != "tiny"
     },
     ("repa.teacher", "tiny"): {},  # the repa cases above use it
+    # an option that changes what trains: PRX's aspect-ratio buckets (16 px, 4-px sides: 20×12, 16², 12×20),
+    # with routing and REPA on the varying token grid
+    ("data.buckets", "prx"): {
+        "data": "PARQUET-BUCKETS",
+        "routing": {"kind": "tread", "start": 1, "end": 3},
+        "repa": {"kind": "repa", "block": 0, "teacher": TEACHER},
+    },
     ("resolution_aware", "token"): {"resolution_aware": {"kind": "token"}},
     ("resolution_aware", "vec"): {"resolution_aware": {"kind": "vec"}},
     # a random trunk with the package's real linear layers; 16 px reaches VGG's fifth block at 1 px
@@ -96,7 +103,8 @@ def weights(tmp_path_factory):
     return install_everything(tmp_path_factory.mktemp("weights"), tmp_path_factory.mktemp("scratch"))
 
 
-def image_rows(n=24):
+def image_rows(n=24, aspects=False):
+    """Synthetic scenes at 24 px; with `aspects`, one in three cropped to 24×14 and one to 14×24 (W×H)."""
     ds = SyntheticShapes(SyntheticConfig(resolution=24, num_train=n), 0, n)
     for i in range(n):
         item = ds[i]
@@ -105,13 +113,21 @@ def image_rows(n=24):
             for k, v in zip(("shape", "colour", "size", "position", "background"), item["attrs"], strict=True)
         }
         img = Image.fromarray((item["image"].permute(1, 2, 0).numpy() * 255).astype("uint8"))
+        if aspects and i % 3:
+            img = img.crop((0, 0, 24, 14) if i % 3 == 1 else (0, 0, 14, 24))
         yield img, long_caption(attrs), short_caption(attrs)
 
 
 def dataset(kind: str, root) -> dict:
+    if kind == "parquet-buckets":
+        return {**dataset_of("parquet", root, aspects=True), "buckets": "prx", "bucket_px": 4}
+    return dataset_of(kind, root)
+
+
+def dataset_of(kind: str, root, aspects=False) -> dict:
     root.mkdir(exist_ok=True)
     rows = []
-    for i, (img, long, short) in enumerate(image_rows()):
+    for i, (img, long, short) in enumerate(image_rows(aspects=aspects)):
         if kind == "parquet":
             import io
 
@@ -146,7 +162,7 @@ def final_weights(run_dir):
 )
 def test_entry_trains_and_resumes_exactly(case, make_run, weights, tmp_path, domain_cache):
     over = dict(CASES[case])
-    if over.get("data") in ("PARQUET", "FOLDER"):
+    if over.get("data") in ("PARQUET", "FOLDER", "PARQUET-BUCKETS"):
         over["data"] = dataset(over["data"].lower(), tmp_path / "data")
     common = {
         "weights_dir": str(weights),

@@ -88,7 +88,29 @@ CASES = {  # name → (overrides of TINY + COMMON, relative tolerance)
     "pixel-sprint": ({**PIXEL, "routing": {"kind": "sprint", **ROUTE}}, 1e-5),
     "pixel-contrastive": ({**PIXEL, "contrastive": {"kind": "contrastive", "group": 2}}, 1e-5),
     "pixel-lpips": ({**PIXEL, "lpips": {"kind": "lpips", "backbone": "random", "t_threshold": 0.5}}, 1e-5),
+    # the pixel sweep's aspect-ratio buckets (data: bucketed_parquet below), with TREAD on each bucket's grid
+    "pixel-buckets": ({**PIXEL, "data": "BUCKETS", "routing": {"kind": "tread", **ROUTE}}, 1e-5),
 }
+
+
+def bucketed_parquet(root) -> dict:
+    """36 noise images, a third each 24×24, 24×14 and 14×24 (W×H), as data with buckets at 16 px, 4-px sides
+    (buckets 12×20, 16², 20×12 W×H): 32 training rows, every bucket a few global batches of 4."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng, rows = np.random.default_rng(0), []
+    for i in range(36):
+        w, h = ((24, 24), (24, 14), (14, 24))[i % 3]
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        rows.append({"image": buf.getvalue(), "long": f"noise {i}"})
+    pd.DataFrame(rows).to_parquet(root / "buckets.parquet")
+    return {"kind": "parquet", "path": str(root / "buckets.parquet"), "caption": "long", "resolution": 16,
+            "num_val": 4, "buckets": "prx", "bucket_px": 4}  # fmt: skip
 
 
 def flux_vae_weights(root):
@@ -110,6 +132,8 @@ def runs(tmp_path_factory) -> dict[str, tuple]:
     base = merge(merge(TINY, COMMON), {"weights_dir": str(flux_vae_weights(root))})
     dirs = {}
     for name, (over, _) in CASES.items():
+        if over.get("data") == "BUCKETS":
+            over = {**over, "data": bucketed_parquet(root)}
         for world in (1, 2):
             d = root / f"{name}-{world}"
             d.mkdir()

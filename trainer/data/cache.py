@@ -56,6 +56,7 @@ FORMAT = 2  # bump when the layout or what is stored changes: old caches then ge
 # 2: a tokenizer whose latents cost nothing (pixels: caches_latents False) stores no latents
 MANIFEST = "manifest.json"  # written last: its presence marks a complete cache
 SPLITS = ("train", "val")
+UNCACHED = {"buckets", "bucket_px"}  # data fields a cache's content does not depend on (cache_source)
 
 
 class CacheConfig(Config):
@@ -98,10 +99,13 @@ class Encoded:
 # The key
 # ---------------------------------------------------------------------------------------------
 def cache_source(enc: Encoded) -> dict:
-    """Everything that determines the cache's content, and nothing else."""
+    """Everything that determines the cache's content, and nothing else. Aspect-ratio buckets
+    (`data.buckets`) are not in it: a cache stores no bucketed content (it is made from the square rows;
+    latents are not cached per bucket, so TrainConfig refuses buckets with a cache of latents), so arms
+    with and without buckets share one cache of caption embeddings."""
     return {
         "format": FORMAT,
-        "data": enc.data.model_dump(mode="json"),
+        "data": enc.data.model_dump(mode="json", exclude=UNCACHED),
         "captions": {"train": enc.data.caption, "val": enc.val_caption or enc.data.caption},
         "tokenizer": enc.tokenizer.model_dump(mode="json"),
         "text_encoder": enc.text_encoder.model_dump(mode="json"),
@@ -204,7 +208,10 @@ def precompute(
     if enc.tokenizer_cache is None:
         enc = dataclasses.replace(enc, tokenizer_cache=Path(out_dir) / ".tokenizers")
     tokenizer, text = build_encoders(enc, device, weights_dir)
-    datasets = dict(zip(SPLITS, DATA.build(enc.data, val_caption=enc.val_caption), strict=True))
+    square = {"buckets": "square", "bucket_px": 32} if "buckets" in type(enc.data).model_fields else {}
+    datasets = dict(
+        zip(SPLITS, DATA.build(enc.data.model_copy(update=square), val_caption=enc.val_caption), strict=True)
+    )
     root.mkdir(parents=True, exist_ok=True)
     t0, splits = time.perf_counter(), {}
     for split, ds in datasets.items():
@@ -294,6 +301,9 @@ class CachedSplit(Dataset):
 
     def prompts(self, indices: list[int]) -> list[dict]:
         return self.base.prompts(indices)
+
+    def bucket_index(self) -> Any:
+        return self.base.bucket_index()  # the items' aspect-ratio buckets (the cache holds none)
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]

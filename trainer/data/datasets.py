@@ -14,6 +14,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset
 
 from trainer.data.rows import DataError, JsonlRows, ParquetRows
 from trainer.data.sources import META, RELATIVE, FileProblem, source_problem
-from trainer.identity import EVALUATES, mark
+from trainer.identity import EVALUATES, TRAINS, mark
 from trainer.registry import Config, Registry
 
 # `domain`: the name of the domain whose attributes are known (the demo metrics score only it), or None;
@@ -44,12 +45,44 @@ class ImageTextConfig(Config):
     image_column: str = Field("image", description="parquet: column of encoded image bytes")
     resolution: int = Field(256, ge=8, description="centre-crop and resize to this side")
     num_val: int = Field(256, ge=1, description="the last rows are held out for validation")
+    buckets: Literal["square", "prx"] = Field(
+        "square",
+        description="square: every training image centre-cropped to resolution²; prx: aspect-ratio buckets "
+        "as PRX trains (prx/dataset/transforms.py ArAwareResize): each training image resized, not cropped, "
+        "to the bucket of the nearest aspect ratio, every bucket about resolution² px, one bucket per batch "
+        "(held-out rows and evaluation stay square)",
+        json_schema_extra=mark(TRAINS, neutral="square"),  # added after hashes existed: square before
+    )
+    bucket_px: int = Field(
+        32,
+        ge=1,
+        description="buckets: prx: bucket sides are multiples of this (PRX: patch_size_pixels 32, at 256 and "
+        "1024 px alike)",
+        json_schema_extra=mark(TRAINS, neutral=32),  # added after hashes existed; only read with buckets: prx
+    )
 
     @model_validator(mode="after")
     def _folder_has_no_image_column(self):
         if self.kind == "folder" and self.image_column != "image":
             raise ValueError("image_column applies to parquet data; a folder names files in metadata.jsonl")
         return self
+
+    @model_validator(mode="after")
+    def _buckets_fit(self):
+        if self.buckets == "square":
+            if self.bucket_px != 32:
+                raise ValueError("bucket_px applies to buckets: prx; remove it or set buckets: prx")
+            return self
+        if len(bucket_sizes(self.resolution, self.bucket_px)) < 2:
+            raise ValueError(
+                f"buckets: prx at resolution {self.resolution} with bucket_px {self.bucket_px} gives a single "
+                "square bucket; use a resolution of at least 3 × bucket_px (PRX: 256 or 1024 with 32)"
+            )
+        return self
+
+    def train_buckets(self) -> list[tuple[int, int]] | None:
+        """The (H, W) buckets training images are resized into, or None (square centre crops)."""
+        return None if self.buckets == "square" else bucket_sizes(self.resolution, self.bucket_px)
 
     def file_problem(self, val_caption: str | None) -> FileProblem | None:
         """What keeps this data from being read (its path, its image column or file names, its caption
@@ -78,23 +111,54 @@ class FolderConfig(ImageTextConfig):
     kind: Literal["folder"] = "folder"
 
 
+def bucket_sizes(
+    resolution: int, grain: int, min_ar: float = 0.5, max_ar: float = 2.0
+) -> list[tuple[int, int]]:
+    """PRX's aspect-ratio buckets (prx/dataset/transforms.py `build_image_size_list`, the same list its
+    scripts/fine-t2i-to-mds.py writes): (H, W) pairs, sides multiples of `grain`, about resolution² px each,
+    aspect W/H about [min_ar, max_ar] (the floored side takes the extremes a little beyond), in ascending
+    aspect. With n = resolution / grain cells a side: for each
+    width of w cells, the tallest height floor(n² / w) cells, and for each height of h cells the widest
+    width floor(n² / h). (PRX also asks sides divisible by 16, which multiples of its grain 32 are.)
+    PRX's lists: 7 buckets at 256 px, 27 at 1024 px (W×H 160×352 … 256×256 … 352×160, and 704×1440 … 1440×704)."""
+    n2, sizes = (resolution / grain) ** 2, set()
+    for cells in range(math.ceil(math.sqrt(n2 * min_ar)), math.floor(math.sqrt(n2 * max_ar)) + 1):
+        sizes.add((math.floor(n2 / cells) * grain, cells * grain))  # width of `cells`, tallest height
+    for cells in range(math.ceil(math.sqrt(n2 / max_ar)), math.floor(math.sqrt(n2 / min_ar)) + 1):
+        sizes.add((cells * grain, math.floor(n2 / cells) * grain))  # height of `cells`, widest width
+    return sorted((s for s in sizes if min(s) > 0), key=lambda hw: (hw[1] / hw[0], hw))
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> int:
+    """The index of the bucket (H, W) whose aspect W/H is nearest the image's width/height, as PRX picks
+    it (`get_closest_ar`: the least |W/H − width/height|); on a tie the narrower one."""
+    aspect = width / height
+    return min(range(len(buckets)), key=lambda i: (abs(buckets[i][1] / buckets[i][0] - aspect), i))
+
+
 class ImageTextDataset(Dataset):
     """Rows `first .. first + size` of `rows` as (image, captions); images are decoded, centre-cropped and
-    resized on access.
+    resized on access (with `buckets`: resized into the bucket of their aspect ratio, uncropped).
 
     `rows`: a list of row dicts, or a row source read on demand (`trainer.data.rows`: its `take` reads
     each block a batch needs once). `where(row, index)` names a row's source for errors (the file, and
     the row of a parquet file). `caption`: the column read as each item's caption.
 
     Images are resized with PIL (bicubic on uint8), unless `resized_with("torch")`: PRX's eval set's
-    resize, for the metric that reproduces PRX's FID (`torch_resize`)."""
+    resize, for the metric that reproduces PRX's FID (`torch_resize`).
+
+    `buckets`: (H, W) aspect-ratio buckets (`bucket_sizes`). Each image is then resized — stretched, not
+    cropped — to the bucket nearest its aspect ratio, with torch's antialiased bilinear resize on the
+    float image, as PRX's `ArAwareResize` does; `bucket_index()` tells the sampler every item's bucket."""
 
     resize: str = "pil"
 
-    def __init__(self, rows, load_image, resolution: int, caption: str, where, first: int = 0, size=None):
+    def __init__(self, rows, load_image, resolution: int, caption: str, where, first: int = 0, size=None,
+                 buckets: list[tuple[int, int]] | None = None):  # fmt: skip
         self.rows, self.load_image, self.resolution, self.caption = rows, load_image, resolution, caption
-        self.where, self.first = where, first
+        self.where, self.first, self.buckets = where, first, buckets
         self.size = len(rows) - first if size is None else size
+        self._bucket_index: np.ndarray | None = None
 
     def resized_with(self, resize: Literal["pil", "torch"]) -> ImageTextDataset:
         """The same items, their images resized by `resize`: pil (the training images') or torch."""
@@ -120,6 +184,27 @@ class ImageTextDataset(Dataset):
         rows = self.rows.take(at) if hasattr(self.rows, "take") else [self.rows[j] for j in at]
         return [self._item(row, j) for row, j in zip(rows, at, strict=True)]
 
+    def bucket_index(self, block: int = 256) -> np.ndarray:
+        """Every item's bucket (an index into `buckets`), (len,) int64, read once and kept: from each image's
+        header (its size; the pixels are not decoded), a block of rows at a time."""
+        if self.buckets is None:
+            raise ValueError("bucket_index: this dataset has no buckets (data.buckets: square)")
+        if self._bucket_index is None:
+            out = np.empty(self.size, dtype=np.int64)
+            for start in range(0, self.size, block):
+                at = list(range(self.first + start, self.first + min(start + block, self.size)))
+                rows = self.rows.take(at) if hasattr(self.rows, "take") else [self.rows[j] for j in at]
+                for k, (row, j) in enumerate(zip(rows, at, strict=True)):
+                    out[start + k] = nearest_bucket(*self._open(row, j).size, self.buckets)
+            self._bucket_index = out
+        return self._bucket_index
+
+    def _open(self, row: dict, index: int):
+        try:
+            return self.load_image(row)  # lazy: PIL reads the header, not the pixels
+        except (OSError, ValueError, SyntaxError, KeyError, TypeError) as e:
+            raise DataError(f"{self.where(row, index)}: cannot read the image ({e})") from None
+
     def prompts(self, indices: list[int]) -> list[dict]:
         """What evaluation asks of the items `indices` — their caption and attributes — without decoding
         their images."""
@@ -135,6 +220,9 @@ class ImageTextDataset(Dataset):
             img = self.load_image(row).convert("RGB")  # convert() decodes: a truncated file fails here
         except (OSError, ValueError, SyntaxError, KeyError, TypeError) as e:
             raise DataError(f"{self.where(row, index)}: cannot read the image ({e})") from None
+        if self.buckets is not None:  # PRX's ArAwareResize: the whole image into its bucket's (H, W)
+            image = torch_resize(img, self.buckets[nearest_bucket(*img.size, self.buckets)])
+            return self._as_item(image, row)
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side))
@@ -143,6 +231,9 @@ class ImageTextDataset(Dataset):
         else:
             img = img.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
             image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        return self._as_item(image, row)
+
+    def _as_item(self, image: torch.Tensor, row: dict) -> dict:
         return {
             "image": image,
             "caption": str(row[self.caption]),
@@ -150,15 +241,16 @@ class ImageTextDataset(Dataset):
         }
 
 
-def torch_resize(img, side: int) -> torch.Tensor:
-    """An RGB PIL image → (3, side, side) float in [0, 1], as PRX prepares its eval images
-    (prx/dataset/transforms.py): uint8 / 255 in float32 (`image_to_tensor`), torchvision's
+def torch_resize(img, side: int | tuple[int, int]) -> torch.Tensor:
+    """An RGB PIL image → (3, side, side) (or (3, H, W) for side = (H, W)) float in [0, 1], as PRX prepares
+    its images (prx/dataset/transforms.py): uint8 / 255 in float32 (`image_to_tensor`), torchvision's
     `resize(..., antialias=True)` on that float tensor (bilinear, antialiased, align_corners False:
     `F.interpolate`), clamped to [0, 1]. Not quantised: PRX's eval callback truncates it to uint8."""
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255.0)  # (3, H, W)
-    x = F.interpolate(x[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    size = (side, side) if isinstance(side, int) else tuple(side)
+    x = F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)
     return x[0].clamp(0.0, 1.0)
 
 
@@ -172,8 +264,8 @@ def _split(rows, cfg: ImageTextConfig, val_caption: str | None, loader, where, c
     if len(rows) <= cfg.num_val:
         raise DataError(f"{cfg.path}: {len(rows)} rows, need more than data.num_val={cfg.num_val}")
     n = len(rows) - cfg.num_val
-    return (
-        ImageTextDataset(rows, loader, cfg.resolution, cfg.caption, where, 0, n),
+    return (  # the held-out rows stay square: val_loss and evaluation are the same for every arm
+        ImageTextDataset(rows, loader, cfg.resolution, cfg.caption, where, 0, n, cfg.train_buckets()),
         ImageTextDataset(rows, loader, cfg.resolution, val_caption or cfg.caption, where, n, cfg.num_val),
     )
 
@@ -381,6 +473,63 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.total - self.start
+
+
+class BucketBatchSampler(StepBatchSampler):
+    """Aspect-ratio buckets (`data.buckets: prx`): every global batch holds one bucket, still a pure
+    function of (seed, step) and cut into the same contiguous rank slices, so N processes read together
+    what one reads alone and a resumed run reads what an uninterrupted one did.
+
+    `buckets`: each item's bucket, (n,) int. Epoch e: each bucket's items in a permutation of their own
+    (seeded by seed, e, bucket), cut into whole global batches (a bucket's last partial batch is left out
+    that epoch, as PRX's loader drops its last batch), and the batches of every bucket in a permutation
+    seeded by (seed, e). Step s takes batch s mod (batches an epoch) of epoch s div it. PRX draws one
+    bucket per device batch (MosaicML streaming's device_per_stream, a stream per bucket); one per global
+    batch keeps the batch independent of the process count."""
+
+    def __init__(self, buckets, global_batch: int, seed: int, start_step: int, total_steps: int,
+                 rank: int = 0, world: int = 1):  # fmt: skip
+        buckets = np.asarray(buckets, dtype=np.int64)
+        super().__init__(len(buckets), global_batch, seed, start_step, total_steps, rank, world)
+        self.members = [np.flatnonzero(buckets == k) for k in range(int(buckets.max(initial=-1)) + 1)]
+        self.per_epoch = sum(len(m) // global_batch for m in self.members)
+        if not self.per_epoch:
+            largest = max((len(m) for m in self.members), default=0)
+            raise DataError(
+                f"no aspect-ratio bucket holds train.batch_size={global_batch} training images (the fullest "
+                f"holds {largest}); a batch is one bucket: use a smaller batch, more data or data.buckets: square"
+            )
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def _batches(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s global batches, (per_epoch, B) item indices."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            whole = []
+            for k, m in enumerate(self.members):
+                order = m[np.random.default_rng([self.seed, epoch, k + 1]).permutation(len(m))]
+                whole.append(order[: len(m) // self.b * self.b].reshape(-1, self.b))
+            batches = np.concatenate(whole)
+            self._epoch = (
+                epoch,
+                batches[np.random.default_rng([self.seed, epoch, 0]).permutation(len(batches))],
+            )
+        return self._epoch[1]
+
+    def global_batch(self, step: int) -> list[int]:
+        epoch, at = divmod(step, self.per_epoch)
+        return [int(i) for i in self._batches(epoch)[at]]
+
+
+def train_sampler(train_set, data, global_batch: int, seed: int, start_step: int, total_steps: int,
+                  rank: int = 0, world: int = 1) -> StepBatchSampler:  # fmt: skip
+    """The training batch sampler `data` asks for: one bucket per batch with aspect-ratio buckets, else
+    the plain step sampler."""
+    buckets = data.train_buckets() if hasattr(data, "train_buckets") else None
+    if buckets is None:
+        return StepBatchSampler(len(train_set), global_batch, seed, start_step, total_steps, rank, world)
+    return BucketBatchSampler(
+        train_set.bucket_index(), global_batch, seed, start_step, total_steps, rank, world
+    )
 
 
 from trainer.data import synthetic  # noqa: E402, F401 - the synthetic kind registers itself in DATA
