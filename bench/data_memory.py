@@ -74,7 +74,8 @@ def worker(reader: str, path: str, rank: int, world: int, steps: int, batch: int
     from PIL import BmpImagePlugin  # noqa: F401
     from torch.utils.data import DataLoader
 
-    from trainer.data.datasets import ParquetConfig, StepBatchSampler, build_parquet
+    from trainer.data.datasets import ParquetConfig, build_parquet
+    from trainer.data.sampling import StepBatchSampler
 
     start = rss()
     t0 = time.perf_counter()

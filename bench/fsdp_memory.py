@@ -79,7 +79,7 @@ def _task(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from trainer.config import TrainConfig
-    from trainer.data.datasets import StepBatchSampler
+    from trainer.data.sampling import StepBatchSampler
     from trainer.runtime import dist as distributed
     from trainer.train import Trainer
 

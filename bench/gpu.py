@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ablate.sweep.expand import expand
 from ablate.sweep.schema import BASELINE, load_sweep
 from trainer.config import TrainConfig
-from trainer.data.datasets import StepBatchSampler
+from trainer.data.sampling import StepBatchSampler
 from trainer.factors.optimizer import muon_step_parts, project_muon_step
 from trainer.factors.tokenizer import Latents
 from trainer.model import PRESETS

@@ -24,7 +24,7 @@ from fsdp_memory import memory_rows  # bench/ is the script's folder
 from ablate.sweep.expand import merge
 from trainer import flow
 from trainer.config import TrainConfig
-from trainer.data.datasets import StepBatchSampler
+from trainer.data.sampling import StepBatchSampler
 from trainer.factors.optimizer import MuonConfig, muon_groups, ns_flops_per_rank
 from trainer.model import Denoiser, ModelConfig, build_prx
 from trainer.runtime.dist import Dist

@@ -24,7 +24,7 @@ from core.rundir import DONE, RUNNING, RunDir, now
 from trainer import flow
 from trainer.config import TrainConfig, build_factors, identity
 from trainer.data import cache
-from trainer.data.datasets import train_sampler
+from trainer.data.sampling import train_sampler
 from trainer.draws import Draws
 from trainer.evaluation import Evaluation, GenerationMetrics, HeldOutLoss, Sampler
 from trainer.factors.ema import NoEMA

@@ -14,10 +14,9 @@ from trainer_testing import TINY, merge
 
 from trainer.config import TrainConfig
 from trainer.data.cache import cache_key
-from trainer.data.datasets import (
-    DATA,
+from trainer.data.datasets import DATA, DataError
+from trainer.data.sampling import (
     BucketBatchSampler,
-    DataError,
     StepBatchSampler,
     bucket_sizes,
     nearest_bucket,

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from trainer_testing import TINY, merge
 
 from trainer.config import TrainConfig
-from trainer.data.datasets import StepBatchSampler
+from trainer.data.sampling import StepBatchSampler
 from trainer.model import ModelConfig, build_prx
 from trainer.runtime import compile as compile_mod
 from trainer.runtime.dist import Dist

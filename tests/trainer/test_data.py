@@ -1,6 +1,6 @@
 import torch
 
-from trainer.data.datasets import StepBatchSampler
+from trainer.data.sampling import StepBatchSampler
 from trainer.data.synthetic import ATTRIBUTES, SyntheticConfig, build_synthetic, long_caption
 
 

@@ -100,7 +100,7 @@ def test_prx_bf16_flow_trains_and_samples_in_bf16(tiny_cfg, tmp_path, monkeypatc
 
     from trainer import flow
     from trainer.config import TrainConfig
-    from trainer.data.datasets import StepBatchSampler
+    from trainer.data.sampling import StepBatchSampler
     from trainer.runtime.dist import Dist
     from trainer.train import Trainer
 
