@@ -9,6 +9,7 @@ diffusers model (`save_pretrained` / `from_pretrained`); factor parameters live 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -216,6 +217,15 @@ class Denoiser(nn.Module):
         self.prx = prx
         self.factors = nn.ModuleList(factors or [])
 
+    def place(self, device: torch.device, dtype: torch.dtype) -> Denoiser:
+        """`.to(device, dtype)`; a PRX still on the meta device (built to be sharded, `DeferredPRX`) takes
+        only the dtype: its shards get memory on `device` once sharded."""
+        if next(self.prx.parameters()).is_meta:
+            self.factors.to(device, dtype)
+            self.prx.to(dtype)
+            return self
+        return self.to(device, dtype)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -268,11 +278,116 @@ class Denoiser(nn.Module):
 def build_prx(cfg: ModelConfig, in_channels: int, context_in_dim: int) -> nn.Module:
     from diffusers import PRXTransformer2DModel
 
+    _check_in_channels(cfg, in_channels)
+    prx = PRXTransformer2DModel(**cfg.diffusers_kwargs(in_channels, context_in_dim))
+    INITS[cfg.init](prx)
+    return prx
+
+
+def _check_in_channels(cfg: ModelConfig, in_channels: int) -> None:
     if cfg.in_channels is not None and cfg.in_channels != in_channels:
         raise ValueError(
             f"model.in_channels={cfg.in_channels} disagrees with the tokenizer's {in_channels} "
             "channels; remove model.in_channels (it follows the tokenizer)"
         )
-    prx = PRXTransformer2DModel(**cfg.diffusers_kwargs(in_channels, context_in_dim))
-    INITS[cfg.init](prx)
-    return prx
+
+
+def _ones(module: nn.Module) -> None:  # diffusers' RMSNorm: weight ones (bias zeros), no reset_parameters
+    for name, p in module.named_parameters(recurse=False):
+        nn.init.ones_(p) if name == "weight" else nn.init.zeros_(p)
+
+
+def _constructed(prx: nn.Module) -> None:
+    """What diffusers' PRX constructors set after their layers' own init, drawing no random numbers:
+    each block's `Modulation` zeroes its linear (whose init drew first)."""
+    from diffusers.models.transformers.transformer_prx import Modulation
+
+    for module in prx.modules():
+        if isinstance(module, Modulation):
+            nn.init.zeros_(module.lin.weight)
+            nn.init.zeros_(module.lin.bias)
+
+
+class DeferredPRX:
+    """A PRX built on the meta device (no memory) and what its whole build would have drawn, replayable
+    one module at a time onto each process's shards (`parallel: fsdp`: no process holds the whole model).
+
+    A whole build draws from the global CPU generator in the order the layers are made, each layer's
+    `reset_parameters` at its construction, then the constructors' and `model.init`'s zeros. Building
+    on meta draws nothing, so `build` runs each layer's init once on a CPU twin in that order (one layer
+    in memory at a time), recording the generator's state before it: the generator ends where a whole
+    build leaves it (the factors built next draw what they would), and `materialise` later replays each
+    layer from its state in full shape and keeps this process's shard, so every parameter equals the
+    whole build's bit for bit, at any number of processes. A layer whose init this does not know is an
+    error, never a silent difference."""
+
+    RESETS: dict[str, Any] = {"RMSNorm": _ones}  # layers without reset_parameters, by class name
+
+    def __init__(self, prx: nn.Module, order: list[tuple[str, nn.Module]], init: str):
+        self.prx, self.init = prx, init
+        self.steps: list[tuple[str, nn.Module, torch.Tensor]] = []  # (name, meta twin, generator state)
+        self.largest = 0  # bytes: the largest layer held whole at once
+        for name, module in order:
+            if not hasattr(module, "reset_parameters") and type(module).__name__ not in self.RESETS:
+                raise RuntimeError(f"PRX layer {name} ({type(module).__name__}) has no known init: "
+                                   "meta-device init cannot reproduce it")  # fmt: skip
+            twin = copy.deepcopy(module)  # on meta: costs nothing; the live layer is sharded later
+            self.steps.append((name, twin, torch.get_rng_state()))
+            self._draw(twin)  # advances the generator as the whole build did
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, in_channels: int, context_in_dim: int) -> DeferredPRX:
+        from diffusers import PRXTransformer2DModel
+
+        _check_in_channels(cfg, in_channels)
+        made: list[nn.Module] = []  # layers in the order their first parameter was made
+        hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+            lambda module, name, param: None if any(m is module for m in made) else made.append(module)
+        )
+        try:
+            with torch.device("meta"):
+                prx = PRXTransformer2DModel(**cfg.diffusers_kwargs(in_channels, context_in_dim))
+        finally:
+            hook.remove()
+        if any(True for _ in prx.buffers()):
+            raise RuntimeError("PRX has buffers: meta-device init would leave them uninitialised")
+        names = {id(m): n for n, m in prx.named_modules()}
+        return cls(prx, [(names[id(m)], m) for m in made], cfg.init)
+
+    def _draw(self, twin: nn.Module) -> dict[str, torch.Tensor]:
+        """The layer's init in full shape on the CPU (fp32, as built), from the generator as it stands."""
+        twin.to_empty(device="cpu", recurse=False)
+        with torch.no_grad():
+            if hasattr(twin, "reset_parameters"):
+                twin.reset_parameters()
+            else:
+                self.RESETS[type(twin).__name__](twin)
+        full = {k: p.detach() for k, p in twin.named_parameters(recurse=False)}
+        self.largest = max(self.largest, sum(p.numel() * p.element_size() for p in full.values()))
+        twin.to_empty(
+            device="meta", recurse=False
+        )  # the twin lets go; `full` lives until the caller drops it
+        return full
+
+    def materialise(self, device: torch.device) -> None:
+        """Give every meta parameter of the PRX (sharded by now, or whole) its value on `device`: each
+        layer replayed from its recorded generator state, this process's shard cut from it (no
+        communication), then the constructors' zeros and `model.init`. The global generator is left as
+        it was."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for name, twin, state in self.steps:
+                live = self.prx.get_submodule(name)
+                live.to_empty(device=device, recurse=False)
+                torch.set_rng_state(state)
+                for key, full in self._draw(twin).items():
+                    param = getattr(live, key)
+                    if isinstance(param, DTensor):
+                        mine = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                                 src_data_rank=None)  # fmt: skip
+                        param.to_local().copy_(mine.to_local())
+                    else:
+                        param.copy_(full)
+            _constructed(self.prx)
+            INITS[self.init](self.prx)

@@ -31,7 +31,7 @@ from trainer.factors.ema import NoEMA
 from trainer.factors.optimizer import OPTIMIZERS, lr_factor
 from trainer.factors.precision import PRECISION
 from trainer.identity import HASH_VERSION
-from trainer.model import Denoiser, FactorContext, build_prx
+from trainer.model import DeferredPRX, Denoiser, FactorContext, build_prx
 from trainer.recorder import Recorder
 from trainer.runtime import parallel
 from trainer.runtime.checkpoint import Checkpointer, Held
@@ -96,13 +96,20 @@ class Trainer:
         self.inputs, self.train_set, self.val_set = inputs or cache.build_inputs(
             encoded, cfg.cache, self.device, cfg.weights_dir
         )
-        prx = build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
+        # sharded: the PRX is built on the meta device and each process materialises only its shards,
+        # with the values the whole build draws (the factors after it draw what they would)
+        deferred = None
+        if cfg.parallel.shards_parameters and dist.world > 1:
+            deferred = DeferredPRX.build(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
+        prx = deferred.prx if deferred else build_prx(cfg.model, cfg.tokenizer.channels, cfg.text_encoder.dim)
         ctx = self._factor_context(eval_cache)
-        self.denoiser = Denoiser(prx, build_factors(cfg, "denoiser", ctx)).to(
+        self.denoiser = Denoiser(prx, build_factors(cfg, "denoiser", ctx)).place(
             self.device, self.precision.weights
         )
         self.compiled = compiled(cfg.train.compile, self.denoiser, self.device)  # blocks, before FSDP
         self.parallel = parallel.wrap(cfg.parallel, self.denoiser, dist, self.precision)  # DDP or FSDP
+        if deferred:
+            deferred.materialise(self.device)  # after sharding: one layer whole at a time
         self.net = self.parallel.net
         self.optimizer = OPTIMIZERS.build(cfg.optimizer, self.denoiser, dist)
         self.ema = next(iter(build_factors(cfg, "weights", self.denoiser)), NoEMA())
