@@ -63,6 +63,34 @@ class TrainSection(Config):
         "(trainer/runtime/compile.py); auto = on for CUDA, off on CPU",
         json_schema_extra=mark(RUNS),
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each PRX block's activations in backward instead of keeping them: less "
+        "memory, about one more block forward per step (trainer/runtime/compile.py)",
+        json_schema_extra=mark(RUNS),
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="rows per forward and backward on one process; the per-process batch is split into "
+        "micro-batches whose gradients add up before one optimizer step (gradient sync on the last only); "
+        "must divide train.batch_size / processes; null = the whole per-process batch at once",
+        json_schema_extra=mark(RUNS),
+    )
+    collective_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="how long a collective (all-reduce, barrier) waits for the other processes before "
+        "the job fails (torch.distributed's timeout)",
+        json_schema_extra=mark(RUNS),
+    )
+    collective_timeout_long_s: float = Field(
+        1800,
+        gt=0,
+        description="the same, where the processes wait for phases only the main one runs: writing a "
+        "checkpoint, verifying one on resume, computing the metrics (the first eval's reference features)",
+        json_schema_extra=mark(RUNS),
+    )
 
 
 @dataclass(frozen=True)
@@ -228,12 +256,26 @@ class _Sections(Config):
                         f"a multiple of {world}"))  # fmt: skip
         out += [(("parallel", key), problem, expected)
                 for key, problem, expected in self.parallel.world_problems(world, per_node)]  # fmt: skip
-        for key, group in self.batch_groups().items():  # samples one process must hold together
-            if not batch % world and (batch // world) % group:
+        if batch % world:
+            return out
+        per_process, micro = batch // world, self.train.micro_batch_size
+        if micro is not None and per_process % micro:
+            out.append((("train", "micro_batch_size"),
+                        f"train.micro_batch_size {micro} does not divide the per-process batch {per_process} "
+                        f"(train.batch_size {batch} over {world} processes)",
+                        f"a divisor of {per_process}"))  # fmt: skip
+            return out
+        rows = micro or per_process  # what one forward holds
+        for key, group in self.batch_groups().items():  # samples one forward must hold together
+            if rows % group:
+                part = (
+                    f"the micro-batch {rows} (train.micro_batch_size)"
+                    if micro
+                    else f"the per-process batch {rows} (train.batch_size {batch} over {world} processes)"
+                )
                 out.append(((key, "group"),
-                            f"{key}.group {group} does not divide the per-process batch {batch // world} "
-                            f"(train.batch_size {batch} over {world} processes), so its groups would span "
-                            "processes", f"a divisor of {batch // world}"))  # fmt: skip
+                            f"{key}.group {group} does not divide {part}, so its groups would span "
+                            f"{'micro-batches' if micro else 'processes'}", f"a divisor of {rows}"))  # fmt: skip
         return out
 
     def batch_groups(self) -> dict[str, int]:

@@ -58,6 +58,10 @@ class Draws:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def __getitem__(self, rows: slice) -> Draws:
+        """The draws of rows `rows` alone (a micro-batch): each row's numbers are what they were."""
+        return Draws(self.seed, self.step, self.indices[rows], self.device)
+
     def normal(
         self, stream: str, shape: Sequence[int] = (), device: torch.device | str | None = None
     ) -> torch.Tensor:

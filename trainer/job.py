@@ -58,7 +58,7 @@ def run(run_dir: str | Path, preemption: Preemption | None = None) -> dict:
     run = RunDir(run_dir)
     preemption = preemption if preemption is not None else Preemption()  # a signal during set-up waits
     cfg = load(run.config)
-    d = distributed.init()
+    d = distributed.init(cfg.train.collective_timeout_s, cfg.train.collective_timeout_long_s)
     trainer = None
     owner = WriterLock(run)
     try:
@@ -100,7 +100,7 @@ def rescore(run_dir: str | Path, step: int | None = None) -> dict:
     """
     run = RunDir(run_dir)
     cfg = load(run.config)
-    d = distributed.init()
+    d = distributed.init(cfg.train.collective_timeout_s, cfg.train.collective_timeout_long_s)
     owner = WriterLock(run)
     try:
         if d.main:

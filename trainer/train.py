@@ -8,6 +8,7 @@ the evaluation, the checkpointer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -34,6 +35,7 @@ from trainer.identity import HASH_VERSION
 from trainer.model import DeferredPRX, Denoiser, FactorContext, build_prx
 from trainer.recorder import Recorder
 from trainer.runtime import parallel
+from trainer.runtime.activations import checkpoint_blocks
 from trainer.runtime.checkpoint import Checkpointer, Held
 from trainer.runtime.clock import Clock, Window
 from trainer.runtime.compile import compiled
@@ -106,6 +108,8 @@ class Trainer:
         self.denoiser = Denoiser(prx, build_factors(cfg, "denoiser", ctx)).place(
             self.device, self.precision.weights
         )
+        if cfg.train.activation_checkpointing:  # torchtitan's order: checkpointing, compile, then FSDP
+            checkpoint_blocks(self.denoiser)
         self.compiled = compiled(cfg.train.compile, self.denoiser, self.device)  # blocks, before FSDP
         self.parallel = parallel.wrap(cfg.parallel, self.denoiser, dist, self.precision)  # DDP or FSDP
         if deferred:
@@ -150,9 +154,31 @@ class Trainer:
 
         Every random number is drawn per sample, keyed by (seed, step, global sample index)
         (trainer/draws.py): this process draws only its own rows, and the step is the same at any
-        number of processes."""
+        number of processes and of micro-batches (`train.micro_batch_size`): each micro-batch's loss (the
+        mean over its rows) is divided by the number of micro-batches, so their gradients add up to the
+        whole batch's, averaged over the processes once, with the last micro-batch's backward."""
+        cfg, rows = self.cfg, len(batch["caption"])
+        draws = Draws.of_rank(cfg.seed, step, self.dist.rank, rows, self.device)
+        self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
+        size = cfg.train.micro_batch_size or rows
+        parts = [slice(lo, lo + size) for lo in range(0, rows, size)]
+        loss = torch.zeros((), device=self.device)
+        for k, part in enumerate(parts):
+            last = k == len(parts) - 1
+            with contextlib.nullcontext() if last else self.parallel.accumulating():
+                micro = self.loss(step, {key: v[part] for key, v in batch.items()}, draws[part]) / len(parts)
+                micro.backward()
+            loss += micro.detach()
+        grad_norm = self.parallel.clip_grad_norm_(cfg.train.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.ema.update(step)
+        return loss, grad_norm.detach()
+
+    def loss(self, step: int, batch: dict, draws: Draws) -> torch.Tensor:
+        """The loss of `batch` (this process's rows of the global batch, or a micro-batch of them), whose
+        per-sample random numbers `draws` holds: its mean over the rows, every term included."""
         cfg, dev = self.cfg, self.device
-        draws = Draws.of_rank(cfg.seed, step, self.dist.rank, len(batch["caption"]), dev)
         t = flow.draw_t(draws, cfg.flow).to(dev)  # (b,)
         drop = (draws.uniform("caption_dropout", device="cpu") < cfg.train.caption_dropout).to(dev)  # (b,)
 
@@ -169,7 +195,6 @@ class Trainer:
         x0, noise = x0.to(self.precision.flow), noise.to(self.precision.flow)  # bf16: PRX's bf16 run
         xt = flow.interpolate(x0, noise, t)  # (b, C, h, w); fp32 t keeps it fp32 whatever x0's dtype
 
-        self.optimizer.set_lr_factor(lr_factor(step, cfg.train.warmup_steps))
         with self.precision.context(), self.compiled.step():
             w = self.precision.weights
             out = self.net(
@@ -181,13 +206,7 @@ class Trainer:
                                lambda z: self.tokenizer.signed(z))  # fmt: skip
         with self.precision.context():  # the perceptual terms' frozen networks run under the arm's autocast
             terms = [term(pred) for term in self.loss_terms]
-        total = loss + sum(out.losses.values()) + sum(terms)
-        total.backward()
-        grad_norm = self.parallel.clip_grad_norm_(cfg.train.grad_clip or math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.ema.update(step)
-        return total.detach(), grad_norm.detach()
+        return loss + sum(out.losses.values()) + sum(terms)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Result:
@@ -195,6 +214,7 @@ class Trainer:
         self.resume()
         self.recorder.status(RUNNING, self.step, restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         self.recorder.start_wandb(self.cfg.model_dump(mode="json"), "train", self.step)
+        self.dist.wait_for_main()  # W&B starts on the main process alone (up to log.wandb's init timeout)
         try:
             with self.checkpointer.writing():  # the last save is on disk before the result says done
                 self.train_loop()
@@ -275,6 +295,7 @@ class Trainer:
                             hash_version=HASH_VERSION)  # fmt: skip
         if self.dist.main:
             self.recorder.eval(record, grid, found)
+        self.dist.wait_for_main()  # the main process computed the metrics (the first time, the reference's)
         return metrics
 
     def rescore(self, step: int | None = None) -> dict[str, float]:

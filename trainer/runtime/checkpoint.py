@@ -292,7 +292,7 @@ class Checkpointer:
             self.writer.submit(
                 partial(save, self.run, step, self.transformer_json, weights, state, self.cfg.keep)
             )
-        held.dist.barrier()
+        held.dist.wait_for_main()  # the main process staged the state alone
 
     def check(self) -> None:
         """Raise a background write's error (a full disk) if it has failed; never waits."""
@@ -301,7 +301,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Until every save handed to the background is on disk, on every process."""
         self.writer.wait()
-        self.held.dist.barrier()
+        self.held.dist.wait_for_main()  # the main process writes alone
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:

@@ -2,12 +2,21 @@
 
 All three export the env:// variables (RANK, WORLD_SIZE, MASTER_ADDR, …) or, for submitit,
 let us export them; a single process needs none of them.
+
+Two timeouts (`train.collective_timeout_s`, `train.collective_timeout_long_s`): every collective of the
+default group fails after the short one, so a dead process or node stops the job within minutes instead
+of holding every GPU. Where the others wait for a phase only the main process runs (writing or verifying a
+checkpoint, computing the metrics and the first eval's reference features), they wait in `wait_for_main`
+or `broadcast_object`, on a gloo group of their own made with the long timeout: a barrier there holds no
+GPU stream, and the short timeout never sees the main process's long phase.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -19,20 +28,24 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    long: Any = None  # the long-timeout process group (`init`); None: the default group's timeout
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
+    def wait_for_main(self) -> None:
+        """Every process waits here, under the long timeout, until the main process has finished a phase
+        it runs alone (the others would otherwise wait for it in the next collective, under the short one)."""
         if self.world > 1:
-            tdist.barrier()
+            tdist.barrier(group=self.long)
 
     def broadcast_object(self, obj):
-        """Rank 0's `obj` on every rank (a decision only the main process may take, e.g. which checkpoint)."""
+        """Rank 0's `obj` on every rank (a decision only the main process may take, e.g. which checkpoint,
+        after verifying it: under the long timeout)."""
         if self.world > 1:
             box = [obj]
-            tdist.broadcast_object_list(box, src=0)
+            tdist.broadcast_object_list(box, src=0, group=self.long)
             return box[0]
         return obj
 
@@ -58,7 +71,9 @@ def gpu_of(local_rank: int, gpus: int) -> int:
     return local_rank % gpus
 
 
-def init() -> Dist:
+def init(timeout_s: float = 600, long_timeout_s: float = 1800) -> Dist:
+    """This process's place, its device, and (with several processes) the default process group, whose
+    collectives time out after `timeout_s`, and a gloo group timing out after `long_timeout_s`."""
     _export_submitit_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,9 +82,13 @@ def init() -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, device)
+    long = None
+    if world > 1:
+        if not tdist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        long = tdist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout_s))
+    return Dist(rank, world, local_rank, device, long)
 
 
 def shutdown() -> None:

@@ -112,6 +112,12 @@ class Replicated:
         """Around forwards that no backward follows (evaluation, sampling)."""
         return contextlib.nullcontext()
 
+    def accumulating(self):
+        """Around the forward and backward of a micro-batch that is not a step's last: its gradients are
+        added up locally, and averaged over the processes with the last micro-batch's (DDP's `no_sync`)."""
+        no_sync = getattr(self.net, "no_sync", None)  # DDP; one process runs the denoiser unwrapped
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
     def ema_state(self, ema) -> dict:
         return ema.state_dict()
 
@@ -141,6 +147,17 @@ class Sharded(Replicated):
             yield
         finally:
             self._reshard()
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        """FSDP2's `no_sync`: no reduce-scatter (nor HSDP all-reduce) after this backward; each process keeps
+        its whole (unsharded) gradients until the last micro-batch's backward reduces the sum. That costs
+        a whole gradient per process in between: past that memory, leave train.micro_batch_size unset."""
+        self.denoiser.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.denoiser.set_requires_gradient_sync(True)
 
     def _reshard(self) -> None:
         from torch.distributed.fsdp import FSDPModule
