@@ -24,12 +24,12 @@ from trainer.data.datasets import (
     FolderConfig,
     ImageTextDataset,
     ParquetConfig,
-    StepBatchSampler,
     build_folder,
     build_parquet,
     open_encoded,
 )
 from trainer.data.rows import Held, JsonlRows, ParquetRows
+from trainer.data.sampling import StepBatchSampler
 
 N, VAL, GROUP = 60, 6, 7  # rows, held-out rows, rows per row group: 9 groups, the last one short
 
