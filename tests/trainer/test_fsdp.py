@@ -100,11 +100,9 @@ def config_error(over: dict) -> str:
     return str(to_user_error(e.value, data, TrainConfig, where, describe_registries()))
 
 
-def test_fsdp_config_refuses_muon_and_bad_hybrid_values_in_one_line():
-    assert config_error({"optimizer": {"kind": "muon"}, "parallel": FSDP}) == (
-        "optimizer muon needs whole weight matrices per rank; "
-        "parallel fsdp shards them over the ranks: use parallel: {kind: ddp}"
-    )
+def test_fsdp_config_takes_muon_and_refuses_bad_hybrid_values_in_one_line():
+    both = TrainConfig.model_validate(merge(TINY, {"optimizer": {"kind": "muon"}, "parallel": FSDP}))
+    assert (both.optimizer.kind, both.parallel.kind) == ("muon", "fsdp")
     line = config_error({"parallel": {"kind": "fsdp", "hybrid": 0}})
     assert line == "parallel.hybrid: got 0; expected a valid boolean or greater than 0"
     hsdp = TrainConfig.model_validate(merge(TINY, {"parallel": {"kind": "fsdp", "hybrid": 2}}))

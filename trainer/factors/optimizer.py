@@ -6,7 +6,9 @@ factor extras), as PRX's Muon run does. Parameters are grouped by name pattern, 
 wins, and a pattern that matches nothing is an error.
 
 Under data parallelism Muon's Newton–Schulz work is split over the ranks (`ShardedMuon`): each
-rank orthogonalises its share of the matrices and every rank applies every update.
+rank orthogonalises its share of the matrices and every rank applies every update. Under FSDP
+(`FSDPMuon`) each rank holds a slice of every matrix: the slices of each matrix travel to the rank
+that orthogonalises it, and the slices of the result travel back.
 """
 
 from __future__ import annotations
@@ -14,24 +16,22 @@ from __future__ import annotations
 import fnmatch
 import statistics
 import time
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as tdist
 from pydantic import Field
+from torch.distributed.tensor import DTensor, Shard
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from trainer.registry import Config, Registry
 from trainer.runtime.dist import Dist
 
 # `name_patterns()`: the parameter-name patterns a config groups by, checked against the model's real names.
-# `needs_whole_matrices`: it transforms each weight matrix as a whole (Muon orthogonalises it), so it
-# cannot run where a process holds a slice of every matrix (parallel: fsdp).
-OPTIMIZERS = Registry("optimizer", facts=("name_patterns", "needs_whole_matrices"))
+OPTIMIZERS = Registry("optimizer", facts=("name_patterns",))
 
 
 class AdamWConfig(Config):
-    needs_whole_matrices: ClassVar[bool] = False
     kind: Literal["adamw"] = "adamw"
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
@@ -43,7 +43,6 @@ class AdamWConfig(Config):
 
 
 class MuonConfig(Config):
-    needs_whole_matrices: ClassVar[bool] = True
     kind: Literal["muon"] = "muon"
     lr: float = Field(1e-4, gt=0, description="Muon learning rate (RMS-matched to AdamW, see adjust_lr_fn)")
     momentum: float = Field(0.95, ge=0, lt=1, description="Nesterov momentum")
@@ -160,6 +159,17 @@ def ns_flops_per_rank(shapes: list[tuple[int, ...]], world: int, ns_steps: int =
     return load
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t`: a DTensor's local shard (its storage: in-place ops change the
+    DTensor), a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def newton_schulz(update: torch.Tensor, group: dict) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation of one whole (m, n) matrix with `group`'s settings; bf16 out."""
+    return _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+
 class ShardedMuon(torch.optim.Muon):
     """torch.optim.Muon with its Newton–Schulz work split over the data-parallel ranks.
 
@@ -204,33 +214,43 @@ class ShardedMuon(torch.optim.Muon):
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
             for p, grad, buf in zip(params, grads, bufs, strict=True):
-                buf.lerp_(grad, 1 - group["momentum"])
+                local(buf).lerp_(local(grad), 1 - group["momentum"])  # elementwise: a shard's own
                 work[self.index[p]] = (p, group)
         return work
 
+    def _look_ahead(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """What torch.optim.Muon orthogonalises: the Nesterov look-ahead of the momentum, or the
+        momentum itself; elementwise, so of this process's rows where the matrix is sharded."""
+        grad, buf = local(p.grad), local(self.state[p]["momentum_buffer"])
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
     def _orthogonalise(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """torch.optim.Muon's update of one matrix: Nesterov look-ahead, then Newton–Schulz (bf16)."""
-        grad, buf = p.grad, self.state[p]["momentum_buffer"]
-        update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        return _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        return newton_schulz(self._look_ahead(p, group), group)
 
     def _orthogonalise_mine(self, work: dict) -> dict[int, torch.Tensor]:
         return {i: self._orthogonalise(p, g) for i, (p, g) in work.items() if self.owner[i] == self.rank}
 
-    def _layout(self, work: dict) -> tuple[dict[int, int], int]:
-        """Where each update sits in its owner's row of the all-gather: {index: offset}, row width."""
+    def _slot(self, p: torch.Tensor) -> int:
+        """Elements one matrix takes in its owner's row of the exchange: the whole matrix."""
+        return p.numel()
+
+    def _layout(self, work: dict) -> tuple[dict[int, int], list[int]]:
+        """Where each matrix sits in its owner's row of the exchange: {index: offset}, and each
+        rank's row width [elements]."""
         used, offset = [0] * self.world, {}
         for i in sorted(work):
             offset[i] = used[self.owner[i]]
-            used[self.owner[i]] += work[i][0].numel()
-        return offset, max(used)
+            used[self.owner[i]] += self._slot(work[i][0])
+        return offset, used
 
     def _exchange(self, work: dict, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Every rank's updates on every rank: each rank packs its share into one row (padded to the
         widest share), one all-gather. Returns {index: update (m, n) bf16}."""
         if self.world == 1 or not work:
             return mine
-        offset, width = self._layout(work)
+        offset, used = self._layout(work)
+        width = max(used)
         device = next(iter(work.values()))[0].device
         row = torch.empty(width, dtype=torch.bfloat16, device=device)  # torch's Newton–Schulz output dtype
         for i, update in mine.items():
@@ -247,9 +267,117 @@ class ShardedMuon(torch.optim.Muon):
         """torch.optim.Muon's parameter update, in its order: decoupled weight decay, then the
         shape-adjusted learning rate times the orthogonalised update."""
         for i, (p, group) in sorted(work.items()):
-            lr = group["lr"]
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(updates[i], alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+            lr, w = group["lr"], local(p)  # `updates[i]`: w's rows of the update where p is sharded
+            w.mul_(1 - lr * group["weight_decay"])
+            w.add_(updates[i], alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # the whole shape
+
+
+class FSDPMuon(ShardedMuon):
+    """torch.optim.Muon on matrices FSDP2 shards by rows: DTensors placed Shard(0) on the shard mesh
+    (the whole mesh, or HSDP's "shard" dimension; replica groups repeat the same work).
+
+    Momentum, weight decay and the parameter update are elementwise and run on each process's rows;
+    the momentum buffers stay DTensors sharded like their parameters, so the state dict is
+    torch.optim.Muon's and checkpoints gather and re-shard it as they do AdamW's moments. Only
+    Newton–Schulz needs a whole matrix: each matrix has an owner (`assign_shares` over the shard
+    group, as under DDP); one all-to-all brings every process's rows of the look-ahead (cast to bf16,
+    which torch's Newton–Schulz does first anyway) to the owners, each owner orthogonalises its
+    matrices with torch's Newton–Schulz, and one all-to-all sends each process its rows of the result
+    (the PRX/muon-fsdp2 gather-and-scatter, batched into one collective each way as dion does). The
+    result equals torch.optim.Muon on whole matrices bit for bit, given the same gradients.
+
+    Rows follow FSDP2's split: ⌈m/world⌉ per process, the last ones short or empty; each travels
+    padded to ⌈m/world⌉. Transient memory on a process: its rows of every matrix it holds, and its
+    share of whole matrices, in bf16. The same matrices must have gradients on every process (they
+    run the same code); parameter groups are fixed at construction.
+    """
+
+    def __init__(self, params, **muon_kwargs):
+        torch.optim.Muon.__init__(self, params, **muon_kwargs)
+        matrices = [p for group in self.param_groups for p in group["params"]]
+        self.index = {p: i for i, p in enumerate(matrices)}
+        self.group, self.rank, self.world = shard_group(matrices)
+        self.owner = assign_shares([tuple(p.shape) for p in matrices], self.world)
+        for p in matrices:  # FSDP2's row split, which the exchange's unpacking assumes
+            rows = min(self._rows(p), max(0, p.shape[0] - self.rank * self._rows(p)))
+            if local(p).shape[0] != rows:
+                raise ValueError(
+                    f"FSDPMuon: a {tuple(p.shape)} matrix holds {local(p).shape[0]} rows on shard rank "
+                    f"{self.rank}; FSDP2's split gives {rows}"
+                )
+
+    def _rows(self, p: torch.Tensor) -> int:
+        """Rows of `p` one process holds at most (FSDP2's ⌈m/world⌉)."""
+        return -(-p.shape[0] // self.world)
+
+    def _slot(self, p: torch.Tensor) -> int:
+        return self._rows(p) * p.shape[1]
+
+    def _orthogonalise_mine(self, work: dict) -> dict[int, torch.Tensor]:
+        """Gathers the look-ahead of the matrices this process owns, whole, and orthogonalises them.
+        Each process sends owner o its rows of o's matrices, padded, in index order (block o of
+        `send`); it receives from every process its rows of the matrices it owns. Returns {index:
+        update (m, n) bf16} for its share."""
+        if not work:
+            return {}
+        offset, used = self._layout(work)
+        start = [sum(used[:o]) for o in range(self.world)]
+        device = local(next(iter(work.values()))[0]).device
+        send = torch.zeros(sum(used), dtype=torch.bfloat16, device=device)
+        for i, (p, group) in work.items():
+            rows = self._look_ahead(p, group)  # (this process's rows, n)
+            at = start[self.owner[i]] + offset[i]
+            send[at : at + rows.numel()].view(rows.shape).copy_(rows)
+        mine = used[self.rank]
+        recv = torch.empty(self.world * mine, dtype=torch.bfloat16, device=device)
+        tdist.all_to_all_single(recv, send, [mine] * self.world, used, group=self.group)
+        recv = recv.view(self.world, mine)  # (world, mine): process s's rows of every matrix I own
+        out = {}
+        for i, (p, group) in work.items():
+            if self.owner[i] == self.rank:
+                m, n = p.shape
+                chunk = recv[:, offset[i] : offset[i] + self._slot(p)]  # (world, rows·n)
+                out[i] = newton_schulz(chunk.reshape(-1, n)[:m], group)  # padding is the last rows
+        return out
+
+    def _exchange(self, work: dict, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The reverse all-to-all: each owner sends process s its rows of each update it computed.
+        Returns {index: this process's rows of the update, bf16}."""
+        if not work:
+            return {}
+        offset, used = self._layout(work)
+        start = [sum(used[:o]) for o in range(self.world)]
+        device = local(next(iter(work.values()))[0]).device
+        send = torch.zeros(self.world, used[self.rank], dtype=torch.bfloat16, device=device)
+        for i, update in mine.items():
+            m, n = update.shape
+            padded = update.new_zeros(self.world * self._rows(update), n)
+            padded[:m] = update
+            send[:, offset[i] : offset[i] + padded.numel() // self.world] = padded.view(self.world, -1)
+        recv = torch.empty(sum(used), dtype=torch.bfloat16, device=device)
+        tdist.all_to_all_single(recv, send.view(-1), used, [used[self.rank]] * self.world, group=self.group)
+        return {
+            i: recv[start[self.owner[i]] + offset[i] :][: local(p).numel()].view(local(p).shape)
+            for i, (p, _) in work.items()
+        }
+
+
+def shard_group(matrices: list[torch.Tensor]) -> tuple[tdist.ProcessGroup, int, int]:
+    """The process group the matrices' rows are spread over, this process's rank in it and its size.
+    Every matrix must be a DTensor sharded on rows (Shard(0)) over the same mesh dimension; other mesh
+    dimensions (HSDP's "replicate") hold copies."""
+    where = set()
+    for p in matrices:
+        dims = (
+            [d for d, place in enumerate(p.placements) if place.is_shard()] if isinstance(p, DTensor) else []
+        )
+        if len(dims) != 1 or p.placements[dims[0]] != Shard(0):
+            raise ValueError(f"FSDPMuon needs DTensors sharded on rows (FSDP2's Shard(0)); got {p!r:.120}")
+        where.add((p.device_mesh, dims[0]))
+    if len(where) != 1:
+        raise ValueError(f"FSDPMuon needs every matrix sharded over the same mesh dimension; got {where}")
+    mesh, dim = where.pop()
+    return mesh.get_group(dim), mesh.get_local_rank(dim), mesh.size(dim)
 
 
 def muon_step_parts(opt: ShardedMuon, repeats: int = 3) -> dict:
@@ -292,7 +420,7 @@ def muon_step_parts(opt: ShardedMuon, repeats: int = 3) -> dict:
         "exchange_s": exchange_s,
         "apply_s": apply_s,
         "shapes": [tuple(p.shape) for p in opt.index],
-        "row_bytes": 2 * opt._layout(work)[1],  # bf16
+        "row_bytes": 2 * max(opt._layout(work)[1]),  # bf16
     }
 
 
@@ -336,12 +464,11 @@ def muon_groups(cfg: MuonConfig, model: torch.nn.Module) -> dict[str, list[torch
 
 @OPTIMIZERS.register(MuonConfig)
 def build_muon(cfg: MuonConfig, model: torch.nn.Module, dist: Dist) -> Optimizers:
-    """`dist`: the data-parallel ranks that split Muon's Newton–Schulz work (`ShardedMuon`)."""
+    """`dist`: the data-parallel ranks that split Muon's Newton–Schulz work (`ShardedMuon`); a model
+    FSDP has sharded brings its own groups (`FSDPMuon`)."""
     groups = muon_groups(cfg, model)
     device = groups["muon"][0].device
-    muon = ShardedMuon(
-        groups["muon"],
-        dist,
+    hyper = dict(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
@@ -349,6 +476,10 @@ def build_muon(cfg: MuonConfig, model: torch.nn.Module, dist: Dist) -> Optimizer
         ns_steps=cfg.ns_steps,
         adjust_lr_fn=cfg.adjust_lr_fn,
     )
+    if isinstance(groups["muon"][0], DTensor):  # parallel: fsdp on 2+ processes
+        muon = FSDPMuon(groups["muon"], **hyper)
+    else:
+        muon = ShardedMuon(groups["muon"], dist, **hyper)
     adamw = _adamw(groups["adamw"], cfg.adam_lr, cfg.adam_betas, cfg.adam_eps, cfg.adam_weight_decay, device)
     return Optimizers(muon=muon, adamw=adamw)
 
