@@ -26,28 +26,28 @@ def set_grads(params: list[torch.nn.Parameter], step: int) -> None:
         p.grad = torch.randn(p.shape, generator=g)
 
 
-def count_newton_schulz(optim) -> list[tuple[int, ...]]:
-    """Records the shape of every matrix torch's Newton–Schulz is called on from `optim`."""
-    calls, newton_schulz = [], optim._zeropower_via_newtonschulz
+def count_newton_schulz(module) -> list[tuple[int, ...]]:
+    """Records the shape of every matrix torch's Newton–Schulz is called on from `module`."""
+    calls, newton_schulz = [], module._zeropower_via_newtonschulz
 
     def counted(update, *args):
         calls.append(tuple(update.shape))
         return newton_schulz(update, *args)
 
-    optim._zeropower_via_newtonschulz = counted
+    module._zeropower_via_newtonschulz = counted
     return calls
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Steps ShardedMuon STEPS times; saves its weights, state dict, split and Newton–Schulz calls."""
     torch.set_num_threads(1)
-    from trainer.factors import optimizer as optim
+    from trainer.factors import muon
     from trainer.runtime.dist import Dist
 
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    calls = count_newton_schulz(optim)
+    calls = count_newton_schulz(muon)
     params = matrices()
-    opt = optim.ShardedMuon(params, Dist(rank, world, rank, torch.device("cpu")), **HYPER)
+    opt = muon.ShardedMuon(params, Dist(rank, world, rank, torch.device("cpu")), **HYPER)
     for step in range(STEPS):
         set_grads(params, step)
         opt.step()
@@ -73,7 +73,7 @@ def run_fsdp(rank: int, world: int, replicas: int, init_file: str, out_dir: str)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from trainer.factors import optimizer as optim
+    from trainer.factors import muon
 
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     if replicas == 1:
@@ -85,11 +85,11 @@ def run_fsdp(rank: int, world: int, replicas: int, init_file: str, out_dir: str)
     def shard(whole: torch.Tensor) -> torch.Tensor:  # this process's rows, cut locally (FSDP2's split)
         return distribute_tensor(whole, mesh, places, src_data_rank=None)
 
-    calls = count_newton_schulz(optim)
+    calls = count_newton_schulz(muon)
     model = torch.nn.Module()
     model.mats = torch.nn.ParameterList([torch.nn.Parameter(shard(p.detach())) for p in matrices()])
     params = list(model.mats)
-    opt = optim.FSDPMuon(params, **HYPER)
+    opt = muon.FSDPMuon(params, **HYPER)
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 + step)  # set_grads' draws, sharded
         for p in params:

@@ -1,19 +1,21 @@
 import pytest
 import torch
 
-from trainer.factors.optimizer import (
-    AdamWConfig,
-    MuonConfig,
+from trainer.factors.muon import (
     ShardedMuon,
     assign_shares,
-    build_adamw,
-    build_muon,
-    group_by_pattern,
-    lr_factor,
     muon_step_parts,
     ns_flops,
     ns_flops_per_rank,
     project_muon_step,
+)
+from trainer.factors.optimizer import (
+    AdamWConfig,
+    MuonConfig,
+    build_adamw,
+    build_muon,
+    group_by_pattern,
+    lr_factor,
 )
 from trainer.model import Denoiser, ModelConfig, build_prx
 from trainer.runtime.dist import Dist
