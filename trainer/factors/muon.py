@@ -240,7 +240,7 @@ class FSDPMuon(ShardedMuon):
             m, n = update.shape
             padded = update.new_zeros(self.world * self._rows(update), n)
             padded[:m] = update
-            send[:, offset[i] : offset[i] + padded.numel() // self.world] = padded.view(self.world, -1)
+            send[:, offset[i] : offset[i] + self._slot(update)] = padded.view(self.world, -1)
         recv = torch.empty(sum(used), dtype=torch.bfloat16, device=device)
         tdist.all_to_all_single(recv, send.view(-1), used, [used[self.rank]] * self.world, group=self.group)
         return {
