@@ -8,8 +8,8 @@ For a sweep (default sweeps/prx.yaml: PRX-1.2B, 256 px; batch 32 per GPU) it run
    the compiled baseline is read against (trainer step / bare step);
 3. every other arm of the sweep compiled, each against the compiled baseline. The arms are the sweep's
    own expansion (ablate's loader, first seed), so another sweep file needs no change here;
-4. in each Muon arm, Muon's step split into its parts at world 1 (`optim.muon_step_parts`) and projected
-   to more ranks (`optim.project_muon_step`) at --gather-gbps;
+4. in each Muon arm, Muon's step split into its parts at world 1 (`muon.muon_step_parts`) and projected
+   to more ranks (`muon.project_muon_step`) at --gather-gbps;
 5. in each arm, memory at world 1: the peak, and the training state (weights, gradients, optimizer
    state) that FSDP would shard, with per-rank projections for DDP and FSDP (the lent machine has one
    GPU; with one process `parallel: fsdp` runs unsharded, so there is no sharded run to measure);
@@ -59,7 +59,7 @@ from ablate.sweep.expand import expand
 from ablate.sweep.schema import BASELINE, load_sweep
 from trainer.config import TrainConfig
 from trainer.data.sampling import StepBatchSampler
-from trainer.factors.optimizer import muon_step_parts, project_muon_step
+from trainer.factors.muon import muon_step_parts, project_muon_step
 from trainer.factors.tokenizer import Latents
 from trainer.model import PRESETS
 from trainer.runtime import compile as compile_mod

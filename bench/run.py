@@ -25,7 +25,8 @@ from ablate.sweep.expand import merge
 from trainer import flow
 from trainer.config import TrainConfig
 from trainer.data.sampling import StepBatchSampler
-from trainer.factors.optimizer import MuonConfig, muon_groups, ns_flops_per_rank
+from trainer.factors.muon import ns_flops_per_rank
+from trainer.factors.optimizer import MuonConfig, muon_groups
 from trainer.model import Denoiser, ModelConfig, build_prx
 from trainer.runtime.dist import Dist
 from trainer.train import Trainer

@@ -285,17 +285,6 @@ class _Sections(Config):
         return {key: part.batch_group for key, part in parts.items() if getattr(part, "batch_group", None)}
 
     @model_validator(mode="after")
-    def _sharded_parameters_fit_the_optimizer(self):
-        """An optimizer that transforms each weight matrix whole (Muon orthogonalises it) cannot run where
-        a parallel kind shards parameters, leaving each process a slice of every matrix."""
-        if self.optimizer.needs_whole_matrices and self.parallel.shards_parameters:
-            raise ValueError(
-                f"optimizer {self.optimizer.kind} needs whole weight matrices per rank; "
-                f"parallel {self.parallel.kind} shards them over the ranks: use parallel: {{kind: ddp}}"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _domain_metrics_need_the_domain(self):
         foreign = [m for m in self.eval.metrics if METRICS[m].domain not in (None, self.data.domain)]
         if foreign:

@@ -1,19 +1,21 @@
 import pytest
 import torch
 
-from trainer.factors.optimizer import (
-    AdamWConfig,
-    MuonConfig,
+from trainer.factors.muon import (
     ShardedMuon,
     assign_shares,
-    build_adamw,
-    build_muon,
-    group_by_pattern,
-    lr_factor,
     muon_step_parts,
     ns_flops,
     ns_flops_per_rank,
     project_muon_step,
+)
+from trainer.factors.optimizer import (
+    AdamWConfig,
+    MuonConfig,
+    build_adamw,
+    build_muon,
+    group_by_pattern,
+    lr_factor,
 )
 from trainer.model import Denoiser, ModelConfig, build_prx
 from trainer.runtime.dist import Dist
@@ -170,6 +172,41 @@ def test_sharded_muon_on_gloo_processes_equals_one_process_torch_muon(world, tmp
             torch.testing.assert_close(
                 got["state"]["state"][i]["momentum_buffer"], ref_state[i]["momentum_buffer"]
             )
+
+
+@pytest.mark.parametrize("world, replicas", [(2, 1), (3, 1), (4, 2)])
+def test_fsdp_muon_on_gloo_processes_equals_one_process_torch_muon(world, replicas, tmp_path):
+    """FSDPMuon on row-sharded DTensors (FSDP2's layout; (4, 2): HSDP, 2 replica groups of 2 shards)
+    equals torch.optim.Muon on the whole matrices bit for bit: momentum over several steps, Nesterov,
+    weight decay; the optimizer state checkpoints gather is torch's, keyed by parameter name."""
+    import muon_worker
+
+    args = (world, replicas, str(tmp_path / "init"), str(tmp_path))
+    torch.multiprocessing.start_processes(muon_worker.run_fsdp, args=args, nprocs=world, start_method="fork")
+    ref = muon_worker.matrices()
+    ref_opt = torch.optim.Muon(ref, **muon_worker.HYPER)
+    for step in range(muon_worker.STEPS):
+        muon_worker.set_grads(ref, step)
+        ref_opt.step()
+    ref_state = ref_opt.state_dict()["state"]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    shards = world // replicas
+    rows = {2: [(10, 1)] * 2, 3: [(7, 1), (7, 1), (6, 0)]}[shards]
+    owner = ranks[0]["owner"]
+    assert sorted(set(owner)) == list(range(shards))  # split over a replica group's shard ranks
+    for rank, got in enumerate(ranks):
+        mine = [shape for shape, r in zip(muon_worker.SHAPES, owner, strict=True) if r == rank % shards]
+        # whole matrices, on their owner only (each replica group repeats its own), once a step
+        assert sorted(got["calls"]) == sorted(mine * muon_worker.STEPS), rank
+        for i, (a, b) in enumerate(zip(got["params"], ref, strict=True)):
+            assert torch.equal(a, b.detach()), f"rank {rank} matrix {i}"
+        # FSDP2's split of the (20, 12) and (2, 12) matrices: uneven over 3, and an empty shard
+        assert (got["rows"][6], got["rows"][7]) == rows[rank % shards], rank
+    # the state a checkpoint gathers onto the main process: torch's momentum, whole, keyed by name
+    state = ranks[0]["state"]["state"]
+    assert set(state) == {f"mats.{i}" for i in range(len(ref))}
+    for i in ref_state:
+        assert torch.equal(state[f"mats.{i}"]["momentum_buffer"], ref_state[i]["momentum_buffer"]), i
 
 
 def test_muon_step_parts_project_to_more_ranks():

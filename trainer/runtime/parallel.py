@@ -35,7 +35,7 @@ from trainer.model import Stored
 from trainer.registry import Config, Registry
 from trainer.runtime.dist import Dist
 
-# `shards_parameters`: no process holds a whole weight matrix (TrainConfig refuses optimizers that need one).
+# `shards_parameters`: no process holds a whole weight matrix (the trainer builds the PRX on the meta device).
 PARALLEL = Registry("parallel", facts=("shards_parameters",))
 
 
