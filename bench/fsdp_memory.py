@@ -6,7 +6,7 @@ the same sums for PRX-1.2B (built on the meta device) at 8 and 16 processes, wit
 each process holds ceil(rows / world) rows of every parameter (dim 0 padded to a multiple of world);
 the measured world-2 rows are projected the same way, as a check of the projection.
 
-Both leave out activations and DDP's communication buckets. `gathered_bytes` is FSDP's transient
+This first table leaves out activations and DDP's communication buckets. `gathered_bytes` is FSDP's transient
 whole weights: the root's (embeddings, final layer) for the whole step, plus two blocks at a time
 (the running one and the prefetched next), in the dtype they are gathered in (bf16 under autocast,
 as on CUDA; fp32 on CPU).
@@ -18,7 +18,8 @@ the trainer's `Denoiser`, forward and backward on the CPU under bf16 autocast, t
 counts the bytes autograd keeps for backward (saved-tensor hooks; with checkpointing, what each
 block's checkpoint keeps: its inputs), per sample, per block and per channel of width, at two token
 counts. Those ratios are scaled by tokens × width × blocks to each target, times the study's batch
-per GPU (global 256 split over the processes).
+per GPU (global 256 split over the processes). Not counted: the CUDA context, NCCL buffers, the
+allocator's fragmentation and the backward's activation gradients (`USABLE` leaves room for them).
 
     python bench/fsdp_memory.py    (also part of `make bench`, bench/run.py)
 """
