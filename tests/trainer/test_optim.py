@@ -143,6 +143,18 @@ def test_muon_shares_balance_newton_schulz_flops():
     assert assign_shares([(8, 8)] * 2, 3) == [0, 1]  # more ranks than matrices: the last one idles
 
 
+def torch_muon_reference() -> tuple[list[torch.Tensor], dict]:
+    """muon_worker's matrices after its steps of torch.optim.Muon in one process, and Muon's state."""
+    import muon_worker
+
+    ref = muon_worker.matrices()
+    ref_opt = torch.optim.Muon(ref, **muon_worker.HYPER)
+    for step in range(muon_worker.STEPS):
+        muon_worker.set_grads(ref, step)
+        ref_opt.step()
+    return ref, ref_opt.state_dict()["state"]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_muon_on_gloo_processes_equals_one_process_torch_muon(world, tmp_path):
     import muon_worker
@@ -150,12 +162,7 @@ def test_sharded_muon_on_gloo_processes_equals_one_process_torch_muon(world, tmp
     # fork: the children start with torch already imported (spawn would pay its import per rank)
     args = (world, str(tmp_path / "init"), str(tmp_path))
     torch.multiprocessing.start_processes(muon_worker.run, args=args, nprocs=world, start_method="fork")
-    ref = muon_worker.matrices()
-    ref_opt = torch.optim.Muon(ref, **muon_worker.HYPER)
-    for step in range(muon_worker.STEPS):
-        muon_worker.set_grads(ref, step)
-        ref_opt.step()
-    ref_state = ref_opt.state_dict()["state"]
+    ref, ref_state = torch_muon_reference()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     owner = ranks[0]["owner"]
     assert sorted(set(owner)) == list(range(world))  # each matrix has one owner; every rank has a share
@@ -183,12 +190,7 @@ def test_fsdp_muon_on_gloo_processes_equals_one_process_torch_muon(world, replic
 
     args = (world, replicas, str(tmp_path / "init"), str(tmp_path))
     torch.multiprocessing.start_processes(muon_worker.run_fsdp, args=args, nprocs=world, start_method="fork")
-    ref = muon_worker.matrices()
-    ref_opt = torch.optim.Muon(ref, **muon_worker.HYPER)
-    for step in range(muon_worker.STEPS):
-        muon_worker.set_grads(ref, step)
-        ref_opt.step()
-    ref_state = ref_opt.state_dict()["state"]
+    ref, ref_state = torch_muon_reference()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     shards = world // replicas
     rows = {2: [(10, 1)] * 2, 3: [(7, 1), (7, 1), (6, 0)]}[shards]
