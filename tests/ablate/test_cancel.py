@@ -97,12 +97,15 @@ def reaped(*run_dirs: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ablate_run(path: Path, cwd: Path) -> Iterator[subprocess.Popen]:
-    """`ablate run SWEEP` (it waits, for the local executor) in a process of its own, as a user starts it."""
+    """`ablate run SWEEP` (it waits, for the local executor) in a process of its own, as a user starts it
+    from a terminal: Ctrl-C's SIGINT at its default, though the tests may run where it is ignored (a
+    background job of a non-interactive shell, as CI may start them, inherits SIGINT ignored)."""
     out = open(cwd / "ablate-run.out", "w")  # noqa: SIM115 - closed below
     child = subprocess.Popen(
         [sys.executable, "-c", "from ablate.cli import main; main()", "run", str(path)],
         cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         yield child
