@@ -208,6 +208,21 @@ def rank(
         print(inert(f"impact table logged to {where}"), file=sys.stderr)
 
 
+def _ranked_to_write(
+    sweep_file: SweepFile, step: int | None, by: str | None, interval: str, fdr: str
+) -> tuple:
+    """(sweep, table, metrics used, arms) for a command that writes into the sweep's folder (figures, the
+    report): the folder is checked to be one ablate made before ranking, and marked as this sweep's after."""
+    from ablate.results import rank as ranking
+    from ablate.running.ownership import check_owner, own
+
+    sweep = load_sweep(sweep_file)
+    check_owner(sweep)
+    df, used, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
+    own(sweep)
+    return sweep, df, used, arms
+
+
 @app.command()
 def plot(
     sweep_file: SweepFile,
@@ -218,13 +233,8 @@ def plot(
 ) -> None:
     """Write the sweep's figures as PNG: impact bars with intervals, metrics against step, speed/quality trade-off."""
     from ablate.results import plots
-    from ablate.results import rank as ranking
-    from ablate.running.ownership import check_owner, own
 
-    sweep = load_sweep(sweep_file)
-    check_owner(sweep)  # figures go into the sweep's folder: only one ablate made (before ranking)
-    df, _, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
-    own(sweep)  # and marked as this sweep's before anything is written there
+    sweep, df, _, arms = _ranked_to_write(sweep_file, step, by, interval, fdr)
     for name, path in plots.write(sweep, df, arms).items():
         print(inert(f"{name}: {path}"))
 
@@ -238,15 +248,9 @@ def report(
     fdr: FdrOption = "bh",
 ) -> None:
     """Write one self-contained HTML page: impact table, figures, sample grids, what each delta changed, failures."""
-    from ablate.results import rank as ranking
     from ablate.results.report import build
-    from ablate.running.ownership import check_owner, own
 
-    sweep = load_sweep(sweep_file)
-    check_owner(sweep)  # report.html goes into the sweep's folder: only one ablate made (before ranking)
-    df, used, arms = ranking.rank(sweep, step, by, ranking.Method.parse(interval, fdr))
-    own(sweep)  # and marked as this sweep's before anything is written there
-    path = build(sweep, df, used, arms)
+    path = build(*_ranked_to_write(sweep_file, step, by, interval, fdr))
     print(inert(f"report: {path}"))
 
 
