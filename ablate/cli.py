@@ -137,8 +137,10 @@ def cancel(
     sweep_file: SweepFile,
     arm: CancelArms = None,
 ) -> None:
-    """Stop arms' jobs (a local job's whole process group, seen gone; a SLURM job through scancel); they show
-    as cancelled, and `ablate run` resubmits them."""
+    """Stop arms' jobs, saying so once they are gone; they show as cancelled until `ablate run` resubmits them.
+
+    A local job's whole process group is stopped (SIGINT, SIGTERM, SIGKILL) and seen gone; a SLURM job
+    goes through scancel."""
     from ablate.running.cancel import cancel as cancel_arm
     from ablate.running.ownership import own, sweep_lock
     from ablate.running.store import check_names
