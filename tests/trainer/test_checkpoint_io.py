@@ -21,7 +21,7 @@ import core.atomic
 from core.rundir import RunDir
 from trainer import job
 from trainer.config import TrainConfig, load
-from trainer.runtime import checkpoint, checksum
+from trainer.runtime import checkpoint, checksum, pretrained
 from trainer.runtime.async_save import Stager, state_bytes
 from trainer.runtime.dist import Dist
 from trainer.train import Trainer
@@ -102,7 +102,7 @@ def test_a_save_hashes_as_it_writes_and_reads_nothing_back(tmp_path, monkeypatch
     for name, entry in files.items():
         data = (path / name).read_bytes()
         assert entry == {"size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
-    back = load_file(path / checkpoint.WEIGHTS)  # safetensors' own reader
+    back = load_file(path / pretrained.WEIGHTS)  # safetensors' own reader
     assert back.keys() == {"w", "h"} and torch.equal(back["h"], weights["prx.h"])
     assert torch.equal(load_file(path / "factors.safetensors")["p"], weights["factors.p"])
     assert checkpoint.verify(path) is None

@@ -13,7 +13,7 @@ from trainer_testing import TINY, logged_losses, merge, metrics_by_step, run_pro
 from ablate.sweep.diagnostics import to_user_error
 from core.rundir import RunDir
 from trainer.config import TrainConfig, describe_registries
-from trainer.runtime import checkpoint
+from trainer.runtime import checkpoint, sharded
 from trainer.runtime.parallel import lockstep
 
 # EMA on, clipping active (grad norms here are 0.6-2), and 9 held-out items in chunks of 4: rank 0
@@ -34,7 +34,11 @@ def log(run_dir, key):
 
 
 def final_state(run_dir):
+    """The last checkpoint's PRX weights and training state, whichever kind it is."""
     ckpt = checkpoint.latest(run_dir)
+    if sharded.is_sharded(ckpt):
+        weights, state = sharded.read_state(ckpt)
+        return {k.removeprefix("prx."): v for k, v in weights.items() if k.startswith("prx.")}, state
     weights = load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors")
     return weights, torch.load(ckpt / "state.pt", weights_only=False)
 

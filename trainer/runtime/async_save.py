@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def _rebuilt(x: Any, leaf: Callable[[tuple, torch.Tensor], torch.Tensor], path: tuple = ()) -> Any:
@@ -43,10 +44,13 @@ class Stager:
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def stage(self, state: Any) -> Any:
-        """`state` with every tensor copied to the host; returns once the copies are complete."""
+        """`state` with every tensor copied to the host (a DTensor's shard: a DTensor of the same place in
+        the whole tensor, its part on the host); returns once the copies are complete."""
         devices: set[torch.device] = set()
 
         def copy(path: tuple, t: torch.Tensor) -> torch.Tensor:
+            if isinstance(t, DTensor):  # a shard: its local part copied, its place in the whole kept
+                return DTensor(copy(path, t.to_local()), t._spec, requires_grad=False)
             buf = self.buffers.get(path)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                 buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
@@ -67,7 +71,8 @@ def nbytes(state: Any) -> int:
 
     def count(path: tuple, t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        total += t.numel() * t.element_size()
+        part = t.to_local() if isinstance(t, DTensor) else t  # a shard's bytes, not the whole tensor's
+        total += part.numel() * part.element_size()
         return t
 
     _rebuilt(state, count)

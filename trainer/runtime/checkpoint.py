@@ -3,22 +3,28 @@
 checkpoints/step_00000100/        (the name and place: core.rundir.RunDir.checkpoint)
     transformer/          as diffusers' save_pretrained writes it: loadable by PRXTransformer2DModel.from_pretrained
     factors.safetensors   parameters recipe factors add (REPA projector, SPRINT fusion, …)
+                          (these two: trainer/runtime/pretrained.py)
     state.pt              step, optimizer(s), EMA, RNG states (torch, numpy, python, CUDA), data position,
                           throughput and timings so far
     manifest.json         size and checksum (XXH3-128; SHA-256 in older ones) of every other file, written last
 
-A save stops the job only while the state is gathered and copied to host memory; the main process
-writes the copy in a background thread (trainer/runtime/async_save.py), hashing each file as it is
-written (trainer/runtime/checksum.py). The next save, the end of training and a stop signal wait for
-the write in flight, so a requeued job finds either a complete checkpoint or a temporary folder.
+That is a whole checkpoint, which one process writes: what DDP and one-process arms save. An FSDP arm on
+several processes saves a sharded one instead (trainer/runtime/sharded.py: every process writes its
+own shards with torch.distributed.checkpoint, and nothing is gathered); either kind resumes either
+kind, at any world size.
+
+A save stops the job only while the state is copied to host memory; the copy is written in a
+background thread (trainer/runtime/async_save.py), each file hashed as it is written
+(trainer/runtime/checksum.py). The next save, the end of training and a stop signal wait for the
+write in flight, so a requeued job finds either a complete checkpoint or a temporary folder.
 
 A complete folder can still rot (a bad disk, a copy that stopped half-way, a user's editor): resume
-and `ablate eval` use only checkpoints whose files match their manifest (`newest_verified`, which
-checks the newest and goes further back only past one that fails); one that does not is moved to
-checkpoints/.set-aside/ with a one-line warning, recorded in status.json (`set_aside`, and
-`restarted_from_zero` when none was left), and the next older one is used. Resume loads
-state.pt onto the CPU (memory-mapped: the processes of a node share its pages), whatever device
-saved it, and each process moves what it keeps to its own device.
+and `ablate eval` use only checkpoints whose files match their manifest (the processes share the
+files to check out between them; the newest is checked, and an older one only past one that fails);
+one that does not is moved to checkpoints/.set-aside/ with a one-line warning, recorded in
+status.json (`set_aside`, and `restarted_from_zero` when none was left), and the next older one is
+used. Resume loads state.pt onto the CPU (memory-mapped: the processes of a node share its pages),
+whatever device saved it, and each process moves what it keeps to its own device.
 
 Pruning keeps the newest `keep` checkpoints, and the set-aside ones no older (by step) than the oldest
 of those. Each folder deleted is first renamed out of sight (`RunDir.pruning`), so a kill during a
@@ -43,14 +49,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from pydantic import Field
-from safetensors.torch import load_file
 
 from core.atomic import atomic_write_json, commit_dir, fsync_dir
 from core.rundir import RunDir
 from trainer.registry import Config
+from trainer.runtime import pretrained, sharded
 from trainer.runtime.async_save import Background, Stager, nbytes
-from trainer.runtime.checksum import matches, write_bytes, write_safetensors, write_torch
+from trainer.runtime.checksum import matches, write_torch
 from trainer.runtime.clock import Cadence
 
 
@@ -70,7 +77,6 @@ def set_rng_state(state: dict) -> None:
 
 
 MANIFEST = "manifest.json"
-WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # the file diffusers' from_pretrained reads
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -83,8 +89,10 @@ def _files(folder: Path) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in files}
 
 
-def verify(path: Path) -> str | None:
-    """Why checkpoint `path` cannot be trusted, or None when every file matches its manifest."""
+def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why checkpoint `path` cannot be trusted, or None when every file matches its manifest. With
+    `share` (k, n), the files' contents checked are every n-th from the k-th (each of n processes
+    checking its share); which files there are is checked whole."""
     try:
         recorded = json.loads((path / MANIFEST).read_bytes())["files"]
         expected = {str(name): dict(want, size=int(want["size"])) for name, want in recorded.items()}
@@ -93,12 +101,12 @@ def verify(path: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} unreadable ({type(e).__name__})"
     present = _files(path)
-    for name, want in expected.items():
+    for i, (name, want) in enumerate(sorted(expected.items())):
         file = present.get(name)
         try:
             if file is None or file.is_symlink():
                 return f"{name} missing"
-            if (problem := matches(file, want)) is not None:
+            if i % share[1] == share[0] and (problem := matches(file, want)) is not None:
                 return f"{name} {problem}"
         except OSError as e:
             return f"{name} unreadable ({e.strerror})"
@@ -156,14 +164,55 @@ def _delete(run: RunDir, folder: Path) -> None:
 
 
 def save(run: RunDir, step: int, config: bytes, weights: dict, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` of `run` atomically and keep the newest `keep`. If writing fails (a full
-    disk), the partial folder is removed at once, so the space is free for the error to be recorded.
+    """Write whole checkpoint `step` of `run` atomically and keep the newest `keep`.
 
-    `config`: the transformer's config.json (`transformer_config`); `weights`: the denoiser's whole
-    state dict (prx.…, factors.…) and `state` the rest, on the host (`Checkpointer.save` stages them)."""
+    `config`: the transformer's config.json (`pretrained.transformer_config`); `weights`: the denoiser's
+    whole state dict (prx.…, factors.…) and `state` the rest, on the host (`Checkpointer.save` stages them)."""
+
+    def files(tmp: Path) -> dict:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return {**pretrained.write(tmp, config, weights), "state.pt": write_torch(tmp / "state.pt", state)}
+
+    return _saved(run, step, keep, files)
+
+
+def save_sharded(run: RunDir, step: int, state: dict, dist: Any, mine: dict | None, keep: int) -> Path | None:
+    """Sharded checkpoint `step` of `run` (trainer/runtime/sharded.py), on every process: each writes
+    its part of `state` (its shards) into the folder the main process has emptied; the main process
+    then writes `mine` ({"state": state.pt's contents} and, at the last step, "config" and "weights"
+    for the diffusers folder) and the manifest of every process's files, and renames the folder."""
+
+    def files(tmp: Path) -> dict | None:
+        written = sharded.write(state, tmp, dist.saving, dist.rank)
+        every: list = [None] * dist.world
+        tdist.all_gather_object(every, written, group=dist.saving)
+        if mine is None:
+            return None
+        found = {name: entry for part in every for name, entry in part.items()}
+        if "weights" in mine:
+            found.update(pretrained.write(tmp, mine["config"], mine["weights"]))
+        return {**found, "state.pt": write_torch(tmp / "state.pt", mine["state"])}
+
+    return _saved(run, step, keep, files)
+
+
+def _saved(run: RunDir, step: int, keep: int, files: Callable[[Path], dict | None]) -> Path | None:
+    """Checkpoint `step` from `files(tmp)` (each written file's manifest entry; None on a process that
+    only writes its part): the manifest last, then renamed into place, older ones pruned. If writing
+    fails (a full disk), the partial folder is removed at once, so the space is free for the error to
+    be recorded."""
     tmp = run.checkpoint_tmp(step)
     try:
-        return _save(run, step, tmp, config, weights, state, keep)
+        written = files(tmp)
+        if written is None:
+            return None
+        atomic_write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(written.items()))})
+        final = run.checkpoint(step)
+        if final.exists():  # a re-run of the same step after a resume: replace it whole
+            _delete(run, final)
+        commit_dir(tmp, final)
+        prune(run, keep)
+        return final
     except BaseException as e:
         full = _nearly_full(tmp.parent)  # looked at before the partial folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,39 +242,6 @@ def check_room(run: RunDir, step: int, need: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run.checkpoint(step)))
 
 
-def _part(weights: dict, prefix: str) -> dict:
-    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
-
-
-def transformer_config(prx: torch.nn.Module) -> bytes:
-    """The config.json diffusers' save_pretrained writes for `prx` (a sharded model cannot save itself):
-    from a plain PRX built on the meta device, so nothing is allocated."""
-    from diffusers import PRXTransformer2DModel
-
-    with torch.device("meta"):
-        plain = PRXTransformer2DModel.from_config(prx.config)
-    return plain.to_json_string().encode()
-
-
-def _save(run: RunDir, step: int, tmp: Path, config: bytes, weights: dict, state: dict, keep: int) -> Path:
-    final = run.checkpoint(step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "transformer").mkdir(parents=True)
-    files = {  # each hashed as it is written
-        "transformer/config.json": write_bytes(tmp / "transformer" / "config.json", config),
-        # one file whatever the size (diffusers would split past 10 GB): `load` reads that file
-        WEIGHTS: write_safetensors(tmp / WEIGHTS, _part(weights, "prx."), {"format": "pt"}),
-        "factors.safetensors": write_safetensors(tmp / "factors.safetensors", _part(weights, "factors.")),
-        "state.pt": write_torch(tmp / "state.pt", state),
-    }
-    atomic_write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
-    if final.exists():  # a re-run of the same step after a resume: replace it whole
-        _delete(run, final)
-    commit_dir(tmp, final)
-    prune(run, keep)
-    return final
-
-
 def complete(run: RunDir | Path) -> list[Path]:
     """Complete checkpoints of a run folder, oldest first."""
     run = RunDir(run)
@@ -238,13 +254,12 @@ def latest(run: RunDir | Path) -> Path | None:
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    """(the denoiser's whole state dict, the training state); trainer/runtime/parallel.py puts them in place."""
-    prx = load_file(path / WEIGHTS)
-    factors = load_file(path / "factors.safetensors")
-    weights = {**{f"prx.{k}": v for k, v in prx.items()}, **{f"factors.{k}": v for k, v in factors.items()}}
+    """A whole checkpoint's (denoiser's state dict, training state); trainer/runtime/parallel.py puts them
+    in place."""
     # onto the CPU whatever device saved it (a DDP run's cuda:0): every process of a node would
     # otherwise put the whole optimizer state and EMA on one GPU; mapped, so they share its pages
-    return weights, torch.load(path / "state.pt", map_location="cpu", mmap=True, weights_only=False)
+    state = torch.load(path / "state.pt", map_location="cpu", mmap=True, weights_only=False)
+    return pretrained.read(path), state
 
 
 class CheckpointConfig(Config):
@@ -266,33 +281,58 @@ class Held:
 
 class Checkpointer:
     """An arm's whole training state in its run folder: saved on its own cadence (`should_save`), restored
-    from the newest checkpoint that verifies. Every process takes part (FSDP gathers sharded state);
-    the main process writes and reads the folder, writing in the background (`writing`)."""
+    from the newest checkpoint that verifies. Every process takes part: a whole checkpoint is staged and
+    written by the main process, a sharded one (`parallel.sharded`) by every process, in the background
+    (`writing`)."""
 
     def __init__(self, cfg: CheckpointConfig, run: RunDir, total_steps: int, seed: int, held: Held):
-        self.cfg, self.run, self.seed, self.held = cfg, run, seed, held
+        self.cfg, self.run, self.seed, self.held, self.total_steps = cfg, run, seed, held, total_steps
         self.should_save = Cadence(cfg.every, total_steps)
         self.stager, self.writer = Stager(), Background()
         self.transformer_json: bytes | None = None  # the transformer's config.json, made at the first save
 
+    def _extra(self, step: int, timing: dict) -> dict:
+        return {"data": {"seed": self.seed, "step": step}, "timing": timing, "step": step, "rng": rng_state()}
+
     def save(self, step: int, timing: dict) -> None:
-        """Gather the state, copy it to host memory and hand it to the background writer (after the
-        previous write is done); training goes on while it is written."""
+        """Copy the state to host memory and hand it to the background writer (after the previous write
+        is done); training goes on while it is written."""
         held = self.held
         self.writer.wait()  # one write at a time; a failed one raises here
+        self.transformer_json = self.transformer_json or pretrained.transformer_config(held.denoiser.prx)
+        if held.parallel.sharded:
+            return self._save_sharded(step, timing)
         weights = held.parallel.weights()
         optimizer = held.parallel.optimizer_state(held.optimizer)
         ema = held.parallel.ema_state(held.ema)
         if held.dist.main:
-            state = {"optimizer": optimizer, "ema": ema, "data": {"seed": self.seed, "step": step},
-                     "timing": timing, "step": step, "rng": rng_state()}  # fmt: skip
+            state = {"optimizer": optimizer, "ema": ema, **self._extra(step, timing)}
             weights, state = self.stager.stage((weights, state))
             check_room(self.run, step, nbytes((weights, state)))
-            self.transformer_json = self.transformer_json or transformer_config(held.denoiser.prx)
             self.writer.submit(
                 partial(save, self.run, step, self.transformer_json, weights, state, self.cfg.keep)
             )
         held.dist.wait_for_main()  # the main process staged the state alone
+
+    def _save_sharded(self, step: int, timing: dict) -> None:
+        """Each process stages its own shards; the main process empties the folder first, and at the last
+        step gathers the whole weights for the diffusers folder (the only gather)."""
+        held = self.held
+        staged = self.stager.stage(held.parallel.held_state(held.optimizer, held.ema))
+        whole = held.parallel.weights() if step == self.total_steps else None  # collective
+        check_room(self.run, step, nbytes(staged) * held.dist.world)  # every process's part, one disk
+        mine = None
+        if held.dist.main:
+            mine = {
+                "state": {**self._extra(step, timing), "transformer_config": self.transformer_json.decode()}
+            }
+            if whole is not None:
+                mine.update(config=self.transformer_json, weights=whole)
+            tmp = self.run.checkpoint_tmp(step)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        held.dist.wait_for_main()  # the folder is empty before any process writes into it
+        self.writer.submit(partial(save_sharded, self.run, step, staged, held.dist, mine, self.cfg.keep))
 
     def check(self) -> None:
         """Raise a background write's error (a full disk) if it has failed; never waits."""
@@ -301,7 +341,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Until every save handed to the background is on disk, on every process."""
         self.writer.wait()
-        self.held.dist.wait_for_main()  # the main process writes alone
+        self.held.dist.wait_for_main()  # the main process renames the folder last
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -318,38 +358,64 @@ class Checkpointer:
             raise
         self.wait()
 
+    def newest_verified(self) -> Path | None:
+        """`newest_verified` with every process checking its share of the files' contents (a sharded
+        checkpoint of a large model is many files); the main process sets aside what fails."""
+        dist = self.held.dist
+        if dist.world == 1:
+            return newest_verified(self.run)
+        for path in reversed(dist.broadcast_object(complete(self.run) if dist.main else None)):
+            problem = next(filter(None, dist.gather_object(verify(path, (dist.rank, dist.world)))), None)
+            if problem is None:
+                return path
+            if dist.main:
+                where = self.run.set_aside(path, problem)
+                print(f"warning: {path}: fails verification ({problem}); set aside as {where}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        return None
+
     def resume(self, note: Callable[[str], None]) -> tuple[int, dict | None]:
         """(step, timing) of the newest checkpoint that verifies, its state put in place; (0, None) when
         there is none. Temporary folders of a killed save are deleted, checkpoints that fail
         verification set aside."""
-        held, path = self.held, None
+        held = self.held
         if held.dist.main:
             for tmp in clean_partial(self.run):
                 note(f"removed {tmp.name}, left by a killed save or deletion")
-            existed = complete(self.run)
-            path = newest_verified(self.run)
-            if path is None and existed:
+        existed = bool(complete(self.run))
+        held.dist.wait_for_main()
+        path = self.newest_verified()
+        if path is None:
+            if existed and held.dist.main:
                 self.run.update_status(restarted_from_zero=True)
                 print(f"warning: {self.run.path}: no checkpoint verifies; training starts again from step 0",
                       file=sys.stderr, flush=True)  # fmt: skip
-        path = held.dist.broadcast_object(path)
-        if path is None:
             return 0, None
-        weights, state = load(path)
-        held.parallel.load_weights(weights)
-        held.parallel.load_optimizer_state(held.optimizer, state["optimizer"])
-        held.parallel.load_ema_state(held.ema, state["ema"])
+        state = self._load(path, optimizer_too=True)
         set_rng_state(state["rng"])
         note(f"resumed from {path.name}")
         return state["step"], state.get("timing", {})
+
+    def _load(self, path: Path, optimizer_too: bool) -> dict:
+        """Put checkpoint `path` (either kind, any world size) in place; returns its training state."""
+        parallel, held = self.held.parallel, self.held
+        if sharded.is_sharded(path):
+            live = parallel.held_state(held.optimizer, held.ema, optimizer_too=optimizer_too)
+            state = sharded.load(path, live, held.dist.world)
+            parallel.put_held_state(held.optimizer, held.ema, live)
+            return state
+        weights, state = load(path)
+        parallel.load_weights(weights)
+        if optimizer_too:
+            parallel.load_optimizer_state(held.optimizer, state["optimizer"])
+        parallel.load_ema_state(held.ema, state["ema"])
+        return state
 
     def load_weights(self, step: int | None) -> int:
         """Put checkpoint `step`'s weights (default: the newest that verifies) and EMA in place, for
         evaluating it again; returns its step."""
         run = self.run
-        path = run.checkpoint(step) if step is not None else None
-        if step is None:  # one process verifies (and sets aside): the others take its answer
-            path = self.held.dist.broadcast_object(newest_verified(run) if self.held.dist.main else None)
+        path = run.checkpoint(step) if step is not None else self.newest_verified()
         if path is None or not path.exists():
             kept = ", ".join(map(str, run.checkpoint_steps())) or "none"
             raise FileNotFoundError(
@@ -358,10 +424,7 @@ class Checkpointer:
             )
         if step is not None and (problem := verify(path)) is not None:
             raise CorruptCheckpoint(f"{path}: fails verification ({problem})")
-        weights, state = load(path)
-        self.held.parallel.load_weights(weights)
-        self.held.parallel.load_ema_state(self.held.ema, state["ema"])
-        return state["step"]
+        return self._load(path, optimizer_too=False)["step"]
 
     def newest_kept(self) -> str:
         """The newest checkpoint that verifies, by name, for an error message ('none' when there is none)."""

@@ -51,6 +51,15 @@ class Hashed:
     def flush(self) -> None:
         self.file.flush()
 
+    def tell(self) -> int:  # a new file's position: what has been written (DCP records offsets)
+        return self.size
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+
     def __enter__(self) -> Hashed:
         return self
 

@@ -8,7 +8,9 @@ default group fails after the short one, so a dead process or node stops the job
 of holding every GPU. Where the others wait for a phase only the main process runs (writing or verifying a
 checkpoint, computing the metrics and the first eval's reference features), they wait in `wait_for_main`
 or `broadcast_object`, on a gloo group of their own made with the long timeout: a barrier there holds no
-GPU stream, and the short timeout never sees the main process's long phase.
+GPU stream, and the short timeout never sees the main process's long phase. A sharded checkpoint is
+written by every process in a background thread whose collectives (DCP's plan, the manifest's checksums)
+run on a third group, `saving`, so they never interleave with the training thread's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class Dist:
     local_rank: int
     device: torch.device
     long: Any = None  # the long-timeout process group (`init`); None: the default group's timeout
+    saving: Any = (
+        None  # a gloo group for the checkpoint writer's thread alone (its collectives run beside training's)
+    )
 
     @property
     def main(self) -> bool:
@@ -48,6 +53,14 @@ class Dist:
             tdist.broadcast_object_list(box, src=0, group=self.long)
             return box[0]
         return obj
+
+    def gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (under the long timeout)."""
+        if self.world > 1:
+            box: list = [None] * self.world
+            tdist.all_gather_object(box, obj, group=self.long)
+            return box
+        return [obj]
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -82,13 +95,14 @@ def init(timeout_s: float = 600, long_timeout_s: float = 1800) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    long = None
+    long = saving = None
     if world > 1:
         if not tdist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         long = tdist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout_s))
-    return Dist(rank, world, local_rank, device, long)
+        saving = tdist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout_s))
+    return Dist(rank, world, local_rank, device, long, saving)
 
 
 def shutdown() -> None:

@@ -85,8 +85,33 @@ class FSDPConfig(Config):
 class Replicated:
     """The whole denoiser on every process; DDP averages the gradients when there are several."""
 
+    sharded: ClassVar[bool] = False  # checkpoints: whole tensors from the main process (False) or DCP shards
+
     def __init__(self, denoiser: nn.Module, net: nn.Module):
         self.denoiser, self.net = denoiser, net  # `net`: what the train step calls
+
+    def held_state(self, optimizer, ema, *, optimizer_too: bool = True) -> dict:
+        """The training state as this process holds it, keyed by name: the denoiser's weights, each
+        optimizer's state and the EMA's shadows, DTensor shards under FSDP and whole tensors otherwise.
+        The tensors are the live ones: DCP saves each process's part of them, or loads a checkpoint into
+        them whatever world size and layout wrote it (`put_held_state` then hands them on)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"model": get_model_state_dict(self.denoiser), "ema": ema.state_dict()}
+        if optimizer_too:  # (a fresh optimizer's state is made here, by a step with zero gradients)
+            state["optimizer"] = {
+                name: get_optimizer_state_dict(self.denoiser, opt)
+                for name, opt in optimizer.optimizers.items()
+            }
+        return state
+
+    def put_held_state(self, optimizer, ema, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(self.denoiser, state["model"])
+        for name, opt in optimizer.optimizers.items() if "optimizer" in state else ():
+            set_optimizer_state_dict(self.denoiser, opt, state["optimizer"][name])
+        ema.load_state_dict(state["ema"])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients to a global norm of `max_norm`; returns the norm before clipping (a scalar)."""
@@ -128,6 +153,8 @@ class Replicated:
 class Sharded(Replicated):
     """`fully_shard` per block and at the root: parameters, gradients and optimizer state are DTensors
     sharded over the mesh; checkpoints gather them whole onto the main process's CPU."""
+
+    sharded: ClassVar[bool] = True
 
     def __init__(self, denoiser: nn.Module, main: bool):
         super().__init__(denoiser, denoiser)  # fully_shard changed the module in place
