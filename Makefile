@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/data_memory.py
 	$(BIN)/python bench/eval_split_bench.py
 	$(BIN)/python bench/save_bench.py
+	$(BIN)/python bench/sharded_save.py
 	$(BIN)/python bench/log_truncate.py
 
 PY_SOURCES := ablate core trainer eval tests bench

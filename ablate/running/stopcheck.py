@@ -6,7 +6,9 @@ still being written in the background, and writes one more checkpoint whole befo
 `ablate run` projects those two writes for each arm from its checkpoint's size (`state_bytes`: its
 model's real parameter count, the optimizer's moments, the EMA) at WRITE_BYTES_PER_S, and when they
 do not fit says so in one line: the arm still runs, but a stop would lose the steps since its last
-complete checkpoint.
+complete checkpoint. One process writes a whole checkpoint; in a sharded one (an FSDP arm on several
+processes: trainer/runtime/sharded.py) each process writes its share at once, so the time divides by
+the processes (a cluster file system takes one stream per client).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def stop_save_warning(specs: list[RunSpec], launcher: Launcher) -> str | None:
 
     sizes: dict[str, object] = {}
     late = []
+    world = launcher.nodes * launcher.tasks_per_node
     for spec in specs:
         cfg = spec.train
         key = "|".join(
@@ -37,7 +40,8 @@ def stop_save_warning(specs: list[RunSpec], launcher: Launcher) -> str | None:
         )
         key += f"|ema={cfg.ema is not None}"
         size = sizes[key] = sizes.get(key) or state_bytes(cfg)
-        seconds = 2 * size.total / WRITE_BYTES_PER_S  # a save in flight, then the stop's own
+        writers = world if cfg.parallel.shards_parameters and world > 1 else 1
+        seconds = 2 * size.total / writers / WRITE_BYTES_PER_S  # a save in flight, then the stop's own
         if seconds > launcher.signal_delay_s:
             late.append((seconds, spec.name, size))
     if not late:

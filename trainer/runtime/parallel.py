@@ -8,12 +8,12 @@ it runs — what a model past one GPU's memory needs (PRX trained this way). The
 the factor hooks see the same modules either way: `Denoiser.forward` still calls each block.
 
 The trainer talks to a `Replicated` (ddp) or `Sharded` (fsdp) through one interface: `net` for the
-train step, the clipped grad norm, the context evaluation runs in, and state gathered whole for
-checkpoints and handed back on resume. Checkpoints are one format for both kinds: the main process
-writes whole tensors (a `save_pretrained` folder diffusers loads); only the optimizer's entry differs
-(FSDP keys its state by parameter name, DDP by position), so a ddp run resumes either kind's
-checkpoint and an fsdp run its own. Under FSDP every forward is collective: evaluation gives every
-process the same number of forwards (`lockstep`).
+train step, the clipped grad norm, the context evaluation runs in, and the state for checkpoints:
+gathered whole (`weights`, `optimizer_state`, `ema_state`: what a whole checkpoint holds; DDP keys
+its optimizer state by position, FSDP by name) or as this process holds it (`held_state`, keyed by
+name: what a sharded checkpoint saves and loads, `sharded` saying which a layout writes). A ddp
+run resumes any checkpoint; an fsdp run a sharded one or its own whole ones. Under FSDP every
+forward is collective: evaluation gives every process the same number of forwards (`lockstep`).
 
 With one process both kinds run the denoiser unwrapped: there is nothing to shard or average.
 """
