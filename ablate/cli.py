@@ -16,18 +16,22 @@ import typer
 from ablate.errors import UserError
 from ablate.options import (
     AnyChange,
+    Arm,
     Budget,
     ByOption,
     CacheDryRun,
     CancelArms,
     EvalArms,
     EvalStep,
+    ExportStep,
     FdrOption,
     Force,
     Format,
     IntervalOption,
     MinEffect,
+    OutDir,
     RankStep,
+    Raw,
     Rerun,
     Resolve,
     RunDryRun,
@@ -42,6 +46,7 @@ from ablate.options import (
     WeightsDir,
 )
 from ablate.results import render
+from ablate.running.export import export as export_arm
 from ablate.running.launch import resolve_wait
 from ablate.running.store import observe
 from ablate.shown import InertConsole, inert
@@ -335,6 +340,14 @@ def eval_checkpoints(
     evaluation = Evaluation(console, sweep, sweep_file, arm or [], step, hashes)
     if code := submit_and_follow(evaluation, needs_mark=needs_mark, wait=wait):
         raise typer.Exit(code)
+
+
+@app.command()
+def export(
+    sweep_file: SweepFile, arm: Arm, step: ExportStep = None, raw: Raw = False, out: OutDir = None
+) -> None:
+    """Write an arm's checkpoint as a diffusers folder: what PRXTransformer2DModel.from_pretrained loads."""
+    print("\n".join(map(inert, export_arm(load_sweep(sweep_file), arm, step, raw, out))))
 
 
 @weights_app.command("check")

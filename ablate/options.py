@@ -124,3 +124,24 @@ EvalStep = Annotated[
 CacheDryRun = Annotated[
     bool, typer.Option("--dry-run", help="Print which caches the arms need; compute nothing.")
 ]
+
+Arm = Annotated[str, typer.Argument(help="The arm to export (as `ablate status` names it).")]
+
+ExportStep = Annotated[
+    int | None,
+    typer.Option(
+        "--step", min=0, help="Export the checkpoint of this step \\[default: the newest that verifies]."
+    ),
+]
+
+Raw = Annotated[
+    bool,
+    typer.Option(
+        "--raw", help="The trained weights, not the EMA's \\[default: the EMA's, if the arm keeps one]."
+    ),
+]
+
+OutDir = Annotated[
+    Path | None,
+    typer.Option("--out", metavar="DIR", help="Write the folder here \\[default: RUN_DIR/export/step_N]."),
+]

@@ -25,6 +25,7 @@
         eval/step_N.png   the sample grid at step N               trainer, `ablate eval` jobs
         result.json       final step, throughput, timings, versions (no metrics)   trainer
         eval_job.json     the latest `ablate eval` job (state, step, metrics or error)   `ablate eval`, its job
+        export/step_N/    a checkpoint as a diffusers folder (its name)   `ablate export`
         launcher          symlink to the job's submitit folder    `ablate run`
         .writer.lock      flock held by the one live trainer (or eval job) writing the folder
         .state.lock       flock held for a moment around each write of status.json or eval_job.json
@@ -71,7 +72,7 @@ from core.records import (
 CONFIG, SPEC, JOB = "config.yaml", "spec.json", "job.json"
 STATUS, RESULT, LOG = "status.json", "result.json", "log.jsonl"
 EVAL_JOB, EVAL, CHECKPOINTS, LAUNCHER = "eval_job.json", "eval", "checkpoints", "launcher"
-CODE, CODE_DIFF = "code.json", "code.diff"
+CODE, CODE_DIFF, EXPORT = "code.json", "code.diff", "export"
 WRITER_LOCK, WRITER, STATE_LOCK = ".writer.lock", "writer.json", ".state.lock"
 LOCK, SUBMITIT, REPLACED, EVAL_CACHE = ".ablate.lock", ".submitit", ".replaced", ".eval-cache"
 SWEEP_MARK = ".ablate-sweep"  # in the sweep root: {"sweep": name}; the folder is ablate's
@@ -177,6 +178,10 @@ class RunDir:
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    def export(self, step: int) -> Path:
+        """Where `ablate export` writes checkpoint `step` as a diffusers folder by default."""
+        return self.path / EXPORT / f"{CHECKPOINT_PREFIX}{step:08d}"
 
     def checkpoint_tmp(self, step: int) -> Path:
         """Where checkpoint `step` is written before it is renamed into place."""

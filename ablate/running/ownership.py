@@ -2,9 +2,9 @@
 and one `ablate run` or `ablate eval` submits into it at a time.
 
 Every command that writes into a sweep's folder (run, eval, cancel, report, plot, rank --wandb, sync,
-cache, run --resolve) first calls `check_owner`, which reads only and refuses a folder of the user's own,
-one marked for another sweep, or a link planted where ablate writes (`SweepDir.planted_links`); then
-`make_root` and `claim` create and mark the folder where it had no marker. Nothing is adopted by the
+cache, run --resolve, export) first calls `check_owner`, which reads only and refuses a folder of the
+user's own, one marked for another sweep, or a link planted where ablate writes (`SweepDir.planted_links`);
+then `make_root` and `claim` create and mark the folder where it had no marker. Nothing is adopted by the
 names of its entries: a folder without a marker is ablate's only when it is new or empty, or holds a
 run folder whose spec.json says it is this sweep's arm (a sweep folder from before markers: every
 spec.json ablate ever wrote names its arm, its hash and its sweep), beside nothing but ablate's own

@@ -137,3 +137,26 @@ def test_ablate_eval_scores_a_sharded_checkpoint_on_one_process_as_training_scor
     assert metrics_by_step(run)[4]["val_loss"] == pytest.approx(
         metrics_by_step(trained)[4]["val_loss"], rel=1e-5
     )
+
+
+def test_ablate_export_writes_a_sharded_checkpoint_as_the_folder_diffusers_loads(trained, tmp_path, capsys):
+    """Step 4 holds shards only (no diffusers folder): `ablate export` reads them whole on one process,
+    the EMA's shadows in place of the trained weights."""
+    from ablate.cli import main
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: dcp\noutput_dir: {json.dumps(str(tmp_path / 'runs'))}\nbaseline: {{}}\n")
+    copy_checkpoints(trained, tmp_path / "runs" / "baseline-s0", 4)
+    step4 = RunDir(tmp_path / "runs" / "baseline-s0").checkpoint(4)
+    out = tmp_path / "exported"
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(sweep), "baseline-s0", "--step", "4", "--out", str(out)])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    assert f"exported baseline-s0 step 4 (EMA weights) to {out}" in capsys.readouterr().out
+
+    model = PRXTransformer2DModel.from_pretrained(out / "transformer").state_dict()
+    shadow, weights = sharded.read_whole(step4, "ema.shadow.prx."), sharded.read_whole(step4, "model.prx.")
+    assert model.keys() == shadow.keys() == weights.keys()
+    assert all(torch.equal(model[k], shadow[k]) for k in shadow)
+    assert not all(torch.equal(shadow[k], weights[k]) for k in shadow)  # the EMA's, not the trained ones
+    assert not (step4 / "transformer").exists() and checkpoint.verify(step4) is None  # read only

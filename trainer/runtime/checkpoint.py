@@ -122,9 +122,9 @@ def newest_verified(run: RunDir | Path, *, set_aside: bool = True) -> Path | Non
         problem = verify(path)
         if problem is None:
             return path
-        where = run.set_aside(path, problem) if set_aside else path
+        what = f"set aside as {run.set_aside(path, problem)}" if set_aside else "skipped, left in place"
         print(
-            f"warning: {path}: fails verification ({problem}); set aside as {where}",
+            f"warning: {path}: fails verification ({problem}); {what}",
             file=sys.stderr,
             flush=True,
         )

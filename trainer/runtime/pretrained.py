@@ -74,11 +74,14 @@ def export(checkpoint: Path, out: Path, *, raw: bool = False) -> str:
     weights.update({k: v.to(weights[k].dtype) for k, v in shadow.items()})  # as the EMA's swap copies them
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp, config, weights)
     kind = "ema" if shadow else "raw"
-    atomic_write_json(
-        tmp / "export.json", {"checkpoint": str(checkpoint), "step": state["step"], "weights": kind}
-    )
+    try:
+        write(tmp, config, weights)
+        record = {"checkpoint": str(checkpoint), "step": state["step"], "weights": kind}
+        atomic_write_json(tmp / "export.json", record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
+        raise
     if out.exists():
         shutil.rmtree(out)
     commit_dir(tmp, out)
