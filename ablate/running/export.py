@@ -20,8 +20,6 @@ from ablate.running.store import check_names
 from ablate.sweep.schema import Sweep
 from core.rundir import CHECKPOINT_PREFIX, CHECKPOINTS, RunDir
 
-RECORD = "export.json"  # written last into every export (what it was made from): marks a folder as one
-
 
 def export(sweep: Sweep, arm: str, step: int | None, raw: bool, out: Path | None) -> list[str]:
     """Write arm `arm`'s checkpoint `step` (default: the newest that verifies) as a diffusers folder at
@@ -93,6 +91,8 @@ def check_out(sweep: Sweep, out: Path) -> None:
     """`--out` must be a new or empty folder, or an earlier export (it holds export.json): not a file, a
     link, a folder of the user's, nor a place in an arm's checkpoints/ (its checkpoints would then fail
     verification)."""
+    from trainer.runtime.pretrained import RECORD
+
     try:
         where = out.resolve()
         inside = where.relative_to(sweep.root).parts if where.is_relative_to(sweep.root) else ()

@@ -21,6 +21,7 @@ from trainer.runtime.checksum import write_bytes, write_safetensors
 CONFIG = "transformer/config.json"
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # the file diffusers' from_pretrained reads
 FACTORS = "factors.safetensors"
+RECORD = "export.json"  # written last into an export (what it was made from): marks a folder as one
 
 
 def _part(weights: dict, prefix: str) -> dict:
@@ -78,7 +79,7 @@ def export(checkpoint: Path, out: Path, *, raw: bool = False) -> str:
     try:
         write(tmp, config, weights)
         record = {"checkpoint": str(checkpoint), "step": state["step"], "weights": kind}
-        atomic_write_json(tmp / "export.json", record)
+        atomic_write_json(tmp / RECORD, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
         raise
