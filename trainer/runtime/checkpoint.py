@@ -401,7 +401,7 @@ class Checkpointer:
         parallel, held = self.held.parallel, self.held
         if sharded.is_sharded(path):
             live = parallel.held_state(held.optimizer, held.ema, optimizer_too=optimizer_too)
-            state = sharded.load(path, live, held.dist.world)
+            state = sharded.load(path, live, held.dist)
             parallel.put_held_state(held.optimizer, held.ema, live)
             return state
         weights, state = load(path)

@@ -77,18 +77,20 @@ def write(state: dict, checkpoint: Path, group: Any, rank: int) -> dict[str, dic
     return {f"{DCP}/{name}": dict(entry, writer=rank) for name, entry in fs.written.items()}
 
 
-def _dcp_load(state: dict, reader: FileSystemReader, one_process: bool) -> None:
+def _dcp_load(state: dict, reader: FileSystemReader, *, alone: bool, group: Any = None) -> None:
+    """DCP's load by this process `alone`, or by every process with its collectives on `group`."""
     from torch.distributed.checkpoint import load as dcp_load
 
     with warnings.catch_warnings():  # one process on purpose, which DCP warns about
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp_load(state, storage_reader=reader, no_dist=one_process)
+        dcp_load(state, storage_reader=reader, process_group=group, no_dist=alone)
 
 
-def load(checkpoint: Path, state: dict, world: int) -> dict:
+def load(checkpoint: Path, state: dict, dist: Any) -> dict:
     """Read `checkpoint`'s DCP part into `state` (`held_state`'s live tensors: each process's part of
-    each, whatever world size wrote them; every process calls it) and return its state.pt."""
-    _dcp_load(state, FileSystemReader(checkpoint / DCP), world == 1)
+    each, whatever world size wrote them; every process calls it) and return its state.pt. DCP's
+    collectives run under the long timeout (`Dist.long`): the processes read at their own pace."""
+    _dcp_load(state, FileSystemReader(checkpoint / DCP), alone=dist.world == 1, group=dist.long)
     return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
 
 
@@ -105,7 +107,7 @@ def read_whole(checkpoint: Path, prefix: str) -> dict[str, torch.Tensor]:
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
     if wanted:
-        _dcp_load(wanted, reader, True)
+        _dcp_load(wanted, reader, alone=True)
     return {key.removeprefix(prefix): value for key, value in wanted.items()}
 
 
