@@ -35,3 +35,26 @@ launcher: {executor: debug}
 def write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
+
+
+def train_sweep(root: Path, text: str) -> Path:
+    """`ablate run sweep.yaml` on `text` written in `root` (a module's one trained sweep); returns `root`."""
+    import pytest
+
+    from ablate.cli import main
+
+    (root / "sweep.yaml").write_text(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        with pytest.raises(SystemExit) as exit_:
+            main(["run", "sweep.yaml"])
+    assert exit_.value.code in (0, None)
+    return root
+
+
+def copy_sweep(trained: Path, workdir: Path) -> Path:
+    """A fresh copy of a trained sweep's folder in `workdir` (a test's own); returns its sweep file."""
+    import shutil
+
+    shutil.copytree(trained, workdir, dirs_exist_ok=True, symlinks=True)
+    return workdir / "sweep.yaml"

@@ -142,7 +142,9 @@ def test_run_warns_in_one_line_when_a_save_would_not_fit_between_the_stop_signal
 
 
 @pytest.mark.parametrize(("parallel", "warned"), [("ddp", True), ("fsdp", False)])
-def test_a_sharded_arms_stop_time_save_is_written_by_every_process_at_once(write_sweep, cli, parallel, warned):
+def test_a_sharded_arms_stop_time_save_is_written_by_every_process_at_once(
+    write_sweep, cli, parallel, warned
+):
     """PRX-1.2B on 4 processes at a 40 s delay: 2 × 14 GB from one writer (56 s) does not fit, while
     FSDP's sharded checkpoint (a quarter per process, written in parallel) does."""
     text = SWEEP.replace("{preset: tiny}", "{preset: prx-1.2b}").replace(
@@ -151,7 +153,10 @@ def test_a_sharded_arms_stop_time_save_is_written_by_every_process_at_once(write
     launcher = "launcher: {executor: local, signal_delay_s: 40, tasks_per_node: 4}"
     result = cli("run", write_sweep(text.replace("launcher: {executor: debug}", launcher)), "--dry-run")
     assert result.code == 0, result.err
-    assert any(line.startswith("warning: arm baseline-s0 may need") for line in result.out.splitlines()) == warned
+    assert (
+        any(line.startswith("warning: arm baseline-s0 may need") for line in result.out.splitlines())
+        == warned
+    )
 
 
 def test_dry_run_shows_what_a_real_run_would_skip_or_block(write_sweep, cli, workdir):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import pytest
 import submitit
-from ablate_testing import SWEEP, write_json
+from ablate_testing import SWEEP, copy_sweep, train_sweep, write_json
 
-from ablate.cli import main
 from ablate.running import jobs as arm_jobs
 from ablate.running.evaljobs import eval_note, mark_eval_queued
 from ablate.running.store import observe, plan, prepare
@@ -35,21 +33,12 @@ def listing(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny sweep, trained once for this module with the debug executor."""
-    root = tmp_path_factory.mktemp("trained")
-    (root / "sweep.yaml").write_text(EVAL_SWEEP)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        with pytest.raises(SystemExit) as exit_:
-            main(["run", "sweep.yaml"])
-    assert exit_.value.code in (0, None)
-    return root
+    return train_sweep(tmp_path_factory.mktemp("trained"), EVAL_SWEEP)
 
 
 @pytest.fixture
 def sweep_path(trained: Path, workdir: Path) -> Path:
-    """A fresh copy of the trained sweep in this test's working directory."""
-    shutil.copytree(trained, workdir, dirs_exist_ok=True, symlinks=True)
-    return workdir / "sweep.yaml"
+    return copy_sweep(trained, workdir)
 
 
 def test_eval_scores_a_kept_step_and_rank_ranks_at_it(sweep_path, cli, workdir):

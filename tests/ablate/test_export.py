@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ablate_testing import SWEEP
+from ablate_testing import SWEEP, copy_sweep, train_sweep
 from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
 
-from ablate.cli import main
 from core.rundir import RunDir
 from trainer.runtime import checkpoint, pretrained
 
@@ -49,21 +48,12 @@ def saved(ckpt: Path) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two arms, trained once for this module with the debug executor."""
-    root = tmp_path_factory.mktemp("trained")
-    (root / "sweep.yaml").write_text(EXPORT_SWEEP)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        with pytest.raises(SystemExit) as exit_:
-            main(["run", "sweep.yaml"])
-    assert exit_.value.code in (0, None)
-    return root
+    return train_sweep(tmp_path_factory.mktemp("trained"), EXPORT_SWEEP)
 
 
 @pytest.fixture
 def sweep_path(trained: Path, workdir: Path) -> Path:
-    """A fresh copy of the trained sweep in this test's working directory."""
-    shutil.copytree(trained, workdir, dirs_exist_ok=True, symlinks=True)
-    return workdir / "sweep.yaml"
+    return copy_sweep(trained, workdir)
 
 
 def test_export_writes_the_ema_weights_diffusers_loads_and_raw_the_trained_ones(sweep_path, cli, workdir):
