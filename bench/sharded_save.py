@@ -56,7 +56,7 @@ def _held(dist):
 def _task(rank: int, world: int, port: int, folder: str, repeats: int, out: str) -> None:
     from core.rundir import RunDir
     from trainer.runtime import dist as distributed
-    from trainer.runtime.checkpoint import Checkpointer, CheckpointConfig
+    from trainer.runtime.checkpoint import CheckpointConfig, Checkpointer
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
