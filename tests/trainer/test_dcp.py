@@ -100,6 +100,34 @@ def test_a_checkpoint_saved_on_two_processes_resumes_bit_for_bit_on_one_and_on_t
     assert shadow and all(torch.equal(held["ema"]["shadow"][k], v) for k, v in shadow.items())
 
 
+def test_a_whole_checkpoint_of_one_process_resumes_sharded_on_two(tmp_path):
+    """An FSDP arm run on one process saves a whole checkpoint, its optimizer state keyed by position
+    (nothing is sharded on one process); moved to two processes it resumes from it, holding exactly
+    what one process holds after the same resume."""
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "config.yaml").write_text(
+        yaml.safe_dump(merge(TINY, {**ARM, "train": {"steps": 4, "batch_size": 12}}))
+    )
+    run_processes(one, world=1)
+    ckpt = checkpoint.latest(one)
+    assert not sharded.is_sharded(ckpt)
+    assert all(
+        isinstance(k, int)
+        for k in torch.load(ckpt / "state.pt", weights_only=False)["optimizer"]["muon"]["state"]
+    )
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copy(one / "config.yaml", two / "config.yaml")
+    copy_checkpoints(one, two, 4)
+    held = {world: resumed_state(run, world, tmp_path) for world, run in ((1, one), (2, two))}
+    assert held[2]["layout"] == "Sharded" and held[2]["step"] == held[1]["step"] == 4
+    for part in ("weights", "optimizer", "ema"):
+        flat = {w: dict(torch.utils._pytree.tree_flatten_with_path(held[w][part])[0]) for w in (1, 2)}
+        assert flat[2].keys() == flat[1].keys() and len(flat[1]) > 10, part
+        assert all(torch.equal(flat[2][k], flat[1][k]) for k in flat[1]), part
+
+
 def test_an_arm_resumed_on_three_processes_trains_on_as_it_would_have(trained, tmp_path):
     run = tmp_path / "three"
     run.mkdir()

@@ -11,8 +11,8 @@ The trainer talks to a `Replicated` (ddp) or `Sharded` (fsdp) through one interf
 train step, the clipped grad norm, the context evaluation runs in, and the state for checkpoints:
 gathered whole (`weights`, `optimizer_state`, `ema_state`: what a whole checkpoint holds; DDP keys
 its optimizer state by position, FSDP by name) or as this process holds it (`held_state`, keyed by
-name: what a sharded checkpoint saves and loads, `sharded` saying which a layout writes). A ddp
-run resumes any checkpoint; an fsdp run a sharded one or its own whole ones. Under FSDP every
+name: what a sharded checkpoint saves and loads, `sharded` saying which a layout writes). Either
+kind resumes any checkpoint, at any world size. Under FSDP every
 forward is collective: evaluation gives every process the same number of forwards (`lockstep`).
 
 With one process both kinds run the denoiser unwrapped: there is nothing to shard or average.
@@ -224,12 +224,21 @@ class Sharded(Replicated):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         for name, opt in optimizer.optimizers.items():
-            if any(not isinstance(key, str) for key in state[name]["state"]):  # DDP's: keyed by position
-                raise ValueError(
-                    "the checkpoint's optimizer state was saved under parallel ddp; parallel fsdp resumes "
-                    "only its own checkpoints: set parallel: {kind: ddp} to continue this run"
-                )
-            set_optimizer_state_dict(self.denoiser, opt, state[name], options=self._options(gather=False))
+            named = self._by_name(opt, state[name])
+            set_optimizer_state_dict(self.denoiser, opt, named, options=self._options(gather=False))
+
+    def _by_name(self, opt, state: dict) -> dict:
+        """An optimizer state keyed by parameter name. A whole checkpoint of a ddp or one-process run keys
+        it by position in the optimizer's groups, which are built in the same order under either layout
+        (fully_shard keeps the parameters' order): position i is the i-th parameter of `opt`'s groups."""
+        if all(isinstance(key, str) for key in state["state"]):
+            return state
+        names = {p: n for n, p in self.denoiser.named_parameters()}
+        order = [names[p] for group in opt.param_groups for p in group["params"]]
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+            raise ValueError("the checkpoint's optimizer groups do not match this arm's parameters")
+        return {"state": {order[i]: moments for i, moments in state["state"].items()}, "param_groups": groups}
 
     def ema_state(self, ema) -> dict:
         """The EMA's shadow weights (DTensors shaped like the parameters), gathered one at a time."""
