@@ -183,6 +183,8 @@ def save_sharded(run: RunDir, step: int, state: dict, dist: Any, mine: dict | No
     for the diffusers folder) and the manifest of every process's files, and renames the folder."""
 
     def files(tmp: Path) -> dict | None:
+        if dist.device.type == "cuda":  # a new thread's current device is cuda:0, whatever the process's
+            torch.cuda.set_device(dist.device)
         written = sharded.write(state, tmp, dist.saving, dist.rank)
         every: list = [None] * dist.world
         tdist.all_gather_object(every, written, group=dist.saving)

@@ -70,7 +70,11 @@ def write(state: dict, checkpoint: Path, group: Any, rank: int) -> dict[str, dic
     from torch.distributed.checkpoint import save
     from torch.utils.serialization import config
 
-    writer = FileSystemWriter(checkpoint / DCP, single_file_per_rank=True, sync_files=True, overwrite=False)
+    # the shards are staged in host memory already: DCP's serial loader, not its GPU-overlapping one, whose
+    # stream in this (background) thread would be device 0's and make a CUDA context there per process
+    writer = FileSystemWriter(
+        checkpoint / DCP, single_file_per_rank=True, sync_files=True, per_thread_copy_ahead=0, overwrite=False
+    )
     writer.fs = fs = _HashingFileSystem()
     with config.patch({"save.compute_crc32": False}):  # the manifest's checksum covers every byte
         save(state, storage_writer=writer, process_group=group)
