@@ -25,7 +25,8 @@ from pydantic import Field, model_validator
 
 from eval.metrics import ALWAYS, GENERATED, METRICS, unknown
 from trainer import flow
-from trainer.data.datasets import ImageTextDataset, ReferenceConfig, ReferenceSet
+from trainer.data.cache import UNCACHED
+from trainer.data.datasets import ReferenceConfig, ReferenceSet
 from trainer.data.synthetic import ATTRIBUTES, SyntheticConfig, attribute_net
 from trainer.factors.precision import Precision
 from trainer.identity import EVALUATES, RUNS, mark
@@ -226,13 +227,14 @@ class GenerationMetrics:
         from eval.evaluator import Reference
 
         if self.real is None:
-            held_out = {k: v for k, v in self.data.model_dump(mode="json").items() if k != "caption"}
+            # the images alone: not the caption, nor the training buckets (held-out images stay square)
+            held_out = self.data.model_dump(mode="json", exclude={"caption", *UNCACHED})
             name = "heldout:" + ",".join(f"{k}={v}" for k, v in sorted(held_out.items()))
         else:
             name = self.real.identity()
         rows, n, batch = self.rows, self.n, self.cfg.batch_size
         # fid_prx's real images: resized with torch as PRX's eval set (a synthetic set is drawn at size)
-        prx = rows.resized_with("torch") if isinstance(rows, ImageTextDataset) else rows
+        prx = rows.resized_with("torch") if hasattr(rows, "resized_with") else rows
         return Reference(name, n, lambda: _uint8_batches(rows, n, batch), self.cache_dir,
                          torch_images=lambda: _float_batches(prx, n, batch))  # fmt: skip
 

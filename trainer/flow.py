@@ -8,6 +8,7 @@ and the loss is taken in v-space, dividing by t clamped at `x_min_t`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,11 @@ class Prediction:
     images: torch.Tensor  # (b, 3, H, W) in [0, 1], the batch's real images
     to_images: Callable[[torch.Tensor], torch.Tensor]  # denoiser space → (b, 3, H, W) in about [-1, 1],
     # differentiable (the tokenizer's `signed`: the identity for pixels, the frozen decoder for latents)
+
+    @functools.cached_property
+    def pred_images(self) -> torch.Tensor:
+        """`to_images(x0_pred)`, decoded once however many terms compare images (LPIPS and perceptual DINO)."""
+        return self.to_images(self.x0_pred)
 
 
 @torch.no_grad()

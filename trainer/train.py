@@ -201,8 +201,6 @@ class Trainer:
                 xt.to(w), t, txt.to(w), mask, inputs={"images": images, "step": step, "draws": draws}
             )
         loss, v_pred, v_true = flow.loss(out.pred, x0, noise, xt, t, cfg.flow)
-        if not self.loss_terms:  # no term reads the prediction: the clean estimate is not computed
-            return loss + sum(out.losses.values())
         # the tokenizer is looked up only by a term that decodes (with a cache it is built on first use)
         pred = flow.Prediction(v_pred, v_true, flow.clean(out.pred, xt, t, cfg.flow), t, images,
                                lambda z: self.tokenizer.signed(z))  # fmt: skip

@@ -33,6 +33,7 @@ test checks the loss curve is bit-identical with and without the cache).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -304,6 +305,12 @@ class CachedSplit(Dataset):
 
     def bucket_index(self) -> Any:
         return self.base.bucket_index()  # the items' aspect-ratio buckets (the cache holds none)
+
+    def resized_with(self, resize: str) -> CachedSplit:
+        """The same items, their images resized by `resize` (`ImageTextDataset.resized_with`)."""
+        view = copy.copy(self)
+        view.base, view._open = self.base.resized_with(resize), {}
+        return view
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]

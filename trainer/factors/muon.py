@@ -165,7 +165,7 @@ class FSDPMuon(ShardedMuon):
 
     Momentum, weight decay and the parameter update are elementwise and run on each process's rows;
     the momentum buffers stay DTensors sharded like their parameters, so the state dict is
-    torch.optim.Muon's and checkpoints gather and re-shard it as they do AdamW's moments. Only
+    torch.optim.Muon's and sharded checkpoints save and reshard it as they do AdamW's moments. Only
     Newton–Schulz needs a whole matrix: each matrix has an owner (`assign_shares` over the shard
     group, as under DDP); one all-to-all brings every process's rows of the look-ahead (cast to bf16,
     which torch's Newton–Schulz does first anyway) to the owners, each owner orthogonalises its

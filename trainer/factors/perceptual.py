@@ -19,7 +19,7 @@ v-prediction; trainer/flow.py `clean`), with the real image x0, as images in [-1
 Where PRX differs, and why:
 - PRX's two losses refuse any arm but x-prediction in pixel space (they raise at start-up otherwise), so
   its flux1-vae-benchmark LPIPS.yaml and Perceptual_DINO.yaml cannot run as committed. Here a latent arm
-  decodes x̂0 through the frozen tokenizer's decoder, with gradients (`Prediction.to_images`), and compares
+  decodes x̂0 through the frozen tokenizer's decoder, with gradients (`Prediction.pred_images`), and compares
   it with the real image.
 - PRX divides the masked sum by the number of samples under the threshold on each GPU, which depends on
   how the batch is split; here by the process's rows (the same at any process count). The two agree at
@@ -141,7 +141,7 @@ class LPIPSTerm:
         )
 
     def __call__(self, p: Prediction) -> torch.Tensor:
-        pred, real = p.to_images(p.x0_pred), p.images * 2 - 1  # (b, 3, H, W) in about [-1, 1]
+        pred, real = p.pred_images, p.images * 2 - 1  # (b, 3, H, W) in about [-1, 1]
         if self.resize != 1:
             pred, real = (F.interpolate(x, scale_factor=self.resize, mode="bilinear", align_corners=False)
                           for x in (pred, real))  # fmt: skip
@@ -181,7 +181,7 @@ class PerceptualDINOTerm:
         return self.encoder.tokens(((x + 1) / 2).clamp(0, 1))
 
     def __call__(self, p: Prediction) -> torch.Tensor:
-        pred = self.features(p.to_images(p.x0_pred))  # (b, P, D)
+        pred = self.features(p.pred_images)  # (b, P, D)
         with torch.no_grad():
             real = self.features(p.images * 2 - 1)
         cos = F.cosine_similarity(pred.float(), real.float(), dim=-1)  # (b, P)

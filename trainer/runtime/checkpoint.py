@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from pydantic import Field
 
 from core.atomic import atomic_write_json, commit_dir, fsync_dir
@@ -77,6 +76,14 @@ def set_rng_state(state: dict) -> None:
 
 
 MANIFEST = "manifest.json"
+STATE = "state.pt"  # the training state besides the tensors DCP or the diffusers folder hold
+
+
+def load_state(checkpoint: Path) -> dict:
+    """A checkpoint's state.pt, onto the CPU whatever device saved it (a DDP run's cuda:0: every process
+    of a node would otherwise put the whole optimizer state and EMA on one GPU), memory-mapped so the
+    processes of a node share its pages."""
+    return torch.load(checkpoint / STATE, map_location="cpu", mmap=True, weights_only=False)
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -114,20 +121,26 @@ def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
     return f"{extra[0]} is not in the manifest" if extra else None
 
 
-def newest_verified(run: RunDir | Path, *, set_aside: bool = True) -> Path | None:
-    """The newest checkpoint whose files match their manifest. Each newer one that fails is moved to
-    checkpoints/.set-aside/ (with `set_aside`) and named in a one-line warning on stderr."""
+def newest_verified(
+    run: RunDir | Path,
+    *,
+    set_aside: bool = True,
+    problem_of: Callable[[Path], str | None] = verify,
+    candidates: list[Path] | None = None,
+    main: bool = True,
+) -> Path | None:
+    """The newest checkpoint (of `candidates`, default the run's complete ones) whose files match their
+    manifest (`problem_of`: why one does not). Each newer one that fails is moved to
+    checkpoints/.set-aside/ (with `set_aside`) and named in a one-line warning on stderr, by the `main`
+    process only (the others take part in `problem_of`, which may be collective)."""
     run = RunDir(run)
-    for path in reversed(complete(run)):
-        problem = verify(path)
+    for path in reversed(complete(run) if candidates is None else candidates):
+        problem = problem_of(path)
         if problem is None:
             return path
-        what = f"set aside as {run.set_aside(path, problem)}" if set_aside else "skipped, left in place"
-        print(
-            f"warning: {path}: fails verification ({problem}); {what}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if main:
+            what = f"set aside as {run.set_aside(path, problem)}" if set_aside else "skipped, left in place"
+            print(f"warning: {path}: fails verification ({problem}); {what}", file=sys.stderr, flush=True)
     return None
 
 
@@ -171,7 +184,7 @@ def save(run: RunDir, step: int, config: bytes, weights: dict, state: dict, keep
 
     def files(tmp: Path) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
-        return {**pretrained.write(tmp, config, weights), "state.pt": write_torch(tmp / "state.pt", state)}
+        return {**pretrained.write(tmp, config, weights), STATE: write_torch(tmp / STATE, state)}
 
     return _saved(run, step, keep, files)
 
@@ -182,20 +195,19 @@ def save_sharded(run: RunDir, step: int, state: dict, dist: Any, mine: dict | No
     then writes `mine` ({"state": state.pt's contents} and, at the last step, "config" and "weights"
     for the diffusers folder) and the manifest of every process's files, and renames the folder."""
 
-    from trainer.runtime import sharded  # torch.distributed.checkpoint: 0.3 s of import, for FSDP arms only
+    from trainer.runtime import sharded  # with torch.distributed.checkpoint (0.3 s): not at config import
 
     def files(tmp: Path) -> dict | None:
         if dist.device.type == "cuda":  # a new thread's current device is cuda:0, whatever the process's
             torch.cuda.set_device(dist.device)
         written = sharded.write(state, tmp, dist.saving, dist.rank)
-        every: list = [None] * dist.world
-        tdist.all_gather_object(every, written, group=dist.saving)
+        every = dist.gather_object(written, group=dist.saving)
         if mine is None:
             return None
         found = {name: entry for part in every for name, entry in part.items()}
         if "weights" in mine:
             found.update(pretrained.write(tmp, mine["config"], mine["weights"]))
-        return {**found, "state.pt": write_torch(tmp / "state.pt", mine["state"])}
+        return {**found, STATE: write_torch(tmp / STATE, mine["state"])}
 
     return _saved(run, step, keep, files)
 
@@ -260,10 +272,7 @@ def latest(run: RunDir | Path) -> Path | None:
 def load(path: Path) -> tuple[dict, dict]:
     """A whole checkpoint's (denoiser's state dict, training state); trainer/runtime/parallel.py puts them
     in place."""
-    # onto the CPU whatever device saved it (a DDP run's cuda:0): every process of a node would
-    # otherwise put the whole optimizer state and EMA on one GPU; mapped, so they share its pages
-    state = torch.load(path / "state.pt", map_location="cpu", mmap=True, weights_only=False)
-    return pretrained.read(path), state
+    return pretrained.read(path), load_state(path)
 
 
 class CheckpointConfig(Config):
@@ -362,21 +371,19 @@ class Checkpointer:
             raise
         self.wait()
 
-    def newest_verified(self) -> Path | None:
-        """`newest_verified` with every process checking its share of the files' contents (a sharded
-        checkpoint of a large model is many files); the main process sets aside what fails."""
+    def _problem(self, path: Path) -> str | None:
+        """`verify(path)`, every process checking its share of the files' contents (a sharded checkpoint
+        of a large model is many files); every process gets the answer."""
         dist = self.held.dist
         if dist.world == 1:
-            return newest_verified(self.run)
-        for path in reversed(dist.broadcast_object(complete(self.run) if dist.main else None)):
-            problem = next(filter(None, dist.gather_object(verify(path, (dist.rank, dist.world)))), None)
-            if problem is None:
-                return path
-            if dist.main:
-                where = self.run.set_aside(path, problem)
-                print(f"warning: {path}: fails verification ({problem}); set aside as {where}",
-                      file=sys.stderr, flush=True)  # fmt: skip
-        return None
+            return verify(path)
+        return next(filter(None, dist.gather_object(verify(path, (dist.rank, dist.world)))), None)
+
+    def newest_verified(self) -> Path | None:
+        """`newest_verified` of the main process's list, the processes sharing the checks."""
+        dist = self.held.dist
+        candidates = dist.broadcast_object(complete(self.run) if dist.main else None)
+        return newest_verified(self.run, problem_of=self._problem, candidates=candidates, main=dist.main)
 
     def resume(self, note: Callable[[str], None]) -> tuple[int, dict | None]:
         """(step, timing) of the newest checkpoint that verifies, its state put in place; (0, None) when
@@ -428,7 +435,7 @@ class Checkpointer:
                 f"{run.path}: no {'verified ' if step is None else ''}checkpoint at step "
                 f"{step if step is not None else '(any)'}; checkpoints kept: {kept}"
             )
-        if step is not None and (problem := verify(path)) is not None:
+        if step is not None and (problem := self._problem(path)) is not None:
             raise CorruptCheckpoint(f"{path}: fails verification ({problem})")
         return self._load(path, optimizer_too=False)["step"]
 

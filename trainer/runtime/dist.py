@@ -54,11 +54,11 @@ class Dist:
             return box[0]
         return obj
 
-    def gather_object(self, obj) -> list:
-        """Every rank's `obj`, in rank order, on every rank (under the long timeout)."""
+    def gather_object(self, obj, group: Any = None) -> list:
+        """Every rank's `obj`, in rank order, on every rank (on `group`; default the long-timeout one)."""
         if self.world > 1:
             box: list = [None] * self.world
-            tdist.all_gather_object(box, obj, group=self.long)
+            tdist.all_gather_object(box, obj, group=group if group is not None else self.long)
             return box
         return [obj]
 

@@ -152,7 +152,9 @@ class Replicated:
 
 class Sharded(Replicated):
     """`fully_shard` per block and at the root: parameters, gradients and optimizer state are DTensors
-    sharded over the mesh; checkpoints gather them whole onto the main process's CPU."""
+    sharded over the mesh. Checkpoints save each process's shards (`held_state`, trainer/runtime/sharded.py);
+    the whole gathers (`weights`, `optimizer_state`, `ema_state`, onto the main process's CPU) serve the
+    last step's diffusers folder (`weights`), and tests and bench/sharded_save.py comparing a whole save."""
 
     sharded: ClassVar[bool] = True
 

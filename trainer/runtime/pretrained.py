@@ -64,8 +64,9 @@ def export(checkpoint: Path, out: Path, *, raw: bool = False) -> str:
 
     from core.atomic import atomic_write_json, commit_dir
     from trainer.runtime import sharded
+    from trainer.runtime.checkpoint import load_state
 
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", mmap=True, weights_only=False)
+    state = load_state(checkpoint)
     if sharded.is_sharded(checkpoint):
         weights, config = sharded.read_whole(checkpoint, "model."), state["transformer_config"].encode()
         shadow = {} if raw else sharded.read_whole(checkpoint, "ema.shadow.")

@@ -30,6 +30,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from trainer.runtime.checkpoint import load_state
 from trainer.runtime.checksum import Hashed
 
 DCP = "dcp"  # the folder of DCP's files inside a checkpoint
@@ -95,7 +96,7 @@ def load(checkpoint: Path, state: dict, dist: Any) -> dict:
     each, whatever world size wrote them; every process calls it) and return its state.pt. DCP's
     collectives run under the long timeout (`Dist.long`): the processes read at their own pace."""
     _dcp_load(state, FileSystemReader(checkpoint / DCP), alone=dist.world == 1, group=dist.long)
-    return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    return load_state(checkpoint)
 
 
 def read_whole(checkpoint: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -125,7 +126,7 @@ def read_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
             parameter, moment = rest.removeprefix("state.").rsplit(".", 1)
             optimizer.setdefault(name, {"state": {}})["state"].setdefault(parameter, {})[moment] = value
     shadow = read_whole(checkpoint, "ema.shadow.")
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state(checkpoint)
     return read_whole(checkpoint, "model."), {
         **state,
         "optimizer": optimizer,
