@@ -370,8 +370,10 @@ class RunDir:
             return True
 
     def update_eval_job(self, **fields: Any) -> None:
-        """Add fields (the job's id and logs) to eval_job.json, its state unchanged."""
-        atomic_write_json(self.eval_job, updated(self.read_eval_job() or EvalJob(), fields).to_json())
+        """Add fields (the job's id and logs) to eval_job.json, its state unchanged (under the lock: the job
+        just submitted may be writing its state)."""
+        with exclusive(self.path / STATE_LOCK):
+            atomic_write_json(self.eval_job, updated(self.read_eval_job() or EvalJob(), fields).to_json())
 
     def new_eval_job(self, state: str, **fields: Any) -> None:
         """Start a fresh eval_job.json (a new `ablate eval` submission replaces the last one's record)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ablate.errors import UserError, os_fault
 from ablate.running.ownership import own_if_within
+from ablate.running.rescore import check_kept
 from ablate.running.store import check_names
 from ablate.sweep.schema import Sweep
 from core.rundir import CHECKPOINT_PREFIX, CHECKPOINTS, RunDir
@@ -58,19 +59,13 @@ def choose(run: RunDir, step: int | None) -> Path:
     is not kept, or the checkpoint fails verification. Reads only."""
     from trainer.runtime.checkpoint import newest_verified, verify
 
-    kept = run.checkpoint_steps()
-    if not kept:
+    if not run.checkpoint_steps():
         raise UserError(
             f"arm '{run.path.name}' has no checkpoint yet (none in {run.checkpoints})",
             "an arm that has saved one (`ablate status`)",
             path="ARM",
         )
-    if step is not None and step not in kept:
-        raise UserError(
-            f"{run.path.name}: no checkpoint at step {step} ({run.checkpoint(step)} does not exist)",
-            f"a kept step: {', '.join(map(str, kept))}",
-            path="--step",
-        )
+    check_kept(run, step)
     if step is None:
         if (newest := newest_verified(run, set_aside=False)) is None:
             raise UserError(
@@ -100,6 +95,8 @@ def check_out(sweep: Sweep, out: Path) -> None:
             problem = f"is inside an arm's {CHECKPOINTS}/, which holds checkpoints only"
         elif out.is_symlink() or (out.exists() and not out.is_dir()):
             problem = "is a symbolic link" if out.is_symlink() else "is not a folder"
+        elif not (above := next(a for a in out.parents if a.exists())).is_dir():
+            problem = f"lies under {above}, which is not a folder"
         elif out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
             problem = f"holds files and no {RECORD} (it is no earlier export), and is never written over"
         else:

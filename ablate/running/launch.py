@@ -82,8 +82,10 @@ def _cancel_local(job: Job, record: Callable[[], object], trainer: int | None) -
 
 
 def _stop_local(jobs: Sequence[Job]) -> None:
+    """Stop the local jobs among `jobs` that still run: a group whose submitit processes have ended may
+    have had its id reused by now, and is left alone."""
     here = [int(j.job_id) for j in jobs if j.job_id and j.host == socket.gethostname()]
-    processes.stop(here)
+    processes.stop([g for g in here if processes.members(g, b"submitit")])
 
 
 def _cancel_slurm(job: Job, record: Callable[[], object], trainer: int | None) -> tuple[bool, str]:

@@ -43,6 +43,18 @@ class Target:
     """the arm's state: done | failed | cancelled | stale"""
 
 
+def check_kept(run: RunDir, step: int | None) -> list[int]:
+    """The steps `run` keeps a checkpoint of; a UserError (at --step) when `step` is given and not one."""
+    kept = run.checkpoint_steps()
+    if step is not None and step not in kept:
+        raise UserError(
+            f"{run.path.name}: no checkpoint at step {step} ({run.checkpoint(step)} does not exist)",
+            f"a kept step: {', '.join(map(str, kept))}" if kept else "an arm that kept a checkpoint",
+            path="--step",
+        )
+    return kept
+
+
 def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target], list[tuple[str, str]]]:
     """The arms to evaluate, and the arms left out with the reason. Reads only.
 
@@ -76,13 +88,7 @@ def select(sweep: Sweep, arms: list[str], step: int | None) -> tuple[list[Target
                 )
             skipped.append((name, reason))
             continue
-        kept = run.checkpoint_steps()
-        if step is not None and step not in kept:
-            raise UserError(
-                f"{name}: no checkpoint at step {step} ({run.checkpoint(step)} does not exist)",
-                f"a kept step: {', '.join(map(str, kept))}" if kept else "an arm that kept a checkpoint",
-                path="--step",
-            )
+        kept = check_kept(run, step)
         if not kept:
             if explicit:
                 raise UserError(

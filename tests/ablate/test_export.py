@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ablate_testing import SWEEP, copy_sweep, train_sweep
+from ablate_testing import SWEEP, trained_sweep
 from diffusers import PRXTransformer2DModel
 from safetensors.torch import load_file
 
@@ -45,15 +45,7 @@ def saved(ckpt: Path) -> tuple[dict, dict]:
     return load_file(ckpt / pretrained.WEIGHTS), prx
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The two arms, trained once for this module with the debug executor."""
-    return train_sweep(tmp_path_factory.mktemp("trained"), EXPORT_SWEEP)
-
-
-@pytest.fixture
-def sweep_path(trained: Path, workdir: Path) -> Path:
-    return copy_sweep(trained, workdir)
+trained, sweep_path = trained_sweep(EXPORT_SWEEP)  # the two arms, trained once for this module
 
 
 def test_export_writes_the_ema_weights_diffusers_loads_and_raw_the_trained_ones(sweep_path, cli, workdir):
@@ -130,6 +122,7 @@ def user_folder(workdir: Path) -> str:
         (["baseline-s0", "--step", "3"], "no checkpoint at step 3 ("),
         (["baseline-s0", "--out", user_folder], "holds files and no export.json (it is no earlier export)"),
         (["baseline-s0", "--out", "runs/t/baseline-s0/checkpoints/x"], "is inside an arm's checkpoints/"),
+        (["baseline-s0", "--out", "sweep.yaml/x"], "sweep.yaml/x lies under "),
         (["no-ema-s0"], "error: ARM: arm 'no-ema-s0' has no checkpoint yet"),
     ],
 )
