@@ -37,24 +37,30 @@ def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj))
 
 
-def train_sweep(root: Path, text: str) -> Path:
-    """`ablate run sweep.yaml` on `text` written in `root` (a module's one trained sweep); returns `root`."""
+def trained_sweep(text: str):
+    """The fixtures of a module whose tests share one trained sweep: `trained` (module-scoped: `ablate run`
+    on `text`, once, with the sweep's executor) and `sweep_path` (a fresh copy of it in the test's own
+    working folder; returns its sweep file). Assign both at module level: `trained, sweep_path = …`."""
+    import shutil
+
     import pytest
 
     from ablate.cli import main
 
-    (root / "sweep.yaml").write_text(text)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        with pytest.raises(SystemExit) as exit_:
-            main(["run", "sweep.yaml"])
-    assert exit_.value.code in (0, None)
-    return root
+    @pytest.fixture(scope="module")
+    def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        root = tmp_path_factory.mktemp("trained")
+        (root / "sweep.yaml").write_text(text)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)
+            with pytest.raises(SystemExit) as exit_:
+                main(["run", "sweep.yaml"])
+        assert exit_.value.code in (0, None)
+        return root
 
+    @pytest.fixture
+    def sweep_path(trained: Path, workdir: Path) -> Path:
+        shutil.copytree(trained, workdir, dirs_exist_ok=True, symlinks=True)
+        return workdir / "sweep.yaml"
 
-def copy_sweep(trained: Path, workdir: Path) -> Path:
-    """A fresh copy of a trained sweep's folder in `workdir` (a test's own); returns its sweep file."""
-    import shutil
-
-    shutil.copytree(trained, workdir, dirs_exist_ok=True, symlinks=True)
-    return workdir / "sweep.yaml"
+    return trained, sweep_path

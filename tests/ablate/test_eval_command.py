@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import submitit
-from ablate_testing import SWEEP, copy_sweep, train_sweep, write_json
+from ablate_testing import SWEEP, trained_sweep, write_json
 
 from ablate.running import jobs as arm_jobs
 from ablate.running.evaljobs import eval_note, mark_eval_queued
@@ -30,15 +30,7 @@ def listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny sweep, trained once for this module with the debug executor."""
-    return train_sweep(tmp_path_factory.mktemp("trained"), EVAL_SWEEP)
-
-
-@pytest.fixture
-def sweep_path(trained: Path, workdir: Path) -> Path:
-    return copy_sweep(trained, workdir)
+trained, sweep_path = trained_sweep(EVAL_SWEEP)  # the tiny sweep, trained once for this module
 
 
 def test_eval_scores_a_kept_step_and_rank_ranks_at_it(sweep_path, cli, workdir):
