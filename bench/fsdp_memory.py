@@ -345,8 +345,13 @@ def per_gpu(ratios: dict, worlds=(8, 16)) -> list[dict]:
                     room = [USABLE * cap - adamw - transient for cap in CARDS.values()]
                     r[f"act_{key}_gib"], r[f"total_{key}_gib"] = act / GIB, total / GIB
                     r[f"fits_{key}"] = [card for card, cap in CARDS.items() if total <= USABLE * cap]
-                    # the largest train.micro_batch_size that fits the 80 GB card (0: none does)
-                    r[f"micro_80gb_{key}"] = max(0, min(batch, int(room[0] * batch // act)))
+                    # the largest train.micro_batch_size that fits the 80 GB card (0: none does): a divisor
+                    # of the batch (as the config asks), with the whole fp32 gradient each process keeps
+                    # while micro-batches accumulate (FSDP2's unsharded grad, Sharded.accumulating)
+                    fit = (room[0] - 4 * r["params"]) * batch // act
+                    r[f"micro_80gb_{key}"] = max(
+                        (d for d in range(1, batch + 1) if batch % d == 0 and d <= fit), default=0
+                    )
                 rows.append(r)
     return rows
 

@@ -2,7 +2,7 @@
 reader before it (the whole log parsed into rows and written again, kept here for the comparison).
 
 The bench writes a log.jsonl of about --mb MB once, rows shaped as the trainer logs them (every
-field of `LogRow`, ~230 bytes a row), ending with a torn line as a kill mid-write leaves it. For each
+field of `LogRow`, ~260 bytes a row), ending with a torn line as a kill mid-write leaves it. For each
 reader and each resume point, a fresh process cuts a fresh copy of it and reports its RSS after
 imports, its peak RSS (getrusage) and the seconds the cut took. The resume points: at the last
 checkpoint (the rows of the last 1,000 steps dropped, the usual case) and a restart from step 0
