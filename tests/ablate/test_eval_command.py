@@ -169,3 +169,12 @@ def test_eval_job_is_checkpointable_and_records_its_outcome(tmp_path, monkeypatc
     assert record["state"] == "failed" and record["metrics"] is None
     assert record["error"].startswith("FileNotFoundError:")
     assert eval_note(run_dir).startswith("eval step 3: failed: FileNotFoundError: ")
+
+
+@pytest.mark.parametrize("command", ["status", "rank"])
+def test_a_sweep_file_edited_into_an_invalid_one_is_one_error_not_a_line_per_arm(sweep_path, cli, command):
+    """After the arms ran, a typo in the sweep file: status and rank stop as run does, at the key."""
+    sweep_path.write_text(sweep_path.read_text().replace("{steps:", "{stepz:"))
+    result = cli(command, sweep_path)
+    assert result.code == 2 and result.err.count("\n") == 1
+    assert "baseline.train.stepz: unknown key 'stepz' (did you mean 'steps'?)" in result.err

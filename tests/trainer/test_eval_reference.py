@@ -297,3 +297,33 @@ def test_a_bad_reference_is_one_line(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)) as e:
             ReferenceSet(ReferenceConfig.model_validate({"caption": "caption", **reference}), 16)
         assert "\n" not in str(e.value) and "eval.reference." in str(e.value)
+
+
+def test_fid_prx_real_images_are_torch_resized_when_the_arm_reads_a_cache_too(tmp_path, prx_weights):
+    """Held-out protocol on a parquet set of 24 px images trained at 16 px: an arm reading the latent cache
+    scores fid_prx on the same real images, resized with torch as PRX's eval set, as an arm without it
+    (the reference features are shared by name across the sweep)."""
+    from test_every_factor import dataset_of
+
+    from trainer.data import cache
+
+    ev = {"metrics": ["fid_prx"], "samples": 4, "batch_size": 2, "cache_dir": str(tmp_path / "eval-cache")}
+    base = merge(
+        TINY, {"data": dataset_of("parquet", tmp_path / "data"), "weights_dir": str(prx_weights), "eval": ev}
+    )
+    with_cache = TrainConfig.model_validate(merge(base, {"cache": {"dir": str(tmp_path / "latents")}}))
+    cache.precompute(
+        with_cache.encoded(), tmp_path / "latents", shard_size=8, batch_size=8, device="cpu", log=print
+    )
+    refs = []
+    for name, cfg in (("plain", TrainConfig.model_validate(base)), ("cached", with_cache)):
+        (tmp_path / name).mkdir()
+        refs.append(
+            Trainer(
+                cfg, tmp_path / name, Dist(0, 1, 0, torch.device("cpu"))
+            ).evaluation.generation.evaluator.reference
+        )
+    plain, cached = (torch.cat(list(r.images_for("torch")())) for r in refs)
+    pil = torch.cat([torch.from_numpy(b) for b in refs[0].images_for("pil")()]).permute(0, 3, 1, 2) / 255
+    assert refs[0].dataset == refs[1].dataset and plain.shape == (4, 3, 16, 16)
+    assert torch.equal(cached, plain) and not torch.allclose(plain, pil, atol=1 / 255)  # torch's, not PIL's
